@@ -1,0 +1,36 @@
+"""Whole networks as nested constructor calls; the only place a config object is read."""
+from .config import Mask2FormerConfig, ResNetConfig, SwinConfig
+from .modeling.backbones.resnet import ResNet
+from .modeling.backbones.swin import SwinTransformer
+from .modeling.mask2former.model import Mask2Former
+from .modeling.mask2former.pixel_decoder import MSDeformAttnPixelDecoder
+from .modeling.mask2former.transformer_decoder import MultiScaleMaskedTransformerDecoder
+
+
+def build_backbone(config):
+    if isinstance(config, SwinConfig):
+        return SwinTransformer(
+            embed_dim=config.embed_dim, depths=config.depths, num_heads=config.num_heads, window_size=config.window_size,
+            patch_size=config.patch_size, mlp_ratio=config.mlp_ratio, drop_path_rate=config.drop_path_rate,
+            shrink_window_to_feature_size=config.shrink_window_to_feature_size,
+        )
+    if isinstance(config, ResNetConfig):
+        return ResNet(depth=config.depth)
+    raise TypeError(f"unknown backbone config {type(config).__name__}")
+
+
+def build_mask2former(config: Mask2FormerConfig) -> Mask2Former:
+    backbone = build_backbone(config.backbone)
+    return Mask2Former(
+        backbone=backbone,
+        pixel_decoder=MSDeformAttnPixelDecoder(
+            in_channels=backbone.out_channels, in_strides=backbone.out_strides, conv_dim=config.hidden_dim,
+            mask_dim=config.hidden_dim, num_heads=config.num_heads, feedforward_dim=config.encoder_feedforward_dim,
+            num_encoder_layers=config.encoder_layers, num_groups=config.num_groups,
+        ),
+        transformer_decoder=MultiScaleMaskedTransformerDecoder(
+            in_channels=config.hidden_dim, num_classes=config.num_classes, hidden_dim=config.hidden_dim,
+            num_queries=config.num_queries, num_heads=config.num_heads, feedforward_dim=config.decoder_feedforward_dim,
+            num_layers=config.decoder_layers, mask_dim=config.hidden_dim,
+        ),
+    )

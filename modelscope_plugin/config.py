@@ -1,0 +1,112 @@
+"""Typed configurations of the supported networks. Defaults are the released checkpoints' values.
+
+Config objects stop at ``builders.py``: the modules themselves take plain arguments.
+"""
+from dataclasses import dataclass, field
+from typing import Optional, Tuple, Union
+
+
+@dataclass
+class SwinConfig:
+    embed_dim: int = 192
+    """Channels of the first stage; stage i has embed_dim * 2**i."""
+    depths: Tuple[int, ...] = (2, 2, 18, 2)
+    num_heads: Tuple[int, ...] = (6, 12, 24, 48)
+    window_size: int = 12
+    patch_size: int = 4
+    mlp_ratio: float = 4.0
+    drop_path_rate: float = 0.3
+    shrink_window_to_feature_size: bool = False
+    """True reproduces transformers' Swin (no shift, smaller window on small maps); mmdet/detectron2 never shrink."""
+
+
+@dataclass
+class ResNetConfig:
+    depth: int = 50
+
+
+@dataclass
+class PreprocessConfig:
+    """How an image becomes the network input; recorded per image so post-processing can undo it."""
+
+    short_side: int = 800
+    """Target length of the shorter side."""
+    long_side_max: int = 1333
+    """Cap on the longer side after resizing."""
+    mean: Tuple[float, float, float] = (123.675, 116.28, 103.53)
+    """RGB mean subtracted from 0..255 pixels."""
+    std: Tuple[float, float, float] = (58.395, 57.12, 57.375)
+    size_divisor: int = 32
+    """Padded height and width are multiples of this (zeros, bottom/right, after normalisation)."""
+    resize_backend: str = "cv2"
+    """"cv2": bilinear on uint8 as mmcv/mmdet/EasyCV do; "pil": PIL bilinear as torchvision/ModelScope's FastInst."""
+
+
+@dataclass
+class InferenceConfig:
+    """Post-processing thresholds; defaults are the references' (mmdet 2.x / detectron2 Mask2Former)."""
+
+    object_mask_threshold: float = 0.8
+    """Panoptic: a query is kept if its best non-void class probability exceeds this."""
+    overlap_threshold: float = 0.8
+    """Panoptic: a kept query is dropped if it wins less than this fraction of its own (prob >= 0.5) mask."""
+    filter_low_score: bool = True
+    """Panoptic: a segment keeps only pixels where its own mask probability is >= 0.5 (mmdet's test_cfg)."""
+    max_per_image: int = 100
+    """Instance: top-k (query, class) pairs kept before thresholding."""
+    score_threshold: float = 0.0
+    """Instance: detections scoring below this are dropped from the pipeline output."""
+
+
+@dataclass
+class Mask2FormerConfig:
+    backbone: Union[SwinConfig, ResNetConfig] = field(default_factory=SwinConfig)
+    num_things_classes: int = 80
+    num_stuff_classes: int = 53
+    num_queries: int = 200
+    hidden_dim: int = 256
+    """Width of the pixel decoder, the transformer decoder and the mask embedding."""
+    num_heads: int = 8
+    encoder_layers: int = 6
+    encoder_feedforward_dim: int = 1024
+    decoder_layers: int = 9
+    """Masked-attention layers; predictions come before the first and after each (decoder_layers + 1 stages)."""
+    decoder_feedforward_dim: int = 2048
+    num_groups: int = 32
+    """GroupNorm groups in the pixel decoder."""
+    class_names: Tuple[str, ...] = ()
+    category_ids: Tuple[int, ...] = ()
+    """Dataset id of each contiguous class (COCO panoptic ids by default)."""
+    task: str = "panoptic"
+    """Default output of the pipeline: "panoptic", "semantic" or "instance"."""
+    source: str = "mmdet"
+    """Checkpoint source whose behaviour (Swin variant, preprocessing) is followed: mmdet, easycv, detectron2, hf."""
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+
+    @property
+    def num_classes(self) -> int:
+        return self.num_things_classes + self.num_stuff_classes
+
+
+SWIN_PRESETS = {
+    "swin-t": SwinConfig(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7),
+    "swin-s": SwinConfig(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), window_size=7),
+    "swin-b": SwinConfig(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), window_size=12),
+    "swin-l": SwinConfig(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), window_size=12),
+}
+
+
+def swin_large_coco_panoptic() -> Mask2FormerConfig:
+    """``damo/cv_swinL_panoptic-segmentation_cocopan``: Swin-L (window 12, in21k 384), 200 queries, 133 classes."""
+    return Mask2FormerConfig(backbone=SWIN_PRESETS["swin-l"], num_queries=200)
+
+
+def swin_large_coco_semantic() -> Mask2FormerConfig:
+    """``damo/cv_swinL_semantic-segmentation_cocopanmerge``: the same network answering semantic segmentation."""
+    return Mask2FormerConfig(backbone=SWIN_PRESETS["swin-l"], num_queries=200, task="semantic")
+
+
+def resnet50_coco_panoptic() -> Mask2FormerConfig:
+    """``damo/cv_r50_panoptic-segmentation_cocopan``: EasyCV Mask2Former R50, 100 queries, 133 classes."""
+    return Mask2FormerConfig(backbone=ResNetConfig(depth=50), num_queries=100, source="easycv")

@@ -1,0 +1,247 @@
+"""Swin Transformer backbone (Liu et al., 2021) returning res2..res5 feature maps.
+
+Parameter names follow the original Swin release (``patch_embed.proj``, ``layers.{i}.blocks.{j}.attn.qkv``,
+``mlp.fc1``, ``layers.{i}.downsample.reduction``, ``norm{i}``), which detectron2's Mask2Former also uses;
+``checkpoint.py`` maps mmdet's and Hugging Face's layouts onto it.
+
+Behaviour follows mmdet 2.x / detectron2 Mask2Former, the sources of the hub checkpoints: each stage
+pads its input to a multiple of the window and every odd block shifts by half a window, whatever the
+feature-map size. Transformers' Swin instead turns the shift off and shrinks the window when a feature
+map is no larger than the window (``shrink_window_to_feature_size=True``).
+"""
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import StochasticDepth
+
+# Attention logit given to pairs of tokens from different regions of a shifted window (mmdet and the
+# original Swin use -100, not -inf, so that softmax stays finite on fully masked rows).
+SHIFTED_WINDOW_MASK_VALUE = -100.0
+
+
+def relative_position_index(window_size: int) -> torch.Tensor:
+    """(window_size², window_size²) index into the relative position bias table."""
+    coordinates = torch.stack(torch.meshgrid(torch.arange(window_size), torch.arange(window_size), indexing="ij"))
+    coordinates = coordinates.flatten(1)  # (2, N)
+    relative = coordinates[:, :, None] - coordinates[:, None, :]  # (2, N, N)
+    relative = relative.permute(1, 2, 0) + (window_size - 1)
+    return relative[:, :, 0] * (2 * window_size - 1) + relative[:, :, 1]
+
+
+def window_partition(features: torch.Tensor, window_size: int) -> torch.Tensor:
+    """(batch, H, W, C) -> (batch * num_windows, window_size * window_size, C); H and W are multiples of the window."""
+    batch_size, height, width, channels = features.shape
+    features = features.view(batch_size, height // window_size, window_size, width // window_size, window_size, channels)
+    return features.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size * window_size, channels)
+
+
+def window_reverse(windows: torch.Tensor, window_size: int, height: int, width: int) -> torch.Tensor:
+    """Inverse of ``window_partition``: -> (batch, height, width, C)."""
+    channels = windows.shape[-1]
+    batch_size = windows.shape[0] // ((height // window_size) * (width // window_size))
+    windows = windows.view(batch_size, height // window_size, width // window_size, window_size, window_size, channels)
+    return windows.permute(0, 1, 3, 2, 4, 5).reshape(batch_size, height, width, channels)
+
+
+def shifted_window_attention_mask(height: int, width: int, window_size: int, shift_size: int, device) -> torch.Tensor:
+    """(num_windows, N, N) additive mask that keeps a shifted window from mixing regions that were not adjacent."""
+    region_ids = torch.zeros((1, height, width, 1), device=device)
+    slices = (slice(0, -window_size), slice(-window_size, -shift_size), slice(-shift_size, None))
+    region = 0
+    for row_slice in slices:
+        for column_slice in slices:
+            region_ids[:, row_slice, column_slice, :] = region
+            region += 1
+    window_region_ids = window_partition(region_ids, window_size).squeeze(-1)  # (num_windows, N)
+    different_region = window_region_ids[:, None, :] != window_region_ids[:, :, None]
+    return torch.zeros(different_region.shape, device=device).masked_fill(different_region, SHIFTED_WINDOW_MASK_VALUE)
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention inside a window, with a learned relative position bias."""
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, qkv_bias: bool = True, attention_dropout: float = 0.0, dropout: float = 0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.window_size = window_size
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
+        self.register_buffer("relative_position_index", relative_position_index(window_size), persistent=False)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attention_dropout = attention_dropout
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(dropout)
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+
+    def forward(self, windows: torch.Tensor, mask: torch.Tensor = None) -> torch.Tensor:
+        """windows: (batch * num_windows, N, C); mask: (num_windows, N, N) additive or None."""
+        num_windows_total, tokens, channels = windows.shape
+        # (3, batch * num_windows, heads, N, head_dim)
+        qkv = self.qkv(windows).reshape(num_windows_total, tokens, 3, self.num_heads, channels // self.num_heads).permute(2, 0, 3, 1, 4)
+        query, key, value = qkv.unbind(0)
+        # (heads, N, N)
+        bias = self.relative_position_bias_table[self.relative_position_index.reshape(-1)]
+        bias = bias.view(tokens, tokens, self.num_heads).permute(2, 0, 1)
+        if mask is not None:
+            num_windows = mask.shape[0]
+            # (batch, num_windows, heads, N, N) -> (batch * num_windows, heads, N, N)
+            bias = (bias[None, None] + mask[None, :, None]).expand(num_windows_total // num_windows, -1, -1, -1, -1)
+            bias = bias.reshape(num_windows_total, self.num_heads, tokens, tokens)
+        else:
+            bias = bias[None]
+        attended = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=bias.to(query.dtype), dropout_p=self.attention_dropout if self.training else 0.0
+        )
+        attended = attended.transpose(1, 2).reshape(num_windows_total, tokens, channels)
+        return self.proj_drop(self.proj(attended))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(tokens)))))
+
+
+class SwinBlock(nn.Module):
+    """Pre-norm block: (shifted) window attention then MLP, each with a residual connection."""
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, shifted: bool, mlp_ratio: float = 4.0,
+                 qkv_bias: bool = True, drop_path: float = 0.0, shrink_window_to_feature_size: bool = False):
+        super().__init__()
+        self.window_size = window_size
+        self.shift_size = window_size // 2 if shifted else 0
+        self.shrink_window_to_feature_size = shrink_window_to_feature_size
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, num_heads, window_size, qkv_bias=qkv_bias)
+        self.drop_path = StochasticDepth(drop_path, "row")
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """tokens: (batch, height * width, C)."""
+        batch_size, _, channels = tokens.shape
+        window_size, shift_size = self.window_size, self.shift_size
+        if self.shrink_window_to_feature_size and min(height, width) <= window_size:
+            raise NotImplementedError("window shrinking (transformers' Swin) is not supported at this feature size")
+        shortcut = tokens
+        features = self.norm1(tokens).view(batch_size, height, width, channels)
+        # pad bottom/right to a multiple of the window
+        pad_bottom = (window_size - height % window_size) % window_size
+        pad_right = (window_size - width % window_size) % window_size
+        features = F.pad(features, (0, 0, 0, pad_right, 0, pad_bottom))
+        padded_height, padded_width = features.shape[1], features.shape[2]
+        if shift_size > 0:
+            features = torch.roll(features, shifts=(-shift_size, -shift_size), dims=(1, 2))
+            mask = shifted_window_attention_mask(padded_height, padded_width, window_size, shift_size, tokens.device)
+        else:
+            mask = None
+        windows = self.attn(window_partition(features, window_size), mask=mask)
+        features = window_reverse(windows, window_size, padded_height, padded_width)
+        if shift_size > 0:
+            features = torch.roll(features, shifts=(shift_size, shift_size), dims=(1, 2))
+        features = features[:, :height, :width, :].reshape(batch_size, height * width, channels)
+        tokens = shortcut + self.drop_path(features)
+        return tokens + self.drop_path(self.mlp(self.norm2(tokens)))
+
+
+class PatchMerging(nn.Module):
+    """2×2 neighbourhood concatenation (original Swin order: (0,0), (1,0), (0,1), (1,1)) then a linear reduction."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, tokens: torch.Tensor, height: int, width: int) -> Tuple[torch.Tensor, int, int]:
+        batch_size, _, channels = tokens.shape
+        features = tokens.view(batch_size, height, width, channels)
+        features = F.pad(features, (0, 0, 0, width % 2, 0, height % 2))
+        merged = torch.cat(
+            [features[:, 0::2, 0::2], features[:, 1::2, 0::2], features[:, 0::2, 1::2], features[:, 1::2, 1::2]], dim=-1
+        )
+        merged_height, merged_width = merged.shape[1], merged.shape[2]
+        merged = merged.view(batch_size, merged_height * merged_width, 4 * channels)
+        return self.reduction(self.norm(merged)), merged_height, merged_width
+
+
+class SwinStage(nn.Module):
+    def __init__(self, dim: int, depth: int, num_heads: int, window_size: int, mlp_ratio: float, qkv_bias: bool,
+                 drop_paths: Sequence[float], downsample: bool, shrink_window_to_feature_size: bool):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            SwinBlock(dim, num_heads, window_size, shifted=index % 2 == 1, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                      drop_path=drop_paths[index], shrink_window_to_feature_size=shrink_window_to_feature_size)
+            for index in range(depth)
+        )
+        self.downsample = PatchMerging(dim) if downsample else None
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patch_size×patch_size convolution (input padded bottom/right), then LayerNorm."""
+
+    def __init__(self, patch_size: int, in_channels: int, embed_dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_channels, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(embed_dim)
+
+    def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, int, int]:
+        height, width = images.shape[-2:]
+        images = F.pad(images, (0, (-width) % self.patch_size, 0, (-height) % self.patch_size))
+        features = self.proj(images)
+        height, width = features.shape[-2:]
+        return self.norm(features.flatten(2).transpose(1, 2)), height, width
+
+
+class SwinTransformer(nn.Module):
+    """Swin backbone. ``forward`` returns {"res2": (B, C, H/4, W/4), ..., "res5": (B, 8C, H/32, W/32)}."""
+
+    def __init__(self, embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2), num_heads: Sequence[int] = (3, 6, 12, 24),
+                 window_size: int = 7, patch_size: int = 4, in_channels: int = 3, mlp_ratio: float = 4.0,
+                 qkv_bias: bool = True, drop_path_rate: float = 0.3, shrink_window_to_feature_size: bool = False):
+        super().__init__()
+        self.patch_embed = PatchEmbed(patch_size, in_channels, embed_dim)
+        drop_paths = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        self.layers = nn.ModuleList()
+        for stage_index, depth in enumerate(depths):
+            first_block = sum(depths[:stage_index])
+            self.layers.append(SwinStage(
+                dim=embed_dim * 2 ** stage_index, depth=depth, num_heads=num_heads[stage_index], window_size=window_size,
+                mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_paths=drop_paths[first_block:first_block + depth],
+                downsample=stage_index < len(depths) - 1, shrink_window_to_feature_size=shrink_window_to_feature_size,
+            ))
+        self.out_channels: Dict[str, int] = {f"res{index + 2}": embed_dim * 2 ** index for index in range(len(depths))}
+        self.out_strides: Dict[str, int] = {f"res{index + 2}": patch_size * 2 ** index for index in range(len(depths))}
+        for index in range(len(depths)):
+            self.add_module(f"norm{index}", nn.LayerNorm(embed_dim * 2 ** index))
+        self.apply(self._init_linear_and_norm)
+
+    @staticmethod
+    def _init_linear_and_norm(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def forward(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        tokens, height, width = self.patch_embed(images)
+        outputs: Dict[str, torch.Tensor] = {}
+        for stage_index, stage in enumerate(self.layers):
+            for block in stage.blocks:
+                tokens = block(tokens, height, width)
+            stage_output = getattr(self, f"norm{stage_index}")(tokens)
+            # (B, H*W, C) -> (B, C, H, W)
+            outputs[f"res{stage_index + 2}"] = stage_output.view(tokens.shape[0], height, width, -1).permute(0, 3, 1, 2).contiguous()
+            if stage.downsample is not None:
+                tokens, height, width = stage.downsample(tokens, height, width)
+        return outputs
