@@ -1,0 +1,112 @@
+"""Hub-id resolution: the supported ``damo/`` / ``iic/`` ids resolve to the local ModelScope cache first.
+
+ModelScope's ``pipeline()`` asks the hub about an id even when the model is cached, and pip-installs the
+r50 card's ``plugins: ["pai-easycv"]``. The functions here are installed into ``modelscope.pipelines.builder``
+by ``registry.install()``, so that for this package's ids:
+- a cached id resolves with no network call (``snapshot_download(..., local_files_only=True)``);
+- an uncached id downloads through ModelScope's own client, or fails at once naming the id, the cache
+  path and how to place the files by hand;
+- ``pai-easycv`` is never pip-installed (this package runs that model itself).
+"""
+import functools
+import os
+from pathlib import Path
+from typing import Optional
+
+SUPPORTED_MODEL_NAMES = (
+    "cv_swinL_panoptic-segmentation_cocopan",
+    "cv_swinL_semantic-segmentation_cocopanmerge",
+    "cv_r50_panoptic-segmentation_cocopan",
+    "cv_resnet50_fast-instance-segmentation_coco",
+)
+SUPPORTED_OWNERS = ("damo", "iic")
+REPLACED_PLUGINS = {"pai-easycv"}
+
+
+class ModelNotAvailableError(RuntimeError):
+    """A supported hub id is neither in the local cache nor downloadable."""
+
+
+def is_supported_id(model) -> bool:
+    if not isinstance(model, str) or os.path.isdir(model) or model.count("/") != 1:
+        return False
+    owner, name = model.split("/")
+    return owner in SUPPORTED_OWNERS and name in SUPPORTED_MODEL_NAMES
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MODELSCOPE_CACHE", Path.home() / ".cache" / "modelscope"))
+
+
+@functools.lru_cache(maxsize=None)
+def resolve_model_dir(model_id: str, revision: Optional[str] = None) -> str:
+    """Local directory of a supported id: the cache (either owner spelling), else a download, else an error."""
+    from modelscope.hub.snapshot_download import snapshot_download
+
+    owner, name = model_id.split("/")
+    revision = revision or "master"
+    for candidate_owner in (owner,) + tuple(other for other in SUPPORTED_OWNERS if other != owner):
+        try:
+            local = snapshot_download(f"{candidate_owner}/{name}", revision=revision, local_files_only=True)
+        except Exception:  # modelscope raises ValueError/FileNotFoundError flavours for "not cached"
+            continue
+        if local and Path(local, "configuration.json").is_file():
+            return str(local)
+    try:
+        return str(snapshot_download(model_id, revision=revision))
+    except Exception as error:
+        expected = cache_root() / "models" / f"{owner}--{name}" / "snapshots" / revision
+        raise ModelNotAvailableError(
+            f"{model_id} (revision {revision}) is not in the local ModelScope cache and could not be downloaded "
+            f"({type(error).__name__}: {error}). Cache searched: {cache_root()}. To install it by hand, place the "
+            f"model files (configuration.json and the weights) in {expected}, or pass that directory as model=."
+        ) from error
+
+
+def wrap_is_model_from_trusted_source(original):
+    def is_model_from_trusted_source(model, revision=None, *args, **kwargs):
+        if is_supported_id(model):
+            return True  # damo/iic are ModelScope's trusted owners; no need to ask the hub
+        return original(model, revision, *args, **kwargs)
+
+    return is_model_from_trusted_source
+
+
+def wrap_is_official_hub_path(original):
+    def is_official_hub_path(path, revision=None, *args, **kwargs):
+        if is_supported_id(path):
+            resolve_model_dir(path, revision)
+            return True
+        return original(path, revision, *args, **kwargs)
+
+    return is_official_hub_path
+
+
+def wrap_read_config(original):
+    def read_config(model_id_or_path, revision=None, *args, **kwargs):
+        if is_supported_id(model_id_or_path):
+            model_id_or_path = resolve_model_dir(model_id_or_path, revision)
+        config = original(model_id_or_path, revision, *args, **kwargs)
+        plugins = config.safe_get("plugins") if config is not None else None
+        if plugins:
+            config.plugins = [plugin for plugin in plugins if plugin not in REPLACED_PLUGINS]
+        return config
+
+    return read_config
+
+
+def wrap_normalize_model_input(original):
+    def normalize_model_input(model, model_revision, *args, **kwargs):
+        if is_supported_id(model):
+            return resolve_model_dir(model, model_revision)
+        return original(model, model_revision, *args, **kwargs)
+
+    return normalize_model_input
+
+
+def wrap_register_plugins_repo(original):
+    def register_plugins_repo(plugins):
+        remaining = [plugin for plugin in (plugins or []) if plugin not in REPLACED_PLUGINS]
+        return original(remaining) if remaining else None
+
+    return register_plugins_repo

@@ -1,0 +1,20 @@
+"""ModelScope ``Model`` wrapping this package's Mask2Former, built from a hub-layout model directory."""
+from typing import Optional
+
+import torch
+from modelscope.models.base import TorchModel
+
+from ..model_dir import load_model_dir
+from ..modeling.mask2former.model import Mask2FormerOutput
+
+
+class Mask2FormerModel(TorchModel):
+    """``configuration.json`` model types ``swinL-panoptic-segmentation``, ``swinL-semantic-segmentation``,
+    ``r50-panoptic-segmentation`` (and ``mask2former``)."""
+
+    def __init__(self, model_dir: str, *args, task: Optional[str] = None, **kwargs):
+        super().__init__(model_dir, *args, **kwargs)
+        self.config, self.network = load_model_dir(model_dir, task=task)
+
+    def forward(self, images: torch.Tensor) -> Mask2FormerOutput:
+        return self.network(images)

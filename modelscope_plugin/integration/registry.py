@@ -1,0 +1,63 @@
+"""Registers this package's classes in ModelScope's registries (the package's only import side effect).
+
+ModelScope's ``build_from_cfg`` imports the module its AST index names for a type *before* looking in the
+registry; for the built-in type names that would import ModelScope's mmcv/mmdet-based modules. So the index
+entries of the names registered here are pointed at this package's modules as well.
+"""
+from modelscope.models.builder import MODELS
+from modelscope.pipelines.builder import PIPELINES
+from modelscope.utils.constant import Tasks
+from modelscope.utils.import_utils import LazyImportModule
+
+from . import hub
+from .model import Mask2FormerModel
+from .pipeline import Mask2FormerSegmentationPipeline
+
+MODEL_TYPES = ("swinL-panoptic-segmentation", "swinL-semantic-segmentation", "r50-panoptic-segmentation", "mask2former")
+PIPELINE_TYPES = ("image-panoptic-segmentation", "image-semantic-segmentation", "image-panoptic-segmentation-easycv",
+                  "mask2former-segmentation")
+_installed = False
+
+
+def _point_index_at(registry_name: str, type_name: str, module) -> None:
+    index = LazyImportModule.get_ast_index()
+    index["index"][(registry_name, Tasks.image_segmentation, type_name)] = {
+        "filepath": module.__file__, "imports": [], "module": module.__name__,
+    }
+    index["requirements"][module.__name__] = []
+
+
+def _pipeline_class(type_name: str):
+    """One subclass per type name, so a non-Mask2Former model can be handed to the right built-in."""
+    return type(f"Mask2FormerSegmentationPipeline_{type_name.replace('-', '_')}", (Mask2FormerSegmentationPipeline,),
+                {"pipeline_type": type_name, "__module__": Mask2FormerSegmentationPipeline.__module__})
+
+
+def install() -> None:
+    global _installed
+    if _installed:
+        return
+    import modelscope.models.base.base_model as base_model
+    import modelscope.pipelines.builder as pipeline_builder
+    from . import model as model_module, pipeline as pipeline_module
+
+    for type_name in MODEL_TYPES:
+        MODELS.register_module(Tasks.image_segmentation, module_name=type_name, module_cls=Mask2FormerModel, force=True)
+        _point_index_at("MODELS", type_name, model_module)
+    for type_name in PIPELINE_TYPES:
+        PIPELINES.register_module(Tasks.image_segmentation, module_name=type_name, module_cls=_pipeline_class(type_name), force=True)
+        _point_index_at("PIPELINES", type_name, pipeline_module)
+
+    pipeline_builder.is_model_from_trusted_source = hub.wrap_is_model_from_trusted_source(pipeline_builder.is_model_from_trusted_source)
+    pipeline_builder.is_official_hub_path = hub.wrap_is_official_hub_path(pipeline_builder.is_official_hub_path)
+    pipeline_builder.read_config = hub.wrap_read_config(pipeline_builder.read_config)
+    pipeline_builder.normalize_model_input = hub.wrap_normalize_model_input(pipeline_builder.normalize_model_input)
+    pipeline_builder.register_plugins_repo = hub.wrap_register_plugins_repo(pipeline_builder.register_plugins_repo)
+    base_model.register_plugins_repo = hub.wrap_register_plugins_repo(base_model.register_plugins_repo)
+    try:
+        import modelscope.trainers.builder as trainer_builder
+
+        trainer_builder.register_plugins_repo = hub.wrap_register_plugins_repo(trainer_builder.register_plugins_repo)
+    except ImportError:  # trainers need optional packages; nothing to patch without them
+        pass
+    _installed = True

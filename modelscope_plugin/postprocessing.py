@@ -1,0 +1,148 @@
+"""Pure post-processing functions: raw logits of one image -> panoptic, semantic or instance results.
+
+Masks are brought to the input size the way mmdet 2.x, EasyCV and detectron2 do: bilinear upsampling of the
+stride-4 logits to the padded input, cropping the padding, bilinear resizing to the original size. Only the
+queries a task keeps are upsampled (interpolation is per query, so the result is the same).
+"""
+from dataclasses import dataclass, field
+from typing import List, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# mmdet's panoptic id = class + instance * INSTANCE_OFFSET (stuff: instance 0); the output order follows it.
+INSTANCE_OFFSET = 1000
+
+
+def masks_to_original_size(mask_logits: torch.Tensor, padded_size: Tuple[int, int], resized_size: Tuple[int, int],
+                           original_size: Tuple[int, int]) -> torch.Tensor:
+    """(N, h, w) stride-4 logits -> (N, H, W) logits at the original image size."""
+    if mask_logits.shape[0] == 0:
+        return mask_logits.new_zeros((0, *original_size))
+    upsampled = F.interpolate(mask_logits[None], size=padded_size, mode="bilinear", align_corners=False)
+    cropped = upsampled[:, :, : resized_size[0], : resized_size[1]]
+    return F.interpolate(cropped, size=original_size, mode="bilinear", align_corners=False)[0]
+
+
+@dataclass
+class Segment:
+    label: int
+    """Contiguous class index."""
+    score: float
+    isthing: bool
+    mask: torch.Tensor
+    """(H, W) bool."""
+    panoptic_id: int = 0
+    """mmdet's id (label + instance * INSTANCE_OFFSET); 0 for semantic and instance results."""
+
+
+@dataclass
+class PanopticResult:
+    segments: List[Segment] = field(default_factory=list)
+    """Ordered by descending panoptic id (things first), as ModelScope's built-in pipelines order them."""
+
+
+def panoptic_inference(class_logits: torch.Tensor, mask_logits: torch.Tensor, num_things_classes: int,
+                       padded_size, resized_size, original_size, object_mask_threshold: float = 0.8,
+                       overlap_threshold: float = 0.8, filter_low_score: bool = True) -> PanopticResult:
+    """mmdet's ``MaskFormerFusionHead.panoptic_postprocess`` (EasyCV and detectron2 agree on everything but stuff ids).
+
+    class_logits: (Q, C + 1); mask_logits: (Q, h, w) at stride 4 of the padded input.
+    """
+    num_classes = class_logits.shape[-1] - 1
+    scores, labels = F.softmax(class_logits, dim=-1).max(-1)
+    keep = labels.ne(num_classes) & (scores > object_mask_threshold)
+    kept_scores, kept_labels = scores[keep], labels[keep]
+    mask_probabilities = masks_to_original_size(mask_logits[keep], padded_size, resized_size, original_size).sigmoid()
+    if kept_labels.numel() == 0:
+        return PanopticResult()
+    # every pixel goes to the query with the highest score * mask probability
+    winner = (kept_scores[:, None, None] * mask_probabilities).argmax(0)
+    segment_masks = {}  # panoptic id -> (mask, score)
+    instance_id = 1
+    for query in range(kept_labels.shape[0]):
+        label = int(kept_labels[query])
+        isthing = label < num_things_classes
+        own_mask = mask_probabilities[query] >= 0.5
+        won = winner == query
+        won_area = int(won.sum())
+        own_area = int(own_mask.sum())
+        if filter_low_score:
+            won = won & own_mask
+        if won_area == 0 or own_area == 0:
+            continue
+        if won_area / own_area < overlap_threshold:
+            continue
+        if isthing:
+            panoptic_id = label + instance_id * INSTANCE_OFFSET
+            instance_id += 1
+        else:
+            panoptic_id = label  # stuff queries of one class merge into one segment
+        if not won.any():
+            continue
+        score = float(kept_scores[query])
+        if panoptic_id in segment_masks:
+            previous_mask, previous_score = segment_masks[panoptic_id]
+            segment_masks[panoptic_id] = (previous_mask | won, max(previous_score, score))
+        else:
+            segment_masks[panoptic_id] = (won, score)
+    segments = [
+        Segment(label=panoptic_id % INSTANCE_OFFSET, score=score, isthing=panoptic_id % INSTANCE_OFFSET < num_things_classes,
+                mask=mask, panoptic_id=panoptic_id)
+        for panoptic_id, (mask, score) in sorted(segment_masks.items(), key=lambda item: -item[0])
+    ]
+    return PanopticResult(segments)
+
+
+def semantic_inference(class_logits: torch.Tensor, mask_logits: torch.Tensor, padded_size, resized_size,
+                       original_size) -> Tuple[torch.Tensor, List[Segment]]:
+    """Class map = argmax over classes of sum over queries of P(class) * P(mask) (ModelScope's semantic head, detectron2).
+
+    Returns the (H, W) class map and one segment per present class, by descending class id; a segment's score is
+    the mean, over its pixels, of its class's share of the per-pixel class evidence.
+    """
+    class_probabilities = F.softmax(class_logits, dim=-1)[:, :-1]
+    mask_probabilities = masks_to_original_size(mask_logits, padded_size, resized_size, original_size).sigmoid()
+    # (C, H, W)
+    evidence = torch.einsum("qc,qhw->chw", class_probabilities, mask_probabilities)
+    class_map = evidence.argmax(0)
+    share = evidence.max(0).values / evidence.sum(0).clamp_min(1e-12)
+    segments = []
+    for label in torch.unique(class_map).flip(0).tolist():
+        mask = class_map == label
+        segments.append(Segment(label=int(label), score=float(share[mask].mean()), isthing=False, mask=mask))
+    return class_map, segments
+
+
+def instance_inference(class_logits: torch.Tensor, mask_logits: torch.Tensor, num_things_classes: int, padded_size,
+                       resized_size, original_size, max_per_image: int = 100) -> List[Segment]:
+    """mmdet's ``instance_postprocess``: top-k (query, class) pairs, things only, mask = logit > 0,
+    score = class probability * mean mask probability inside the mask. Sorted by descending score."""
+    num_queries, num_classes = class_logits.shape[0], class_logits.shape[1] - 1
+    scores = F.softmax(class_logits, dim=-1)[:, :-1]
+    top_scores, top_indices = scores.flatten().topk(min(max_per_image, scores.numel()), sorted=False)
+    labels = top_indices % num_classes
+    queries = torch.div(top_indices, num_classes, rounding_mode="floor")
+    is_thing = labels < num_things_classes
+    top_scores, labels, queries = top_scores[is_thing], labels[is_thing], queries[is_thing]
+    # upsample each distinct query once
+    unique_queries, inverse = torch.unique(queries, return_inverse=True)
+    logits = masks_to_original_size(mask_logits[unique_queries], padded_size, resized_size, original_size)[inverse]
+    binary = logits > 0
+    mask_scores = (logits.sigmoid() * binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
+    final_scores = top_scores * mask_scores
+    order = torch.argsort(final_scores, descending=True, stable=True)
+    return [
+        Segment(label=int(labels[index]), score=float(final_scores[index]), isthing=True, mask=binary[index])
+        for index in order.tolist()
+    ]
+
+
+def mask_to_box(mask: np.ndarray) -> List[float]:
+    """(x1, y1, x2, y2) of a binary mask with mmdet's ``mask2bbox`` convention (x2 = last column + 1); zeros if empty."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    columns = np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return [0.0, 0.0, 0.0, 0.0]
+    return [float(columns[0]), float(rows[0]), float(columns[-1] + 1), float(rows[-1] + 1)]

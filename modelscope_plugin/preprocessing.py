@@ -1,0 +1,141 @@
+"""Image loading and the resize / normalise / pad step, recorded per image so post-processing can undo it.
+
+Every image is padded on its own (to a multiple of ``size_divisor``): Mask2Former's position encodings and
+deformable-attention reference points span the padded map, so padding images of different sizes to a common
+batch shape would change their answers. ``group_by_padded_size`` batches images whose padded sizes agree.
+"""
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple, Union
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .config import PreprocessConfig
+
+ImageInput = Union[str, Path, Image.Image, np.ndarray]
+
+
+class ImageInputError(ValueError):
+    """An input image cannot be read or has an unsupported type/value."""
+
+
+@dataclass
+class PreparedImage:
+    tensor: torch.Tensor
+    """(3, padded_height, padded_width) float32, normalised, zero padding at the bottom/right."""
+    original_size: Tuple[int, int]
+    """(height, width) of the input after EXIF rotation; outputs come back at this size."""
+    resized_size: Tuple[int, int]
+    """(height, width) after resizing, before padding."""
+
+    @property
+    def padded_size(self) -> Tuple[int, int]:
+        return tuple(self.tensor.shape[-2:])
+
+
+def _read_path_or_url(source: str) -> Image.Image:
+    if source.startswith(("http://", "https://")):
+        import requests
+
+        try:
+            response = requests.get(source, timeout=30)
+            response.raise_for_status()
+        except requests.RequestException as error:
+            raise ImageInputError(f"cannot download image {source}: {error}") from error
+        data = io.BytesIO(response.content)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ImageInputError(f"image file {source} does not exist")
+        data = path
+    try:
+        image = Image.open(data)
+        image.load()
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise ImageInputError(f"image {source} is not a readable image: {error}") from error
+    return image
+
+
+def load_image(source: ImageInput) -> np.ndarray:
+    """Any supported input -> (H, W, 3) uint8 RGB.
+
+    - path or URL: decoded with PIL, EXIF orientation applied, converted to RGB (grayscale, palette, RGBA,
+      CMYK and 16-bit modes go through PIL's ``convert('RGB')``, as ModelScope's ``load_image`` does).
+    - PIL image: EXIF orientation applied, converted to RGB.
+    - numpy array: ModelScope/cv2 convention, i.e. BGR (H, W, 3), BGRA (H, W, 4) or grayscale (H, W); uint8,
+      uint16 (scaled by 1/257 to 8 bits) or float in [0, 255].
+    """
+    if isinstance(source, (str, Path)):
+        image = _read_path_or_url(str(source))
+        return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    if isinstance(source, Image.Image):
+        return np.asarray(ImageOps.exif_transpose(source).convert("RGB"))
+    if isinstance(source, np.ndarray):
+        return _array_to_rgb(source)
+    raise ImageInputError(f"unsupported image input type {type(source).__name__}; expected a path, URL, PIL image or numpy array")
+
+
+def _array_to_rgb(array: np.ndarray) -> np.ndarray:
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+        raise ImageInputError(f"image array must be (H, W), (H, W, 3) or (H, W, 4); got shape {array.shape}")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ImageInputError(f"image array is empty: shape {array.shape}")
+    if array.dtype == np.uint8:
+        pass
+    elif array.dtype == np.uint16:
+        array = np.round(array / 257.0).astype(np.uint8)
+    elif np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise ImageInputError("image array contains NaN or infinite values")
+        if array.min() < 0 or array.max() > 255:
+            raise ImageInputError(f"float image array must lie in [0, 255]; got [{array.min()}, {array.max()}]")
+        array = np.round(array).astype(np.uint8)
+    else:
+        raise ImageInputError(f"unsupported image array dtype {array.dtype}; expected uint8, uint16 or float")
+    if array.ndim == 2:
+        return np.ascontiguousarray(np.repeat(array[:, :, None], 3, axis=2))
+    # BGR(A) -> RGB, alpha dropped
+    return np.ascontiguousarray(array[:, :, 2::-1])
+
+
+def rescaled_size(height: int, width: int, short_side: int, long_side_max: int) -> Tuple[int, int]:
+    """mmcv ``rescale_size``: one scale so the short side reaches ``short_side`` unless the long side would pass
+    ``long_side_max``; each side rounded as ``int(side * scale + 0.5)``."""
+    scale = min(long_side_max / max(height, width), short_side / min(height, width))
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def prepare_image(rgb: np.ndarray, config: PreprocessConfig) -> PreparedImage:
+    """(H, W, 3) uint8 RGB -> resized, normalised, padded network input."""
+    height, width = rgb.shape[:2]
+    resized_height, resized_width = rescaled_size(height, width, config.short_side, config.long_side_max)
+    if config.resize_backend == "cv2":
+        # cv2's bilinear resize on uint8 (fixed-point), as mmcv.imrescale
+        resized = cv2.resize(rgb, (resized_width, resized_height), interpolation=cv2.INTER_LINEAR)
+    elif config.resize_backend == "pil":
+        resized = np.asarray(Image.fromarray(rgb).resize((resized_width, resized_height), Image.BILINEAR))
+    else:
+        raise ValueError(f"unknown resize_backend {config.resize_backend!r}")
+    # mmcv.imnormalize: subtract the mean, multiply by the reciprocal of std, in float32
+    mean = np.asarray(config.mean, dtype=np.float32)
+    inverse_std = (1.0 / np.asarray(config.std, dtype=np.float64)).astype(np.float32)
+    normalised = (resized.astype(np.float32) - mean) * inverse_std
+    padded_height = -(-resized_height // config.size_divisor) * config.size_divisor
+    padded_width = -(-resized_width // config.size_divisor) * config.size_divisor
+    tensor = torch.zeros(3, padded_height, padded_width, dtype=torch.float32)
+    tensor[:, :resized_height, :resized_width] = torch.from_numpy(normalised).permute(2, 0, 1)
+    return PreparedImage(tensor=tensor, original_size=(height, width), resized_size=(resized_height, resized_width))
+
+
+def group_by_padded_size(images: Sequence[PreparedImage]) -> List[Tuple[List[int], torch.Tensor]]:
+    """Batches of images sharing a padded size: [(indices into ``images``, (B, 3, H, W) tensor)]."""
+    groups: Dict[Tuple[int, int], List[int]] = {}
+    for index, image in enumerate(images):
+        groups.setdefault(image.padded_size, []).append(index)
+    return [(indices, torch.stack([images[index].tensor for index in indices])) for indices in groups.values()]

@@ -1,0 +1,82 @@
+"""Operators against plain float64 loop references."""
+import math
+
+import numpy as np
+import torch
+
+from modelscope_plugin.modeling.backbones.resnet import ResNet
+from modelscope_plugin.modeling.backbones.swin import SwinTransformer, relative_position_index
+from modelscope_plugin.modeling.layers.ms_deform_attn import multi_scale_deformable_attention
+from modelscope_plugin.modeling.layers.position_encoding import SinePositionEncoding
+
+
+def bilinear_sample_loop(image: np.ndarray, x: float, y: float) -> np.ndarray:
+    """grid_sample(align_corners=False, zeros padding) at normalised (x, y) in [0, 1], one point, float64."""
+    channels, height, width = image.shape
+    column, row = x * width - 0.5, y * height - 0.5
+    column0, row0 = math.floor(column), math.floor(row)
+    value = np.zeros(channels)
+    for delta_row in (0, 1):
+        for delta_column in (0, 1):
+            r, c = row0 + delta_row, column0 + delta_column
+            weight = (1 - abs(row - r)) * (1 - abs(column - c))
+            if 0 <= r < height and 0 <= c < width:
+                value += weight * image[:, r, c]
+    return value
+
+
+def test_deformable_attention_equals_loop_reference():
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(5, 7), (3, 4)]
+    batch, queries, heads, head_dim, points = 2, 6, 2, 3, 3
+    value = torch.randn(batch, sum(h * w for h, w in shapes), heads, head_dim, generator=generator, dtype=torch.float64)
+    locations = torch.rand(batch, queries, heads, len(shapes), points, 2, generator=generator, dtype=torch.float64) * 1.4 - 0.2
+    weights = torch.rand(batch, queries, heads, len(shapes), points, generator=generator, dtype=torch.float64)
+    output = multi_scale_deformable_attention(value, shapes, locations, weights).numpy()
+
+    expected = np.zeros((batch, queries, heads * head_dim))
+    starts = np.cumsum([0] + [h * w for h, w in shapes])
+    for b in range(batch):
+        for q in range(queries):
+            for m in range(heads):
+                accumulated = np.zeros(head_dim)
+                for level, (height, width) in enumerate(shapes):
+                    level_value = value[b, starts[level]:starts[level + 1], m].numpy().T.reshape(head_dim, height, width)
+                    for p in range(points):
+                        x, y = locations[b, q, m, level, p].tolist()
+                        accumulated += weights[b, q, m, level, p].item() * bilinear_sample_loop(level_value, x, y)
+                expected[b, q, m * head_dim:(m + 1) * head_dim] = accumulated
+    np.testing.assert_allclose(output, expected, rtol=0, atol=1e-12)
+
+
+def test_sine_position_encoding_matches_formula():
+    encoding = SinePositionEncoding(num_position_features=4)(torch.zeros(1, 1, 3, 5))
+    scale, epsilon = 2 * math.pi, 1e-6
+    row, column = 1, 3
+    y = (row + 1) / (3 + epsilon) * scale
+    x = (column + 1) / (5 + epsilon) * scale
+    frequencies = [10000 ** (2 * (index // 2) / 4) for index in range(4)]
+    expected_y = [math.sin(y / frequencies[0]), math.cos(y / frequencies[1]), math.sin(y / frequencies[2]), math.cos(y / frequencies[3])]
+    expected_x = [math.sin(x / frequencies[0]), math.cos(x / frequencies[1]), math.sin(x / frequencies[2]), math.cos(x / frequencies[3])]
+    np.testing.assert_allclose(encoding[0, :, row, column].numpy(), expected_y + expected_x, atol=1e-6)
+
+
+def test_relative_position_index_is_swin_convention():
+    window = 3
+    index = relative_position_index(window)
+    # token (0, 0) vs token (2, 1): relative (-2, -1) -> ((-2 + 2) * 5 + (-1 + 2))
+    assert index[0, 2 * window + 1] == 1
+    assert index[2 * window + 1, 0] == (2 + 2) * 5 + (1 + 2)
+    assert index.shape == (9, 9) and index.max() == (2 * window - 1) ** 2 - 1
+
+
+def test_backbones_declare_channels_and_strides_on_odd_sizes():
+    swin = SwinTransformer(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), window_size=7, drop_path_rate=0.0).eval()
+    resnet = ResNet(depth=50).eval()
+    for backbone in (swin, resnet):
+        with torch.no_grad():
+            features = backbone(torch.randn(1, 3, 99, 131))
+        for name, feature in features.items():
+            stride = backbone.out_strides[name]
+            assert feature.shape[1] == backbone.out_channels[name]
+            assert feature.shape[-2:] == (math.ceil(99 / stride), math.ceil(131 / stride)), (name, feature.shape)

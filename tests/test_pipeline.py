@@ -1,0 +1,128 @@
+"""The ModelScope pipeline on a tiny random-weight model directory: output contract, batching, inputs, hub ids."""
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from modelscope.outputs import OutputKeys
+from modelscope.pipelines import pipeline
+from modelscope.utils.constant import Tasks
+
+from conftest import SHARED_DATA
+
+IMAGE = str(SHARED_DATA / "coco" / "val2017" / "000000142238.jpg")
+
+
+@pytest.fixture(scope="module")
+def segmenter(tiny_model_dir):
+    return pipeline(Tasks.image_segmentation, model=str(tiny_model_dir), device="cpu")
+
+
+def test_panoptic_output_contract(segmenter):
+    result = segmenter(IMAGE)
+    height, width = 427, 640
+    masks = result[OutputKeys.MASKS]
+    assert len(masks) >= 3, "shaped random weights should give several segments"
+    assert all(mask.shape == (height, width) and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1} for mask in masks)
+    # segments do not overlap and panoptic_seg agrees with the masks
+    assert np.stack(masks).sum(0).max() == 1
+    for index, (mask, info) in enumerate(zip(masks, result["segments_info"]), start=1):
+        assert np.array_equal(result["panoptic_seg"] == index, mask.astype(bool))
+        assert info["area"] == int(mask.sum())
+        x1, y1, x2, y2 = result[OutputKeys.BOXES][index - 1]
+        rows, columns = np.nonzero(mask)
+        assert (x1, y1, x2, y2) == (columns.min(), rows.min(), columns.max() + 1, rows.max() + 1)
+        assert info["bbox"] == [x1, y1, x2 - x1, y2 - y1]
+    # things (label id < 80) come before stuff, as ModelScope's built-ins order them
+    isthing = [info["isthing"] for info in result["segments_info"]]
+    assert isthing == sorted(isthing, reverse=True)
+    assert all(0.8 < score <= 1.0 for score in result[OutputKeys.SCORES])
+    assert all(name == segmenter.config.class_names[label] for name, label in zip(result[OutputKeys.LABELS], result["label_ids"]))
+
+
+def test_semantic_and_instance_from_a_panoptic_model(segmenter):
+    semantic = segmenter(IMAGE, task="semantic")
+    assert semantic["sem_seg"].shape == (427, 640)
+    assert np.stack(semantic[OutputKeys.MASKS]).sum(0).min() == 1  # every pixel has exactly one class
+    assert semantic["label_ids"] == sorted(semantic["label_ids"], reverse=True)
+    instance = segmenter(IMAGE, task="instance", score_thr=0.0)
+    scores = instance[OutputKeys.SCORES]
+    assert scores == sorted(scores, reverse=True) and len(scores) > 0
+    assert all(label < 80 for label in instance["label_ids"])
+
+
+def test_batch_of_mixed_sizes_equals_single_images(segmenter):
+    rgb = np.asarray(Image.open(IMAGE).convert("RGB"))
+    images = [IMAGE, rgb[:301, :333, ::-1].copy(), rgb[:200, :517, ::-1].copy(), IMAGE]
+    batched = segmenter(images, batch_size=4)
+    for image, batch_result in zip(images, batched):
+        single = segmenter(image)
+        assert batch_result[OutputKeys.LABELS] == single[OutputKeys.LABELS]
+        assert all(np.array_equal(a, b) for a, b in zip(batch_result[OutputKeys.MASKS], single[OutputKeys.MASKS]))
+
+
+def test_input_types_agree(segmenter):
+    rgb = np.asarray(Image.open(IMAGE).convert("RGB"))
+    from_path = segmenter(IMAGE)
+    from_pil = segmenter(Image.fromarray(rgb))
+    from_bgr_array = segmenter(rgb[:, :, ::-1].copy())
+    for other in (from_pil, from_bgr_array):
+        assert other[OutputKeys.LABELS] == from_path[OutputKeys.LABELS]
+        assert all(np.array_equal(a, b) for a, b in zip(other[OutputKeys.MASKS], from_path[OutputKeys.MASKS]))
+    gray = segmenter(rgb[:, :, 0].copy())
+    assert gray[OutputKeys.MASKS][0].shape == (427, 640)
+
+
+def test_cached_hub_id_resolves_without_network(tiny_model_dir, tmp_path, monkeypatch):
+    import socket
+
+    for owner in ("damo", "iic"):
+        cache = tmp_path / owner
+        snapshot = cache / "models" / f"{owner}--cv_swinL_panoptic-segmentation_cocopan" / "snapshots" / "master"
+        shutil.copytree(tiny_model_dir, snapshot)
+        monkeypatch.setenv("MODELSCOPE_CACHE", str(cache))
+        from modelscope_plugin.integration import hub
+
+        hub.resolve_model_dir.cache_clear()
+
+        def no_network(*args, **kwargs):
+            raise AssertionError("network access attempted")
+
+        monkeypatch.setattr(socket, "getaddrinfo", no_network)
+        monkeypatch.setattr(socket.socket, "connect", no_network)
+        # both owner spellings resolve from the cache of either
+        for model_id in ("damo/cv_swinL_panoptic-segmentation_cocopan", "iic/cv_swinL_panoptic-segmentation_cocopan"):
+            result = pipeline(Tasks.image_segmentation, model=model_id, device="cpu")(IMAGE)
+            assert len(result[OutputKeys.MASKS]) >= 3
+        monkeypatch.undo()
+
+
+def test_uncached_hub_id_fails_naming_id_and_cache(tmp_path, monkeypatch):
+    from modelscope_plugin.integration import hub
+
+    monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path))
+    monkeypatch.setenv("MODELSCOPE_DOMAIN", "127.0.0.1:9")
+    monkeypatch.setenv("MODELSCOPE_ENDPOINT", "http://127.0.0.1:9")
+    hub.resolve_model_dir.cache_clear()
+    with pytest.raises(hub.ModelNotAvailableError) as error:
+        hub.resolve_model_dir("damo/cv_r50_panoptic-segmentation_cocopan")
+    message = str(error.value)
+    assert "damo/cv_r50_panoptic-segmentation_cocopan" in message and str(tmp_path) in message
+
+
+def test_other_model_type_under_shared_pipeline_name_never_runs_mask2former(tmp_path):
+    """damo/cv_vitadapter_semantic-segmentation_cocostuff164k shares 'image-semantic-segmentation'."""
+    import json
+
+    (tmp_path / "configuration.json").write_text(json.dumps({
+        "framework": "pytorch", "task": "image-segmentation",
+        "model": {"type": "vitadapter-semantic-segmentation"}, "pipeline": {"type": "image-semantic-segmentation"}}))
+    with pytest.raises(Exception) as error:
+        pipeline(Tasks.image_segmentation, model=str(tmp_path), device="cpu")
+    assert "vitadapter-semantic-segmentation" in str(error.value) and "built-in" in str(error.value)
+    from modelscope.pipelines.builder import PIPELINES
+
+    ours = PIPELINES.get("image-semantic-segmentation", Tasks.image_segmentation)
+    assert ours.__module__.startswith("modelscope_plugin")
