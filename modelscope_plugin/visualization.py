@@ -48,3 +48,36 @@ def segments_to_json(result: Dict[str, Any]) -> Dict[str, Any]:
             "box": result["boxes"][index], "rle": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
         })
     return {"segments": segments}
+
+
+def _palette_color(index: int) -> np.ndarray:
+    return np.asarray(COCO_PANOPTIC_PALETTE[index % len(COCO_PANOPTIC_PALETTE)])
+
+
+def _empty_canvas(masks: Sequence[np.ndarray]) -> np.ndarray:
+    # ModelScope's functions index masks[0]; with no masks there is no size to draw at, so return one black pixel
+    return np.zeros((1, 1, 3)) if len(masks) == 0 else np.zeros((masks[0].shape[0], masks[0].shape[1], 3))
+
+
+def panoptic_seg_masks_to_image(masks: Sequence[np.ndarray]) -> np.ndarray:
+    """Same drawing as ``modelscope.utils.cv.image_utils.panoptic_seg_masks_to_image`` without mmdet: mask i gets
+    mmdet's 133-colour COCO panoptic palette entry i; a colour already used is jittered by up to ±30 per channel
+    with NumPy's global RNG, as mmdet's ``_get_bias_color``. Float64 (H, W, 3), RGB values written as cv2 will read them.
+    More than 133 masks wrap around the palette (and get jittered) instead of raising."""
+    canvas = _empty_canvas(masks)
+    taken = {0}  # ModelScope initialises its set with set([0, 0, 0]) == {0}; kept for identical jitter draws
+    for index, mask in enumerate(masks):
+        color = tuple(_palette_color(index))
+        while color in taken:
+            color = tuple(np.clip(np.asarray(color) + np.random.randint(low=-30, high=31, size=3), 0, 255))
+        taken.add(color)
+        canvas[mask.astype(bool)] = color
+    return canvas
+
+
+def semantic_seg_masks_to_image(masks: Sequence[np.ndarray]) -> np.ndarray:
+    """Same drawing as ModelScope's ``semantic_seg_masks_to_image`` without mmdet: mask i in palette colour i."""
+    canvas = _empty_canvas(masks)
+    for index, mask in enumerate(masks):
+        canvas[mask.astype(bool)] = _palette_color(index)
+    return canvas

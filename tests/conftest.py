@@ -12,6 +12,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 ORACLE_PYTHON = REPO / ".venv-oracle" / "bin" / "python"
+sys.path.insert(0, str(REPO / "tests"))
 
 import modelscope_plugin  # noqa: E402,F401  (registers with ModelScope)
 from modelscope_plugin.builders import build_mask2former  # noqa: E402

@@ -60,4 +60,12 @@ def install() -> None:
         trainer_builder.register_plugins_repo = hub.wrap_register_plugins_repo(trainer_builder.register_plugins_repo)
     except ImportError:  # trainers need optional packages; nothing to patch without them
         pass
+    try:  # the cards' drawing helpers need mmdet in ModelScope; ours draw the same without it
+        import modelscope.utils.cv.image_utils as image_utils
+        from .. import visualization
+
+        image_utils.panoptic_seg_masks_to_image = visualization.panoptic_seg_masks_to_image
+        image_utils.semantic_seg_masks_to_image = visualization.semantic_seg_masks_to_image
+    except ImportError:  # image_utils needs matplotlib and cv2, both declared dependencies
+        pass
     _installed = True
