@@ -23,8 +23,8 @@ imports ``easycv`` or ``modelscope``. Left alone, EasyCV and ModelScope would
 2. puts stand-in modules for the compiled extension and the unrelated packages in ``sys.modules``
    (through a meta-path finder, so their submodules import too). Touching anything in a stand-in
    other than importing it raises, so a stand-in can never silently change a result;
-3. replaces ``mmcv.utils.ext_loader.load_ext`` with a loader that returns a stand-in extension whose
-   functions raise when called (Mask2Former on CPU calls none of them);
+3. installs ``mmcv_shim`` (beside this file): ``mmcv.utils.ext_loader.load_ext`` returns a stand-in
+   extension whose kernels raise when called (Mask2Former on CPU calls none of them);
 4. replaces ModelScope's ``register_plugins_repo`` with a function that imports EasyCV's own
    ModelScope integration (``easycv.toolkit.modelscope``), which registers the
    ``r50-panoptic-segmentation`` model and the ``image-panoptic-segmentation-easycv`` pipeline, and
@@ -76,6 +76,7 @@ _PLUGIN_REGISTRATION_SITES = (
 _BLOCKED_COMMAND = re.compile(r'(^|[\s/\'";&|])pip[0-9.]*($|[\s\'";&|])|setup\.py')
 
 _installed = False
+refused_commands: list[str] = []  # every command refused so far, for the caller to report
 
 
 class BlockedCommandError(RuntimeError):
@@ -91,6 +92,7 @@ def _command_text(args) -> str:
 def _refuse_if_blocked(args) -> None:
     text = _command_text(args)
     if _BLOCKED_COMMAND.search(text):
+        refused_commands.append(text)
         raise BlockedCommandError(f'easycv_shim refused to run {text!r}: pip and setup.py are blocked in the oracle')
 
 
@@ -176,31 +178,14 @@ def _install_stub_modules() -> None:
         sys.meta_path.insert(0, _StubFinder())
 
 
-class _MissingMmcvExtension(types.ModuleType):
-    """Stand-in for ``mmcv._ext``: every op named by a loader exists and raises when called."""
-
-    def __getattr__(self, op_name):
-        if op_name.startswith('__'):
-            raise AttributeError(op_name)
-        return _StubAttribute(f'mmcv._ext.{op_name}')
-
-
 def _stub_mmcv_extension() -> None:
-    from mmcv.utils import ext_loader
+    """mmcv.ops without compiled kernels: the shared stand-in in tests/oracles/mmcv_shim.py."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    import mmcv_shim
 
-    if getattr(ext_loader.load_ext, '_easycv_shim', False):
-        return
-    try:
-        importlib.import_module('mmcv._ext')
-        return  # a real compiled mmcv: leave it alone
-    except ImportError:
-        pass
-
-    def load_ext(name, funcs):
-        return _MissingMmcvExtension(f'mmcv.{name}')
-
-    load_ext._easycv_shim = True
-    ext_loader.load_ext = load_ext
+    mmcv_shim.install()
 
 
 def import_easycv_modelscope_integration() -> None:

@@ -20,4 +20,4 @@ pip_oracle install -q --upgrade "setuptools<70" wheel
 MMCV_WITH_OPS=0 pip_oracle install -q --no-build-isolation "mmcv==1.7.2"
 pip_oracle install -q --no-deps "mmdet==2.28.2" "pai-easycv==0.11.7"
 pip_oracle install -q terminaltables "transformers>=4.40" pytorch-metric-learning jsonplus json_tricks future \
-    prettytable fvcore timm yapf==0.40.1 six matplotlib  # six, matplotlib: mmdet imports them
+    prettytable fvcore timm yapf==0.40.1 six matplotlib einops  # six, matplotlib: mmdet imports them; einops: easycv

@@ -13,6 +13,11 @@ from ..layers.ms_deform_attn import MultiScaleDeformableAttention
 from ..layers.position_encoding import SinePositionEncoding
 
 
+def upcast_half(features: torch.Tensor) -> torch.Tensor:
+    """Deformable attention runs in float32 under autocast (as detectron2 forces); float64 stays float64."""
+    return features.float() if features.dtype in (torch.float16, torch.bfloat16) else features
+
+
 class ConvNormActivation(nn.Conv2d):
     """detectron2's ``Conv2d`` with ``norm`` (and an optional ReLU) after it: keys ``weight``, ``norm.weight``."""
 
@@ -138,7 +143,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
     def forward(self, features: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         sources, positions = [], []
         for level, name in enumerate(self.transformer_in_features[::-1]):
-            feature = features[name].float()  # deformable attention runs in float32
+            feature = upcast_half(features[name])
             sources.append(self.input_proj[level](feature))
             positions.append(self.position_encoding(feature))
         spatial_shapes = [tuple(source.shape[-2:]) for source in sources]
@@ -150,7 +155,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
             for tokens, (height, width) in zip(encoded.split([h * w for h, w in spatial_shapes], dim=1), spatial_shapes)
         ]
         for index in reversed(range(len(self.fpn_features))):
-            lateral = getattr(self, f"adapter_{index + 1}")(features[self.fpn_features[index]].float())
+            lateral = getattr(self, f"adapter_{index + 1}")(upcast_half(features[self.fpn_features[index]]))
             merged = lateral + F.interpolate(outputs[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False)
             outputs.append(getattr(self, f"layer_{index + 1}")(merged))
         return self.mask_features(outputs[-1]), outputs[: self.num_multi_scale_features]
