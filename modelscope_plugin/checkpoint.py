@@ -53,11 +53,23 @@ _STAND_IN_GLOBALS = {
 }
 
 
+_TORCH_REBUILD_GLOBALS = {
+    f"torch._utils.{name}" for name in ("_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter")
+} | {f"torch.{kind}Storage" for kind in ("Float", "Double", "Half", "BFloat16", "Long", "Int", "Short", "Char", "Byte", "Bool")}
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
-    """Admits numpy arrays/dtypes/scalars, plain containers and the ConfigDict stand-in; refuses any other global."""
+    """Admits numpy arrays/dtypes/scalars, plain containers, torch's tensor rebuilders and the ConfigDict
+    stand-in; refuses any other global."""
 
     def find_class(self, module: str, name: str):
         full_name = f"{module}.{name}"
+        if full_name == "collections.OrderedDict":
+            import collections
+
+            return collections.OrderedDict
+        if full_name in _TORCH_REBUILD_GLOBALS:
+            return super().find_class(module, name)
         if full_name in _NUMPY_GLOBALS:
             return _NUMPY_GLOBALS[full_name]
         if full_name in _STAND_IN_GLOBALS:
@@ -65,6 +77,14 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if module.startswith("numpy") and name in {"float64", "float32", "int64", "int32", "uint8", "bool_", "dtype"}:
             return getattr(np, name)
         raise CheckpointError(f"refusing to unpickle {full_name}: not a known-safe type for a checkpoint")
+
+
+class _restricted_pickle_module:
+    """A ``pickle_module`` for ``torch.load`` whose Unpickler is the restricted one."""
+
+    Unpickler = _RestrictedUnpickler
+    load = staticmethod(lambda file, **kwargs: _RestrictedUnpickler(file, **kwargs).load())
+    __name__ = "restricted_pickle"
 
 
 def _torch_safe_globals() -> List:
@@ -99,7 +119,12 @@ def read_checkpoint(path) -> dict:
                 return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as error:
             if zipfile.is_zipfile(path):
-                raise CheckpointError(f"refusing to load {path}: it holds objects that are not weights ({error})") from error
+                # torch's weights-only unpickler cannot fill dict subclasses such as the pickled mmcv ConfigDict of
+                # EasyCV exports; the restricted unpickler can, and still refuses any global not listed above
+                try:
+                    return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle_module)
+                except CheckpointError as refusal:
+                    raise CheckpointError(f"refusing to load {path}: {refusal}") from error
         except (RuntimeError, EOFError, zipfile.BadZipFile) as error:
             raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {error}") from error
     # a plain pickle (detectron2 .pkl releases hold numpy arrays under "model")

@@ -255,3 +255,37 @@ def load_model_dir(model_dir, task: Optional[str] = None) -> Tuple[Mask2FormerCo
     network = build_mask2former(config)
     checkpoint_io.load_strict(network, state_dict, checkpoint_name=str(weights_path))
     return config, network.eval()
+
+
+def load_easycv_export(path, task: Optional[str] = None) -> Tuple[Mask2FormerConfig, Mask2Former]:
+    """EasyCV ``mask2former_*_export.pth``: weights plus the training config pickled in ``meta.config``."""
+    checkpoint = checkpoint_io.read_checkpoint(path)
+    meta = checkpoint.get("meta", {}) if isinstance(checkpoint, dict) else {}
+    configuration = decode_easycv_tuples(dict(meta.get("config") or {}))
+    if configuration.get("model", {}).get("type") != "Mask2Former":
+        raise ModelDirError(f"{path} is not an EasyCV Mask2Former export (meta.config.model.type is "
+                            f"{configuration.get('model', {}).get('type')!r})")
+    config = config_from_easycv(configuration, resnet50_coco_panoptic())
+    state_dict = checkpoint_io.convert_to_native(checkpoint_io.extract_state_dict(checkpoint), "easycv")
+    class_names = _class_names(checkpoint, configuration, config)
+    config = replace(config, class_names=class_names, category_ids=tuple(c.id for c in COCO_PANOPTIC_CATEGORIES)
+                     if config.num_classes == len(COCO_PANOPTIC_CATEGORIES) else tuple(range(config.num_classes)),
+                     task=task or config.task)
+    network = build_mask2former(config)
+    checkpoint_io.load_strict(network, state_dict, checkpoint_name=str(path))
+    return config, network.eval()
+
+
+def load_model(path, task: Optional[str] = None) -> Tuple[Mask2FormerConfig, Mask2Former]:
+    """Any supported layout: a hub-layout directory, a Hugging Face folder, or an EasyCV export file."""
+    path = Path(path)
+    if path.is_dir() and (path / "configuration.json").is_file():
+        return load_model_dir(path, task=task)
+    if path.is_dir() and (path / "config.json").is_file():
+        from .checkpoint_hf import load_hf_model_dir
+
+        config, network = load_hf_model_dir(path)
+        return (replace(config, task=task) if task else config), network
+    if path.is_file():
+        return load_easycv_export(path, task=task)
+    raise ModelDirError(f"{path} is neither a model directory (configuration.json or config.json) nor a checkpoint file")

@@ -783,7 +783,7 @@ class Capture:
             handle.remove()
 
 
-def run_pipeline(args, classes):
+def run_pipeline(args):
     from modelscope.outputs import OutputKeys
     from modelscope.pipelines import pipeline
     from modelscope.utils.constant import Tasks
@@ -853,7 +853,7 @@ def main(argv=None):
     if args.no_pipeline:
         return
 
-    arrays, summaries, load_seconds = run_pipeline(args, classes)
+    arrays, summaries, load_seconds = run_pipeline(args)
     arrays.update(images=np.array(args.images, dtype=str), task=np.array(args.task),
                   backbone=np.array(args.backbone), classes=np.array(list(classes), dtype=str),
                   args_json=np.array(json.dumps(vars(args))))
