@@ -15,21 +15,23 @@ SAMPLES = ["coco/val2017/000000142238.jpg", "coco/val2017/000000439180.jpg", "co
            "photos/astronaut.png", "photos/mmdet_demo.jpg"]
 
 
-def build_random_model_dir(directory: Path) -> Path:
-    from dataclasses import asdict
-
-    from .builders import build_mask2former
+def tiny_config():
+    """A small Swin Mask2Former (133 COCO classes, 20 queries) for the demo and the unit tests."""
     from .config import Mask2FormerConfig, SwinConfig
 
-    config = Mask2FormerConfig(
+    return Mask2FormerConfig(
         backbone=SwinConfig(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=7, drop_path_rate=0.0),
         num_queries=20, hidden_dim=64, num_heads=4, encoder_layers=2, encoder_feedforward_dim=128, decoder_layers=3,
-        decoder_feedforward_dim=128)
-    torch.manual_seed(0)
-    network = build_mask2former(config).eval()
-    generator = torch.Generator().manual_seed(0)
+        decoder_feedforward_dim=128, task="panoptic")
+
+
+def shape_random_weights(network, seed: int = 0) -> None:
+    """Random weights with non-degenerate outputs (DESIGN.md's advice): distinct queries with confident, different
+    classes (spread query features and class head, small decoder residual branches) and sparse masks (a constant
+    mask-feature channel whose coefficient is a negative offset)."""
+    generator = torch.Generator().manual_seed(seed)
     decoder = network.transformer_decoder
-    with torch.no_grad():  # spread queries and classes, make masks sparse (see tests/conftest.py)
+    with torch.no_grad():
         decoder.query_feat.weight.copy_(torch.randn(decoder.query_feat.weight.shape, generator=generator) * 2)
         for layer in decoder.transformer_cross_attention_layers:
             layer.multihead_attn.out_proj.weight.mul_(0.1)
@@ -43,14 +45,32 @@ def build_random_model_dir(directory: Path) -> Path:
         decoder.mask_embed.layers[-1].weight.mul_(4)
         decoder.mask_embed.layers[-1].weight[-1] = 0
         decoder.mask_embed.layers[-1].bias[-1] = -3.0
+
+
+def write_model_dir(directory: Path, config, network) -> Path:
+    """A model directory in this package's own layout (configuration.json type "mask2former" + pytorch_model.pt)."""
+    from dataclasses import asdict
+
+    from .config import SwinConfig
+
     values = asdict(config)
-    values["backbone"]["type"] = "swin"
+    values["backbone"]["type"] = "swin" if isinstance(config.backbone, SwinConfig) else "resnet"
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "configuration.json").write_text(json.dumps({
         "framework": "pytorch", "task": "image-segmentation", "model": {"type": "mask2former", "config": values},
         "pipeline": {"type": "mask2former-segmentation"}}, indent=2))
     torch.save({"state_dict": network.state_dict()}, directory / "pytorch_model.pt")
     return directory
+
+
+def build_random_model_dir(directory: Path) -> Path:
+    from .builders import build_mask2former
+
+    config = tiny_config()
+    torch.manual_seed(0)
+    network = build_mask2former(config).eval()
+    shape_random_weights(network)
+    return write_model_dir(directory, config, network)
 
 
 def main(argv=None) -> None:

@@ -87,6 +87,17 @@ def _preprocess_from_pipeline(pipeline: List[dict], default: PreprocessConfig) -
     return result
 
 
+def inference_from_test_cfg(test_values: Dict[str, Any], base: InferenceConfig) -> InferenceConfig:
+    """mmdet / EasyCV ``test_cfg`` names -> InferenceConfig."""
+    return replace(
+        base,
+        object_mask_threshold=test_values.get("object_mask_thr", base.object_mask_threshold),
+        overlap_threshold=test_values.get("iou_thr", base.overlap_threshold),
+        filter_low_score=test_values.get("filter_low_score", base.filter_low_score),
+        max_per_image=test_values.get("max_per_image", base.max_per_image),
+    )
+
+
 def config_from_mmdet(values: Dict[str, Any], base: Mask2FormerConfig) -> Mask2FormerConfig:
     """mmdet 2.x Mask2Former config values (read from config.py) over ``base``."""
     model = values.get("model", {})
@@ -112,14 +123,7 @@ def config_from_mmdet(values: Dict[str, Any], base: Mask2FormerConfig) -> Mask2F
     decoder_ffn = decoder_layer.get("ffn_cfgs", {})
     decoder_attention = decoder_layer.get("attn_cfgs", {})
     encoder_ffn = encoder_layer.get("ffn_cfgs", {})
-    test_values = model.get("test_cfg") or values.get("test_cfg") or {}
-    inference = replace(
-        base.inference,
-        object_mask_threshold=test_values.get("object_mask_thr", base.inference.object_mask_threshold),
-        overlap_threshold=test_values.get("iou_thr", base.inference.overlap_threshold),
-        filter_low_score=test_values.get("filter_low_score", base.inference.filter_low_score),
-        max_per_image=test_values.get("max_per_image", base.inference.max_per_image),
-    )
+    inference = inference_from_test_cfg(model.get("test_cfg") or values.get("test_cfg") or {}, base.inference)
     test_pipeline = values.get("data", {}).get("test", {}).get("pipeline") or values.get("test_pipeline")
     return replace(
         base,
@@ -147,14 +151,7 @@ def config_from_easycv(configuration: Dict[str, Any], base: Mask2FormerConfig) -
     head = model.get("head", {})
     pixel_decoder = head.get("pixel_decoder", {})
     decoder = head.get("transformer_decoder", {})
-    test_values = model.get("test_cfg", {})
-    inference = replace(
-        base.inference,
-        object_mask_threshold=test_values.get("object_mask_thr", base.inference.object_mask_threshold),
-        overlap_threshold=test_values.get("iou_thr", base.inference.overlap_threshold),
-        filter_low_score=test_values.get("filter_low_score", base.inference.filter_low_score),
-        max_per_image=test_values.get("max_per_image", base.inference.max_per_image),
-    )
+    inference = inference_from_test_cfg(model.get("test_cfg", {}), base.inference)
     dataset = configuration.get("dataset", configuration.get("data", {}))
     test_pipeline = (dataset.get("val") or dataset.get("test") or {}).get("pipeline") or configuration.get("test_pipeline")
     return replace(
