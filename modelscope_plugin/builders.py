@@ -12,7 +12,6 @@ def build_backbone(config):
         return SwinTransformer(
             embed_dim=config.embed_dim, depths=config.depths, num_heads=config.num_heads, window_size=config.window_size,
             patch_size=config.patch_size, mlp_ratio=config.mlp_ratio, drop_path_rate=config.drop_path_rate,
-            shrink_window_to_feature_size=config.shrink_window_to_feature_size,
         )
     if isinstance(config, ResNetConfig):
         return ResNet(depth=config.depth)

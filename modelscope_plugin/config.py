@@ -16,8 +16,7 @@ class SwinConfig:
     patch_size: int = 4
     mlp_ratio: float = 4.0
     drop_path_rate: float = 0.3
-    shrink_window_to_feature_size: bool = False
-    """True reproduces transformers' Swin (no shift, smaller window on small maps); mmdet/detectron2 never shrink."""
+    """Stochastic depth at the last block (training only)."""
 
 
 @dataclass

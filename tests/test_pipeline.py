@@ -126,3 +126,34 @@ def test_other_model_type_under_shared_pipeline_name_never_runs_mask2former(tmp_
 
     ours = PIPELINES.get("image-semantic-segmentation", Tasks.image_segmentation)
     assert ours.__module__.startswith("modelscope_plugin")
+
+
+def test_file_modes_and_exif_orientation(segmenter, tmp_path):
+    rgb = np.asarray(Image.open(IMAGE).convert("RGB"))[:200, :300]
+    sixteen_bit = tmp_path / "gray16.png"
+    Image.fromarray((rgb[:, :, 0].astype(np.uint16) * 257)).save(sixteen_bit)
+    rgba = tmp_path / "rgba.png"
+    Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 128, np.uint8)])).save(rgba)
+    rotated = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90° clockwise for display
+    Image.fromarray(rgb).save(rotated, exif=exif)
+    for path, size in ((sixteen_bit, (200, 300)), (rgba, (200, 300)), (rotated, (300, 200))):
+        result = segmenter(str(path))
+        assert all(mask.shape == size for mask in result[OutputKeys.MASKS]), path.name
+    # RGBA: alpha dropped, same answer as the RGB image
+    from_rgba = segmenter(str(rgba))
+    from_rgb = segmenter(rgb[:, :, ::-1].copy())
+    assert from_rgba[OutputKeys.LABELS] == from_rgb[OutputKeys.LABELS]
+
+
+def test_bad_inputs_raise_one_clear_error(segmenter, tmp_path):
+    from modelscope_plugin.preprocessing import ImageInputError
+
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    cases = [(str(tmp_path / "missing.jpg"), "does not exist"), (str(corrupt), "not a readable image"),
+             (np.full((4, 4, 3), np.nan, np.float32), "NaN"), (np.zeros((4, 4, 3), np.int8), "dtype")]
+    for bad, reason in cases:
+        with pytest.raises(ImageInputError, match=reason):
+            segmenter(bad)

@@ -6,8 +6,8 @@ Parameter names follow the original Swin release (``patch_embed.proj``, ``layers
 
 Behaviour follows mmdet 2.x / detectron2 Mask2Former, the sources of the hub checkpoints: each stage
 pads its input to a multiple of the window and every odd block shifts by half a window, whatever the
-feature-map size. Transformers' Swin instead turns the shift off and shrinks the window when a feature
-map is no larger than the window (``shrink_window_to_feature_size=True``).
+feature-map size. transformers' Mask2Former backbone does the same (only its standalone ``SwinModel`` drops
+the shift and shrinks the window on small maps), so one behaviour serves every supported source.
 """
 from typing import Dict, List, Sequence, Tuple
 
@@ -113,11 +113,10 @@ class SwinBlock(nn.Module):
     """Pre-norm block: (shifted) window attention then MLP, each with a residual connection."""
 
     def __init__(self, dim: int, num_heads: int, window_size: int, shifted: bool, mlp_ratio: float = 4.0,
-                 qkv_bias: bool = True, drop_path: float = 0.0, shrink_window_to_feature_size: bool = False):
+                 qkv_bias: bool = True, drop_path: float = 0.0):
         super().__init__()
         self.window_size = window_size
         self.shift_size = window_size // 2 if shifted else 0
-        self.shrink_window_to_feature_size = shrink_window_to_feature_size
         self.norm1 = nn.LayerNorm(dim)
         self.attn = WindowAttention(dim, num_heads, window_size, qkv_bias=qkv_bias)
         self.drop_path = StochasticDepth(drop_path, "row")
@@ -128,8 +127,6 @@ class SwinBlock(nn.Module):
         """tokens: (batch, height * width, C)."""
         batch_size, _, channels = tokens.shape
         window_size, shift_size = self.window_size, self.shift_size
-        if self.shrink_window_to_feature_size and min(height, width) <= window_size:
-            raise NotImplementedError("window shrinking (transformers' Swin) is not supported at this feature size")
         shortcut = tokens
         features = self.norm1(tokens).view(batch_size, height, width, channels)
         # pad bottom/right to a multiple of the window
@@ -173,11 +170,11 @@ class PatchMerging(nn.Module):
 
 class SwinStage(nn.Module):
     def __init__(self, dim: int, depth: int, num_heads: int, window_size: int, mlp_ratio: float, qkv_bias: bool,
-                 drop_paths: Sequence[float], downsample: bool, shrink_window_to_feature_size: bool):
+                 drop_paths: Sequence[float], downsample: bool):
         super().__init__()
         self.blocks = nn.ModuleList(
             SwinBlock(dim, num_heads, window_size, shifted=index % 2 == 1, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
-                      drop_path=drop_paths[index], shrink_window_to_feature_size=shrink_window_to_feature_size)
+                      drop_path=drop_paths[index])
             for index in range(depth)
         )
         self.downsample = PatchMerging(dim) if downsample else None
@@ -205,7 +202,7 @@ class SwinTransformer(nn.Module):
 
     def __init__(self, embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2), num_heads: Sequence[int] = (3, 6, 12, 24),
                  window_size: int = 7, patch_size: int = 4, in_channels: int = 3, mlp_ratio: float = 4.0,
-                 qkv_bias: bool = True, drop_path_rate: float = 0.3, shrink_window_to_feature_size: bool = False):
+                 qkv_bias: bool = True, drop_path_rate: float = 0.3):
         super().__init__()
         self.patch_embed = PatchEmbed(patch_size, in_channels, embed_dim)
         drop_paths = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
@@ -215,7 +212,7 @@ class SwinTransformer(nn.Module):
             self.layers.append(SwinStage(
                 dim=embed_dim * 2 ** stage_index, depth=depth, num_heads=num_heads[stage_index], window_size=window_size,
                 mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_paths=drop_paths[first_block:first_block + depth],
-                downsample=stage_index < len(depths) - 1, shrink_window_to_feature_size=shrink_window_to_feature_size,
+                downsample=stage_index < len(depths) - 1,
             ))
         self.out_channels: Dict[str, int] = {f"res{index + 2}": embed_dim * 2 ** index for index in range(len(depths))}
         self.out_strides: Dict[str, int] = {f"res{index + 2}": patch_size * 2 ** index for index in range(len(depths))}
