@@ -60,6 +60,8 @@ def install() -> None:
         trainer_builder.register_plugins_repo = hub.wrap_register_plugins_repo(trainer_builder.register_plugins_repo)
     except ImportError:  # trainers need optional packages; nothing to patch without them
         pass
+    from .. import evaluation  # noqa: F401  (registers the PQ / COCO AP / mIoU metrics with METRICS)
+
     try:  # the cards' drawing helpers need mmdet in ModelScope; ours draw the same without it
         import modelscope.utils.cv.image_utils as image_utils
         from .. import visualization

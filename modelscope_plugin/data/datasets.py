@@ -1,0 +1,215 @@
+"""Dataset readers: COCO panoptic, COCO instances, ADE20K folders -> rows of file paths and annotations.
+
+Rows hold paths and small annotation records only; images and label maps are decoded when evaluated. Rows whose
+files are missing or unreadable, or whose annotations name unknown categories, are reported by image id and then
+skipped (``on_error="skip"``) or raise one error listing them all (``on_error="raise"``).
+
+``as_ms_dataset`` wraps rows in ModelScope's ``MsDataset``: ``MsDataset.to_ms_dataset`` accepts a Hugging Face
+``datasets.Dataset`` (modelscope/msdatasets/ms_dataset.py), built here with ``Dataset.from_list``. Nested fields
+whose structure varies between rows (COCO instance segmentations: polygons or RLE) are stored as JSON strings,
+since Arrow needs one schema per column.
+"""
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+IGNORE_LABEL = 255
+
+
+def rgb_to_id(color_image: np.ndarray) -> np.ndarray:
+    """COCO panoptic PNG (H, W, 3) -> segment ids ``R + 256 G + 256^2 B`` (panopticapi ``rgb2id``)."""
+    color_image = color_image.astype(np.int64)
+    return color_image[..., 0] + 256 * color_image[..., 1] + 256 * 256 * color_image[..., 2]
+
+
+def id_to_rgb(id_map: np.ndarray) -> np.ndarray:
+    """Segment ids (H, W) -> COCO panoptic PNG colours (H, W, 3) uint8 (panopticapi ``id2rgb``)."""
+    id_map = id_map.astype(np.int64)
+    return np.stack([id_map % 256, id_map // 256 % 256, id_map // (256 * 256) % 256], axis=-1).astype(np.uint8)
+
+
+@dataclass
+class RowProblem:
+    """One rejected row: the image id and why."""
+    image_id: Any
+    reason: str
+
+
+class DatasetProblemsError(ValueError):
+    """Raised with ``on_error="raise"``; ``problems`` lists every rejected row."""
+
+    def __init__(self, problems: List[RowProblem]):
+        self.problems = problems
+        listed = "; ".join(f"{problem.image_id}: {problem.reason}" for problem in problems[:20])
+        more = f" (and {len(problems) - 20} more)" if len(problems) > 20 else ""
+        super().__init__(f"{len(problems)} dataset rows rejected: {listed}{more}")
+
+
+def _finish(rows: List[Dict[str, Any]], problems: List[RowProblem], on_error: str) -> Tuple[List[Dict[str, Any]], List[RowProblem]]:
+    if on_error not in ("skip", "raise"):
+        raise ValueError(f"on_error must be 'skip' or 'raise', not {on_error!r}")
+    if problems and on_error == "raise":
+        raise DatasetProblemsError(problems)
+    for problem in problems:
+        logger.warning("skipping image %s: %s", problem.image_id, problem.reason)
+    return rows, problems
+
+
+def _readable_image(path: str) -> Optional[str]:
+    """None if the file exists and decodes, else the reason."""
+    if not os.path.isfile(path):
+        return f"missing file {path}"
+    try:
+        with Image.open(path) as image:
+            image.load()  # full decode: verify() misses truncated pixel data
+    except Exception as error:  # PIL raises many types (OSError, SyntaxError, ValueError) for corrupt files
+        return f"unreadable file {path}: {type(error).__name__}: {error}"
+    return None
+
+
+def read_coco_panoptic(annotation_file: str, panoptic_folder: str, image_folder: str,
+                       on_error: str = "skip", check_images: bool = True) -> Tuple[List[Dict[str, Any]], List[RowProblem]]:
+    """COCO panoptic JSON + PNG folder -> (rows, problems).
+
+    Row: ``image_id, file_name, image_path, height, width, panoptic_path, segments_info`` (``id, category_id,
+    iscrowd, area, bbox``). ``check_images`` decodes every image and PNG up front (catches corrupt files early).
+    """
+    with open(annotation_file) as handle:
+        data = json.load(handle)
+    known_categories = {int(category["id"]) for category in data["categories"]}
+    images = {int(image["id"]): image for image in data["images"]}
+    rows, problems = [], []
+    for annotation in data["annotations"]:
+        image_id = annotation["image_id"]
+        image = images.get(int(image_id))
+        if image is None:
+            problems.append(RowProblem(image_id, "annotation for an image not listed in 'images'"))
+            continue
+        image_path = os.path.join(image_folder, image["file_name"])
+        panoptic_path = os.path.join(panoptic_folder, annotation["file_name"])
+        unknown = sorted({int(s["category_id"]) for s in annotation["segments_info"]} - known_categories)
+        reason = None
+        if unknown:
+            reason = f"unknown category ids {unknown}"
+        elif check_images:
+            reason = _readable_image(image_path) or _readable_image(panoptic_path)
+        elif not (os.path.isfile(image_path) and os.path.isfile(panoptic_path)):
+            reason = f"missing file {image_path if not os.path.isfile(image_path) else panoptic_path}"
+        if reason:
+            problems.append(RowProblem(image_id, reason))
+            continue
+        rows.append({
+            "image_id": int(image_id), "file_name": image["file_name"], "image_path": image_path,
+            "height": int(image["height"]), "width": int(image["width"]), "panoptic_path": panoptic_path,
+            "segments_info": [{"id": int(s["id"]), "category_id": int(s["category_id"]),
+                               "iscrowd": int(s.get("iscrowd", 0)), "area": int(s.get("area", 0)),
+                               "bbox": [int(v) for v in s.get("bbox", [0, 0, 0, 0])]} for s in annotation["segments_info"]],
+        })
+    return _finish(rows, problems, on_error)
+
+
+def read_coco_instances(annotation_file: str, image_folder: str, on_error: str = "skip",
+                        check_images: bool = True) -> Tuple[List[Dict[str, Any]], List[RowProblem]]:
+    """COCO instances JSON -> (rows, problems). Row: ``image_id, file_name, image_path, height, width,
+    annotations_json`` (the image's annotations, JSON text). Images without annotations are kept."""
+    with open(annotation_file) as handle:
+        data = json.load(handle)
+    known_categories = {int(category["id"]) for category in data["categories"]}
+    annotations_of: Dict[int, List[Dict[str, Any]]] = {}
+    for annotation in data.get("annotations", []):
+        annotations_of.setdefault(int(annotation["image_id"]), []).append(annotation)
+    rows, problems = [], []
+    for image in data["images"]:
+        image_id = int(image["id"])
+        image_path = os.path.join(image_folder, image["file_name"])
+        annotations = annotations_of.get(image_id, [])
+        unknown = sorted({int(a["category_id"]) for a in annotations} - known_categories)
+        if unknown:
+            reason = f"unknown category ids {unknown}"
+        elif check_images:
+            reason = _readable_image(image_path)
+        else:
+            reason = None if os.path.isfile(image_path) else f"missing file {image_path}"
+        if reason:
+            problems.append(RowProblem(image_id, reason))
+            continue
+        rows.append({"image_id": image_id, "file_name": image["file_name"], "image_path": image_path,
+                     "height": int(image["height"]), "width": int(image["width"]),
+                     "annotations_json": json.dumps(annotations)})
+    return _finish(rows, problems, on_error)
+
+
+def read_label_folders(image_folder: str, label_folder: str, number_of_classes: int, on_error: str = "skip",
+                       check_images: bool = True, label_suffix: str = ".png") -> Tuple[List[Dict[str, Any]], List[RowProblem]]:
+    """ADE20K-style image + label-PNG folders (paired by file stem) -> (rows, problems).
+    Row: ``image_id`` (stem), ``image_path``, ``label_path``. Label value = class index + 1, 0 = ignore."""
+    rows, problems = [], []
+    for file_name in sorted(os.listdir(image_folder)):
+        stem, extension = os.path.splitext(file_name)
+        if extension.lower() not in (".jpg", ".jpeg", ".png", ".bmp", ".webp"):
+            continue
+        image_path = os.path.join(image_folder, file_name)
+        label_path = os.path.join(label_folder, stem + label_suffix)
+        if check_images:
+            reason = _readable_image(image_path) or _readable_image(label_path)
+            if reason is None:
+                largest = int(np.asarray(Image.open(label_path)).max())
+                if largest > number_of_classes:
+                    reason = f"label value {largest} > number of classes {number_of_classes}"
+        else:
+            missing = [p for p in (image_path, label_path) if not os.path.isfile(p)]
+            reason = f"missing file {missing[0]}" if missing else None
+        if reason:
+            problems.append(RowProblem(stem, reason))
+            continue
+        rows.append({"image_id": stem, "file_name": file_name, "image_path": image_path, "label_path": label_path})
+    return _finish(rows, problems, on_error)
+
+
+def as_ms_dataset(rows: Sequence[Dict[str, Any]]):
+    """Rows -> ModelScope ``MsDataset`` over a Hugging Face ``datasets.Dataset``."""
+    import datasets
+    from modelscope.msdatasets import MsDataset
+
+    return MsDataset.to_ms_dataset(datasets.Dataset.from_list(list(rows)))
+
+
+# ---------------------------------------------------------------- ground truth decoding (per row, on demand)
+
+def load_panoptic_ground_truth(row: Dict[str, Any]) -> Tuple[np.ndarray, List[Dict[str, Any]]]:
+    """(H, W) int64 segment ids (0 = void) and the row's segments."""
+    with Image.open(row["panoptic_path"]) as image:
+        ids = rgb_to_id(np.asarray(image.convert("RGB")))
+    return ids, list(row["segments_info"])
+
+
+def panoptic_to_semantic(ids: np.ndarray, segments: Sequence[Dict[str, Any]], class_index_of_category: Dict[int, int],
+                         ignore_label: int = IGNORE_LABEL) -> np.ndarray:
+    """Panoptic ids -> (H, W) contiguous class map (void and unknown categories -> ``ignore_label``); crowd
+    segments keep their class, as detectron2/Mask2Former's panoptic -> semantic conversion does."""
+    # lookup table over the segment ids present: sorted ids -> class index
+    segment_ids = np.array([0] + [int(s["id"]) for s in segments], dtype=np.int64)
+    classes = np.array([ignore_label] + [class_index_of_category.get(int(s["category_id"]), ignore_label)
+                                         for s in segments], dtype=np.int64)
+    order = np.argsort(segment_ids)
+    positions = np.searchsorted(segment_ids[order], ids)
+    positions = np.clip(positions, 0, len(order) - 1)
+    found = segment_ids[order][positions] == ids
+    return np.where(found, classes[order][positions], ignore_label)
+
+
+def load_label_map(row: Dict[str, Any], ignore_label: int = IGNORE_LABEL) -> np.ndarray:
+    """ADE20K-style label PNG -> (H, W) class map: value - 1, 0 -> ``ignore_label``."""
+    with Image.open(row["label_path"]) as image:
+        labels = np.asarray(image).astype(np.int64)
+    return np.where(labels == 0, ignore_label, labels - 1)
+
+
+def load_instance_annotations(row: Dict[str, Any]) -> List[Dict[str, Any]]:
+    return json.loads(row["annotations_json"])

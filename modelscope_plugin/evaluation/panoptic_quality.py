@@ -1,0 +1,195 @@
+"""Panoptic quality (PQ, SQ, RQ), streamed per image, following cocodataset/panopticapi ``evaluation.py``.
+
+No library on PyPI exposes panopticapi's per-image matching as a function (panopticapi itself is not published
+and reads PNG folders), so the matching is written here, line for line with ``pq_compute_single_core``:
+void = id 0, a (ground truth, prediction) pair matches when same category, GT not crowd and IoU > 0.5 where the
+union leaves out the prediction's void pixels; unmatched non-crowd GT segments are false negatives; an unmatched
+prediction is a false positive unless more than half of it lies on void plus the (last listed) crowd segment of
+its category. Only per-class tp / fp / fn / IoU sums are kept, never masks.
+"""
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..data.datasets import id_to_rgb, rgb_to_id  # noqa: F401  (re-exported)
+
+VOID_ID = 0
+# panopticapi's pair encoding offset: ids of both maps stay below it (ids are R + 256 G + 256^2 B < 256^3)
+PAIR_OFFSET = 256 * 256 * 256
+
+
+@dataclass
+class ClassStatistics:
+    """Counts for one category, summed over images."""
+    true_positives: int = 0
+    false_positives: int = 0
+    false_negatives: int = 0
+    iou_sum: float = 0.0
+
+    def add(self, other: "ClassStatistics") -> None:
+        self.true_positives += other.true_positives
+        self.false_positives += other.false_positives
+        self.false_negatives += other.false_negatives
+        self.iou_sum += other.iou_sum
+
+
+def _segment_areas(id_map: np.ndarray) -> Dict[int, int]:
+    ids, counts = np.unique(id_map, return_counts=True)
+    return {int(segment_id): int(count) for segment_id, count in zip(ids, counts)}
+
+
+def match_image(ground_truth_ids: np.ndarray, ground_truth_segments: Sequence[Mapping[str, Any]],
+                prediction_ids: np.ndarray, prediction_segments: Sequence[Mapping[str, Any]],
+                image_id: Any = None) -> Dict[int, ClassStatistics]:
+    """Per-category statistics of one image.
+
+    ``*_ids``: (H, W) integer segment-id maps (0 = void); ``*_segments``: dicts with ``id``, ``category_id`` and,
+    for ground truth, ``iscrowd``. Areas are counted from the maps, as panopticapi does. A predicted segment listed
+    with no pixels is dropped (panopticapi raises for it); pixels of an unlisted non-void id raise ``KeyError``.
+    """
+    if ground_truth_ids.shape != prediction_ids.shape:
+        raise ValueError(f"image {image_id}: ground truth {ground_truth_ids.shape} and prediction "
+                         f"{prediction_ids.shape} differ in size")
+    ground_truth = {int(segment["id"]): segment for segment in ground_truth_segments}
+    ground_truth_areas = _segment_areas(ground_truth_ids)
+    prediction_areas = _segment_areas(prediction_ids)
+    prediction = {}
+    for segment in prediction_segments:
+        if prediction_areas.get(int(segment["id"]), 0) > 0:
+            prediction[int(segment["id"])] = segment
+    for segment_id in prediction_areas:
+        if segment_id != VOID_ID and segment_id not in prediction:
+            raise KeyError(f"image {image_id}: segment {segment_id} is in the prediction map but not in its segments")
+    for segment_id in ground_truth_areas:
+        if segment_id != VOID_ID and segment_id not in ground_truth:
+            raise KeyError(f"image {image_id}: segment {segment_id} is in the ground truth map but not in its segments")
+
+    # (H, W) -> (H*W,) pair codes gt * OFFSET + pred; one np.unique gives every intersection
+    pair_codes = ground_truth_ids.astype(np.uint64).ravel() * np.uint64(PAIR_OFFSET) + prediction_ids.astype(np.uint64).ravel()
+    codes, counts = np.unique(pair_codes, return_counts=True)
+    intersections: Dict[Tuple[int, int], int] = {
+        (int(code // PAIR_OFFSET), int(code % PAIR_OFFSET)): int(count) for code, count in zip(codes, counts)}
+
+    statistics: Dict[int, ClassStatistics] = {}
+
+    def of(category_id: int) -> ClassStatistics:
+        return statistics.setdefault(int(category_id), ClassStatistics())
+
+    matched_ground_truth, matched_prediction = set(), set()
+    for (ground_truth_id, prediction_id), intersection in intersections.items():
+        if ground_truth_id not in ground_truth or prediction_id not in prediction:
+            continue
+        ground_truth_segment, prediction_segment = ground_truth[ground_truth_id], prediction[prediction_id]
+        if int(ground_truth_segment.get("iscrowd", 0)) == 1:
+            continue
+        if int(ground_truth_segment["category_id"]) != int(prediction_segment["category_id"]):
+            continue
+        union = (prediction_areas[prediction_id] + ground_truth_areas[ground_truth_id] - intersection
+                 - intersections.get((VOID_ID, prediction_id), 0))
+        iou = intersection / union
+        if iou > 0.5:
+            category = of(ground_truth_segment["category_id"])
+            category.true_positives += 1
+            category.iou_sum += iou
+            matched_ground_truth.add(ground_truth_id)
+            matched_prediction.add(prediction_id)
+
+    crowd_segment_of_category: Dict[int, int] = {}
+    for ground_truth_id, segment in ground_truth.items():
+        if ground_truth_id in matched_ground_truth:
+            continue
+        if int(segment.get("iscrowd", 0)) == 1:
+            crowd_segment_of_category[int(segment["category_id"])] = ground_truth_id
+            continue
+        of(segment["category_id"]).false_negatives += 1
+
+    for prediction_id, segment in prediction.items():
+        if prediction_id in matched_prediction:
+            continue
+        ignored = intersections.get((VOID_ID, prediction_id), 0)
+        crowd_id = crowd_segment_of_category.get(int(segment["category_id"]))
+        if crowd_id is not None:
+            ignored += intersections.get((crowd_id, prediction_id), 0)
+        if ignored / prediction_areas[prediction_id] > 0.5:
+            continue
+        of(segment["category_id"]).false_positives += 1
+    return statistics
+
+
+@dataclass
+class PanopticQualityAccumulator:
+    """Streaming PQ: ``add_image`` per image, ``merge`` across workers, ``summarize`` at the end.
+
+    ``categories``: dicts or objects with ``id``, ``name``, ``isthing`` — the classes averaged over (panopticapi
+    averages over the dataset's categories, skipping those with no tp, fp or fn).
+    """
+    categories: List[Dict[str, Any]]
+    per_class: Dict[int, ClassStatistics] = field(default_factory=dict)
+    image_count: int = 0
+
+    def add_image(self, ground_truth_ids: np.ndarray, ground_truth_segments: Sequence[Mapping[str, Any]],
+                  prediction_ids: np.ndarray, prediction_segments: Sequence[Mapping[str, Any]],
+                  image_id: Any = None) -> None:
+        for category_id, statistics in match_image(ground_truth_ids, ground_truth_segments, prediction_ids,
+                                                   prediction_segments, image_id).items():
+            self.per_class.setdefault(category_id, ClassStatistics()).add(statistics)
+        self.image_count += 1
+
+    def merge(self, other: "PanopticQualityAccumulator") -> None:
+        for category_id, statistics in other.per_class.items():
+            self.per_class.setdefault(category_id, ClassStatistics()).add(statistics)
+        self.image_count += other.image_count
+
+    def _average(self, isthing: Optional[bool]) -> Tuple[Dict[str, float], Dict[int, Dict[str, float]]]:
+        pq_total, sq_total, rq_total, counted = 0.0, 0.0, 0.0, 0
+        per_class: Dict[int, Dict[str, float]] = {}
+        for category in self.categories:
+            if isthing is not None and bool(category["isthing"]) != isthing:
+                continue
+            statistics = self.per_class.get(int(category["id"]), ClassStatistics())
+            tp, fp, fn = statistics.true_positives, statistics.false_positives, statistics.false_negatives
+            if tp + fp + fn == 0:
+                per_class[int(category["id"])] = {"pq": 0.0, "sq": 0.0, "rq": 0.0}
+                continue
+            counted += 1
+            pq = statistics.iou_sum / (tp + 0.5 * fp + 0.5 * fn)
+            sq = statistics.iou_sum / tp if tp != 0 else 0.0
+            rq = tp / (tp + 0.5 * fp + 0.5 * fn)
+            per_class[int(category["id"])] = {"pq": pq, "sq": sq, "rq": rq}
+            pq_total, sq_total, rq_total = pq_total + pq, sq_total + sq, rq_total + rq
+        if counted == 0:  # panopticapi divides by zero here
+            return {"pq": 0.0, "sq": 0.0, "rq": 0.0, "n": 0}, per_class
+        return {"pq": pq_total / counted, "sq": sq_total / counted, "rq": rq_total / counted, "n": counted}, per_class
+
+    def summarize(self) -> Dict[str, Any]:
+        """PQ/SQ/RQ in percent for All/Things/Stuff plus ``per_class`` (keyed by category name, fractions as
+        panopticapi's ``per_class`` results, plus tp/fp/fn)."""
+        results: Dict[str, Any] = {}
+        for group, isthing in (("All", None), ("Things", True), ("Stuff", False)):
+            average, per_class = self._average(isthing)
+            suffix = {"All": "", "Things": "_th", "Stuff": "_st"}[group]
+            results[f"PQ{suffix}"] = 100 * average["pq"]
+            results[f"SQ{suffix}"] = 100 * average["sq"]
+            results[f"RQ{suffix}"] = 100 * average["rq"]
+            results[f"n{suffix}"] = average["n"]
+            if group == "All":
+                results["per_class"] = {}
+                for category in self.categories:
+                    statistics = self.per_class.get(int(category["id"]), ClassStatistics())
+                    results["per_class"][category["name"]] = dict(
+                        per_class[int(category["id"])], category_id=int(category["id"]), isthing=bool(category["isthing"]),
+                        tp=statistics.true_positives, fp=statistics.false_positives, fn=statistics.false_negatives)
+        return results
+
+
+def categories_as_dicts(categories: Iterable[Any]) -> List[Dict[str, Any]]:
+    """``Category`` tuples or COCO category dicts -> dicts with id, name, isthing."""
+    result = []
+    for category in categories:
+        if isinstance(category, Mapping):
+            result.append({"id": int(category["id"]), "name": str(category["name"]),
+                           "isthing": bool(category.get("isthing", 1))})
+        else:
+            result.append({"id": int(category.id), "name": str(category.name), "isthing": bool(category.isthing)})
+    return result
