@@ -8,7 +8,6 @@ Layouts:
 - detectron2 Mask2Former releases (``model_final_*.pkl``), Hugging Face folders (``config.json`` + safetensors).
 The directory's own config wins over this repository's defaults; class names come from the checkpoint when it has them.
 """
-import copy
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -188,7 +187,7 @@ def config_from_native(values: Dict[str, Any], base: Mask2FormerConfig) -> Mask2
     return replace(base, backbone=backbone, preprocess=preprocess, inference=inference, **values)
 
 
-def _weights_file(model_dir: Path, model_type: str) -> Path:
+def _weights_file(model_dir: Path) -> Path:
     preferred = model_dir / "pytorch_model.pt"
     if preferred.is_file():
         return preferred
@@ -238,7 +237,7 @@ def load_model_dir(model_dir, task: Optional[str] = None) -> Tuple[Mask2FormerCo
             config = config_from_mmdet(config_values, base)
         else:
             config = base
-    weights_path = _weights_file(model_dir, model_type)
+    weights_path = _weights_file(model_dir)
     checkpoint = checkpoint_io.read_checkpoint(weights_path)
     if not isinstance(checkpoint, dict):
         raise ModelDirError(f"{weights_path} does not hold a state dict")

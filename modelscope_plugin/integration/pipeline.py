@@ -1,5 +1,6 @@
 """ModelScope ``Pipeline``: image(s) -> panoptic / semantic / instance segments (DESIGN.md output contract)."""
 import importlib
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -49,8 +50,6 @@ class Mask2FormerSegmentationPipeline(Pipeline):
         """Model types this package does not run go to ModelScope's own pipeline (or fail saying why)."""
         model = kwargs.get("model")
         if isinstance(model, str):
-            from pathlib import Path
-
             model_type = read_configuration_json(Path(model)).get("model", {}).get("type")
             if model_type not in MODEL_TYPES:
                 try:
