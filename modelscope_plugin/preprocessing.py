@@ -15,12 +15,9 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import PreprocessConfig
+from .errors import ImageInputError
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
-
-
-class ImageInputError(ValueError):
-    """An input image cannot be read or has an unsupported type/value."""
 
 
 @dataclass
@@ -46,17 +43,27 @@ def _read_path_or_url(source: str) -> Image.Image:
             response.raise_for_status()
         except requests.RequestException as error:
             raise ImageInputError(f"cannot download image {source}: {error}") from error
+        if not response.content:
+            raise ImageInputError(f"image {source} is empty (the server sent 0 bytes)")
         data = io.BytesIO(response.content)
     else:
         path = Path(source)
+        if path.is_dir():
+            raise ImageInputError(f"image {source} is a directory, not an image file")
         if not path.is_file():
             raise ImageInputError(f"image file {source} does not exist")
+        if path.stat().st_size == 0:
+            raise ImageInputError(f"image file {source} is empty (0 bytes)")
         data = path
     try:
         image = Image.open(data)
         image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise ImageInputError(f"image {source} is not a readable image: {error}") from error
+    except Image.DecompressionBombError as error:
+        raise ImageInputError(f"image {source} has too many pixels for PIL's decompression-bomb guard ({error}); "
+                              "raise PIL.Image.MAX_IMAGE_PIXELS if the file is trusted") from error
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        reason = "is truncated" if "truncated" in str(error) else "is not a readable image"
+        raise ImageInputError(f"image {source} {reason}: {error}") from error
     return image
 
 
@@ -68,36 +75,49 @@ def load_image(source: ImageInput) -> np.ndarray:
     - PIL image: EXIF orientation applied, converted to RGB.
     - numpy array: ModelScope/cv2 convention, i.e. BGR (H, W, 3), BGRA (H, W, 4) or grayscale (H, W); uint8,
       uint16 (scaled by 1/257 to 8 bits) or float in [0, 255].
+    Anything else, or a file/array that cannot be decoded, raises one ``ImageInputError`` naming it and why.
     """
     if isinstance(source, (str, Path)):
         image = _read_path_or_url(str(source))
-        return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+        return _pil_to_rgb(image, str(source))
     if isinstance(source, Image.Image):
-        return np.asarray(ImageOps.exif_transpose(source).convert("RGB"))
+        return _pil_to_rgb(source, f"PIL image ({source.mode}, {source.width}x{source.height})")
     if isinstance(source, np.ndarray):
         return _array_to_rgb(source)
     raise ImageInputError(f"unsupported image input type {type(source).__name__}; expected a path, URL, PIL image or numpy array")
 
 
+def _pil_to_rgb(image: Image.Image, name: str) -> np.ndarray:
+    try:
+        rgb = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    except (OSError, ValueError, SyntaxError) as error:  # a lazily opened PIL image may fail only now
+        raise ImageInputError(f"image {name} cannot be decoded: {error}") from error
+    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
+        raise ImageInputError(f"image {name} is empty: {rgb.shape[1]}x{rgb.shape[0]} pixels")
+    return rgb
+
+
 def _array_to_rgb(array: np.ndarray) -> np.ndarray:
+    name = f"image array of shape {array.shape} and dtype {array.dtype}"
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
-        raise ImageInputError(f"image array must be (H, W), (H, W, 3) or (H, W, 4); got shape {array.shape}")
+        raise ImageInputError(f"{name}: expected shape (H, W), (H, W, 1), (H, W, 3) BGR or (H, W, 4) BGRA")
     if array.shape[0] == 0 or array.shape[1] == 0:
-        raise ImageInputError(f"image array is empty: shape {array.shape}")
+        raise ImageInputError(f"{name} is empty")
     if array.dtype == np.uint8:
         pass
     elif array.dtype == np.uint16:
         array = np.round(array / 257.0).astype(np.uint8)
     elif np.issubdtype(array.dtype, np.floating):
         if not np.isfinite(array).all():
-            raise ImageInputError("image array contains NaN or infinite values")
+            raise ImageInputError(f"{name} contains NaN or infinite values")
         if array.min() < 0 or array.max() > 255:
-            raise ImageInputError(f"float image array must lie in [0, 255]; got [{array.min()}, {array.max()}]")
+            raise ImageInputError(f"{name}: float values must lie in [0, 255]; got [{array.min()}, {array.max()}]")
         array = np.round(array).astype(np.uint8)
     else:
-        raise ImageInputError(f"unsupported image array dtype {array.dtype}; expected uint8, uint16 or float")
+        raise ImageInputError(f"{name}: unsupported dtype; expected uint8, uint16 or float in [0, 255] "
+                              "(convert integer arrays with .astype(np.uint8) after checking their range)")
     if array.ndim == 2:
         return np.ascontiguousarray(np.repeat(array[:, :, None], 3, axis=2))
     # BGR(A) -> RGB, alpha dropped

@@ -8,11 +8,12 @@ from modelscope.pipelines.base import Pipeline
 from modelscope.pipelines.builder import PIPELINES
 from modelscope.utils.constant import Tasks
 
+from ..errors import PerItemErrorsMixin
 from ..model_dir import MODEL_TYPES, read_configuration_json
 from ..postprocessing import instance_inference, panoptic_inference, semantic_inference
 from ..preprocessing import PreparedImage, group_by_padded_size, load_image, prepare_image
 from .model import Mask2FormerModel
-from .outputs import build_outputs
+from .outputs import DEFAULT_MAX_POSTPROCESS_PIXELS, build_outputs, postprocess_size
 
 TASKS = ("panoptic", "semantic", "instance")
 
@@ -20,6 +21,7 @@ TASKS = ("panoptic", "semantic", "instance")
 BUILTIN_PIPELINE_MODULES = {
     "image-panoptic-segmentation": "modelscope.pipelines.cv.image_panoptic_segmentation_pipeline",
     "image-semantic-segmentation": "modelscope.pipelines.cv.image_semantic_segmentation_pipeline",
+    "fast-instance-segmentation": "modelscope.pipelines.cv.fast_instance_segmentation_pipeline",
 }
 
 
@@ -34,13 +36,16 @@ def builtin_pipeline_class(type_name: str):
         group[type_name] = ours
 
 
-class Mask2FormerSegmentationPipeline(Pipeline):
-    """``pipeline(Tasks.image_segmentation, model=...)`` for the Mask2Former hub ids.
+class Mask2FormerSegmentationPipeline(PerItemErrorsMixin, Pipeline):
+    """``pipeline(Tasks.image_segmentation, model=...)`` for the Mask2Former and FastInst hub ids.
 
     Call parameters: ``task`` ("panoptic", "semantic" or "instance"; default: the model's), and the thresholds
     ``object_mask_threshold`` (0.8), ``overlap_threshold`` (0.8), ``filter_low_score`` (True), ``max_per_image`` (100),
     ``score_thr`` (instance only, 0.5). Inputs: path, URL, PIL image (RGB), numpy array (BGR, ModelScope's
-    convention), or a list of them; with ``batch_size`` a list is batched by padded size.
+    convention), or a list of them; with ``batch_size`` a list is batched by padded size. ``on_error``: "raise"
+    (default, as ModelScope: the first bad list item raises) or "return" (an error entry per bad item, see
+    ``errors.PerItemErrorsMixin``). ``max_postprocess_pixels`` (2048 * 2048; None: no cap): larger inputs are
+    post-processed at that many pixels and their masks brought to full size by nearest neighbour (outputs.py).
     """
 
     pipeline_type: str = ""
@@ -71,7 +76,8 @@ class Mask2FormerSegmentationPipeline(Pipeline):
 
     def _sanitize_parameters(self, task: Optional[str] = None, object_mask_threshold: Optional[float] = None,
                              overlap_threshold: Optional[float] = None, filter_low_score: Optional[bool] = None,
-                             max_per_image: Optional[int] = None, score_thr: Optional[float] = None, **unused):
+                             max_per_image: Optional[int] = None, score_thr: Optional[float] = None,
+                             max_postprocess_pixels: Optional[int] = DEFAULT_MAX_POSTPROCESS_PIXELS, **unused):
         if unused:
             raise TypeError(f"unknown pipeline parameters: {', '.join(sorted(unused))}")
         task = task or self.config.task
@@ -85,6 +91,7 @@ class Mask2FormerSegmentationPipeline(Pipeline):
             "filter_low_score": inference.filter_low_score if filter_low_score is None else filter_low_score,
             "max_per_image": inference.max_per_image if max_per_image is None else max_per_image,
             "score_thr": 0.5 if score_thr is None else score_thr,
+            "max_postprocess_pixels": max_postprocess_pixels,
         }
         return {}, {}, postprocess
 
@@ -101,9 +108,10 @@ class Mask2FormerSegmentationPipeline(Pipeline):
 
     def postprocess(self, inputs: Dict[str, Any], task: str = "panoptic", object_mask_threshold: float = 0.8,
                     overlap_threshold: float = 0.8, filter_low_score: bool = True, max_per_image: int = 100,
-                    score_thr: float = 0.5) -> Dict[str, Any]:
+                    score_thr: float = 0.5, max_postprocess_pixels: Optional[int] = DEFAULT_MAX_POSTPROCESS_PIXELS) -> Dict[str, Any]:
         image: PreparedImage = inputs["image"]
-        sizes = dict(padded_size=image.padded_size, resized_size=image.resized_size, original_size=image.original_size)
+        sizes = dict(padded_size=image.padded_size, resized_size=image.resized_size,
+                     original_size=postprocess_size(image.original_size, max_postprocess_pixels))
         class_logits, mask_logits = inputs["class_logits"].float(), inputs["mask_logits"].float()
         semantic_map = None
         if task == "panoptic":
@@ -114,7 +122,8 @@ class Mask2FormerSegmentationPipeline(Pipeline):
             semantic_map, segments = semantic_inference(class_logits, mask_logits, **sizes)
         else:
             segments = instance_inference(class_logits, mask_logits, self.config.num_things_classes, **sizes,
-                                          max_per_image=max_per_image)
+                                          max_per_image=max_per_image,
+                                          mask_from_probability=self.config.inference.mask_from_probability)
             segments = [segment for segment in segments if segment.score >= score_thr]
         return build_outputs(task, segments, self.config.class_names, self.config.category_ids, image.original_size, semantic_map)
 
