@@ -126,9 +126,10 @@ def _array_to_rgb(array: np.ndarray) -> np.ndarray:
 
 def rescaled_size(height: int, width: int, short_side: int, long_side_max: int) -> Tuple[int, int]:
     """mmcv ``rescale_size``: one scale so the short side reaches ``short_side`` unless the long side would pass
-    ``long_side_max``; each side rounded as ``int(side * scale + 0.5)``."""
+    ``long_side_max``; each side rounded as ``int(side * scale + 0.5)``, and at least 1 (where mmcv gives 0 for an
+    extreme aspect ratio, e.g. 1 x 5000, and then fails)."""
     scale = min(long_side_max / max(height, width), short_side / min(height, width))
-    return int(height * scale + 0.5), int(width * scale + 0.5)
+    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
 
 
 def prepare_image(rgb: np.ndarray, config: PreprocessConfig) -> PreparedImage:

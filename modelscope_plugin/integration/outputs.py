@@ -24,7 +24,9 @@ def postprocess_size(original_size: Tuple[int, int], max_pixels: Optional[int] =
     if max_pixels is None or height * width <= max_pixels:
         return original_size
     scale = math.sqrt(max_pixels / (height * width))
-    return max(1, int(height * scale)), max(1, int(width * scale))
+    capped_height = max(1, int(height * scale))
+    capped_width = max(1, min(width, max_pixels // capped_height))
+    return max(1, min(capped_height, max_pixels // capped_width)), capped_width
 
 
 def upsample_nearest(values: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
@@ -32,8 +34,9 @@ def upsample_nearest(values: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
     torch's ``nearest-exact`` rule); the only full-size allocation is the result."""
     if values.shape == tuple(size):
         return values
-    rows = np.minimum(((np.arange(size[0]) + 0.5) * values.shape[0] / size[0]).astype(np.int64), values.shape[0] - 1)
-    columns = np.minimum(((np.arange(size[1]) + 0.5) * values.shape[1] / size[1]).astype(np.int64), values.shape[1] - 1)
+    # source index floor((output index + 1/2) * input / output), in integers so ties do not depend on float rounding
+    rows = (2 * np.arange(size[0]) + 1) * values.shape[0] // (2 * size[0])
+    columns = (2 * np.arange(size[1]) + 1) * values.shape[1] // (2 * size[1])
     return values[np.ix_(rows, columns)]
 
 

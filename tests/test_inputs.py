@@ -1,0 +1,342 @@
+"""The bad-input table: each bad image, array, URL, checkpoint or model directory gives one error naming it and why;
+odd but valid inputs (1x1, extreme aspect, CMYK, EXIF rotation, huge) give masks at the displayed input size."""
+import http.server
+import json
+import os
+import pickle
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from modelscope.outputs import OutputKeys
+from modelscope.pipelines import pipeline
+from modelscope.utils.constant import Tasks
+
+from conftest import REPO, SHARED_DATA
+from modelscope_plugin import errors
+from modelscope_plugin.errors import CheckpointError, ImageInputError, ModelDirError
+from modelscope_plugin.integration.outputs import postprocess_size, upsample_nearest
+from modelscope_plugin.preprocessing import load_image
+
+IMAGE = SHARED_DATA / "coco" / "val2017" / "000000142238.jpg"
+
+
+@pytest.fixture(scope="module")
+def segmenter(tiny_model_dir):
+    return pipeline(Tasks.image_segmentation, model=str(tiny_model_dir), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def small_rgb():
+    return np.asarray(Image.open(IMAGE).convert("RGB"))[:120, :160].copy()
+
+
+def closed_local_url() -> str:
+    """A URL on a localhost port nothing listens on (connection refused at once)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}/image.jpg"
+
+
+@pytest.fixture
+def local_server(tmp_path):
+    """A localhost HTTP server over tmp_path (404 for anything absent); stops after the test."""
+    handler = lambda *args, **kwargs: http.server.SimpleHTTPRequestHandler(*args, directory=str(tmp_path), **kwargs)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def bad_files(directory: Path):
+    data = IMAGE.read_bytes()
+    png = directory / "good.png"
+    Image.open(IMAGE).save(png)
+    cases = {
+        "empty.jpg": (b"", "empty"),
+        "truncated.jpg": (data[: len(data) // 2], "truncated"),
+        "truncated.png": (png.read_bytes()[: png.stat().st_size // 2], "truncated"),
+        "corrupt.jpg": (b"\xff\xd8\xff\xe0 not really a jpeg" * 4, "not a readable image"),
+        "text.png": (b"hello, I am not a PNG", "not a readable image"),
+    }
+    for name, (content, _) in cases.items():
+        (directory / name).write_bytes(content)
+    return [(str(directory / name), reason) for name, (_, reason) in cases.items()]
+
+
+def test_bad_files_name_the_file_and_the_reason(tmp_path):
+    cases = bad_files(tmp_path) + [(str(tmp_path / "missing.jpg"), "does not exist"), (str(tmp_path), "directory")]
+    for source, reason in cases:
+        with pytest.raises(ImageInputError) as error:
+            load_image(source)
+        assert source in str(error.value) and reason in str(error.value), (source, str(error.value))
+
+
+def test_decompression_bomb_guard_is_an_image_error(tmp_path, monkeypatch):
+    path = tmp_path / "big.png"
+    Image.new("RGB", (64, 64)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4096 pixels > 2 x 1000: PIL raises, not warns
+    with pytest.raises(ImageInputError, match="too many pixels") as error:
+        load_image(str(path))
+    assert str(path) in str(error.value)
+
+
+def test_urls_unreachable_missing_and_served(tmp_path, local_server):
+    url = closed_local_url()
+    with pytest.raises(ImageInputError, match="cannot download") as error:
+        load_image(url)
+    assert url in str(error.value)
+    with pytest.raises(ImageInputError, match="404") as error:
+        load_image(f"{local_server}/absent.jpg")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    with pytest.raises(ImageInputError, match="empty"):
+        load_image(f"{local_server}/empty.jpg")
+    shutil.copy(IMAGE, tmp_path / "served.jpg")
+    assert np.array_equal(load_image(f"{local_server}/served.jpg"), load_image(str(IMAGE)))
+
+
+@pytest.mark.parametrize("array, reason", [
+    (np.zeros((8, 8, 3), bool), "unsupported dtype"),
+    (np.zeros((8, 8, 3), np.int64), "unsupported dtype"),
+    (np.zeros((8, 8, 3), np.complex64), "unsupported dtype"),
+    (np.empty((8, 8, 3), object), "unsupported dtype"),
+    (np.full((8, 8, 3), np.nan, np.float32), "NaN"),
+    (np.full((8, 8, 3), np.inf, np.float64), "infinite"),
+    (np.full((8, 8, 3), 300.0), r"\[0, 255\]"),
+    (np.full((8, 8, 3), -1.0), r"\[0, 255\]"),
+    (np.zeros((8, 8, 2), np.uint8), "expected shape"),
+    (np.zeros((8,), np.uint8), "expected shape"),
+    (np.zeros((2, 8, 8, 3), np.uint8), "expected shape"),
+    (np.zeros((0, 8, 3), np.uint8), "empty"),
+])
+def test_bad_arrays_name_shape_dtype_and_reason(array, reason):
+    with pytest.raises(ImageInputError, match=reason) as error:
+        load_image(array)
+    assert str(array.shape) in str(error.value) and str(array.dtype) in str(error.value)
+
+
+def test_bad_types_and_empty_pil_images():
+    for bad in (None, 3, {"image": "x.jpg"}, b"bytes"):
+        with pytest.raises(ImageInputError, match=type(bad).__name__):
+            load_image(bad)
+    with pytest.raises(ImageInputError, match="empty"):
+        load_image(Image.new("RGB", (0, 5)))
+
+
+def test_tiny_and_extreme_aspect_images_give_masks_at_input_size(segmenter):
+    rng = np.random.default_rng(0)
+    for height, width in ((1, 1), (1, 5000), (700, 1), (2, 3)):  # 1 x 5000 would resize to 0 rows by mmcv rounding
+        image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        for task in ("panoptic", "semantic", "instance") if height * width == 1 else ("panoptic",):
+            result = segmenter(image, task=task, score_thr=0.0)
+            assert all(mask.shape == (height, width) for mask in result[OutputKeys.MASKS]), (height, width, task)
+            for mask, box in zip(result[OutputKeys.MASKS], result[OutputKeys.BOXES]):
+                assert (0 <= box[0] < box[2] <= width and 0 <= box[1] < box[3] <= height) if mask.any() else box == [0.0] * 4
+
+
+def test_cmyk_jpeg_reads_as_its_rgb_colours(segmenter, small_rgb, tmp_path):
+    path = tmp_path / "cmyk.jpg"
+    Image.fromarray(small_rgb).convert("CMYK").save(path, quality=98)
+    assert Image.open(path).mode == "CMYK"
+    decoded = load_image(str(path))
+    # JPEG loss only: an inverted (Adobe) CMYK reading would be off by ~100 grey levels
+    assert np.abs(decoded.astype(int) - small_rgb).mean() < 3
+    assert all(mask.shape == small_rgb.shape[:2] for mask in segmenter(str(path))[OutputKeys.MASKS])
+
+
+@pytest.mark.parametrize("orientation, displayed", [(6, lambda rgb: np.rot90(rgb, -1)), (2, lambda rgb: rgb[:, ::-1])])
+def test_exif_rotated_photo_segments_as_displayed(segmenter, small_rgb, tmp_path, orientation, displayed):
+    """A lossless PNG with an EXIF orientation gives exactly the masks of the displayed-orientation pixels."""
+    path = tmp_path / f"orientation{orientation}.png"
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(small_rgb).save(path, exif=exif)
+    shown = np.ascontiguousarray(displayed(small_rgb))
+    from_file = segmenter(str(path))
+    from_displayed = segmenter(shown[:, :, ::-1].copy())  # BGR array, ModelScope's convention
+    assert from_file[OutputKeys.LABELS] == from_displayed[OutputKeys.LABELS] and len(from_file[OutputKeys.MASKS]) > 0
+    for mask, expected in zip(from_file[OutputKeys.MASKS], from_displayed[OutputKeys.MASKS]):
+        assert mask.shape == shown.shape[:2] and np.array_equal(mask, expected)
+
+
+def test_list_inputs_raise_on_first_bad_item_or_return_error_entries(segmenter, small_rgb, tmp_path):
+    missing = str(tmp_path / "missing.jpg")
+    bgr = small_rgb[:, :, ::-1].copy()
+    items = [bgr, missing, np.full((4, 4, 3), np.nan, np.float32), str(IMAGE)]
+    with pytest.raises(ImageInputError, match="list item 1") as error:
+        segmenter(items)
+    assert missing in str(error.value)
+    singles = {0: segmenter(bgr), 3: segmenter(str(IMAGE))}
+    for batch_size in (None, 2):
+        results = segmenter(items, on_error="return", **({"batch_size": batch_size} if batch_size else {}))
+        assert len(results) == 4
+        for index, single in singles.items():
+            assert "error" not in results[index]
+            assert results[index][OutputKeys.LABELS] == single[OutputKeys.LABELS]
+            assert all(np.array_equal(a, b) for a, b in zip(results[index][OutputKeys.MASKS], single[OutputKeys.MASKS]))
+        assert results[1]["error"]["index"] == 1 and results[1]["error"]["input"] == missing
+        assert results[1]["error"]["type"] == "ImageInputError" and "does not exist" in results[1]["error"]["message"]
+        assert results[2]["error"]["index"] == 2 and "NaN" in results[2]["error"]["message"]
+        assert results[1][OutputKeys.MASKS] == [] and results[2][OutputKeys.LABELS] == []
+    with pytest.raises(ValueError, match="on_error"):
+        segmenter(items, on_error="ignore")
+
+
+def test_error_types_are_exported_in_one_place():
+    from modelscope_plugin import checkpoint, model_dir, preprocessing
+    from modelscope_plugin.integration import hub
+
+    assert errors.ImageInputError is preprocessing.ImageInputError
+    assert errors.CheckpointError is checkpoint.CheckpointError and errors.ModelDirError is model_dir.ModelDirError
+    assert errors.ModelNotAvailableError is hub.ModelNotAvailableError
+    assert set(errors.USER_ERRORS) == {errors.ImageInputError, errors.CheckpointError, errors.ModelDirError,
+                                       errors.ModelNotAvailableError}
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /tmp/modelscope_plugin_inputs_pwned",))
+
+
+def broken_model_dirs(tiny_model_dir: Path, root: Path):
+    """(directory, expected error type, text the message must contain) for each way a model directory can be bad."""
+    def copy(name):
+        target = root / name
+        shutil.copytree(tiny_model_dir, target)
+        return target
+
+    truncated = copy("truncated")
+    weights = truncated / "pytorch_model.pt"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 3])
+    mismatched = copy("mismatched")
+    configuration = json.loads((mismatched / "configuration.json").read_text())
+    configuration["model"]["config"]["num_queries"] = 7
+    (mismatched / "configuration.json").write_text(json.dumps(configuration))
+    evil = copy("evil")
+    state = torch.load(evil / "pytorch_model.pt", weights_only=True)
+    torch.save({"state_dict": state["state_dict"], "meta": RunsCode()}, evil / "pytorch_model.pt")
+    two_weights = copy("two_weights")
+    (two_weights / "pytorch_model.pt").rename(two_weights / "a.pt")
+    shutil.copy(two_weights / "a.pt", two_weights / "b.pt")
+    return [
+        (truncated, CheckpointError, ["pytorch_model.pt", "truncated or corrupt"]),
+        (mismatched, CheckpointError, ["pytorch_model.pt", "query_feat.weight", "(20, 64)"]),
+        (evil, CheckpointError, ["pytorch_model.pt", "refusing", "posix.system"]),
+        (two_weights, ModelDirError, ["a.pt, b.pt", "exactly one weights file"]),
+    ]
+
+
+def test_broken_model_directories_fail_through_the_pipeline_with_one_clear_error(tiny_model_dir, tmp_path):
+    for directory, error_type, fragments in broken_model_dirs(tiny_model_dir, tmp_path):
+        with pytest.raises(error_type) as error:
+            pipeline(Tasks.image_segmentation, model=str(directory), device="cpu")
+        message = str(error.value)
+        assert all(fragment in message for fragment in fragments), (directory.name, message)
+    assert not os.path.exists("/tmp/modelscope_plugin_inputs_pwned")
+
+
+def test_model_directory_without_readable_configuration(tiny_model_dir, tmp_path):
+    """ModelScope's own builder reads configuration.json before this package sees the directory; the package's
+    loader names the directory and the reason."""
+    from modelscope_plugin.model_dir import load_model_dir
+
+    missing = tmp_path / "no_config"
+    shutil.copytree(tiny_model_dir, missing)
+    (missing / "configuration.json").unlink()
+    invalid = tmp_path / "bad_json"
+    shutil.copytree(tiny_model_dir, invalid)
+    (invalid / "configuration.json").write_text("{not json")
+    for directory, reason in ((missing, "has no configuration.json"), (invalid, "not valid JSON"),
+                              (tmp_path / "absent", "does not exist")):
+        with pytest.raises(ModelDirError, match=reason) as error:
+            load_model_dir(directory)
+        assert str(directory) in str(error.value)
+
+
+def test_upsample_nearest_matches_pil_and_torch_nearest_exact():
+    """Odd input sizes: no exact ties, where PIL and torch round (i + 1/2) * in / out in floating point."""
+    rng = np.random.default_rng(1)
+    for (height, width), size in (((5, 7), (23, 31)), ((41, 31), (40, 293)), ((3, 3), (3, 3)), ((9, 5), (4, 9))):
+        values = rng.integers(0, 250, (height, width), dtype=np.uint8)
+        from_pil = np.asarray(Image.fromarray(values).resize(size[::-1], Image.NEAREST))
+        from_torch = torch.nn.functional.interpolate(torch.from_numpy(values)[None, None].float(), size=size,
+                                                     mode="nearest-exact")[0, 0].numpy().astype(np.uint8)
+        upsampled = upsample_nearest(values, size)
+        assert np.array_equal(upsampled, from_pil) and np.array_equal(upsampled, from_torch), (height, width, size)
+    assert upsample_nearest(np.arange(6, dtype=np.int32).reshape(2, 3), (2, 3)).dtype == np.int32
+
+
+def test_postprocess_size_cap():
+    assert postprocess_size((427, 640)) == (427, 640)
+    height, width = postprocess_size((12000, 9000))
+    assert height * width <= 2048 * 2048 and abs(height / width - 12000 / 9000) < 1e-3 and height * width > 0.99 * 2048 ** 2
+    assert postprocess_size((12000, 9000), None) == (12000, 9000)
+    assert postprocess_size((1, 10 ** 7), 100) == (1, 100)
+    height, width = postprocess_size((10 ** 7, 2), 100)
+    assert 1 <= width <= 2 and height * width <= 100
+
+
+def test_capped_postprocessing_agrees_with_full_size(segmenter):
+    """The cap changes masks only along boundaries (jagged ones, with random weights): same segments, >= 90% of
+    pixels in the same segment, and a transposed or shifted upsampling would fail that."""
+    image = np.asarray(Image.open(IMAGE).convert("RGB"))[:, :, ::-1].copy()
+    full = segmenter(image, max_postprocess_pixels=None)
+    capped = segmenter(image, max_postprocess_pixels=320 * 480)  # above the 200 x 300 stride-4 logits
+    assert capped[OutputKeys.LABELS] == full[OutputKeys.LABELS] and len(full[OutputKeys.MASKS]) >= 3
+    assert all(mask.shape == (427, 640) for mask in capped[OutputKeys.MASKS])
+    assert (capped["panoptic_seg"] == full["panoptic_seg"]).mean() > 0.9
+    for mask, info in zip(capped[OutputKeys.MASKS], capped["segments_info"]):
+        assert info["area"] == mask.sum() and np.array_equal(capped["panoptic_seg"] == info["id"], mask.astype(bool))
+
+
+HUGE_IMAGE_SCRIPT = r"""
+import json, resource, sys
+import numpy as np
+import modelscope_plugin
+from modelscope.pipelines import pipeline
+
+def resident_bytes():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+
+segmenter = pipeline("image-segmentation", model=sys.argv[1], device="cpu")
+height, width = int(sys.argv[2]), int(sys.argv[3])
+blocks = np.random.default_rng(0).integers(0, 256, (9, 12, 3), dtype=np.uint8)
+image = np.repeat(np.repeat(blocks, height // 9 + 1, 0), width // 12 + 1, 1)[:height, :width].copy()
+segmenter(image[:64, :64].copy())
+before = resident_bytes()
+result = segmenter(image)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"before": before, "peak": peak, "segments": len(result["masks"]),
+                  "shapes": sorted({tuple(mask.shape) for mask in result["masks"]}),
+                  "panoptic_seg": list(result["panoptic_seg"].shape)}))
+"""
+
+
+def test_huge_image_runs_at_model_resolution_within_the_documented_memory_bound(tiny_model_dir):
+    """12000 x 9000 (108 MP): inference at model resolution, post-processing at 2048^2 pixels, masks at full size.
+
+    Documented bound (integration/outputs.py): beyond the input, the full-size results cost one byte per pixel per
+    mask plus 4 for ``panoptic_seg``; transient copies (RGB conversion, one mask comparison) add at most 3 more.
+    Without the cap, every kept query would hold float maps of 4 bytes per pixel, several times over."""
+    height, width = 12000, 9000
+    completed = subprocess.run([sys.executable, "-c", HUGE_IMAGE_SCRIPT, str(tiny_model_dir), str(height), str(width)],
+                               capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    measured = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert measured["segments"] >= 1
+    assert measured["shapes"] == [[height, width]] and measured["panoptic_seg"] == [height, width]
+    pixels = height * width
+    bound = (measured["segments"] + 4 + 3) * pixels + 300 * 2 ** 20
+    growth = measured["peak"] - measured["before"]
+    assert growth <= bound, f"peak grew by {growth / 2 ** 20:.0f} MiB; bound {bound / 2 ** 20:.0f} MiB"
