@@ -1,42 +1,309 @@
-"""``modelscope-seg``: command line. Exit codes: 0 success, 2 usage error, 1 a failed input or model."""
+"""``modelscope-seg``: segment images, evaluate, export, validate and publish model cards, serve a browser demo.
+
+Exit codes: 0 success; 1 a failed input, model, card or upload (the message says which and why; with several
+images, the others are still written); 2 a usage error (bad arguments, an unknown subcommand).
+"""
 import argparse
+import glob
 import json
+import os
 import sys
 from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+TASK_CHOICES = ("panoptic", "semantic", "instance")
 
 
-def segment(arguments) -> int:
-    import numpy as np
-    from modelscope.pipelines import pipeline
-    from modelscope.utils.constant import Tasks
+class CommandError(Exception):
+    """A failure the command reports on one line and exits 1 for."""
+
+
+def expand_inputs(inputs: Sequence[str]) -> List[Path]:
+    """Files as given, folders -> their images (sorted, not recursive), globs -> their matches; URLs are refused."""
+    paths: List[Path] = []
+    for item in inputs:
+        if item.startswith(("http://", "https://")):
+            raise CommandError(f"{item}: segment reads local files; download the image first")
+        if glob.has_magic(item):
+            matches = sorted(Path(match) for match in glob.glob(item, recursive=True) if Path(match).is_file())
+            if not matches:
+                raise CommandError(f"{item}: the pattern matches no file")
+            paths += matches
+        elif Path(item).is_dir():
+            images = sorted(path for path in Path(item).iterdir() if path.suffix.lower() in IMAGE_SUFFIXES)
+            if not images:
+                raise CommandError(f"{item}: the folder holds no image ({', '.join(IMAGE_SUFFIXES)})")
+            paths += images
+        else:
+            paths.append(Path(item))  # a missing file is reported as that image's error
+    return paths
+
+
+def output_paths(image: Path, output: Path) -> Dict[str, Path]:
+    stem = image.stem
+    return {"overlay": output / f"{stem}_overlay.png", "json": output / f"{stem}.json", "masks": output / f"{stem}_masks"}
+
+
+def check_outputs_free(images: Sequence[Path], output: Path, overwrite: bool) -> None:
+    """Two inputs must not write the same files, and existing files are only replaced with --overwrite."""
+    seen: Dict[str, Path] = {}
+    for image in images:
+        if image.stem in seen and seen[image.stem] != image:
+            raise CommandError(f"{seen[image.stem]} and {image} would write the same outputs in {output}; "
+                               "segment them into different --output folders")
+        seen[image.stem] = image
+    if overwrite:
+        return
+    existing = [str(path) for image in images for path in output_paths(image, output).values() if path.exists()]
+    if existing:
+        shown = ", ".join(existing[:5]) + (f" and {len(existing) - 5} more" if len(existing) > 5 else "")
+        raise CommandError(f"outputs already exist: {shown}; pass --overwrite to replace them (nothing was written)")
+
+
+def write_outputs(image: Path, result: Dict[str, Any], output: Path, task: Optional[str], model: str) -> None:
+    """Overlay PNG with legend, one 0/255 PNG per mask, and JSON (COCO RLE masks, labels, scores, boxes)."""
+    import shutil
+
+    from PIL import Image
 
     from . import visualization
     from .preprocessing import load_image
 
-    segmenter = pipeline(Tasks.image_segmentation, model=arguments.model, device=arguments.device)
+    paths = output_paths(image, output)
+    visualization.draw_overlay(load_image(str(image)), result).save(paths["overlay"])
+    if paths["masks"].exists():
+        shutil.rmtree(paths["masks"])  # only reached with --overwrite (check_outputs_free)
+    paths["masks"].mkdir()
+    document = visualization.segments_to_json(result)
+    for index, (mask, segment) in enumerate(zip(result["masks"], document["segments"])):
+        mask_path = paths["masks"] / f"{index:03d}.png"
+        Image.fromarray(mask.astype("uint8") * 255).save(mask_path)
+        segment["mask_png"] = str(mask_path.relative_to(output))
+    document = {"image": str(image), "model": model, "task": task, "height": int(result["masks"][0].shape[0]) if result["masks"] else None,
+                "width": int(result["masks"][0].shape[1]) if result["masks"] else None, **document}
+    paths["json"].write_text(json.dumps(document, indent=1))
+
+
+def build_pipeline(model: str, device: str):
+    """ModelScope's pipeline for ``model``; this package's own errors pass through, others are reported as a failed model."""
+    from modelscope.pipelines import pipeline
+    from modelscope.utils.constant import Tasks
+
+    from .errors import USER_ERRORS
+
+    try:
+        return pipeline(Tasks.image_segmentation, model=model, device=device)
+    except USER_ERRORS:
+        raise
+    except Exception as error:  # ModelScope raises ValueError/RuntimeError/KeyError flavours for unusable models
+        raise CommandError(f"cannot build a segmentation pipeline for {model}: {type(error).__name__}: {error}") from error
+
+
+def segment(arguments) -> int:
+    from tqdm import tqdm
+
+    images = expand_inputs(arguments.inputs)
     output = Path(arguments.output)
+    check_outputs_free(images, output, arguments.overwrite)
+    segmenter = build_pipeline(arguments.model, arguments.device)
+    parameters = {name: value for name, value in (
+        ("task", arguments.task), ("object_mask_threshold", arguments.object_mask_threshold),
+        ("overlap_threshold", arguments.overlap_threshold), ("score_thr", arguments.score_threshold),
+        ("max_per_image", arguments.max_per_image)) if value is not None}
     output.mkdir(parents=True, exist_ok=True)
-    for image in arguments.images:
-        parameters = {"task": arguments.task} if arguments.task else {}
-        result = segmenter(image, **parameters)
-        stem = Path(image).stem
-        visualization.draw_overlay(load_image(image), result).save(output / f"{stem}_overlay.png")
-        (output / f"{stem}.json").write_text(json.dumps(visualization.segments_to_json(result), indent=1))
-        print(f"{image}: {len(result['masks'])} segments")
-    return 0
+    failures = 0
+    progress = tqdm(total=len(images), desc="segmenting", unit="image", disable=arguments.quiet, file=sys.stderr)
+    for start in range(0, len(images), arguments.batch_size):
+        chunk = images[start:start + arguments.batch_size]
+        results = segmenter([str(image) for image in chunk], batch_size=arguments.batch_size, on_error="return", **parameters)
+        for image, result in zip(chunk, results):
+            if "error" in result:
+                failures += 1
+                print(f"error: {result['error']['message']}", file=sys.stderr)
+            else:
+                write_outputs(image, result, output, arguments.task, arguments.model)
+            progress.update(1)
+    progress.close()
+    print(f"{len(images) - failures} of {len(images)} images segmented into {output}")
+    return EXIT_FAILED if failures else EXIT_OK
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="modelscope-seg", description="Mask2Former / FastInst segmentation for ModelScope")
-    commands = parser.add_subparsers(dest="command", required=True)
-    segment_parser = commands.add_parser("segment", help="images -> overlays and JSON (masks as COCO RLE)")
-    segment_parser.add_argument("images", nargs="+")
+def evaluate(arguments) -> int:
+    from .data import datasets
+    from .evaluation import evaluate as run_evaluation
+
+    output = Path(arguments.output)
+    if (output / "metrics.json").exists() and not arguments.overwrite:
+        raise CommandError(f"{output / 'metrics.json'} already exists; pass --overwrite to replace it")
+    if arguments.task == "panoptic":
+        if not arguments.panoptic_folder:
+            raise CommandError("--task panoptic needs --panoptic-folder (the COCO panoptic PNGs)")
+        rows, problems = datasets.read_coco_panoptic(arguments.annotations, arguments.panoptic_folder, arguments.images)
+    elif arguments.task == "instance":
+        rows, problems = datasets.read_coco_instances(arguments.annotations, arguments.images)
+    else:
+        if not (arguments.labels and arguments.num_classes):
+            raise CommandError("--task semantic needs --labels (label PNG folder) and --num-classes")
+        rows, problems = datasets.read_label_folders(arguments.images, arguments.labels, arguments.num_classes)
+    for problem in problems:
+        print(f"skipped: {problem}", file=sys.stderr)
+    if not rows:
+        raise CommandError("no readable rows in the dataset")
+    results = run_evaluation(arguments.model, rows, arguments.task, output_dir=str(output),
+                             annotation_file=arguments.annotations if arguments.task == "instance" else None,
+                             progress=not arguments.quiet, limit=arguments.limit)
+    summary = {key: value for key, value in results.items() if key != "per_class"}
+    print(json.dumps(summary, indent=1, default=str))
+    return EXIT_OK
+
+
+def export(arguments) -> int:
+    try:
+        from . import export as exporter
+    except ImportError as error:
+        raise CommandError(f"ONNX export is not available in this installation ({error})") from error
+    path = exporter.export_onnx(arguments.model, arguments.output, overwrite=arguments.overwrite)
+    print(f"wrote {path}")
+    return EXIT_OK
+
+
+def card_validate(arguments) -> int:
+    from .cards import validate_card
+
+    problems = validate_card(arguments.card, arguments.weights)
+    for problem in problems:
+        print(f"{arguments.card}: {problem}", file=sys.stderr)
+    if not problems:
+        print(f"{arguments.card}: valid")
+    return EXIT_FAILED if problems else EXIT_OK
+
+
+def card_push(arguments) -> int:
+    import tempfile
+
+    from .cards import publish_folder, push_card
+
+    if arguments.dry_run:
+        folder = publish_folder(arguments.card, arguments.weights, arguments.dry_run, arguments.model_id)
+        print(f"wrote {folder}: {', '.join(sorted(path.name for path in folder.iterdir()))} (nothing uploaded)")
+        return EXIT_OK
+    with tempfile.TemporaryDirectory() as staging:
+        url = push_card(arguments.card, arguments.weights, arguments.model_id, staging, private=not arguments.public)
+    print(f"published {arguments.model_id}: {url}")
+    return EXIT_OK
+
+
+def serve(arguments) -> int:
+    from .server import serve_forever
+
+    serve_forever(arguments.model, port=arguments.port, device=arguments.device, max_requests=arguments.max_requests)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="modelscope-seg", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    segment_parser = commands.add_parser(
+        "segment", help="images, folders or globs -> overlays, mask PNGs and JSON (COCO RLE)",
+        description="For each image IMAGE.ext writes OUTPUT/IMAGE_overlay.png (classes tinted, legend with scores), "
+                    "OUTPUT/IMAGE_masks/NNN.png (one 0/255 mask per segment) and OUTPUT/IMAGE.json (labels, scores, "
+                    "boxes, masks as COCO RLE). Existing outputs are never replaced without --overwrite.")
+    segment_parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders of images, or glob patterns")
     segment_parser.add_argument("--model", required=True, help="hub id (damo/... or iic/...) or model directory")
-    segment_parser.add_argument("--task", choices=("panoptic", "semantic", "instance"))
-    segment_parser.add_argument("--device", default="cpu")
-    segment_parser.add_argument("--output", default="outputs/segment")
-    arguments = parser.parse_args(argv)
-    return {"segment": segment}[arguments.command](arguments)
+    segment_parser.add_argument("--task", choices=TASK_CHOICES, help="default: the model's own task")
+    segment_parser.add_argument("--object-mask-threshold", type=float, help="panoptic: keep queries above this class score (0.8)")
+    segment_parser.add_argument("--overlap-threshold", type=float, help="panoptic: minimum visible share of a mask (0.8)")
+    segment_parser.add_argument("--score-threshold", type=float, help="instance: drop detections below this score (0.5)")
+    segment_parser.add_argument("--max-per-image", type=int, help="instance: top-k detections (100)")
+    segment_parser.add_argument("--device", default="cpu", help="cpu, gpu, cuda:0 ... (default cpu)")
+    segment_parser.add_argument("--batch-size", type=positive_int, default=1, help="images per forward pass (default 1)")
+    segment_parser.add_argument("--output", default="outputs/segment", help="output folder (default outputs/segment)")
+    segment_parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    segment_parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    segment_parser.set_defaults(handler=segment)
+
+    evaluate_parser = commands.add_parser(
+        "evaluate", help="PQ / COCO AP / mIoU of a model on a COCO-format or ADE20K-style dataset",
+        description="Runs modelscope_plugin.evaluation.evaluate; writes OUTPUT/metrics.json and OUTPUT/per_class.txt.")
+    evaluate_parser.add_argument("--model", required=True, help="hub id or model directory")
+    evaluate_parser.add_argument("--task", required=True, choices=TASK_CHOICES)
+    evaluate_parser.add_argument("--images", required=True, help="image folder")
+    evaluate_parser.add_argument("--annotations", help="COCO panoptic or instances JSON (panoptic, instance)")
+    evaluate_parser.add_argument("--panoptic-folder", help="COCO panoptic PNG folder (panoptic)")
+    evaluate_parser.add_argument("--labels", help="label PNG folder (semantic)")
+    evaluate_parser.add_argument("--num-classes", type=positive_int, help="number of classes (semantic)")
+    evaluate_parser.add_argument("--limit", type=positive_int, help="evaluate the first N images only")
+    evaluate_parser.add_argument("--output", default="outputs/evaluate", help="output folder (default outputs/evaluate)")
+    evaluate_parser.add_argument("--overwrite", action="store_true", help="replace an existing metrics.json")
+    evaluate_parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    evaluate_parser.set_defaults(handler=evaluate)
+
+    export_parser = commands.add_parser("export", help="ONNX export (FastInst)", description="Exports a model to ONNX.")
+    export_parser.add_argument("--model", required=True, help="hub id or model directory")
+    export_parser.add_argument("--output", required=True, help="the .onnx file to write")
+    export_parser.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    export_parser.set_defaults(handler=export)
+
+    card_parser = commands.add_parser("card", help="validate or publish a model card",
+                                      description="Model cards: model_cards/<owner>/<name>/ with README.md and configuration.json.")
+    card_commands = card_parser.add_subparsers(dest="card_command", required=True, metavar="ACTION")
+    validate_parser = card_commands.add_parser(
+        "validate", help="check a card's front matter and configuration.json against what the plugin loads",
+        description="Checks README front matter (tasks, frameworks, license, datasets, metrics), a python usage "
+                    "example, configuration.json (framework, task, model and pipeline types this package registers, "
+                    "plugins); with weights (--weights, or in the card folder) also builds and loads the model strictly.")
+    validate_parser.add_argument("card", help="card folder, e.g. model_cards/damo/cv_swinL_panoptic-segmentation_cocopan")
+    validate_parser.add_argument("--weights", help="model directory with the weights to check as well")
+    validate_parser.set_defaults(handler=card_validate)
+    push_parser = card_commands.add_parser(
+        "push", help="publish a card plus weights under your own namespace (HubApi, token in MODELSCOPE_API_TOKEN)",
+        description="Publishes README.md, configuration.json (with this package in 'plugins') and the weight files "
+                    "as MODEL_ID. Needs network and MODELSCOPE_API_TOKEN; --dry-run FOLDER writes the exact folder "
+                    "instead (refusing an existing one). Loading it needs trust_remote_code=True, as for any plugin.")
+    push_parser.add_argument("card", help="card folder")
+    push_parser.add_argument("--weights", required=True, help="model directory with the weights (hub layout)")
+    push_parser.add_argument("--model-id", required=True, help="<your namespace>/<name>")
+    push_parser.add_argument("--public", action="store_true", help="create the repository public (default private)")
+    push_parser.add_argument("--dry-run", metavar="FOLDER", help="write the upload folder here and upload nothing")
+    push_parser.set_defaults(handler=card_push)
+
+    serve_parser = commands.add_parser("serve", help="browser demo on http://127.0.0.1:PORT",
+                                       description="Serves an upload page: choose model and task, see the overlay, "
+                                                   "legend and scores, download the JSON. Listens on 127.0.0.1 only.")
+    serve_parser.add_argument("--model", action="append", required=True, help="hub id or model directory (repeatable)")
+    serve_parser.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 picks a free one)")
+    serve_parser.add_argument("--device", default="cpu")
+    serve_parser.add_argument("--max-requests", type=positive_int, help="stop after this many requests")
+    serve_parser.set_defaults(handler=serve)
+    return parser
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Runs one command; returns its exit code (``--help``: 0, usage errors: 2)."""
+    parser = build_parser()
+    try:
+        arguments = parser.parse_args(argv)
+    except SystemExit as exit_request:  # argparse exits 0 for --help and 2 for usage errors
+        return int(exit_request.code or 0)
+    from .cards import CardError
+    from .errors import USER_ERRORS
+
+    try:
+        return arguments.handler(arguments)
+    except (CommandError, CardError, *USER_ERRORS, FileExistsError) as error:
+        print(f"modelscope-seg {arguments.command}: error: {error}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

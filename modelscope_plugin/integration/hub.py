@@ -20,7 +20,9 @@ SUPPORTED_MODEL_NAMES = (
     "cv_resnet50_fast-instance-segmentation_coco",
 )
 SUPPORTED_OWNERS = ("damo", "iic")
-REPLACED_PLUGINS = {"pai-easycv"}
+# pai-easycv: this package runs that model itself; modelscope-plugin-seg: published cards name this package, which is
+# already imported whenever these wrappers run
+REPLACED_PLUGINS = {"pai-easycv", "modelscope-plugin-seg"}
 
 
 class ModelNotAvailableError(RuntimeError):

@@ -1,0 +1,259 @@
+"""``modelscope-seg``: run in-process through ``main(argv)`` (and once as the installed console script)."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from modelscope.outputs import OutputKeys
+from modelscope.pipelines import pipeline
+from modelscope.utils.constant import Tasks
+
+from conftest import REPO, SHARED_DATA
+from modelscope_plugin import cards
+from modelscope_plugin.cli import main
+
+COCO = SHARED_DATA / "coco"
+IMAGES = [COCO / "val2017" / "000000142238.jpg", COCO / "val2017" / "000000439180.jpg"]
+CARD = REPO / "model_cards" / "damo" / "cv_swinL_panoptic-segmentation_cocopan"
+
+
+@pytest.fixture(scope="module")
+def segmenter(tiny_model_dir):
+    return pipeline(Tasks.image_segmentation, model=str(tiny_model_dir), device="cpu")
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """Small copies of two COCO images (the tiny model still sees them at 800 px)."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for path in IMAGES:
+        Image.open(path).convert("RGB").resize((160, 120)).save(folder / f"{path.stem}.png")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+@pytest.mark.parametrize("command", [[], ["segment"], ["evaluate"], ["export"], ["card"], ["card", "validate"],
+                                     ["card", "push"], ["serve"]])
+def test_help_everywhere(command, capsys):
+    assert main(command + ["--help"]) == 0
+    output = capsys.readouterr().out
+    assert output.startswith(f"usage: modelscope-seg {' '.join(command)}".rstrip())
+    if command == []:
+        assert "Exit codes" in output
+
+
+@pytest.mark.parametrize("argv", [[], ["bogus"], ["segment", "x.jpg"], ["segment", "x.jpg", "--model", "m", "--batch-size", "0"],
+                                  ["segment", "x.jpg", "--model", "m", "--task", "depth"], ["card"], ["card", "push", "c"]])
+def test_usage_errors_exit_2(argv, capsys):
+    assert main(argv) == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+def test_segment_folder_and_glob_write_overlays_masks_and_rle(tiny_model_dir, segmenter, image_folder, tmp_path, capsys):
+    output = tmp_path / "out"
+    first, second = sorted(image_folder.glob("*.png"))
+    code = main(["segment", str(first), str(image_folder / "0000004391*.png"), "--model", str(tiny_model_dir),
+                 "--output", str(output), "--batch-size", "2", "--quiet", "--object-mask-threshold", "0.5"])
+    assert code == 0, capsys.readouterr().err
+    for image in (first, second):
+        expected = segmenter(str(image), object_mask_threshold=0.5)
+        overlay = np.asarray(Image.open(output / f"{image.stem}_overlay.png").convert("RGB"))
+        original = np.asarray(Image.open(image).convert("RGB"))
+        assert overlay.shape[0] >= original.shape[0] and overlay.shape[1] > original.shape[1]  # image + legend
+        assert np.abs(overlay[:120, :160].astype(int) - original).mean() > 5  # tinted
+        document = json.loads((output / f"{image.stem}.json").read_text())
+        assert document["image"] == str(image) and (document["height"], document["width"]) == (120, 160)
+        segments = document["segments"]
+        assert [segment["label"] for segment in segments] == expected[OutputKeys.LABELS] and len(segments) >= 2
+        assert [segment["score"] for segment in segments] == pytest.approx(expected[OutputKeys.SCORES])
+        for segment, mask in zip(segments, expected[OutputKeys.MASKS]):
+            rle = {"size": segment["rle"]["size"], "counts": segment["rle"]["counts"].encode("ascii")}
+            assert np.array_equal(mask_utils.decode(rle), mask)
+            assert np.array_equal(np.asarray(Image.open(output / segment["mask_png"])) // 255, mask)
+
+
+def test_segment_never_overwrites_silently(tiny_model_dir, image_folder, tmp_path, capsys):
+    output = tmp_path / "out"
+    image = sorted(image_folder.glob("*.png"))[0]
+    arguments = ["segment", str(image), "--model", str(tiny_model_dir), "--output", str(output), "--quiet", "--task", "semantic"]
+    assert main(arguments) == 0
+    written = output / f"{image.stem}.json"
+    written.write_text("user's own edits")
+    assert main(arguments) == 1
+    assert "already exist" in capsys.readouterr().err and written.read_text() == "user's own edits"
+    assert main(arguments + ["--overwrite"]) == 0
+    assert json.loads(written.read_text())["task"] == "semantic"
+    # two inputs with one stem would write the same files
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(image, other / image.name)
+    assert main(["segment", str(image), str(other / image.name), "--model", str(tiny_model_dir),
+                 "--output", str(tmp_path / "fresh"), "--quiet"]) == 1
+    assert "same outputs" in capsys.readouterr().err and not (tmp_path / "fresh").exists()
+
+
+def test_segment_bad_inputs_exit_1_and_the_rest_are_written(tiny_model_dir, image_folder, tmp_path, capsys):
+    corrupt = image_folder / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG not really")
+    output = tmp_path / "out"
+    assert main(["segment", str(image_folder), str(tmp_path / "missing.jpg"), "--model", str(tiny_model_dir),
+                 "--output", str(output), "--quiet"]) == 1
+    errors = capsys.readouterr().err
+    assert "corrupt.png" in errors and "not a readable image" in errors and "missing.jpg" in errors and "does not exist" in errors
+    assert sorted(path.name for path in output.glob("*.json")) == sorted(f"{path.stem}.json" for path in IMAGES)
+    for argv, reason in (([str(tmp_path / "*.nothing")], "matches no file"), ([str(tmp_path / "empty")], "holds no image")):
+        (tmp_path / "empty").mkdir(exist_ok=True)
+        assert main(["segment", *argv, "--model", str(tiny_model_dir), "--output", str(tmp_path / "o2")]) == 1
+        assert reason in capsys.readouterr().err
+
+
+def test_segment_bad_model_exits_1_naming_it(tmp_path, image_folder, capsys):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "configuration.json").write_text(json.dumps({"framework": "pytorch", "task": "image-segmentation",
+                                                          "model": {"type": "mask2former"}, "pipeline": {"type": "mask2former-segmentation"}}))
+    assert main(["segment", str(image_folder), "--model", str(model), "--output", str(tmp_path / "out"), "--quiet"]) == 1
+    error = capsys.readouterr().err
+    assert str(model) in error and "weights file" in error
+
+
+def test_evaluate_writes_the_metrics_of_evaluation_evaluate(tiny_model_dir, segmenter, tmp_path, capsys):
+    from modelscope_plugin.data.datasets import read_coco_panoptic
+    from modelscope_plugin.evaluation import evaluate
+
+    arguments = ["evaluate", "--model", str(tiny_model_dir), "--task", "panoptic", "--images", str(COCO / "val2017"),
+                 "--annotations", str(COCO / "annotations" / "panoptic_val2017_subset.json"),
+                 "--panoptic-folder", str(COCO / "panoptic_val2017"), "--limit", "1", "--output", str(tmp_path / "eval"), "--quiet"]
+    assert main(arguments) == 0
+    printed = json.loads(capsys.readouterr().out)
+    written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    rows, _ = read_coco_panoptic(str(COCO / "annotations" / "panoptic_val2017_subset.json"), str(COCO / "panoptic_val2017"),
+                                 str(COCO / "val2017"))
+    direct = evaluate(segmenter, rows, "panoptic", limit=1, progress=False)
+    direct = json.loads(json.dumps(direct))
+    # with random weights PQ is about 0; the per-class tp / fp / fn counts still tell predictions apart
+    assert {key: value for key, value in written.items() if key != "task"} == direct
+    assert sum(values["fp"] for values in direct["per_class"].values()) > 0
+    assert printed == {key: value for key, value in direct.items() if key != "per_class"}
+    assert main(arguments) == 1 and "already exists" in capsys.readouterr().err
+    assert main(arguments[:-3] + ["--output", str(tmp_path / "e2"), "--task", "semantic"]) == 1
+    assert "--labels" in capsys.readouterr().err
+
+
+def test_card_push_dry_run_writes_a_loadable_folder_naming_this_package(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    destination = tmp_path / "upload"
+    assert main(["card", "push", str(CARD), "--weights", str(tiny_model_dir), "--model-id", "someone/my-panoptic",
+                 "--dry-run", str(destination)]) == 0, capsys.readouterr().err
+    configuration = json.loads((destination / "configuration.json").read_text())
+    assert configuration["plugins"] == [cards.PACKAGE_NAME]
+    assert sorted(path.name for path in destination.iterdir()) == ["README.md", "configuration.json", "pytorch_model.pt"]
+    readme = (destination / "README.md").read_text()
+    assert "someone/my-panoptic" in readme and "damo/cv_swinL_panoptic-segmentation_cocopan" not in readme
+    # refuses to overwrite, and a damo/iic id is refused
+    marker = destination / "README.md"
+    before = marker.read_text()
+    assert main(["card", "push", str(CARD), "--weights", str(tiny_model_dir), "--model-id", "someone/x", "--dry-run", str(destination)]) == 1
+    assert "already exists" in capsys.readouterr().err and marker.read_text() == before
+    assert main(["card", "push", str(CARD), "--weights", str(tiny_model_dir), "--model-id", "damo/x", "--dry-run", str(tmp_path / "d")]) == 1
+    assert "own namespace" in capsys.readouterr().err
+    # the published folder loads through ModelScope without pip (its plugins key names this package)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a subprocess was started: {args[0] if args else kwargs}")
+
+    for name in ("run", "Popen", "check_call", "check_output", "call"):
+        monkeypatch.setattr(subprocess, name, refuse)
+    result = pipeline(Tasks.image_segmentation, model=str(destination), device="cpu")(str(IMAGES[0]))
+    assert len(result[OutputKeys.MASKS]) >= 2
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_card_push_without_network_fails_at_once(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    arguments = ["card", "push", str(CARD), "--weights", str(tiny_model_dir), "--model-id", "someone/my-panoptic"]
+    monkeypatch.delenv(cards.TOKEN_VARIABLE, raising=False)
+    assert main(arguments) == 1 and cards.TOKEN_VARIABLE in capsys.readouterr().err
+    monkeypatch.setenv(cards.TOKEN_VARIABLE, "not-a-real-token")
+    monkeypatch.setenv("MODELSCOPE_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    started = time.monotonic()
+    assert main(arguments) == 1
+    assert time.monotonic() - started < 10
+    error = capsys.readouterr().err
+    assert "cannot reach the ModelScope hub" in error and "--dry-run" in error
+
+
+def test_card_push_uploads_under_the_token_owner_namespace(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """HubApi replaced by a recorder; the endpoint is a local listening socket, so the reachability check passes."""
+    import modelscope.hub.api as hub_api
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    threading.Thread(target=lambda: listener.accept(), daemon=True).start()
+    calls = []
+
+    class RecordingHubApi:
+        endpoint = f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+        def login(self, token):
+            calls.append(("login", token))
+
+        @staticmethod
+        def get_user_info():
+            return "someone", None
+
+        def repo_exists(self, model_id):
+            return False
+
+        def create_model(self, model_id, **kwargs):
+            calls.append(("create_model", model_id, kwargs))
+
+        def upload_folder(self, repo_id, folder_path, **kwargs):
+            folder = Path(folder_path)
+            calls.append(("upload_folder", repo_id, sorted(path.name for path in folder.iterdir()),
+                          json.loads((folder / "configuration.json").read_text())["plugins"]))
+
+        def get_model_url(self, model_id):
+            return f"{self.endpoint}/models/{model_id}"
+
+    monkeypatch.setattr(hub_api, "HubApi", RecordingHubApi)
+    monkeypatch.setenv(cards.TOKEN_VARIABLE, "token-123")
+    base = ["card", "push", str(CARD), "--weights", str(tiny_model_dir)]
+    assert main(base + ["--model-id", "someone/my-panoptic"]) == 0, capsys.readouterr().err
+    assert calls[0] == ("login", "token-123")
+    assert calls[1] == ("create_model", "someone/my-panoptic", {"visibility": 1, "license": "apache-2.0"})
+    assert calls[2] == ("upload_folder", "someone/my-panoptic", ["README.md", "configuration.json", "pytorch_model.pt"],
+                        [cards.PACKAGE_NAME])
+    assert "published someone/my-panoptic" in capsys.readouterr().out
+    calls.clear()
+    assert main(base + ["--model-id", "somebody-else/my-panoptic"]) == 1
+    assert "belongs to 'someone'" in capsys.readouterr().err and not any(call[0] == "upload_folder" for call in calls)
+    listener.close()
+
+
+def test_console_script_runs_as_a_subprocess(tiny_model_dir, image_folder, tmp_path):
+    script = Path(sys.executable).parent / "modelscope-seg"
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "modelscope_plugin.cli"]
+    image = sorted(image_folder.glob("*.png"))[0]
+    completed = subprocess.run(command + ["segment", str(image), "--model", str(tiny_model_dir), "--output", str(tmp_path / "out")],
+                               capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert "1 of 1 images segmented" in completed.stdout and "segmenting" in completed.stderr  # tqdm bar on stderr
+    assert json.loads((tmp_path / "out" / f"{image.stem}.json").read_text())["segments"]
+    usage = subprocess.run(command + ["segment"], capture_output=True, text=True, timeout=300)
+    assert usage.returncode == 2 and "required" in usage.stderr
