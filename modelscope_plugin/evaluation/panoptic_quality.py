@@ -34,9 +34,30 @@ class ClassStatistics:
         self.iou_sum += other.iou_sum
 
 
-def _segment_areas(id_map: np.ndarray) -> Dict[int, int]:
-    ids, counts = np.unique(id_map, return_counts=True)
-    return {int(segment_id): int(count) for segment_id, count in zip(ids, counts)}
+# Ids below this (every id a COCO panoptic PNG can hold) are compacted through a lookup table: a zeroed table of
+# this size is allocated lazily by the OS, so only the pages of the listed ids are ever touched.
+LOOKUP_TABLE_IDS = 256 * 256 * 256
+
+
+def _compact_indices(id_map: np.ndarray, known_ids: np.ndarray, what: str, image_id: Any) -> np.ndarray:
+    """(H, W) segment ids -> (H*W,) positions in the sorted ``known_ids``; an id not listed raises ``KeyError``.
+
+    A lookup table (or, for larger ids, a binary search over the few listed ids) replaces the sort of every pixel
+    that ``np.unique`` would do."""
+    flat = id_map.ravel()
+    if flat.size and 0 <= known_ids[0] and known_ids[-1] < LOOKUP_TABLE_IDS and 0 <= flat.min() and flat.max() < LOOKUP_TABLE_IDS:
+        # position + 1, so that 0 marks an id that is not listed
+        table = np.zeros(LOOKUP_TABLE_IDS, dtype=np.int32)
+        table[known_ids] = np.arange(1, len(known_ids) + 1, dtype=np.int32)
+        positions = table[flat].astype(np.int64) - 1
+        unknown = positions < 0
+    else:
+        positions = np.searchsorted(known_ids, flat)
+        unknown = known_ids[np.minimum(positions, len(known_ids) - 1)] != flat
+    if unknown.any():
+        segment_id = int(flat[np.flatnonzero(unknown)[0]])
+        raise KeyError(f"image {image_id}: segment {segment_id} is in the {what} map but not in its segments")
+    return positions
 
 
 def match_image(ground_truth_ids: np.ndarray, ground_truth_segments: Sequence[Mapping[str, Any]],
@@ -52,24 +73,24 @@ def match_image(ground_truth_ids: np.ndarray, ground_truth_segments: Sequence[Ma
         raise ValueError(f"image {image_id}: ground truth {ground_truth_ids.shape} and prediction "
                          f"{prediction_ids.shape} differ in size")
     ground_truth = {int(segment["id"]): segment for segment in ground_truth_segments}
-    ground_truth_areas = _segment_areas(ground_truth_ids)
-    prediction_areas = _segment_areas(prediction_ids)
-    prediction = {}
-    for segment in prediction_segments:
-        if prediction_areas.get(int(segment["id"]), 0) > 0:
-            prediction[int(segment["id"])] = segment
-    for segment_id in prediction_areas:
-        if segment_id != VOID_ID and segment_id not in prediction:
-            raise KeyError(f"image {image_id}: segment {segment_id} is in the prediction map but not in its segments")
-    for segment_id in ground_truth_areas:
-        if segment_id != VOID_ID and segment_id not in ground_truth:
-            raise KeyError(f"image {image_id}: segment {segment_id} is in the ground truth map but not in its segments")
-
-    # (H, W) -> (H*W,) pair codes gt * OFFSET + pred; one np.unique gives every intersection
-    pair_codes = ground_truth_ids.astype(np.uint64).ravel() * np.uint64(PAIR_OFFSET) + prediction_ids.astype(np.uint64).ravel()
-    codes, counts = np.unique(pair_codes, return_counts=True)
+    listed_prediction = {int(segment["id"]): segment for segment in prediction_segments}
+    ground_truth_known = np.unique(np.array([VOID_ID, *ground_truth], dtype=np.int64))
+    prediction_known = np.unique(np.array([VOID_ID, *listed_prediction], dtype=np.int64))
+    ground_truth_index = _compact_indices(ground_truth_ids, ground_truth_known, "ground truth", image_id)
+    prediction_index = _compact_indices(prediction_ids, prediction_known, "prediction", image_id)
+    # (number of gt ids, number of prediction ids) pixel counts of every intersection, in one bincount
+    intersection_matrix = np.bincount(ground_truth_index * len(prediction_known) + prediction_index,
+                                      minlength=len(ground_truth_known) * len(prediction_known))
+    intersection_matrix = intersection_matrix.reshape(len(ground_truth_known), len(prediction_known))
+    ground_truth_areas = {int(segment_id): int(area) for segment_id, area
+                          in zip(ground_truth_known, intersection_matrix.sum(1)) if area > 0}
+    prediction_areas = {int(segment_id): int(area) for segment_id, area
+                        in zip(prediction_known, intersection_matrix.sum(0)) if area > 0}
+    prediction = {segment_id: segment for segment_id, segment in listed_prediction.items() if prediction_areas.get(segment_id, 0) > 0}
+    rows, columns = np.nonzero(intersection_matrix)
     intersections: Dict[Tuple[int, int], int] = {
-        (int(code // PAIR_OFFSET), int(code % PAIR_OFFSET)): int(count) for code, count in zip(codes, counts)}
+        (int(ground_truth_known[row]), int(prediction_known[column])): int(intersection_matrix[row, column])
+        for row, column in zip(rows, columns)}
 
     statistics: Dict[int, ClassStatistics] = {}
 
