@@ -1,7 +1,10 @@
 """Whole networks as nested constructor calls; the only place a config object is read."""
-from .config import Mask2FormerConfig, ResNetConfig, SwinConfig
+from .config import FastInstConfig, Mask2FormerConfig, ResNetConfig, SwinConfig
 from .modeling.backbones.resnet import ResNet
 from .modeling.backbones.swin import SwinTransformer
+from .modeling.fastinst.model import FastInst
+from .modeling.fastinst.pixel_decoder import PyramidPoolingModuleFPN
+from .modeling.fastinst.transformer_decoder import FastInstDecoder
 from .modeling.mask2former.model import Mask2Former
 from .modeling.mask2former.pixel_decoder import MSDeformAttnPixelDecoder
 from .modeling.mask2former.transformer_decoder import MultiScaleMaskedTransformerDecoder
@@ -31,5 +34,21 @@ def build_mask2former(config: Mask2FormerConfig) -> Mask2Former:
             in_channels=config.hidden_dim, num_classes=config.num_classes, hidden_dim=config.hidden_dim,
             num_queries=config.num_queries, num_heads=config.num_heads, feedforward_dim=config.decoder_feedforward_dim,
             num_layers=config.decoder_layers, mask_dim=config.hidden_dim,
+        ),
+    )
+
+
+def build_fastinst(config: FastInstConfig) -> FastInst:
+    backbone = build_backbone(config.backbone)
+    return FastInst(
+        backbone=backbone,
+        pixel_decoder=PyramidPoolingModuleFPN(
+            in_channels=backbone.out_channels, in_strides=backbone.out_strides, conv_dim=config.hidden_dim,
+            num_groups=config.num_groups, in_features=("res3", "res4", "res5"),
+        ),
+        transformer_decoder=FastInstDecoder(
+            in_channels=config.hidden_dim, num_classes=config.num_classes, hidden_dim=config.hidden_dim,
+            num_queries=config.num_queries, num_aux_queries=config.num_aux_queries, num_heads=config.num_heads,
+            feedforward_dim=config.feedforward_dim, num_layers=config.decoder_layers, mask_dim=config.mask_dim,
         ),
     )

@@ -55,6 +55,9 @@ class InferenceConfig:
     """Instance: top-k (query, class) pairs kept before thresholding."""
     score_threshold: float = 0.0
     """Instance: detections scoring below this are dropped from the pipeline output."""
+    mask_from_probability: bool = False
+    """Instance: a pixel is in the mask where sigmoid(logit) > 0.5 (detectron2 / FastInst) rather than where
+    logit > 0 (mmdet); the two differ only for logits so small that float32's sigmoid rounds them to 0.5."""
 
 
 @dataclass
@@ -109,3 +112,52 @@ def swin_large_coco_semantic() -> Mask2FormerConfig:
 def resnet50_coco_panoptic() -> Mask2FormerConfig:
     """``damo/cv_r50_panoptic-segmentation_cocopan``: EasyCV Mask2Former R50, 100 queries, 133 classes."""
     return Mask2FormerConfig(backbone=ResNetConfig(depth=50), num_queries=100, source="easycv")
+
+
+@dataclass
+class FastInstConfig:
+    """FastInst (He et al., CVPR 2023). Defaults: ``damo/cv_resnet50_fast-instance-segmentation_coco`` (R50-D3)."""
+
+    backbone: ResNetConfig = field(default_factory=ResNetConfig)
+    num_classes: int = 80
+    """Thing classes (FastInst is instance-only); the class head adds one "no object" logit."""
+    num_queries: int = 100
+    """Instance-activation-guided queries picked from the stride-16 pixel features."""
+    num_aux_queries: int = 8
+    """Learned auxiliary queries appended to them (they predict nothing; they give attention a place to go)."""
+    hidden_dim: int = 256
+    """Width of the pixel decoder (detectron2's CONVS_DIM) and of the transformer decoder."""
+    mask_dim: int = 256
+    """Width of the mask embedding and of the per-layer mask features."""
+    num_heads: int = 8
+    feedforward_dim: int = 1024
+    decoder_layers: int = 3
+    """Dual-path layers: 3 (D3, the hub checkpoint) or 1 (D1)."""
+    num_groups: int = 32
+    """GroupNorm groups in the pixel decoder."""
+    class_names: Tuple[str, ...] = ()
+    category_ids: Tuple[int, ...] = ()
+    """Dataset id of each contiguous class (COCO instance ids by default)."""
+    task: str = "instance"
+    source: str = "detectron2"
+    preprocess: PreprocessConfig = field(
+        default_factory=lambda: PreprocessConfig(short_side=640, long_side_max=1333, resize_backend="pil"))
+    """ModelScope's FastInst pipeline: PIL bilinear resize to short side 640, long side at most 1333."""
+    inference: InferenceConfig = field(
+        default_factory=lambda: InferenceConfig(score_threshold=0.5, mask_from_probability=True))
+
+    @property
+    def num_things_classes(self) -> int:
+        return self.num_classes
+
+
+def fastinst_r50_d3_coco() -> FastInstConfig:
+    """``damo/cv_resnet50_fast-instance-segmentation_coco``: FastInst R50, 3 decoder layers, 640 / 1333."""
+    return FastInstConfig()
+
+
+def fastinst_release(depth: int = 50, decoder_layers: int = 3) -> FastInstConfig:
+    """The official FastInst releases (R50-D1 at 576 / 777, R50-D3 and R101-D3 at 640 / 853, detectron2's test sizes)."""
+    short_side, long_side_max = (576, 777) if decoder_layers == 1 else (640, 853)
+    return FastInstConfig(backbone=ResNetConfig(depth=depth), decoder_layers=decoder_layers,
+                          preprocess=PreprocessConfig(short_side=short_side, long_side_max=long_side_max, resize_backend="pil"))

@@ -15,8 +15,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from . import checkpoint as checkpoint_io
 from .builders import build_mask2former
-from .config import (InferenceConfig, Mask2FormerConfig, PreprocessConfig, ResNetConfig, SwinConfig, resnet50_coco_panoptic,
-                     swin_large_coco_panoptic, swin_large_coco_semantic)
+from .config import (InferenceConfig, Mask2FormerConfig, PreprocessConfig, ResNetConfig, SwinConfig, fastinst_r50_d3_coco,
+                     resnet50_coco_panoptic, swin_large_coco_panoptic, swin_large_coco_semantic)
 from .data.categories import COCO_PANOPTIC_CATEGORIES, MMDET_COCO_PANOPTIC_CLASSES
 from .mmcv_config import read_mmcv_config
 from .modeling.mask2former.model import Mask2Former
@@ -27,6 +27,7 @@ MODEL_TYPES = {
     "swinL-semantic-segmentation": swin_large_coco_semantic,
     "r50-panoptic-segmentation": resnet50_coco_panoptic,
     "mask2former": swin_large_coco_panoptic,
+    "fastinst": fastinst_r50_d3_coco,
 }
 
 
@@ -221,8 +222,12 @@ def load_model_dir(model_dir, task: Optional[str] = None) -> Tuple[Mask2FormerCo
     configuration = read_configuration_json(model_dir)
     model_type = configuration.get("model", {}).get("type")
     if model_type not in MODEL_TYPES:
-        raise ModelDirError(f"{model_dir}: model type {model_type!r} is not a Mask2Former this package runs "
+        raise ModelDirError(f"{model_dir}: model type {model_type!r} is not a model this package runs "
                             f"(supported: {', '.join(sorted(MODEL_TYPES))})")
+    if model_type == "fastinst":
+        from .model_dir_fastinst import load_fastinst_dir
+
+        return load_fastinst_dir(model_dir, configuration, task=task)
     base = MODEL_TYPES[model_type]()
     config_values: Dict[str, Any] = {}
     if model_type == "r50-panoptic-segmentation":
@@ -253,9 +258,9 @@ def load_model_dir(model_dir, task: Optional[str] = None) -> Tuple[Mask2FormerCo
     return config, network.eval()
 
 
-def load_easycv_export(path, task: Optional[str] = None) -> Tuple[Mask2FormerConfig, Mask2Former]:
+def load_easycv_export(path, task: Optional[str] = None, checkpoint: Optional[dict] = None) -> Tuple[Mask2FormerConfig, Mask2Former]:
     """EasyCV ``mask2former_*_export.pth``: weights plus the training config pickled in ``meta.config``."""
-    checkpoint = checkpoint_io.read_checkpoint(path)
+    checkpoint = checkpoint_io.read_checkpoint(path) if checkpoint is None else checkpoint
     meta = checkpoint.get("meta", {}) if isinstance(checkpoint, dict) else {}
     configuration = decode_easycv_tuples(dict(meta.get("config") or {}))
     if configuration.get("model", {}).get("type") != "Mask2Former":
@@ -273,7 +278,8 @@ def load_easycv_export(path, task: Optional[str] = None) -> Tuple[Mask2FormerCon
 
 
 def load_model(path, task: Optional[str] = None) -> Tuple[Mask2FormerConfig, Mask2Former]:
-    """Any supported layout: a hub-layout directory, a Hugging Face folder, or an EasyCV export file."""
+    """Any supported layout: a hub-layout directory (Mask2Former or FastInst), a Hugging Face folder, an EasyCV
+    export file or an official FastInst release file."""
     path = Path(path)
     if path.is_dir() and (path / "configuration.json").is_file():
         return load_model_dir(path, task=task)
@@ -283,5 +289,10 @@ def load_model(path, task: Optional[str] = None) -> Tuple[Mask2FormerConfig, Mas
         config, network = load_hf_model_dir(path)
         return (replace(config, task=task) if task else config), network
     if path.is_file():
-        return load_easycv_export(path, task=task)
+        from .model_dir_fastinst import is_fastinst_state_dict, load_fastinst_checkpoint
+
+        checkpoint = checkpoint_io.read_checkpoint(path)
+        if is_fastinst_state_dict(checkpoint):
+            return load_fastinst_checkpoint(path, checkpoint, task=task)
+        return load_easycv_export(path, task=task, checkpoint=checkpoint)
     raise ModelDirError(f"{path} is neither a model directory (configuration.json or config.json) nor a checkpoint file")

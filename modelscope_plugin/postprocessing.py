@@ -116,9 +116,11 @@ def semantic_inference(class_logits: torch.Tensor, mask_logits: torch.Tensor, pa
 
 
 def instance_inference(class_logits: torch.Tensor, mask_logits: torch.Tensor, num_things_classes: int, padded_size,
-                       resized_size, original_size, max_per_image: int = 100) -> List[Segment]:
-    """mmdet's ``instance_postprocess``: top-k (query, class) pairs, things only, mask = logit > 0,
-    score = class probability * mean mask probability inside the mask. Sorted by descending score."""
+                       resized_size, original_size, max_per_image: int = 100,
+                       mask_from_probability: bool = False) -> List[Segment]:
+    """mmdet's ``instance_postprocess`` and detectron2's / FastInst's ``instance_inference``: top-k (query, class)
+    pairs, things only, mask = logit > 0 (mmdet) or sigmoid(logit) > 0.5 (``mask_from_probability``: detectron2,
+    FastInst), score = class probability * mean mask probability inside the mask. Sorted by descending score."""
     num_queries, num_classes = class_logits.shape[0], class_logits.shape[1] - 1
     scores = F.softmax(class_logits, dim=-1)[:, :-1]
     top_scores, top_indices = scores.flatten().topk(min(max_per_image, scores.numel()), sorted=False)
@@ -129,8 +131,9 @@ def instance_inference(class_logits: torch.Tensor, mask_logits: torch.Tensor, nu
     # upsample each distinct query once
     unique_queries, inverse = torch.unique(queries, return_inverse=True)
     logits = masks_to_original_size(mask_logits[unique_queries], padded_size, resized_size, original_size)[inverse]
-    binary = logits > 0
-    mask_scores = (logits.sigmoid() * binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
+    probabilities = logits.sigmoid()
+    binary = probabilities > 0.5 if mask_from_probability else logits > 0
+    mask_scores = (probabilities * binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
     final_scores = top_scores * mask_scores
     order = torch.argsort(final_scores, descending=True, stable=True)
     return [

@@ -10,12 +10,13 @@ from modelscope.utils.constant import Tasks
 from modelscope.utils.import_utils import LazyImportModule
 
 from . import hub
-from .model import Mask2FormerModel
+from .model import FastInstModel, Mask2FormerModel
 from .pipeline import Mask2FormerSegmentationPipeline
 
-MODEL_TYPES = ("swinL-panoptic-segmentation", "swinL-semantic-segmentation", "r50-panoptic-segmentation", "mask2former")
+MODEL_TYPES = {"swinL-panoptic-segmentation": Mask2FormerModel, "swinL-semantic-segmentation": Mask2FormerModel,
+               "r50-panoptic-segmentation": Mask2FormerModel, "mask2former": Mask2FormerModel, "fastinst": FastInstModel}
 PIPELINE_TYPES = ("image-panoptic-segmentation", "image-semantic-segmentation", "image-panoptic-segmentation-easycv",
-                  "mask2former-segmentation")
+                  "mask2former-segmentation", "fast-instance-segmentation")
 _installed = False
 
 
@@ -41,8 +42,8 @@ def install() -> None:
     import modelscope.pipelines.builder as pipeline_builder
     from . import model as model_module, pipeline as pipeline_module
 
-    for type_name in MODEL_TYPES:
-        MODELS.register_module(Tasks.image_segmentation, module_name=type_name, module_cls=Mask2FormerModel, force=True)
+    for type_name, model_class in MODEL_TYPES.items():
+        MODELS.register_module(Tasks.image_segmentation, module_name=type_name, module_cls=model_class, force=True)
         _point_index_at("MODELS", type_name, model_module)
     for type_name in PIPELINE_TYPES:
         PIPELINES.register_module(Tasks.image_segmentation, module_name=type_name, module_cls=_pipeline_class(type_name), force=True)

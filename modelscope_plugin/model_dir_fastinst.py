@@ -1,0 +1,161 @@
+"""FastInst model directories and checkpoints -> (FastInstConfig, network with strictly loaded weights).
+
+Layouts:
+- the hub (``damo/cv_resnet50_fast-instance-segmentation_coco``): ``configuration.json`` whose ``model`` carries
+  ModelScope's ``FastInst`` constructor arguments (``backbone``, ``encoder``, ``decoder``, ``classes``,
+  ``pretrained``) + ``pytorch_model.pt`` holding ``{"model": state_dict}`` with detectron2 names;
+- the official FastInst releases (detectron2 ``.pth`` with the weights under ``model``), whose architecture is
+  read from the weights' shapes.
+Weights are renamed by ``checkpoint.DETECTRON2_RULES`` (the same table as detectron2 Mask2Former:
+``sem_seg_head.pixel_decoder.*`` -> ``pixel_decoder.*``, ``sem_seg_head.predictor.*`` -> ``transformer_decoder.*``,
+detectron2 ResNet -> torchvision ResNet) and loaded strictly.
+"""
+import logging
+import re
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import torch
+
+from . import checkpoint as checkpoint_io
+from .builders import build_fastinst
+from .config import FastInstConfig, ResNetConfig, fastinst_r50_d3_coco, fastinst_release
+from .data.categories import COCO_PANOPTIC_CATEGORIES
+from .model_dir import ModelDirError
+from .modeling.fastinst.model import FastInst
+
+logger = logging.getLogger(__name__)
+
+COCO_THING_CATEGORIES = [category for category in COCO_PANOPTIC_CATEGORIES if category.isthing]
+
+# official FastInst assigns its SetCriterion to the predictor, so releases also hold its class-weight buffer there
+_FASTINST_NON_WEIGHT_KEYS = re.compile(r"^(sem_seg_head\.predictor\.)?criterion\.")
+
+
+class FastInstConfigError(ModelDirError):
+    """A FastInst configuration asks for something this package does not implement (or is malformed)."""
+
+
+def _require(values: Mapping[str, Any], key: str, allowed, where: str) -> None:
+    if key in values and values[key] not in allowed:
+        raise FastInstConfigError(f"{where}.{key} = {values[key]!r} is not supported (supported: {allowed})")
+
+
+def config_from_modelscope(model: Mapping[str, Any], base: FastInstConfig, where: str = "configuration.json model") -> FastInstConfig:
+    """ModelScope ``FastInst(backbone=..., encoder=..., decoder=..., classes=...)`` arguments over ``base``."""
+    backbone = dict(model.get("backbone") or {})
+    encoder = dict(model.get("encoder") or {})
+    decoder = dict(model.get("decoder") or {})
+    _require(backbone, "depth", (50, 101), f"{where}.backbone")
+    _require(backbone, "num_groups", (1,), f"{where}.backbone")
+    _require(backbone, "width_per_group", (64,), f"{where}.backbone")
+    _require(backbone, "stem_out_channels", (64,), f"{where}.backbone")
+    _require(backbone, "res2_out_channels", (256,), f"{where}.backbone")
+    _require(backbone, "stride_in_1x1", (False,), f"{where}.backbone")
+    _require(backbone, "res4_dilation", (1,), f"{where}.backbone")
+    _require(backbone, "res5_dilation", (1,), f"{where}.backbone")
+    _require(backbone, "norm", ("BN", "FrozenBN", "SyncBN", "nnSyncBN"), f"{where}.backbone")
+    _require(encoder, "norm", ("GN",), f"{where}.encoder")
+    _require(decoder, "pre_norm", (False,), f"{where}.decoder")
+    if "out_features" in backbone and not {"res3", "res4", "res5"} <= set(backbone["out_features"]):
+        raise FastInstConfigError(f"{where}.backbone.out_features must include res3, res4 and res5; got {backbone['out_features']}")
+    if "in_features" in encoder and sorted(encoder["in_features"]) != ["res3", "res4", "res5"]:
+        raise FastInstConfigError(f"{where}.encoder.in_features must be res3, res4, res5; got {encoder['in_features']}")
+    hidden_dim = decoder.get("hidden_dim", base.hidden_dim)
+    if encoder.get("convs_dim", hidden_dim) != hidden_dim:
+        raise FastInstConfigError(f"{where}: encoder.convs_dim ({encoder['convs_dim']}) must equal decoder.hidden_dim "
+                                  f"({hidden_dim}); FastInst's queries are pixel-decoder features")
+    classes = model.get("classes")
+    config = replace(
+        base,
+        backbone=ResNetConfig(depth=backbone.get("depth", base.backbone.depth)),
+        num_classes=decoder.get("num_classes", len(classes) if classes else base.num_classes),
+        num_queries=decoder.get("num_queries", base.num_queries),
+        num_aux_queries=decoder.get("num_aux_queries", base.num_aux_queries),
+        hidden_dim=hidden_dim,
+        mask_dim=decoder.get("mask_dim", base.mask_dim),
+        num_heads=decoder.get("nheads", base.num_heads),
+        feedforward_dim=decoder.get("dim_feedforward", base.feedforward_dim),
+        decoder_layers=decoder.get("dec_layers", base.decoder_layers),
+        class_names=tuple(classes) if classes else base.class_names,
+    )
+    if config.class_names and len(config.class_names) != config.num_classes:
+        raise FastInstConfigError(f"{where}: {len(config.class_names)} classes for decoder.num_classes = {config.num_classes}")
+    return config
+
+
+def config_from_state_dict(state_dict: Mapping[str, torch.Tensor], name: str) -> FastInstConfig:
+    """The architecture of a detectron2-named FastInst state dict, read from its keys and shapes."""
+    predictor = "sem_seg_head.predictor."
+    try:
+        num_layers = len({key.split(".")[3] for key in state_dict if key.startswith(predictor + "transformer_query_ffn_layers.")})
+        res4_blocks = len({key.split(".")[2] for key in state_dict if key.startswith("backbone.res4.")})
+        class_head = state_dict[f"{predictor}class_embed_layers.{num_layers}.layers.2.weight"]
+        mask_head = state_dict[f"{predictor}mask_features_layers.0.weight"]
+        feedforward = state_dict[f"{predictor}transformer_query_ffn_layers.0.linear1.weight"]
+        meta_position = state_dict[f"{predictor}meta_pos_embed"]
+        aux = state_dict.get(f"{predictor}empty_query_features.weight")
+    except KeyError as error:
+        raise FastInstConfigError(f"{name} is not a FastInst checkpoint: it lacks {error}") from error
+    depths = {6: 50, 23: 101}
+    if res4_blocks not in depths:
+        raise FastInstConfigError(f"{name}: a ResNet with {res4_blocks} res4 blocks is neither R50 nor R101")
+    meta_size = meta_position.shape[-1]
+    config = fastinst_release(depth=depths[res4_blocks], decoder_layers=num_layers)
+    return replace(config, num_classes=class_head.shape[0] - 1, hidden_dim=class_head.shape[1], mask_dim=mask_head.shape[0],
+                   feedforward_dim=feedforward.shape[0], num_aux_queries=0 if aux is None else aux.shape[0],
+                   # the meta position map is round(sqrt(queries)) wide: 100 queries (all releases) when it is 10 wide
+                   num_queries=100 if meta_size == 10 else meta_size * meta_size)
+
+
+def _with_categories(config: FastInstConfig, task: Optional[str]) -> FastInstConfig:
+    if not config.class_names:
+        names = tuple(category.name for category in COCO_THING_CATEGORIES) if config.num_classes == len(COCO_THING_CATEGORIES) \
+            else tuple(f"class_{index}" for index in range(config.num_classes))
+        config = replace(config, class_names=names)
+    if not config.category_ids:
+        ids = tuple(category.id for category in COCO_THING_CATEGORIES) if config.num_classes == len(COCO_THING_CATEGORIES) \
+            else tuple(range(config.num_classes))
+        config = replace(config, category_ids=ids)
+    return replace(config, task=task or config.task)
+
+
+def _native_state_dict(checkpoint: Any, name: str) -> Dict[str, torch.Tensor]:
+    if not isinstance(checkpoint, dict):
+        raise checkpoint_io.CheckpointError(f"{name} does not hold a state dict")
+    state_dict = checkpoint_io.extract_state_dict(checkpoint)
+    state_dict = {key: value for key, value in state_dict.items() if not _FASTINST_NON_WEIGHT_KEYS.match(key)}
+    return checkpoint_io.convert_to_native(state_dict, "detectron2")
+
+
+def load_fastinst_dir(model_dir, configuration: Dict[str, Any], task: Optional[str] = None) -> Tuple[FastInstConfig, FastInst]:
+    """A hub-layout FastInst directory (configuration.json ``model.type`` = "fastinst" + pytorch_model.pt)."""
+    model_dir = Path(model_dir)
+    model = configuration.get("model", {})
+    config = _with_categories(config_from_modelscope(model, fastinst_r50_d3_coco(), f"{model_dir}/configuration.json model"), task)
+    network = build_fastinst(config)
+    if model.get("pretrained", True):
+        weights_path = model_dir / "pytorch_model.pt"
+        if not weights_path.is_file():
+            raise checkpoint_io.CheckpointError(f"{model_dir} has no pytorch_model.pt (configuration.json model.pretrained is set)")
+        state_dict = _native_state_dict(checkpoint_io.read_checkpoint(weights_path), str(weights_path))
+        checkpoint_io.load_strict(network, state_dict, checkpoint_name=str(weights_path))
+    else:
+        logger.warning("%s: configuration.json model.pretrained is false, so (as ModelScope) no weights are loaded", model_dir)
+    return config, network.eval()
+
+
+def is_fastinst_state_dict(checkpoint: Any) -> bool:
+    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else {}
+    return isinstance(state, Mapping) and any(str(key).startswith("sem_seg_head.predictor.query_proposal.") for key in state)
+
+
+def load_fastinst_checkpoint(path, checkpoint: Optional[dict] = None, task: Optional[str] = None) -> Tuple[FastInstConfig, FastInst]:
+    """An official FastInst release file (``{"model": state_dict}``); architecture and test size from its weights."""
+    checkpoint = checkpoint_io.read_checkpoint(path) if checkpoint is None else checkpoint
+    raw = checkpoint_io.extract_state_dict(checkpoint) if isinstance(checkpoint, dict) else {}
+    config = _with_categories(config_from_state_dict(raw, str(path)), task)
+    network = build_fastinst(config)
+    checkpoint_io.load_strict(network, _native_state_dict(checkpoint, str(path)), checkpoint_name=str(path))
+    return config, network.eval()
