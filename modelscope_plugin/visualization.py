@@ -11,8 +11,9 @@ def class_color(label_id: int):
     return COCO_PANOPTIC_PALETTE[label_id % len(COCO_PANOPTIC_PALETTE)]
 
 
-def draw_overlay(rgb: np.ndarray, result: Dict[str, Any], alpha: float = 0.55) -> Image.Image:
-    """The image with each segment tinted by its class colour and outlined, plus a legend of labels and scores."""
+def draw_overlay(rgb: np.ndarray, result: Dict[str, Any], alpha: float = 0.55, legend: bool = True) -> Image.Image:
+    """The image with each segment tinted by its class colour and outlined, plus (``legend``) a panel of labels and
+    scores on its right."""
     canvas = rgb.astype(np.float32).copy()
     for mask, label_id in zip(result["masks"], result["label_ids"]):
         region = mask.astype(bool)
@@ -21,6 +22,8 @@ def draw_overlay(rgb: np.ndarray, result: Dict[str, Any], alpha: float = 0.55) -
         border = region & ~(np.roll(region, 1, 0) & np.roll(region, -1, 0) & np.roll(region, 1, 1) & np.roll(region, -1, 1))
         canvas[border] = 255
     overlay = Image.fromarray(canvas.clip(0, 255).astype(np.uint8))
+    if not legend:
+        return overlay
     entries = [f"{label} {score:.2f}" for label, score in zip(result["labels"], result["scores"])]
     row_height, legend_width = 14, 8 + 7 * max([len(entry) for entry in entries] + [10]) + 16
     legend = Image.new("RGB", (legend_width, max(overlay.height, row_height * len(entries) + 8)), (255, 255, 255))
