@@ -143,10 +143,13 @@ def prepare_image(rgb: np.ndarray, config: PreprocessConfig) -> PreparedImage:
         resized = np.asarray(Image.fromarray(rgb).resize((resized_width, resized_height), Image.BILINEAR))
     else:
         raise ValueError(f"unknown resize_backend {config.resize_backend!r}")
-    # mmcv.imnormalize: subtract the mean, multiply by the reciprocal of std, in float32
+    # mmcv.imnormalize: subtract the mean, multiply by the reciprocal of std, in float32 (torchvision: divide by std)
     mean = np.asarray(config.mean, dtype=np.float32)
-    inverse_std = (1.0 / np.asarray(config.std, dtype=np.float64)).astype(np.float32)
-    normalised = (resized.astype(np.float32) - mean) * inverse_std
+    if config.divide_by_std:
+        normalised = (resized.astype(np.float32) - mean) / np.asarray(config.std, dtype=np.float32)
+    else:
+        inverse_std = (1.0 / np.asarray(config.std, dtype=np.float64)).astype(np.float32)
+        normalised = (resized.astype(np.float32) - mean) * inverse_std
     padded_height = -(-resized_height // config.size_divisor) * config.size_divisor
     padded_width = -(-resized_width // config.size_divisor) * config.size_divisor
     tensor = torch.zeros(3, padded_height, padded_width, dtype=torch.float32)
