@@ -160,12 +160,31 @@ def evaluate(arguments) -> int:
 
 
 def export(arguments) -> int:
+    """ONNX export with export.py; checked against the network with onnxruntime, then moved into place, so a failed
+    export never replaces an existing file."""
+    from .export import check_onnx, export_onnx
+    from .integration import hub
+    from .model_dir import load_model
+
+    output = Path(arguments.output)
+    if output.exists() and not arguments.overwrite:
+        raise CommandError(f"{output} already exists; pass --overwrite to replace it (nothing was written)")
+    model = hub.resolve_model_dir(arguments.model) if hub.is_supported_id(arguments.model) else arguments.model
+    _, network = load_model(model)
+    partial = output.parent / f".{output.name}.partial"
+    if partial.exists():
+        partial.unlink()  # a leftover of an interrupted export of this same file
+    output.parent.mkdir(parents=True, exist_ok=True)
     try:
-        from . import export as exporter
-    except ImportError as error:
-        raise CommandError(f"ONNX export is not available in this installation ({error})") from error
-    path = exporter.export_onnx(arguments.model, arguments.output, overwrite=arguments.overwrite)
-    print(f"wrote {path}")
+        export_onnx(network, partial, example_size=arguments.example_size)
+        largest = check_onnx(network, partial, sizes=(arguments.example_size, arguments.check_size)) if arguments.check else None
+    except Exception as error:  # the exporter and onnxruntime raise their own types (e.g. an unsupported node)
+        if partial.exists():
+            partial.unlink()
+        raise CommandError(f"export of {arguments.model} failed: {type(error).__name__}: {error}") from error
+    os.replace(partial, output)
+    checked = f"; onnxruntime agrees with the network to {largest:.2g}" if largest is not None else ""
+    print(f"wrote {output}{checked}")
     return EXIT_OK
 
 
@@ -242,9 +261,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_parser.add_argument("--quiet", action="store_true", help="no progress bar")
     evaluate_parser.set_defaults(handler=evaluate)
 
-    export_parser = commands.add_parser("export", help="ONNX export (FastInst)", description="Exports a model to ONNX.")
+    export_parser = commands.add_parser(
+        "export", help="ONNX export (FastInst; Mask2Former where the exporter supports it), checked with onnxruntime",
+        description="Writes the network (normalised, padded images -> class and mask logits, dynamic batch/height/width) "
+                    "as ONNX, checks onnxruntime's logits against the network at two input sizes, then moves the file "
+                    "into place. Post-processing stays in Python.")
     export_parser.add_argument("--model", required=True, help="hub id or model directory")
     export_parser.add_argument("--output", required=True, help="the .onnx file to write")
+    export_parser.add_argument("--example-size", type=padded_size, default=(640, 640), metavar="HxW",
+                               help="input size traced, multiples of 32 (default 640x640)")
+    export_parser.add_argument("--check-size", type=padded_size, default=(480, 832), metavar="HxW",
+                               help="a second input size the check runs at (default 480x832)")
+    export_parser.add_argument("--no-check", dest="check", action="store_false", help="skip the onnxruntime check")
     export_parser.add_argument("--overwrite", action="store_true", help="replace an existing file")
     export_parser.set_defaults(handler=export)
 
@@ -280,6 +308,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--max-requests", type=positive_int, help="stop after this many requests")
     serve_parser.set_defaults(handler=serve)
     return parser
+
+
+def padded_size(text: str):
+    try:
+        height, width = (int(side) for side in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH, e.g. 640x640, not {text!r}") from None
+    if height < 32 or width < 32 or height % 32 or width % 32:
+        raise argparse.ArgumentTypeError(f"{text}: both sides must be positive multiples of 32")
+    return height, width
 
 
 def positive_int(text: str) -> int:

@@ -257,3 +257,53 @@ def test_console_script_runs_as_a_subprocess(tiny_model_dir, image_folder, tmp_p
     assert json.loads((tmp_path / "out" / f"{image.stem}.json").read_text())["segments"]
     usage = subprocess.run(command + ["segment"], capture_output=True, text=True, timeout=300)
     assert usage.returncode == 2 and "required" in usage.stderr
+
+
+def write_small_fastinst_dir(directory: Path) -> Path:
+    """The FastInst card's hub layout (configuration.json + detectron2-named pytorch_model.pt), narrowed decoder."""
+    import torch
+    from test_layouts_offline import to_detectron2_names
+
+    from modelscope_plugin.builders import build_fastinst
+    from modelscope_plugin.config import fastinst_r50_d3_coco
+    from modelscope_plugin.model_dir_fastinst import config_from_modelscope
+
+    configuration = json.loads((REPO / "model_cards" / "damo" / "cv_resnet50_fast-instance-segmentation_coco" / "configuration.json").read_text())
+    configuration["model"]["encoder"].update(convs_dim=64, mask_dim=64)
+    configuration["model"]["decoder"].update(hidden_dim=64, nheads=4, dim_feedforward=128, dec_layers=1, num_queries=16,
+                                             num_aux_queries=4, mask_dim=64)
+    torch.manual_seed(0)
+    network = build_fastinst(config_from_modelscope(configuration["model"], fastinst_r50_d3_coco())).eval()
+    directory.mkdir(parents=True)
+    (directory / "configuration.json").write_text(json.dumps(configuration))
+    torch.save({"model": to_detectron2_names(network.state_dict())}, directory / "pytorch_model.pt")
+    return directory
+
+
+def test_export_fastinst_to_onnx_checked_with_onnxruntime(tiny_model_dir, tmp_path, capsys):
+    import onnxruntime
+    import torch
+
+    from modelscope_plugin.model_dir import load_model
+
+    model = write_small_fastinst_dir(tmp_path / "fastinst")
+    output = tmp_path / "onnx" / "fastinst.onnx"
+    arguments = ["export", "--model", str(model), "--output", str(output), "--example-size", "128x128", "--check-size", "96x160"]
+    assert main(arguments) == 0, capsys.readouterr().err
+    assert "onnxruntime agrees" in capsys.readouterr().out
+    _, network = load_model(model)
+    images = torch.randn(1, 3, 160, 96, generator=torch.Generator().manual_seed(3))
+    class_logits, mask_logits = onnxruntime.InferenceSession(str(output), providers=["CPUExecutionProvider"]).run(
+        None, {"images": images.numpy()})
+    with torch.no_grad():
+        reference = network(images)
+    assert np.abs(class_logits - reference.class_logits.numpy()).max() < 1e-4
+    assert np.abs(mask_logits - reference.mask_logits.numpy()).max() < 1e-4 and mask_logits.shape[-2:] == (20, 12)  # stride 8
+    # an existing file is kept unless --overwrite; a failed export (Mask2Former: onnxruntime lacks a node) leaves it intact
+    before = output.read_bytes()
+    assert main(arguments) == 1 and "already exists" in capsys.readouterr().err
+    assert main(["export", "--model", str(tiny_model_dir), "--output", str(output), "--overwrite",
+                 "--example-size", "64x64", "--check-size", "64x96"]) == 1
+    assert "export of" in capsys.readouterr().err and output.read_bytes() == before
+    assert not list(output.parent.glob(".*.partial"))
+    assert main(arguments[:-4] + ["--example-size", "100x128"]) == 2
