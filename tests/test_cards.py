@@ -267,11 +267,14 @@ def test_card_example_runs_as_written(hub_cache, name, tmp_path, monkeypatch, ca
     assert expected_key in result
 
 
-@pytest.mark.xfail(reason="the FastInst hub layout writer and id registration belong to the FastInst helper (issue 3)", strict=False)
-def test_fastinst_card_example_runs_as_written(tmp_path, monkeypatch):
-    from modelscope_plugin.model_dir_fastinst import write_fastinst_hub_dir  # noqa: F401  (not there yet)
+def test_fastinst_card_example_runs_as_written(tmp_path, monkeypatch, capsys):
+    from test_cli import write_small_fastinst_dir
 
     cache = tmp_path / "cache"
-    write_fastinst_hub_dir(cache / "models" / f"damo--{FASTINST_CARD}" / "snapshots" / "master")
+    model_dir = write_small_fastinst_dir(cache / "models" / f"damo--{FASTINST_CARD}" / "snapshots" / "master")
+    assert cards.validate_card(CARDS / FASTINST_CARD, model_dir) == []
     namespace = run_card_example(FASTINST_CARD, cache, tmp_path, monkeypatch)
-    assert namespace["result"]["masks"]
+    result = namespace["result"]
+    assert all(mask.shape == (427, 640) for mask in result["masks"])
+    assert all(score >= 0.5 for score in result["scores"])  # the card's default score_thr
+    assert str(result["labels"]) in capsys.readouterr().out
