@@ -10,6 +10,7 @@ Weights are renamed by ``checkpoint.DETECTRON2_RULES`` (the same table as detect
 ``sem_seg_head.pixel_decoder.*`` -> ``pixel_decoder.*``, ``sem_seg_head.predictor.*`` -> ``transformer_decoder.*``,
 detectron2 ResNet -> torchvision ResNet) and loaded strictly.
 """
+import json
 import logging
 import re
 from dataclasses import replace
@@ -159,3 +160,51 @@ def load_fastinst_checkpoint(path, checkpoint: Optional[dict] = None, task: Opti
     network = build_fastinst(config)
     checkpoint_io.load_strict(network, _native_state_dict(checkpoint, str(path)), checkpoint_name=str(path))
     return config, network.eval()
+
+
+# this package's names -> detectron2's (the inverse of checkpoint.DETECTRON2_RULES), for writing hub-layout directories
+NATIVE_TO_DETECTRON2_RULES = [
+    (r"^backbone\.conv1\.", r"backbone.stem.conv1."),
+    (r"^backbone\.bn1\.", r"backbone.stem.conv1.norm."),
+    (r"^backbone\.layer(\d)\.(\d+)\.downsample\.0\.", lambda match: f"backbone.res{int(match.group(1)) + 1}.{match.group(2)}.shortcut."),
+    (r"^backbone\.layer(\d)\.(\d+)\.downsample\.1\.", lambda match: f"backbone.res{int(match.group(1)) + 1}.{match.group(2)}.shortcut.norm."),
+    (r"^backbone\.layer(\d)\.(\d+)\.conv(\d)\.", lambda match: f"backbone.res{int(match.group(1)) + 1}.{match.group(2)}.conv{match.group(3)}."),
+    (r"^backbone\.layer(\d)\.(\d+)\.bn(\d)\.", lambda match: f"backbone.res{int(match.group(1)) + 1}.{match.group(2)}.conv{match.group(3)}.norm."),
+    (r"^pixel_decoder\.", r"sem_seg_head.pixel_decoder."),
+    (r"^transformer_decoder\.", r"sem_seg_head.predictor."),
+]
+
+
+def hub_configuration(config: FastInstConfig) -> Dict[str, Any]:
+    """``configuration.json`` of a hub-layout directory for ``config`` (ModelScope's FastInst arguments)."""
+    return {
+        "framework": "pytorch", "task": "image-segmentation", "pipeline": {"type": "fast-instance-segmentation"},
+        "model": {
+            "type": "fastinst", "pretrained": True, "classes": list(config.class_names) or None,
+            "backbone": {"out_features": ["res3", "res4", "res5"], "depth": config.backbone.depth, "num_groups": 1,
+                         "width_per_group": 64, "norm": "BN", "stem_out_channels": 64, "res2_out_channels": 256,
+                         "stride_in_1x1": False, "res4_dilation": 1, "res5_dilation": 1, "res5_multi_grid": [1, 1, 1]},
+            "encoder": {"in_features": ["res3", "res4", "res5"], "convs_dim": config.hidden_dim, "mask_dim": config.mask_dim, "norm": "GN"},
+            "decoder": {"num_classes": config.num_classes, "hidden_dim": config.hidden_dim, "num_queries": config.num_queries,
+                        "num_aux_queries": config.num_aux_queries, "nheads": config.num_heads,
+                        "dim_feedforward": config.feedforward_dim, "dec_layers": config.decoder_layers, "pre_norm": False,
+                        "mask_dim": config.mask_dim},
+        },
+    }
+
+
+def write_hub_dir(directory, config: FastInstConfig, network: FastInst) -> Path:
+    """Writes ``network`` as the hub publishes FastInst (configuration.json + pytorch_model.pt {"model": detectron2
+    names}); refuses a directory that already holds either file."""
+    if config.num_groups != 32:
+        raise FastInstConfigError(f"the hub layout has no GroupNorm group count; ModelScope always uses 32, not {config.num_groups}")
+    directory = Path(directory)
+    for name in ("configuration.json", "pytorch_model.pt"):
+        if (directory / name).exists():
+            raise FileExistsError(f"{directory / name} exists; nothing is overwritten")
+    directory.mkdir(parents=True, exist_ok=True)
+    configuration = hub_configuration(_with_categories(config, None))
+    (directory / "configuration.json").write_text(json.dumps(configuration, indent=2), encoding="utf-8")
+    state_dict = checkpoint_io.rename_keys(network.state_dict(), NATIVE_TO_DETECTRON2_RULES)
+    torch.save({"model": state_dict}, directory / "pytorch_model.pt")
+    return directory
