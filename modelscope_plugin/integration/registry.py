@@ -59,6 +59,12 @@ def install() -> None:
         import modelscope.trainers.builder as trainer_builder
 
         trainer_builder.register_plugins_repo = hub.wrap_register_plugins_repo(trainer_builder.register_plugins_repo)
+        # build_trainer resolves hub ids like pipeline(): the local cache first, no plugin pip runs
+        trainer_builder.is_model_from_trusted_source = hub.wrap_is_model_from_trusted_source(trainer_builder.is_model_from_trusted_source)
+        trainer_builder.is_official_hub_path = hub.wrap_is_official_hub_path(trainer_builder.is_official_hub_path)
+        trainer_builder.read_config = hub.wrap_read_config(trainer_builder.read_config)
+        trainer_builder.normalize_model_input = hub.wrap_normalize_model_input(trainer_builder.normalize_model_input)
+        from . import trainer  # noqa: F401  (registers the Mask2Former trainer with TRAINERS)
     except ImportError:  # trainers need optional packages; nothing to patch without them
         pass
     from .. import evaluation  # noqa: F401  (registers the PQ / COCO AP / mIoU metrics with METRICS)

@@ -1,0 +1,186 @@
+"""Trainer checkpoints that resume on torch >= 2.6 and whose output folder the pipeline loads.
+
+ModelScope's ``CheckpointHook`` stores ``np.random.get_state()`` (a numpy array) in the trainer state and its loader
+reads it back with ``weights_only=True``, which refuses numpy arrays; its counters are off by one for checkpoints
+saved at the end of an epoch (the epoch then runs its end-of-epoch hooks again on resume). The hooks here keep
+ModelScope's configuration and file names (``{work_dir}/iter_N.pth`` + ``iter_N_trainer_state.pth``, or
+``epoch_N``) and change what is stored:
+- RNG states as plain Python values and tensors (``portable_rng_state``), loadable with ``weights_only=True``;
+- ``epoch`` / ``inner_iter`` / ``iter`` = where training continues (the next epoch after an end-of-epoch save);
+- ``{work_dir}/output`` (``train.checkpoint.period.output_dir``) is a model directory in this package's native
+  layout (``configuration.json`` + ``pytorch_model.pt``, ``demo.write_model_dir``) that ``pipeline()`` loads.
+Files are written to a temporary name and renamed, so a run killed while saving leaves the previous checkpoint.
+"""
+import os
+import random
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+from modelscope.trainers.hooks.builder import HOOKS
+from modelscope.trainers.hooks.checkpoint.checkpoint_hook import BestCkptSaverHook, CheckpointHook
+from modelscope.trainers.hooks.checkpoint.checkpoint_processor import CheckpointProcessor
+from modelscope.trainers.hooks.checkpoint.load_checkpoint_hook import LoadCheckpointHook
+from modelscope.trainers.hooks.priority import Priority
+
+from .. import checkpoint as checkpoint_io
+from ..demo import write_model_dir
+
+TRAINER_STATE_SUFFIX = CheckpointProcessor.TRAINER_STATE_SUFFIX
+MODEL_STATE_SUFFIX = CheckpointProcessor.MODEL_STATE_SUFFIX
+
+
+def portable_rng_state() -> Dict[str, Any]:
+    """Python, numpy and torch RNG states in types ``torch.load(weights_only=True)`` accepts."""
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    return {
+        "random": random.getstate(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "cpu": torch.random.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng_state(state: Dict[str, Any]) -> None:
+    version, internal, gauss = state["random"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state["name"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["position"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    torch.random.set_rng_state(state["cpu"])
+    if torch.cuda.is_available() and state.get("cuda"):
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _atomic_save(value: Any, path: Path) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(value, temporary)
+    os.replace(temporary, path)
+
+
+def checkpoint_files(prefix) -> tuple:
+    """(model file, trainer-state file) of a checkpoint prefix such as ``work_dir/iter_4`` (or its ``.pth``)."""
+    prefix = str(prefix)
+    if prefix.endswith(TRAINER_STATE_SUFFIX):
+        prefix = prefix[: -len(TRAINER_STATE_SUFFIX)]
+    elif prefix.endswith(MODEL_STATE_SUFFIX):
+        prefix = prefix[: -len(MODEL_STATE_SUFFIX)]
+    return Path(prefix + MODEL_STATE_SUFFIX), Path(prefix + TRAINER_STATE_SUFFIX)
+
+
+def latest_checkpoint(work_dir) -> Optional[str]:
+    """The prefix of the checkpoint in ``work_dir`` with the most completed iterations, or None."""
+    best, best_iter = None, -1
+    for state_file in Path(work_dir).glob(f"*{TRAINER_STATE_SUFFIX}"):
+        model_file, _ = checkpoint_files(state_file)
+        if not model_file.is_file():
+            continue
+        meta = torch.load(state_file, map_location="cpu", weights_only=True).get("meta", {})
+        if int(meta.get("iter", -1)) > best_iter:
+            best, best_iter = str(state_file)[: -len(TRAINER_STATE_SUFFIX)], int(meta.get("iter", -1))
+    return best
+
+
+class SegmentationCheckpointProcessor(CheckpointProcessor):
+    def prepare_output(self, trainer, output_dir):
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+
+    def save_checkpoints(self, trainer, checkpoint_path_prefix, output_dir, meta=None, save_optimizers=True):
+        network = trainer.unwrap_module(trainer.model)
+        model_file, state_file = checkpoint_files(checkpoint_path_prefix)
+        state = {"meta": meta or {}}
+        if save_optimizers:
+            state["optimizer"] = trainer.optimizer.state_dict()
+            if trainer.lr_scheduler is not None:
+                state["lr_scheduler"] = trainer.lr_scheduler.state_dict()
+        _atomic_save(state, state_file)
+        _atomic_save({"state_dict": network.state_dict()}, model_file)
+        write_model_dir(Path(output_dir), trainer.model_config, network)
+
+    def load_checkpoints(self, checkpoint_path_prefix, trainer, load_all_state, strict):
+        model_file, state_file = checkpoint_files(checkpoint_path_prefix)
+        if not model_file.is_file():
+            raise FileNotFoundError(f"checkpoint {checkpoint_path_prefix}: no model file {model_file}")
+        network = trainer.unwrap_module(trainer.model)
+        weights = checkpoint_io.extract_state_dict(checkpoint_io.read_checkpoint(model_file))
+        checkpoint_io.load_strict(network, weights, checkpoint_name=str(model_file))
+        if not load_all_state:
+            return {}
+        if not state_file.is_file():
+            raise FileNotFoundError(f"checkpoint {checkpoint_path_prefix}: no trainer state {state_file} to resume from")
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        if trainer.lr_scheduler is not None:
+            trainer.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        return state.get("meta", {})
+
+    def remove_checkpoints(self, trainer, checkpoint_path_prefix):
+        for path in checkpoint_files(checkpoint_path_prefix):
+            if path.is_file():
+                path.unlink()
+
+
+class _PortableStateMixin:
+    """Saves after every other hook (the lr scheduler's epoch step included), with resumable counters."""
+
+    PRIORITY = Priority.LOWEST
+    _end_of_epoch = False
+
+    def __init__(self, *arguments, **kwargs):
+        super().__init__(*arguments, **kwargs)
+        self.processor = SegmentationCheckpointProcessor()
+
+    def after_train_iter(self, trainer):
+        self._end_of_epoch = False
+        super().after_train_iter(trainer)
+
+    def after_train_epoch(self, trainer):
+        self._end_of_epoch = True
+        super().after_train_epoch(trainer)
+
+    def _create_training_state(self, trainer):
+        if self._end_of_epoch:  # trainer.iter already counts the epoch's last iteration
+            meta = {"epoch": trainer.epoch + 1, "inner_iter": 0, "iter": trainer.iter}
+        else:
+            meta = {"epoch": trainer.epoch, "inner_iter": trainer.inner_iter + 1, "iter": trainer.iter + 1}
+        meta["rng_state"] = portable_rng_state()
+        index = 0
+        for hook in trainer.hooks:
+            if hasattr(hook, "state_dict") and getattr(hook, "_should_save", True):
+                meta[f"{hook.__class__}-{index}"] = hook.state_dict()
+                index += 1
+        return meta
+
+
+@HOOKS.register_module(module_name="SegmentationCheckpointHook", force=True)
+class SegmentationCheckpointHook(_PortableStateMixin, CheckpointHook):
+    """``CheckpointHook`` (same arguments) with portable, resumable state and a native model directory output."""
+
+
+@HOOKS.register_module(module_name="SegmentationBestCheckpointHook", force=True)
+class SegmentationBestCheckpointHook(_PortableStateMixin, BestCkptSaverHook):
+    """``BestCkptSaverHook`` (same arguments) with portable, resumable state and a native model directory output."""
+
+
+class SegmentationLoadCheckpointHook(LoadCheckpointHook):
+    """Resumes from a checkpoint of the hooks above: weights strictly, optimizer, scheduler, counters, RNG."""
+
+    def __init__(self, *arguments, **kwargs):
+        super().__init__(*arguments, **kwargs)
+        self.processor = SegmentationCheckpointProcessor()
+
+    @classmethod
+    def load_checkpoint(cls, filename, trainer, load_all_state=True, strict=True):
+        meta = SegmentationCheckpointProcessor().load_checkpoints(filename, trainer, load_all_state, strict)
+        if load_all_state:
+            cls._restore_training_state(trainer, meta)
+            trainer.logger.info(f"resumed from {filename}: epoch {trainer.epoch}, iteration {trainer.iter} "
+                                f"(batch {trainer.inner_iter} of the epoch)")
+        return meta
+
+    def before_train_iter(self, trainer):
+        if self.need_load_rng_state and self.rng_state is not None:
+            restore_rng_state(self.rng_state)
+        self.need_load_rng_state = False

@@ -1,0 +1,56 @@
+"""Typed training settings, read once from the ModelScope trainer configuration (``train.loss``,
+``train.augmentation``, ``train.optimizer.paramwise_options``). Defaults are Mask2Former's COCO recipe."""
+from dataclasses import dataclass, fields
+from typing import Any, Mapping, Type, TypeVar
+
+Settings = TypeVar("Settings")
+
+
+@dataclass
+class LossConfig:
+    class_weight: float = 2.0
+    """Weight of the cross-entropy term, in the loss and in the matching cost."""
+    mask_weight: float = 5.0
+    """Weight of the point-sampled binary cross-entropy, in the loss and in the matching cost."""
+    dice_weight: float = 5.0
+    no_object_weight: float = 0.1
+    """Cross-entropy weight of the "no object" class."""
+    num_points: int = 12544
+    """Points per mask (112 x 112), for matching and for the loss."""
+    oversample_ratio: float = 3.0
+    importance_sample_ratio: float = 0.75
+
+
+@dataclass
+class AugmentationConfig:
+    """Large-scale jitter (detectron2's ``ResizeScale`` + ``FixedSizeCrop``) and a horizontal flip."""
+
+    image_size: int = 1024
+    """Side of the square training crop (a multiple of 32)."""
+    min_scale: float = 0.1
+    max_scale: float = 2.0
+    """The image is resized to fit image_size * s, s uniform in [min_scale, max_scale]."""
+    flip_probability: float = 0.5
+    pad_value: int = 128
+    """Image value of the padding below / right of a crop smaller than image_size (before normalisation)."""
+
+
+@dataclass
+class ParameterGroupConfig:
+    """detectron2 Mask2Former's ``build_optimizer`` rules."""
+
+    backbone_lr_multiplier: float = 0.1
+    norm_weight_decay: float = 0.0
+    """Weight decay of every normalisation layer's parameters."""
+    embedding_weight_decay: float = 0.0
+    """Weight decay of ``nn.Embedding`` weights (queries, level embeddings) and of Swin's position bias tables."""
+
+
+def settings_from(settings_class: Type[Settings], values: Mapping[str, Any], where: str) -> Settings:
+    """A dataclass from a config mapping; an unknown key is an error naming it and ``where`` it was."""
+    values = dict(values or {})
+    known = {field.name for field in fields(settings_class)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown {where} keys {unknown}; known: {sorted(known)}")
+    return settings_class(**values)

@@ -1,0 +1,67 @@
+"""Evaluation during training: the pipeline's own pre- and post-processing, each image scored once.
+
+ModelScope's ``multi_gpu_test`` pads the distributed sampler with duplicate images (they are scored twice). Here
+rank r scores images r, r + N, r + 2N, ... and the metric objects (``Metric.merge``) are gathered, so every image
+counts once and every rank returns the same values.
+"""
+from types import SimpleNamespace
+from typing import Any, Dict, List, Mapping, Sequence
+
+import torch
+import torch.distributed as distributed
+
+from ..integration.pipeline import Mask2FormerSegmentationPipeline
+from ..preprocessing import load_image, prepare_image
+from .distributed import rank_and_world_size
+
+
+@torch.no_grad()
+def predict(network: torch.nn.Module, config, image_path: str, task: str, device: torch.device,
+            **thresholds: Any) -> Dict[str, Any]:
+    """One image -> the pipeline's result dict (same preprocessing, thresholds and output contract)."""
+    host = SimpleNamespace(config=config)
+    _, _, postprocess_parameters = Mask2FormerSegmentationPipeline._sanitize_parameters(host, task=task, **thresholds)
+    image = prepare_image(load_image(image_path), config.preprocess)
+    output = network(image.tensor[None].to(device))
+    inputs = {"image": image, "class_logits": output.class_logits[0].cpu(), "mask_logits": output.mask_logits[0].cpu()}
+    return Mask2FormerSegmentationPipeline.postprocess(host, inputs, **postprocess_parameters)
+
+
+def flat_metric_values(values: Mapping[str, Any], prefix: str = "") -> Dict[str, float]:
+    """Numbers of a metric result, nested keys joined with '/' (``segm/AP``); per-class tables left out."""
+    flat: Dict[str, float] = {}
+    for key, value in values.items():
+        if key == "per_class":
+            continue
+        if isinstance(value, Mapping):
+            flat.update(flat_metric_values(value, f"{prefix}{key}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[f"{prefix}{key}"] = float(value)
+    return flat
+
+
+def evaluate_rows(network: torch.nn.Module, config, rows: Sequence[Mapping[str, Any]], metrics: List[Any], task: str,
+                  device: torch.device, **thresholds: Any) -> Dict[str, Any]:
+    """Scores this rank's share of ``rows`` into ``metrics``, merges the ranks' metrics, returns all results."""
+    rank, world_size = rank_and_world_size()
+    was_training = network.training
+    network.eval()
+    try:
+        for index in range(rank, len(rows), world_size):
+            row = dict(rows[index])
+            outputs = predict(network, config, row["image_path"], task, device, **thresholds)
+            for metric in metrics:
+                metric.add(outputs, row)
+    finally:
+        network.train(was_training)
+    if world_size > 1:
+        gathered: List[Any] = [None] * world_size
+        distributed.all_gather_object(gathered, metrics)
+        metrics = gathered[0]
+        for other in gathered[1:]:
+            for metric, other_metric in zip(metrics, other):
+                metric.merge(other_metric)
+    results: Dict[str, Any] = {}
+    for metric in metrics:
+        results.update(metric.evaluate())
+    return results

@@ -1,0 +1,212 @@
+"""Finetuning through ModelScope's build_trainer: a short run that learns, kill-and-resume, 2-process gloo = 1 process.
+
+Also runnable as a script (the killed and the torchrun runs are separate processes):
+    python tests/test_training.py MODEL_DIR DATA_ROOT WORK_DIR OPTIONS_JSON [--kill-after N] [--launcher pytorch]
+"""
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import REPO, shape_weights, tiny_config, write_native_model_dir  # noqa: E402
+from modelscope.trainers import build_trainer  # noqa: E402
+from modelscope.trainers.hooks.hook import Hook  # noqa: E402
+
+from modelscope_plugin.builders import build_mask2former  # noqa: E402
+from modelscope_plugin.data.datasets import as_ms_dataset  # noqa: E402
+from modelscope_plugin.data.synthetic import SYNTHETIC_CATEGORIES, SceneConfig, SyntheticSplit, write_dataset  # noqa: E402
+from modelscope_plugin.training.checkpoint import latest_checkpoint  # noqa: E402
+
+CATEGORIES = [{"id": c.id, "name": c.name, "isthing": c.isthing} for c in SYNTHETIC_CATEGORIES]
+SMALL_SCENES = SceneConfig(image_size=64, min_thing_size=10, max_thing_size=30, max_things=5)
+# 64 x 64 crops, 256 points per mask, poly lr decay by iteration, a checkpoint every 2 iterations
+RUN_OPTIONS = {
+    "train.max_epochs": 3, "train.dataloader.batch_size_per_gpu": 2, "train.optimizer.lr": 5e-4,
+    "train.augmentation": {"image_size": 64, "min_scale": 0.5, "max_scale": 1.5},
+    "train.preprocess": {"short_side": 64, "long_side_max": 64},
+    "train.loss": {"num_points": 256}, "train.logging": {"interval": 1},
+    "train.checkpoint.period": {"interval": 2, "by_epoch": False},
+}
+
+
+class LossRecorder(Hook):
+    def __init__(self):
+        self.losses = []
+
+    def after_train_iter(self, trainer):
+        self.losses.append(trainer.train_outputs["loss"].item())
+
+
+class KillAfter(Hook):
+    """Simulates a crash: SIGKILL right after iteration ``iterations`` (no clean-up, no save)."""
+
+    def __init__(self, iterations):
+        self.iterations = iterations
+
+    def after_train_iter(self, trainer):
+        if trainer.iter + 1 == self.iterations:
+            os.kill(os.getpid(), 9)
+
+
+def make_trainer(model_dir, data_root, work_dir, options, callbacks=(), **kwargs):
+    train = as_ms_dataset(SyntheticSplit(Path(data_root), "train").panoptic_rows())
+    val_split = SyntheticSplit(Path(data_root), "val")
+    evaluation = as_ms_dataset(val_split.panoptic_rows()) if val_split.panoptic_json.is_file() else None
+    return build_trainer("mask2former-segmentation", dict(
+        model=str(model_dir), train_dataset=train, eval_dataset=evaluation, work_dir=str(work_dir),
+        categories=CATEGORIES, cfg_options=dict(options), callbacks=list(callbacks), seed=7, **kwargs))
+
+
+def final_weights(work_dir):
+    return torch.load(Path(work_dir) / "output" / "pytorch_model.pt", map_location="cpu", weights_only=True)["state_dict"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("training")
+    torch.manual_seed(0)
+    config = tiny_config()
+    network = build_mask2former(config).eval()
+    shape_weights(network)
+    model_dir = write_native_model_dir(root / "model", config, network)
+    write_dataset(root / "data", "train", 4, seed=0, config=SMALL_SCENES)
+    write_dataset(root / "data", "val", 2, seed=1, config=SMALL_SCENES)
+    return model_dir, root / "data", root
+
+
+def run_script(arguments, launcher=None, timeout=900):
+    # the same thread count as this process: float reductions then run in the same order
+    environment = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(torch.get_num_threads()))
+    if launcher:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                   __file__, *map(str, arguments), "--launcher", "pytorch"]
+    else:
+        command = [sys.executable, __file__, *map(str, arguments)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment, cwd=REPO)
+
+
+def test_finetune_learns_a_repeated_batch_and_the_output_runs_in_the_pipeline(setup, tmp_path, caplog):
+    model_dir, data_root, _ = setup
+    caplog.set_level("INFO", logger="modelscope")
+    from modelscope.pipelines import pipeline
+    from modelscope.utils.constant import Tasks
+
+    # two images, one batch, no augmentation: every iteration sees the same batch
+    rows_root = tmp_path / "data"
+    write_dataset(rows_root, "train", 2, seed=0, config=SMALL_SCENES)
+    recorder = LossRecorder()
+    options = dict(RUN_OPTIONS, **{"train.max_epochs": 8, "train.optimizer.lr": 1e-3,
+                                   "train.augmentation": {"image_size": 64, "min_scale": 1.0, "max_scale": 1.0,
+                                                          "flip_probability": 0.0}})
+    trainer = make_trainer(model_dir, rows_root, tmp_path / "work", options, callbacks=[recorder])
+    trainer.train()
+    losses = recorder.losses
+    assert len(losses) == 8 and all(np.isfinite(losses))
+    assert np.mean(losses[-2:]) < 0.8 * losses[0], losses
+    log = caplog.text
+    assert "class head re-initialised for a new class set: 133 classes -> 7" in log
+    assert "eta:" in log and "lr:" in log and "loss_dice:" in log
+    # the output folder is a model directory in the native layout, with the new classes
+    output = tmp_path / "work" / "output"
+    configuration = json.loads((output / "configuration.json").read_text())
+    assert configuration["model"]["type"] == "mask2former"
+    assert configuration["model"]["config"]["class_names"] == [c.name for c in SYNTHETIC_CATEGORIES]
+    segmenter = pipeline(Tasks.image_segmentation, model=str(output), device="cpu")
+    result = segmenter(str(rows_root / "train" / "000001.png"))
+    assert result["panoptic_seg"].shape == (64, 64)
+    assert set(result["labels"]) <= {c.name for c in SYNTHETIC_CATEGORIES}
+    # the trained weights are what the pipeline runs
+    trained = trainer.unwrap_module(trainer.model).state_dict()
+    assert all(torch.equal(trained[key], value) for key, value in segmenter.model.network.state_dict().items())
+
+
+def test_evaluation_uses_the_package_metrics(setup, tmp_path):
+    model_dir, data_root, _ = setup
+    trainer = make_trainer(model_dir, data_root, tmp_path / "work", RUN_OPTIONS)
+    values = trainer.evaluate()
+    assert {"PQ", "SQ", "RQ", "PQ_th", "PQ_st"} <= set(values)
+    assert trainer.evaluation_results["per_class"].keys() == {c.name for c in SYNTHETIC_CATEGORIES}
+    # the synthetic class set (classes present in these 2 images), not COCO's 133
+    assert values["n_th"] <= 4 and values["n_st"] <= 3 and values["n"] >= 4
+
+
+def test_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(setup, tmp_path):
+    model_dir, data_root, _ = setup
+    uninterrupted = make_trainer(model_dir, data_root, tmp_path / "uninterrupted", RUN_OPTIONS)
+    uninterrupted.train()
+    assert uninterrupted.iter == 6
+
+    killed = run_script([model_dir, data_root, tmp_path / "resumed", json.dumps(RUN_OPTIONS), "--kill-after", 3])
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    checkpoint = latest_checkpoint(tmp_path / "resumed")
+    assert checkpoint is not None and Path(checkpoint).name == "iter_2"
+    # the trainer state loads without executing pickled code
+    state = torch.load(checkpoint + "_trainer_state.pth", map_location="cpu", weights_only=True)
+    assert state["meta"]["iter"] == 2 and state["meta"]["inner_iter"] == 2
+
+    resumed = make_trainer(model_dir, data_root, tmp_path / "resumed", RUN_OPTIONS)
+    resumed.train(checkpoint_path=checkpoint)
+    assert resumed.iter == 6
+    expected, actual = final_weights(tmp_path / "uninterrupted"), final_weights(tmp_path / "resumed")
+    assert expected.keys() == actual.keys()
+    initial = torch.load(Path(model_dir) / "pytorch_model.pt", weights_only=True)["state_dict"]
+    assert not torch.equal(expected["pixel_decoder.mask_features.weight"], initial["pixel_decoder.mask_features.weight"])
+    mismatched = {key: (expected[key] - actual[key]).abs().max().item() for key in expected
+                  if not torch.equal(expected[key], actual[key])}
+    assert mismatched == {}
+    assert resumed.optimizer.state_dict()["state"].keys() == uninterrupted.optimizer.state_dict()["state"].keys()
+    assert resumed.lr_scheduler.last_epoch == uninterrupted.lr_scheduler.last_epoch == 6
+
+
+def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(setup, tmp_path):
+    model_dir, data_root, _ = setup
+    one = make_trainer(model_dir, data_root, tmp_path / "one", RUN_OPTIONS)
+    one.train()
+    options = dict(RUN_OPTIONS, **{"train.dataloader.batch_size_per_gpu": 1})
+    completed = run_script([model_dir, data_root, tmp_path / "two", json.dumps(options)], launcher="pytorch")
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:]
+    ranks = [json.loads((tmp_path / "two" / f"rank_{rank}.json").read_text()) for rank in range(2)]
+    assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
+    assert ranks[0]["checksums"] == ranks[1]["checksums"]  # the ranks stayed in sync
+    expected, actual = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    worst = max((expected[key] - actual[key]).abs().max().item() for key in expected)
+    initial = torch.load(Path(model_dir) / "pytorch_model.pt", weights_only=True)["state_dict"]
+    moved = max((expected[key] - initial[key]).abs().max().item() for key in expected
+                if initial[key].shape == expected[key].shape)
+    assert worst < 1e-5 < 1e-4 < moved, (worst, moved)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model_dir")
+    parser.add_argument("data_root")
+    parser.add_argument("work_dir")
+    parser.add_argument("options")
+    parser.add_argument("--kill-after", type=int, default=None)
+    parser.add_argument("--launcher", default=None)
+    arguments = parser.parse_args(argv)
+    callbacks = [KillAfter(arguments.kill_after)] if arguments.kill_after else []
+    extra = {"launcher": arguments.launcher} if arguments.launcher else {}
+    trainer = make_trainer(arguments.model_dir, arguments.data_root, arguments.work_dir, json.loads(arguments.options),
+                           callbacks=callbacks, **extra)
+    trainer.train()
+    rank = int(os.environ.get("RANK", 0))
+    network = trainer.unwrap_module(trainer.model)
+    checksums = {key: float(value.double().sum()) for key, value in network.state_dict().items()}
+    world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    (Path(arguments.work_dir) / f"rank_{rank}.json").write_text(json.dumps({"world_size": world_size, "checksums": checksums}))
+
+
+if __name__ == "__main__":
+    main()
