@@ -148,3 +148,14 @@ def test_refuses_to_overwrite_and_rejects_bad_arguments(dataset):
         write_dataset(dataset.root, "val", 0, seed=0)
     with pytest.raises(ValueError, match="split"):
         write_dataset(dataset.root, "annotations", 1, seed=0)
+
+
+def test_scene_config_is_checked_and_scales():
+    with pytest.raises(ValueError, match="thing sizes"):
+        SceneConfig(image_size=64)  # 90-pixel shapes cannot fit
+    with pytest.raises(ValueError, match="things per image"):
+        SceneConfig(min_things=1)
+    small = SceneConfig.scaled(64)
+    assert (small.min_thing_size, small.max_thing_size) == (2.5, 22.5)
+    scene = generate_scene(np.random.default_rng(0), small)
+    assert scene.image.shape == (64, 64, 3) and 2 <= len(scene.things) <= 12

@@ -56,10 +56,12 @@ class KillAfter(Hook):
             os.kill(os.getpid(), 9)
 
 
-def make_trainer(model_dir, data_root, work_dir, options, callbacks=(), **kwargs):
+def make_trainer(model_dir, data_root, work_dir, options, callbacks=(), instance_rows=False, **kwargs):
     train = as_ms_dataset(SyntheticSplit(Path(data_root), "train").panoptic_rows())
     val_split = SyntheticSplit(Path(data_root), "val")
-    evaluation = as_ms_dataset(val_split.panoptic_rows()) if val_split.panoptic_json.is_file() else None
+    evaluation = None
+    if val_split.panoptic_json.is_file():
+        evaluation = as_ms_dataset(val_split.instance_rows() if instance_rows else val_split.panoptic_rows())
     return build_trainer("mask2former-segmentation", dict(
         model=str(model_dir), train_dataset=train, eval_dataset=evaluation, work_dir=str(work_dir),
         categories=CATEGORIES, cfg_options=dict(options), callbacks=list(callbacks), seed=7, **kwargs))
@@ -139,6 +141,19 @@ def test_evaluation_uses_the_package_metrics(setup, tmp_path):
     assert trainer.evaluation_results["per_class"].keys() == {c.name for c in SYNTHETIC_CATEGORIES}
     # the synthetic class set (classes present in these 2 images), not COCO's 133
     assert values["n_th"] <= 4 and values["n_st"] <= 3 and values["n"] >= 4
+
+
+def test_instance_task_learns_things_only_and_is_scored_with_coco_ap(setup, tmp_path, caplog):
+    model_dir, data_root, _ = setup
+    caplog.set_level("INFO", logger="modelscope")
+    options = dict(RUN_OPTIONS, **{"train.task": "instance", "train.max_epochs": 1, "train.train_iters_per_epoch": 1})
+    trainer = make_trainer(model_dir, data_root, tmp_path / "work", options, instance_rows=True)
+    assert trainer.unwrap_module(trainer.model).transformer_decoder.class_embed.out_features == 5  # 4 things + void
+    assert "133 classes -> 4 (4 things, 0 stuff" in caplog.text
+    trainer.train()
+    assert trainer.iter == 1
+    values = trainer.evaluate()
+    assert {"segm/AP", "bbox/AP"} <= set(values)
 
 
 def test_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(setup, tmp_path):

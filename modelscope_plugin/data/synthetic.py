@@ -67,6 +67,25 @@ class SceneConfig:
     placement_attempts: int = 60
     """Random placements tried per shape before it is left out."""
 
+    def __post_init__(self):
+        if not 0 < self.min_thing_size <= self.max_thing_size <= self.image_size:
+            raise ValueError(f"thing sizes must satisfy 0 < min ({self.min_thing_size}) <= max ({self.max_thing_size}) "
+                             f"<= image_size ({self.image_size})")
+        if not 1 <= self.min_things <= self.max_things or self.min_things < 2:
+            raise ValueError(f"things per image must satisfy 2 <= min ({self.min_things}) <= max ({self.max_things})")
+        if not 1 <= self.min_lines <= self.max_lines:
+            raise ValueError(f"polylines per image must satisfy 1 <= min ({self.min_lines}) <= max ({self.max_lines})")
+        if not 0 <= self.max_occlusion < 1:
+            raise ValueError(f"max_occlusion must lie in [0, 1), got {self.max_occlusion}")
+
+    @classmethod
+    def scaled(cls, image_size: int) -> "SceneConfig":
+        """The 256-pixel specification at another image size (thing sizes in proportion)."""
+        base = cls()
+        ratio = image_size / base.image_size
+        return cls(image_size=image_size, min_thing_size=base.min_thing_size * ratio,
+                   max_thing_size=base.max_thing_size * ratio)
+
 
 @dataclass
 class Thing:
@@ -383,7 +402,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image-size", type=int, default=256)
     arguments = parser.parse_args(argv)
-    config = SceneConfig(image_size=arguments.image_size)
+    config = SceneConfig.scaled(arguments.image_size)
     paths = write_dataset(arguments.root, arguments.split, arguments.num_images, arguments.seed, config)
     print(f"wrote {arguments.num_images} images to {paths.image_folder}, annotations in {paths.panoptic_json.parent}")
 

@@ -125,9 +125,8 @@ class Mask2FormerTrainer(EpochBasedTrainer):
         else:
             training_categories = [TrainingCategory(category_id, name, index < config.num_things_classes)
                                    for index, (category_id, name) in enumerate(zip(config.category_ids, config.class_names))]
-        if self.task == "instance":
-            training_categories = [category for category in training_categories if category.isthing] + \
-                                  [category for category in training_categories if not category.isthing]
+        # an instance network classifies things only (stuff segments of panoptic rows are not targets)
+        head_categories = [c for c in training_categories if c.isthing] if self.task == "instance" else training_categories
         preprocess = train_cfg.get("preprocess")
         if preprocess:  # e.g. the test-time size of a new dataset; saved with the finetuned model
             known = set(PreprocessConfig.__dataclass_fields__)
@@ -136,7 +135,7 @@ class Mask2FormerTrainer(EpochBasedTrainer):
                                           f"known: {sorted(known)}")
             config = replace(config, preprocess=replace(config.preprocess, **{
                 key: tuple(value) if isinstance(value, list) else value for key, value in preprocess.items()}))
-        config, message = adapt_class_head(config, network, training_categories, self._seed)
+        config, message = adapt_class_head(config, network, head_categories, self._seed)
         if message:
             self._notes.append(message)
         self.categories = training_categories

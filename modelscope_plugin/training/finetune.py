@@ -92,7 +92,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if arguments.generate and not train_split.panoptic_json.is_file():
         if arguments.launcher:
             raise SystemExit("generate the dataset before starting torchrun (run once without --launcher)")
-        scenes = SceneConfig(image_size=arguments.image_size)
+        scenes = SceneConfig.scaled(arguments.image_size)
         write_dataset(data, "train", arguments.generate, arguments.seed, scenes)
         write_dataset(data, "val", max(arguments.generate // 5, 1), arguments.seed + 1, scenes)
     categories = dataset_categories(train_split.panoptic_json)
@@ -117,7 +117,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     }
     arguments_of_trainer: Dict[str, Any] = dict(
         model=model, train_dataset=as_ms_dataset(train_split.panoptic_rows()),
-        eval_dataset=as_ms_dataset(val_split.panoptic_rows()), work_dir=str(work_dir), categories=categories,
+        # COCO AP scores instance rows (their RLE annotations); PQ and mIoU read the panoptic PNGs
+        eval_dataset=as_ms_dataset(val_split.instance_rows() if arguments.task == "instance" else val_split.panoptic_rows()),
+        work_dir=str(work_dir), categories=categories,
         cfg_options=options, seed=arguments.seed)
     if arguments.launcher:
         arguments_of_trainer["launcher"] = arguments.launcher
