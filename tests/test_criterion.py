@@ -153,9 +153,9 @@ def test_perfect_prediction_has_near_zero_losses_and_a_wrong_one_does_not():
     assert wrong["loss_dice"].item() > 0.5
 
 
-def test_mask_terms_do_not_depend_on_the_batch_split():
-    """Image b's points come from its own generator, so the per-mask sums of a batch are the sums of its images
-    alone (what makes a 2-rank run equal a 1-rank run)."""
+def test_loss_sums_do_not_depend_on_the_batch_split():
+    """Image b's points come from its own generator, so the per-mask sums (and the weighted cross-entropy sums) of
+    a batch are the sums of its images alone (what makes a 2-rank run equal a 1-rank run)."""
     stages, targets, output = random_case(5, num_stages=2)
     criterion = Mask2FormerCriterion(5, HungarianMatcher(num_points=2048), num_points=2048)
     together = criterion(output, targets, PointSampler.from_seeds([7, 8]))
@@ -169,6 +169,12 @@ def test_mask_terms_do_not_depend_on_the_batch_split():
     for name in ("loss_mask", "loss_dice", "loss_mask_0", "loss_dice_0"):
         summed = sum(losses[name].item() * count for losses, count in zip(alone, counts))
         assert abs(together[name].item() * sum(counts) - summed) < 1e-4, name
+    # the cross-entropy is a weighted mean: weight 1 per matched query, 0.1 per "no object" one
+    num_queries = output.class_logits.shape[1]
+    weights = [min(count, num_queries) + 0.1 * (num_queries - min(count, num_queries)) for count in counts]
+    for name in ("loss_ce", "loss_ce_0"):
+        summed = sum(losses[name].item() * weight for losses, weight in zip(alone, weights))
+        assert abs(together[name].item() * sum(weights) - summed) < 1e-4, name
 
 
 def test_uncertain_points_are_the_candidates_nearest_the_mask_border():

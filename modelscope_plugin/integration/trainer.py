@@ -228,6 +228,7 @@ class Mask2FormerTrainer(EpochBasedTrainer):
         model.train()
         self._mode = ModeKeys.TRAIN
         output = model(inputs.images)
+        self.criterion.to(output.class_logits.device)  # its class-weight buffer follows the network
         sampler = PointSampler.from_seeds([point_seed(self._seed, self.iter, position) for position in inputs.positions])
         losses = self.criterion(output, inputs.targets, sampler)
         total = self.criterion.total(losses)
