@@ -16,9 +16,10 @@ from modelscope_plugin import cards
 from modelscope_plugin.builders import build_mask2former
 from modelscope_plugin.checkpoint import swin_to_unfold_order
 from modelscope_plugin.cli import main
-from modelscope_plugin.config import Mask2FormerConfig, ResNetConfig
+from modelscope_plugin.config import Mask2FormerConfig
 from modelscope_plugin.data.categories import MMDET_COCO_PANOPTIC_CLASSES
 from modelscope_plugin.modeling.backbones.swin import relative_position_index
+from test_layouts_offline import small_resnet_config
 
 CARDS = REPO / "model_cards" / "damo"
 MASK2FORMER_CARDS = ["cv_swinL_panoptic-segmentation_cocopan", "cv_swinL_semantic-segmentation_cocopanmerge",
@@ -104,11 +105,6 @@ def mmdet_config_text(config, semantic: bool) -> str:
         lines += [f"CLASSES = {list(MMDET_COCO_PANOPTIC_CLASSES)!r}",
                   "PALETTE = [[(index * 37) % 256, (index * 91) % 256, (index * 53) % 256] for index in range(133)]"]
     return "\n".join(lines) + "\n"
-
-
-def small_resnet_config() -> Mask2FormerConfig:
-    return Mask2FormerConfig(backbone=ResNetConfig(depth=50), num_queries=20, hidden_dim=64, num_heads=4, encoder_layers=1,
-                             encoder_feedforward_dim=64, decoder_layers=2, decoder_feedforward_dim=64, source="easycv")
 
 
 def easycv_configuration(config: Mask2FormerConfig) -> dict:

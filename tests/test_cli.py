@@ -185,6 +185,11 @@ def closed_port() -> int:
 
 
 def test_card_push_without_network_fails_at_once(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import modelscope_hub.config
+
+    # HubApi() creates modelscope_hub's process-wide config, which keeps the endpoint and MODELSCOPE_CACHE of that
+    # moment; start from none and drop this one afterwards, so later tests see their own environment
+    monkeypatch.setattr(modelscope_hub.config, "_default_config", None)
     arguments = ["card", "push", str(CARD), "--weights", str(tiny_model_dir), "--model-id", "someone/my-panoptic"]
     monkeypatch.delenv(cards.TOKEN_VARIABLE, raising=False)
     assert main(arguments) == 1 and cards.TOKEN_VARIABLE in capsys.readouterr().err
