@@ -1,12 +1,15 @@
 """``evaluate``: run a pipeline over a dataset, stream each result into a metric, write metrics and exports.
 
 Memory stays flat: each image's result is scored and dropped (instance AP keeps its detections as RLE for COCOeval).
+Under ``torchrun`` (an initialised ``torch.distributed`` process group) rank r evaluates rows r, r + N, r + 2N, ...:
+every image exactly once, no padding duplicates; the metric states are gathered and merged on every rank, and
+rank 0 writes the files.
 Outputs in ``output_dir``: ``metrics.json``, ``per_class.txt``; optionally ``coco_instances_results.json``
 (COCO results, RLE + [x, y, w, h]) and ``panoptic/`` PNGs + ``panoptic_predictions.json`` (COCO panoptic format).
 """
 import json
 import os
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image
@@ -33,6 +36,25 @@ def _is_modelscope_model(value: Any) -> bool:
     from modelscope.models.base import Model
 
     return isinstance(value, Model)
+
+
+def _rank_and_world_size() -> Tuple[int, int]:
+    import torch.distributed as distributed
+
+    if distributed.is_available() and distributed.is_initialized():
+        return distributed.get_rank(), distributed.get_world_size()
+    return 0, 1
+
+
+def _gather(value: Any, world_size: int) -> List[Any]:
+    """Every rank's ``value`` (picklable), in rank order."""
+    if world_size == 1:
+        return [value]
+    import torch.distributed as distributed
+
+    gathered: List[Any] = [None] * world_size
+    distributed.all_gather_object(gathered, value)
+    return gathered
 
 
 def _format_table(per_class: Mapping[str, Mapping[str, Any]]) -> str:
@@ -80,21 +102,39 @@ def evaluate(model_or_pipeline: Any, dataset: Iterable[Mapping[str, Any]], task:
     panoptic_folder = os.path.join(output_dir, "panoptic") if output_dir and export_panoptic else None
     if panoptic_folder:
         os.makedirs(panoptic_folder, exist_ok=True)
-    panoptic_annotations: List[Dict[str, Any]] = []
+    panoptic_annotations: List[Tuple[int, Dict[str, Any]]] = []  # (row index, annotation)
 
+    rank, world_size = _rank_and_world_size()
     total = len(dataset) if hasattr(dataset, "__len__") else None
-    for index, row in enumerate(tqdm(dataset, total=total, desc=f"evaluating {task}", disable=not progress)):
+    if total is not None and limit is not None:
+        total = min(total, limit)
+    if total is not None:
+        total = len(range(rank, total, world_size))
+    progress_bar = tqdm(total=total, desc=f"evaluating {task}" + (f" (rank {rank}/{world_size})" if world_size > 1 else ""),
+                        disable=not progress)
+    for index, row in enumerate(dataset):
         if limit is not None and index >= limit:
             break
+        if index % world_size != rank:
+            continue
         row = dict(row)
         outputs = predictor(row["image_path"], **pipeline_arguments)
         metric.add(outputs, row)
         if panoptic_folder:
-            panoptic_annotations.append(_write_panoptic_png(outputs, row, panoptic_folder))
+            panoptic_annotations.append((index, _write_panoptic_png(outputs, row, panoptic_folder)))
         del outputs
+        progress_bar.update(1)
+    progress_bar.close()
 
+    if world_size > 1:
+        gathered_metrics = _gather(metric, world_size)
+        metric = gathered_metrics[0]
+        for other in gathered_metrics[1:]:
+            metric.merge(other)
+        panoptic_annotations = [entry for part in _gather(panoptic_annotations, world_size) for entry in part]
+    panoptic_annotations = [annotation for _, annotation in sorted(panoptic_annotations, key=lambda entry: entry[0])]
     results = metric.evaluate()
-    if output_dir:
+    if output_dir and rank == 0:
         os.makedirs(output_dir, exist_ok=True)
         with open(os.path.join(output_dir, "metrics.json"), "w") as handle:
             json.dump({"task": task, **results}, handle, indent=2)
