@@ -377,3 +377,14 @@ def test_pipeline_on_a_hub_directory_returns_the_output_contract(tmp_path):
     assert everything["masks"][0].dtype == np.uint8 and everything["masks"][0].shape == (512, 512)
     default = segmenter(str(image))
     assert default["scores"] == [score for score in everything["scores"] if score >= 0.5]
+    # numpy input is BGR (ModelScope's convention), and a batched list answers as single images do (batched
+    # convolutions round differently, so a pixel whose mask logit sits at 0 may flip)
+    from PIL import Image
+
+    bgr = np.asarray(Image.open(image).convert("RGB"))[:, :, ::-1].copy()
+    batched = segmenter([bgr, str(image)], batch_size=2, score_thr=0)
+    for result in batched:
+        assert result["labels"] == everything["labels"]
+        assert np.allclose(result["scores"], everything["scores"], atol=1e-6)
+        for ours, single in zip(result["masks"], everything["masks"]):
+            assert (ours != single).sum() <= 2
