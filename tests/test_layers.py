@@ -49,6 +49,39 @@ def test_deformable_attention_equals_loop_reference():
     np.testing.assert_allclose(output, expected, rtol=0, atol=1e-12)
 
 
+def grid_sample_reference(value, shapes, locations, weights):
+    """Deformable DETR's published PyTorch formulation (one grid_sample per level), for gradients."""
+    batch, _, heads, head_dim = value.shape
+    _, queries, _, levels, points, _ = locations.shape
+    sampled = []
+    for level, (level_value, (height, width)) in enumerate(zip(value.split([h * w for h, w in shapes], 1), shapes)):
+        image = level_value.permute(0, 2, 3, 1).reshape(batch * heads, head_dim, height, width)
+        grid = (2 * locations[:, :, :, level] - 1).transpose(1, 2).flatten(0, 1)
+        sampled.append(torch.nn.functional.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False))
+    weights = weights.transpose(1, 2).reshape(batch * heads, 1, queries, levels * points)
+    output = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)
+    return output.view(batch, heads * head_dim, queries).transpose(1, 2)
+
+
+def test_deformable_attention_gradients_equal_grid_sample():
+    generator = torch.Generator().manual_seed(1)
+    shapes = [(6, 5), (3, 3), (2, 1)]
+    batch, queries, heads, head_dim, points = 2, 7, 2, 4, 3
+    value = torch.randn(batch, sum(h * w for h, w in shapes), heads, head_dim, generator=generator, dtype=torch.float64)
+    # far outside, near the borders and inside the maps
+    locations = torch.rand(batch, queries, heads, len(shapes), points, 2, generator=generator, dtype=torch.float64) * 3 - 1
+    weights = torch.rand(batch, queries, heads, len(shapes), points, generator=generator, dtype=torch.float64)
+    upstream = torch.randn(batch, queries, heads * head_dim, generator=generator, dtype=torch.float64)
+    gradients = []
+    for function in (multi_scale_deformable_attention, grid_sample_reference):
+        inputs = [tensor.clone().requires_grad_() for tensor in (value, locations, weights)]
+        output = function(inputs[0], shapes, inputs[1], inputs[2])
+        (output * upstream).sum().backward()
+        gradients.append([output.detach()] + [tensor.grad for tensor in inputs])
+    for ours, reference in zip(*gradients):
+        torch.testing.assert_close(ours, reference, rtol=0, atol=1e-11)
+
+
 def test_sine_position_encoding_matches_formula():
     encoding = SinePositionEncoding(num_position_features=4)(torch.zeros(1, 1, 3, 5))
     scale, epsilon = 2 * math.pi, 1e-6

@@ -9,13 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers.ms_deform_attn import MultiScaleDeformableAttention
+from ..layers.ms_deform_attn import MultiScaleDeformableAttention, upcast_half
 from ..layers.position_encoding import SinePositionEncoding
-
-
-def upcast_half(features: torch.Tensor) -> torch.Tensor:
-    """Deformable attention runs in float32 under autocast (as detectron2 forces); float64 stays float64."""
-    return features.float() if features.dtype in (torch.float16, torch.bfloat16) else features
 
 
 class ConvNormActivation(nn.Conv2d):
