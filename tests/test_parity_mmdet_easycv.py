@@ -36,12 +36,12 @@ def borderline_attention_pixels(network, images: torch.Tensor, margin: float = 1
     original_predict = decoder.predict
     count = 0
 
-    def predict(queries, mask_features, attention_size):
+    def predict(queries, mask_features, attention_features):
         nonlocal count
-        outputs = original_predict(queries, mask_features, attention_size)
-        resized = torch.nn.functional.interpolate(outputs[1], size=attention_size, mode="bilinear", align_corners=False)
-        count += int((resized.abs() < margin).sum())
-        return outputs
+        prediction = original_predict(queries, mask_features, attention_features)
+        if prediction.attention_logits is not None:
+            count += int((prediction.attention_logits.abs() < margin).sum())
+        return prediction
 
     decoder.predict = predict
     try:

@@ -1,6 +1,6 @@
 """Mask2Former (Cheng et al., CVPR 2022): backbone, pixel decoder, masked-attention transformer decoder."""
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch import nn
@@ -16,7 +16,8 @@ class Mask2FormerOutput:
     mask_logits: torch.Tensor
     """(B, Q, H/4, W/4) of the last decoder layer, at the padded input's stride-4 resolution."""
     auxiliary_class_logits: List[torch.Tensor]
-    """Earlier stages (before the first layer, then after each but the last), for deep supervision."""
+    """Earlier stages (before the first layer, then after each but the last), for deep supervision; empty unless
+    the network is training or ``return_auxiliary`` is set."""
     auxiliary_mask_logits: List[torch.Tensor]
 
 
@@ -27,11 +28,12 @@ class Mask2Former(nn.Module):
         self.pixel_decoder = pixel_decoder
         self.transformer_decoder = transformer_decoder
 
-    def forward(self, images: torch.Tensor) -> Mask2FormerOutput:
-        """images: (B, 3, H, W) normalised and padded to a multiple of 32; returns raw logits."""
+    def forward(self, images: torch.Tensor, return_auxiliary: Optional[bool] = None) -> Mask2FormerOutput:
+        """images: (B, 3, H, W) normalised and padded to a multiple of 32; returns raw logits (the earlier decoder
+        stages' too when ``return_auxiliary``, by default in training)."""
         features = self.backbone(images)
         mask_features, multi_scale_features = self.pixel_decoder(features)
-        predictions = self.transformer_decoder(multi_scale_features, mask_features)
+        predictions = self.transformer_decoder(multi_scale_features, mask_features, return_auxiliary)
         return Mask2FormerOutput(
             class_logits=predictions.class_logits[-1],
             mask_logits=predictions.mask_logits[-1],

@@ -5,7 +5,7 @@ mask predicted by the previous layer, then among the queries, then a feed-forwar
 Parameter names follow detectron2's ``MultiScaleMaskedTransformerDecoder`` (EasyCV's is identical).
 """
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import List, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -70,9 +70,19 @@ class MLP(nn.Module):
         return features
 
 
+class StagePrediction(NamedTuple):
+    class_logits: torch.Tensor
+    """(B, Q, num_classes + 1)"""
+    mask_logits: Optional[torch.Tensor]
+    """(B, Q, H/4, W/4), or None where not asked for."""
+    attention_logits: Optional[torch.Tensor]
+    """(B, Q, h, w) mask logits at the next layer's level, or None after the last layer."""
+
+
 @dataclass
 class DecoderPredictions:
-    """Per decoder stage (the query features before the first layer, then after each layer)."""
+    """Per decoder stage (the query features before the first layer, then after each layer); only the last
+    stage unless auxiliary outputs were asked for."""
 
     class_logits: List[torch.Tensor]  # each (B, Q, num_classes + 1)
     mask_logits: List[torch.Tensor]  # each (B, Q, H/4, W/4)
@@ -106,20 +116,37 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
                 if parameter.dim() > 1:
                     nn.init.xavier_uniform_(parameter)
 
-    def predict(self, queries: torch.Tensor, mask_features: torch.Tensor, attention_size: Tuple[int, int]):
-        """Class and mask logits from the current queries, and the attention mask for the next layer."""
+    def predict(self, queries: torch.Tensor, mask_features: Optional[torch.Tensor],
+                attention_features: Optional[torch.Tensor]) -> StagePrediction:
+        """One stage's heads on the current queries.
+
+        queries: (Q, B, C). mask_features: (B, mask_dim, H/4, W/4), or None where the stage's full-resolution masks
+        are not needed. attention_features: the mask features resized to the next layer's level, or None after the
+        last layer. Bilinear resizing is linear per channel, so ``mask_embed · resize(features)`` equals
+        ``resize(mask_embed · features)`` (the reference's attention-mask logits) at a fraction of the cost.
+        """
         # (Q, B, C) -> (B, Q, C)
         decoded = self.decoder_norm(queries).transpose(0, 1)
-        class_logits = self.class_embed(decoded)
-        mask_logits = torch.einsum("bqc,bchw->bqhw", self.mask_embed(decoded), mask_features)
-        attention_mask = F.interpolate(mask_logits, size=attention_size, mode="bilinear", align_corners=False)
-        # (B, Q, h, w) -> (B * heads, Q, h*w); attend only where the predicted mask is foreground
-        attention_mask = attention_mask.flatten(2).unsqueeze(1).repeat(1, self.num_heads, 1, 1).flatten(0, 1)
-        attention_mask = (attention_mask.sigmoid() < 0.5).detach()
-        return class_logits, mask_logits, attention_mask
+        mask_embedding = self.mask_embed(decoded)
+        mask_logits = None if mask_features is None else torch.einsum("bqc,bchw->bqhw", mask_embedding, mask_features)
+        attention_logits = None if attention_features is None else torch.einsum("bqc,bchw->bqhw", mask_embedding, attention_features)
+        return StagePrediction(self.class_embed(decoded), mask_logits, attention_logits)
 
-    def forward(self, multi_scale_features: List[torch.Tensor], mask_features: torch.Tensor) -> DecoderPredictions:
-        """multi_scale_features: (B, C, h_l, w_l) coarsest first; mask_features: (B, mask_dim, H/4, W/4)."""
+    def attention_mask(self, attention_logits: torch.Tensor) -> torch.Tensor:
+        """(B, Q, h, w) logits -> (B * heads, Q, h*w) bool, True = not attended (sigmoid < 0.5, as the reference);
+        a query whose mask is empty at this level attends everywhere."""
+        attention_mask = (attention_logits.flatten(2).sigmoid() < 0.5).detach()
+        attention_mask[attention_mask.all(-1)] = False
+        return attention_mask.repeat_interleave(self.num_heads, dim=0)
+
+    def forward(self, multi_scale_features: List[torch.Tensor], mask_features: torch.Tensor,
+                return_auxiliary: Optional[bool] = None) -> DecoderPredictions:
+        """multi_scale_features: (B, C, h_l, w_l) coarsest first; mask_features: (B, mask_dim, H/4, W/4).
+
+        Every stage's logits are returned when ``return_auxiliary`` (default: in training, for deep supervision);
+        otherwise only the last stage's, the earlier ones only steering the masked attention.
+        """
+        return_auxiliary = self.training if return_auxiliary is None else return_auxiliary
         memories, memory_positions, sizes = [], [], []
         for level in range(self.num_feature_levels):
             feature = multi_scale_features[level]
@@ -128,25 +155,27 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             memory_positions.append(self.position_encoding(feature).flatten(2).permute(2, 0, 1))
             memory = self.input_proj[level](feature).flatten(2) + self.level_embed.weight[level][None, :, None]
             memories.append(memory.permute(2, 0, 1))
+        # the mask features at each level's size, for the attention masks
+        attention_features = [F.interpolate(mask_features, size=size, mode="bilinear", align_corners=False) for size in sizes]
         batch_size = mask_features.shape[0]
         # (Q, C) -> (Q, B, C)
         query_position = self.query_embed.weight.unsqueeze(1).repeat(1, batch_size, 1)
         queries = self.query_feat.weight.unsqueeze(1).repeat(1, batch_size, 1)
 
-        class_logits, mask_logits, attention_mask = self.predict(queries, mask_features, sizes[0])
-        predictions = DecoderPredictions([class_logits], [mask_logits])
-        for layer_index in range(self.num_layers):
-            level = layer_index % self.num_feature_levels
-            # a query whose mask is empty at this level attends everywhere
-            attention_mask[torch.where(attention_mask.sum(-1) == attention_mask.shape[-1])] = False
-            queries = self.transformer_cross_attention_layers[layer_index](
-                queries, memories[level], attention_mask, memory_positions[level], query_position
+        predictions = DecoderPredictions([], [])
+        for stage in range(self.num_layers + 1):
+            last = stage == self.num_layers
+            prediction = self.predict(queries, mask_features if (last or return_auxiliary) else None,
+                                      None if last else attention_features[stage % self.num_feature_levels])
+            if last or return_auxiliary:
+                predictions.class_logits.append(prediction.class_logits)
+                predictions.mask_logits.append(prediction.mask_logits)
+            if last:
+                break
+            level = stage % self.num_feature_levels
+            queries = self.transformer_cross_attention_layers[stage](
+                queries, memories[level], self.attention_mask(prediction.attention_logits), memory_positions[level], query_position
             )
-            queries = self.transformer_self_attention_layers[layer_index](queries, query_position)
-            queries = self.transformer_ffn_layers[layer_index](queries)
-            class_logits, mask_logits, attention_mask = self.predict(
-                queries, mask_features, sizes[(layer_index + 1) % self.num_feature_levels]
-            )
-            predictions.class_logits.append(class_logits)
-            predictions.mask_logits.append(mask_logits)
+            queries = self.transformer_self_attention_layers[stage](queries, query_position)
+            queries = self.transformer_ffn_layers[stage](queries)
         return predictions
