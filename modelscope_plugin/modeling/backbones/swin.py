@@ -9,7 +9,7 @@ pads its input to a multiple of the window and every odd block shifts by half a 
 feature-map size. transformers' Mask2Former backbone does the same (only its standalone ``SwinModel`` drops
 the shift and shrinks the window on small maps), so one behaviour serves every supported source.
 """
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -123,8 +123,9 @@ class SwinBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """tokens: (batch, height * width, C)."""
+    def forward(self, tokens: torch.Tensor, height: int, width: int, shifted_window_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tokens: (batch, height * width, C); shifted_window_mask: the stage's (num_windows, N, N) additive mask,
+        used by shifted blocks."""
         batch_size, _, channels = tokens.shape
         window_size, shift_size = self.window_size, self.shift_size
         shortcut = tokens
@@ -136,10 +137,9 @@ class SwinBlock(nn.Module):
         padded_height, padded_width = features.shape[1], features.shape[2]
         if shift_size > 0:
             features = torch.roll(features, shifts=(-shift_size, -shift_size), dims=(1, 2))
-            mask = shifted_window_attention_mask(padded_height, padded_width, window_size, shift_size, tokens.device)
-        else:
-            mask = None
-        windows = self.attn(window_partition(features, window_size), mask=mask)
+            if shifted_window_mask is None:
+                shifted_window_mask = shifted_window_attention_mask(padded_height, padded_width, window_size, shift_size, tokens.device)
+        windows = self.attn(window_partition(features, window_size), mask=shifted_window_mask if shift_size > 0 else None)
         features = window_reverse(windows, window_size, padded_height, padded_width)
         if shift_size > 0:
             features = torch.roll(features, shifts=(shift_size, shift_size), dims=(1, 2))
@@ -178,6 +178,19 @@ class SwinStage(nn.Module):
             for index in range(depth)
         )
         self.downsample = PatchMerging(dim) if downsample else None
+        self.window_size = window_size
+
+    def forward(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Runs the blocks on (batch, height * width, C) tokens; the shifted-window mask is built once per stage."""
+        window_size = self.window_size
+        shifted_window_mask = None
+        if any(block.shift_size > 0 for block in self.blocks):
+            shifted_window_mask = shifted_window_attention_mask(
+                -(-height // window_size) * window_size, -(-width // window_size) * window_size, window_size,
+                window_size // 2, tokens.device)
+        for block in self.blocks:
+            tokens = block(tokens, height, width, shifted_window_mask)
+        return tokens
 
 
 class PatchEmbed(nn.Module):
@@ -234,8 +247,7 @@ class SwinTransformer(nn.Module):
         tokens, height, width = self.patch_embed(images)
         outputs: Dict[str, torch.Tensor] = {}
         for stage_index, stage in enumerate(self.layers):
-            for block in stage.blocks:
-                tokens = block(tokens, height, width)
+            tokens = stage(tokens, height, width)
             stage_output = getattr(self, f"norm{stage_index}")(tokens)
             # (B, H*W, C) -> (B, C, H, W)
             outputs[f"res{stage_index + 2}"] = stage_output.view(tokens.shape[0], height, width, -1).permute(0, 3, 1, 2).contiguous()
