@@ -157,3 +157,22 @@ def test_bad_inputs_raise_one_clear_error(segmenter, tmp_path):
     for bad, reason in cases:
         with pytest.raises(ImageInputError, match=reason):
             segmenter(bad)
+
+
+def test_bf16_precision_agrees_with_fp32_and_fp16_needs_cuda(tiny_model_dir, segmenter):
+    half = pipeline(Tasks.image_segmentation, model=str(tiny_model_dir), device="cpu", precision="bf16")
+    full_result, half_result = segmenter(IMAGE), half(IMAGE)
+    assert len(full_result[OutputKeys.MASKS]) >= 3
+
+    def segment_labels(result):
+        # (H, W) label of the segment covering each pixel, -1 where none
+        label_map = np.full(result["panoptic_seg"].shape, -1)
+        for mask, label_id in zip(result[OutputKeys.MASKS], result["label_ids"]):
+            label_map[mask.astype(bool)] = label_id
+        return label_map
+
+    assert (segment_labels(full_result) == segment_labels(half_result)).mean() >= 0.98
+    with pytest.raises(ValueError, match="fp16.*CUDA"):
+        pipeline(Tasks.image_segmentation, model=str(tiny_model_dir), device="cpu", precision="fp16")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        pipeline(Tasks.image_segmentation, model=str(tiny_model_dir), device="cpu", precision="int8")

@@ -11,6 +11,7 @@ from modelscope.utils.constant import Tasks
 from ..errors import PerItemErrorsMixin
 from ..model_dir import MODEL_TYPES, read_configuration_json
 from ..postprocessing import instance_inference, panoptic_inference, semantic_inference
+from ..precision import check_precision, inference_context
 from ..preprocessing import PreparedImage, group_by_padded_size, load_image, prepare_image
 from .model import Mask2FormerModel
 from .outputs import DEFAULT_MAX_POSTPROCESS_PIXELS, build_outputs, postprocess_size
@@ -46,6 +47,8 @@ class Mask2FormerSegmentationPipeline(PerItemErrorsMixin, Pipeline):
     (default, as ModelScope: the first bad list item raises) or "return" (an error entry per bad item, see
     ``errors.PerItemErrorsMixin``). ``max_postprocess_pixels`` (2048 * 2048; None: no cap): larger inputs are
     post-processed at that many pixels and their masks brought to full size by nearest neighbour (outputs.py).
+    Constructor: ``precision`` "fp32" (default), "bf16" (autocast; CPU or GPU) or "fp16" (CUDA), see precision.py;
+    ``device`` as ModelScope ("cpu", "gpu", "cuda:0").
     """
 
     pipeline_type: str = ""
@@ -68,11 +71,23 @@ class Mask2FormerSegmentationPipeline(PerItemErrorsMixin, Pipeline):
                     ) from error
         return cls(**kwargs)
 
-    def __init__(self, model, preprocessor=None, **kwargs):
+    def __init__(self, model, preprocessor=None, precision: str = "fp32", **kwargs):
         if isinstance(model, str):
             model = Mask2FormerModel(model, device=kwargs.get("device"))
         super().__init__(model=model, preprocessor=preprocessor, auto_collate=False, **kwargs)
         self.config = self.model.config
+        check_precision(precision, self.device)
+        self.precision = precision
+
+    def _run_network(self, images: torch.Tensor):
+        """(B, 3, H, W) on the CPU -> raw outputs, under inference mode and the chosen precision; to a GPU through
+        pinned memory."""
+        if self.device.type == "cuda":
+            images = images.pin_memory().to(self.device, non_blocking=True)
+        else:
+            images = images.to(self.device)
+        with inference_context(self.device, self.precision):
+            return self.model(images)
 
     def _sanitize_parameters(self, task: Optional[str] = None, object_mask_threshold: Optional[float] = None,
                              overlap_threshold: Optional[float] = None, filter_low_score: Optional[bool] = None,
@@ -103,7 +118,7 @@ class Mask2FormerSegmentationPipeline(PerItemErrorsMixin, Pipeline):
 
     def forward(self, inputs: Dict[str, Any]) -> Dict[str, Any]:
         image: PreparedImage = inputs["image"]
-        output = self.model(image.tensor[None].to(self.device))
+        output = self._run_network(image.tensor[None])
         return {"image": image, "class_logits": output.class_logits[0], "mask_logits": output.mask_logits[0]}
 
     def postprocess(self, inputs: Dict[str, Any], task: str = "panoptic", object_mask_threshold: float = 0.8,
@@ -137,8 +152,7 @@ class Mask2FormerSegmentationPipeline(PerItemErrorsMixin, Pipeline):
             chunk = input[start:start + batch_size]
             prepared = [self.preprocess(item)["image"] for item in chunk]
             for indices, batch in group_by_padded_size(prepared):
-                with torch.no_grad():
-                    output = self.model(batch.to(self.device))
+                output = self._run_network(batch)
                 for position, index in enumerate(indices):
                     results[start + index] = self.postprocess(
                         {"image": prepared[index], "class_logits": output.class_logits[position],
