@@ -57,16 +57,16 @@ def install() -> None:
     base_model.register_plugins_repo = hub.wrap_register_plugins_repo(base_model.register_plugins_repo)
     try:
         import modelscope.trainers.builder as trainer_builder
-
+    except ImportError:  # trainers need optional packages; nothing to patch or register without them
+        trainer_builder = None
+    if trainer_builder is not None:
         trainer_builder.register_plugins_repo = hub.wrap_register_plugins_repo(trainer_builder.register_plugins_repo)
         # build_trainer resolves hub ids like pipeline(): the local cache first, no plugin pip runs
         trainer_builder.is_model_from_trusted_source = hub.wrap_is_model_from_trusted_source(trainer_builder.is_model_from_trusted_source)
         trainer_builder.is_official_hub_path = hub.wrap_is_official_hub_path(trainer_builder.is_official_hub_path)
         trainer_builder.read_config = hub.wrap_read_config(trainer_builder.read_config)
         trainer_builder.normalize_model_input = hub.wrap_normalize_model_input(trainer_builder.normalize_model_input)
-        from . import trainer  # noqa: F401  (registers the Mask2Former trainer with TRAINERS)
-    except ImportError:  # trainers need optional packages; nothing to patch without them
-        pass
+        from . import trainer  # noqa: F401  (registers the Mask2Former trainer with TRAINERS; its errors surface)
     from .. import evaluation  # noqa: F401  (registers the PQ / COCO AP / mIoU metrics with METRICS)
 
     try:  # the cards' drawing helpers need mmdet in ModelScope; ours draw the same without it
