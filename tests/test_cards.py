@@ -230,8 +230,13 @@ def test_card_validate_lists_every_problem(tiny_model_dir, tmp_path, capsys):
 
 def run_card_example(name: str, cache: Path, workdir: Path, monkeypatch) -> dict:
     """Runs the card's python blocks as written (in ``workdir``, which holds image.jpg) with the network blocked."""
+    import modelscope_hub.config
+
     from modelscope_plugin.integration import hub
 
+    # modelscope_hub keeps one process-wide config holding MODELSCOPE_CACHE as it was when first used; start afresh
+    # (monkeypatch puts the previous one back afterwards)
+    monkeypatch.setattr(modelscope_hub.config, "_default_config", None)
     shutil.copy(SHARED_DATA / "coco" / "val2017" / "000000142238.jpg", workdir / "image.jpg")
     monkeypatch.setenv("MODELSCOPE_CACHE", str(cache))
     monkeypatch.chdir(workdir)

@@ -75,6 +75,14 @@ def test_input_types_agree(segmenter):
     assert gray[OutputKeys.MASKS][0].shape == (427, 640)
 
 
+def fresh_hub_config(monkeypatch):
+    """modelscope_hub keeps one process-wide config with MODELSCOPE_CACHE / MODELSCOPE_ENDPOINT as they were when it
+    was first used; each hub-id test starts from none (monkeypatch restores the previous one afterwards)."""
+    import modelscope_hub.config
+
+    monkeypatch.setattr(modelscope_hub.config, "_default_config", None)
+
+
 def test_cached_hub_id_resolves_without_network(tiny_model_dir, tmp_path, monkeypatch):
     import socket
 
@@ -83,6 +91,7 @@ def test_cached_hub_id_resolves_without_network(tiny_model_dir, tmp_path, monkey
         snapshot = cache / "models" / f"{owner}--cv_swinL_panoptic-segmentation_cocopan" / "snapshots" / "master"
         shutil.copytree(tiny_model_dir, snapshot)
         monkeypatch.setenv("MODELSCOPE_CACHE", str(cache))
+        fresh_hub_config(monkeypatch)
         from modelscope_plugin.integration import hub
 
         hub.resolve_model_dir.cache_clear()
@@ -105,6 +114,7 @@ def test_uncached_hub_id_fails_naming_id_and_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path))
     monkeypatch.setenv("MODELSCOPE_DOMAIN", "127.0.0.1:9")
     monkeypatch.setenv("MODELSCOPE_ENDPOINT", "http://127.0.0.1:9")
+    fresh_hub_config(monkeypatch)
     hub.resolve_model_dir.cache_clear()
     with pytest.raises(hub.ModelNotAvailableError) as error:
         hub.resolve_model_dir("damo/cv_r50_panoptic-segmentation_cocopan")
