@@ -1,24 +1,22 @@
 """Parity with ModelScope's own FastInst (``fastinst_model.FastInst``) and its built-in ``fast-instance-segmentation``
 pipeline, on hub-layout directories the reference writes with seeded, shaped random weights (tests/oracles/fastinst_oracle.py).
 
-Criteria: the same preprocessed tensor (bit-exact); class and mask logits on the reference's input tensor within 1e-4 max-abs;
-the pipelines' instance lists (score_thr=0, each sorted by score) match one to one with the same label, mask
-IoU >= 0.99 and scores within 1e-4.
+Criteria: the same preprocessed tensor (bit-exact); on the reference's input tensor, class, mask and query-proposal
+logits within 1e-4 max-abs with both networks in float64; the pipelines' instance lists (score_thr=0, each sorted
+by score) matching one to one with the same label, mask IoU >= 0.99 and scores within 1e-4.
 
-The reference's attention layers call ``nn.MultiheadAttention`` with ``need_weights=True`` (explicit softmax), this
-package's with ``need_weights=False`` (PyTorch's fused scaled-dot-product kernel, faster). With the reference's
-kernel this network's logits are bit-identical to the reference's; with the fused kernel the two differ by float32
-rounding (~3e-6 relative after one layer), which three masked-attention layers on these shaped weights amplify.
-So the 1e-4 bounds are checked with the reference's kernel, and the default (fused) path is checked against a bound
-of 1e-4 of the logit range, with the same instance matching.
+In float32 the two differ by rounding (this package's fused attention kernel and channels-last convolutions vs the
+reference's explicit softmax): ~1e-6 relative in the pixel features, which a handful of the ~10^6 attention-mask
+logits lying within that of 0 turn into flipped mask pixels and ~1e-3 logit differences in later layers. So in
+float32 the proposal logits (before any attention) keep the 1e-4 bound, the final logits get 1e-2 of their range
+(the Mask2Former parity tests' rule for flips), and the instance lists must all match at scores within 1e-3 and
+at least 90 % of them within 1e-4.
 """
-import contextlib
 import json
 
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from conftest import SHARED_DATA, run_oracle
 from modelscope.pipelines import pipeline
@@ -29,24 +27,8 @@ pytestmark = pytest.mark.oracle
 
 IMAGES = [SHARED_DATA / "coco" / "val2017" / "000000142238.jpg", SHARED_DATA / "photos" / "astronaut.png"]
 TOLERANCE = 1e-4
-# fused attention kernel: measured up to 1.0e-4 of the logit range on the hub architecture (seed 0); bound 5x that
-FUSED_TOLERANCE = 5e-4
-
-
-@contextlib.contextmanager
-def reference_attention_kernel():
-    """Runs every ``nn.MultiheadAttention`` with ``need_weights=True``, the code path the reference takes."""
-    original = nn.MultiheadAttention.forward
-
-    def forward(self, *args, **kwargs):
-        kwargs["need_weights"] = True
-        return original(self, *args, **kwargs)
-
-    nn.MultiheadAttention.forward = forward
-    try:
-        yield
-    finally:
-        nn.MultiheadAttention.forward = original
+FLOAT32_LOGIT_BOUND = 1e-2  # of the logit range, see the module docstring
+LOOSE_SCORE_TOLERANCE = 1e-3
 
 
 def write_reference(tmp_path_factory, name, images, *options):
@@ -103,6 +85,7 @@ def reference_instances(reference, index):
 
 def check_against_reference(model_dir, reference, images):
     config, network = load_model_dir(model_dir)
+    network.eval()
     assert list(config.class_names) == list(reference["classes"])
     segmenter = pipeline(Tasks.image_segmentation, model=str(model_dir), device="cpu")
     for index, image in enumerate(images):
@@ -111,26 +94,24 @@ def check_against_reference(model_dir, reference, images):
         assert prepared.tensor.shape == reference_input.shape[1:]
         assert torch.equal(prepared.tensor, reference_input[0])  # PIL resize, (x - mean) / std, zero padding: bit-exact
 
-        theirs = {name: torch.from_numpy(reference[f"{index}_{name}"]) for name in ("cls_logits", "mask_logits", "proposal_logits")}
-        with torch.no_grad(), reference_attention_kernel():
-            exact = network(reference_input)
+        names = ("cls_logits", "mask_logits", "proposal_logits")
         with torch.no_grad():
-            fused = network(reference_input)
-        assert (exact.proposal_class_logits[0] - theirs["proposal_logits"]).abs().max() < TOLERANCE
-        for ours_exact, ours_fused, name in ((exact.class_logits[0], fused.class_logits[0], "cls_logits"),
-                                             (exact.mask_logits[0], fused.mask_logits[0], "mask_logits")):
-            assert ours_exact.shape == theirs[name].shape
-            assert (ours_exact - theirs[name]).abs().max() < TOLERANCE, name
-            logit_range = max(1.0, theirs[name].abs().max().item())
-            assert (ours_fused - theirs[name]).abs().max() < FUSED_TOLERANCE * logit_range, name
+            output64 = network.double()(reference_input.double())
+            network.float()
+            output32 = network(reference_input)
+        for name, ours64, ours32 in zip(names, (output64.class_logits, output64.mask_logits, output64.proposal_class_logits),
+                                        (output32.class_logits, output32.mask_logits, output32.proposal_class_logits)):
+            theirs64, theirs32 = torch.from_numpy(reference[f"{index}_{name}64"]), torch.from_numpy(reference[f"{index}_{name}"])
+            assert ours64[0].shape == theirs64.shape
+            assert (ours64[0] - theirs64).abs().max() < TOLERANCE, name
+            bound = TOLERANCE if name == "proposal_logits" else FLOAT32_LOGIT_BOUND * max(1.0, theirs32.abs().max().item())
+            assert (ours32[0] - theirs32).abs().max() < bound, name
 
-        with reference_attention_kernel():
-            result = segmenter(str(image), score_thr=0)
+        result = segmenter(str(image), score_thr=0)
         expected = reference_instances(reference, index)
         assert result["scores"] == sorted(result["scores"], reverse=True)
-        assert match_instances(result, expected) == []
-        # the default (fused-attention) pipeline: same instances, scores within the logits' rounding
-        assert match_instances(segmenter(str(image), score_thr=0), expected, score_tolerance=1e-3) == []
+        assert match_instances(result, expected, score_tolerance=LOOSE_SCORE_TOLERANCE) == []
+        assert len(match_instances(result, expected)) <= 0.1 * len(expected["scores"])
         # the output contract beyond ModelScope's keys
         assert all(mask.dtype == np.uint8 and mask.shape == expected["masks"].shape[1:] for mask in result["masks"])
         assert result["category_ids"] == [config.category_ids[label] for label in result["label_ids"]]

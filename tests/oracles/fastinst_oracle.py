@@ -20,6 +20,7 @@ NPZ schema (``i`` = index of the image in ``--images``)::
     {i}_cls_logits          float32 [Q, K + 1]      last layer's class logits
     {i}_mask_logits         float32 [Q, Hp/8, Wp/8] last layer's mask logits
     {i}_proposal_logits     float32 [K + 1, Hp/16, Wp/16] auxiliary class head of the query selection
+    {i}_*_logits64          float64      the three above from the same network run in float64 on the same input
 
 With ``--keys-only`` it writes only ``{state-dict key: shape}`` of the network (JSON) to ``--result``.
 
@@ -204,6 +205,15 @@ def run_pipeline(args):
         arrays[f"{index}_input"] = captured["input"].numpy()
         for name, value in captured["head"].items():
             arrays[f"{index}_{name}"] = value.numpy()
+    # the same network in float64 on the same inputs: logits free of float32 rounding (and of the attention-mask
+    # flips it causes where a mask logit lies within rounding of 0)
+    model.double()
+    with torch.no_grad():
+        for index in range(len(args.images)):
+            output = model.sem_seg_head(model.backbone(torch.from_numpy(arrays[f"{index}_input"]).double()))
+            arrays[f"{index}_cls_logits64"] = output["pred_logits"][0].numpy()
+            arrays[f"{index}_mask_logits64"] = output["pred_masks"][0].numpy()
+            arrays[f"{index}_proposal_logits64"] = output["proposal_cls_logits"][0].numpy()
     np.savez_compressed(args.result, **arrays)
 
 
