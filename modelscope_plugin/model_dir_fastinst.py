@@ -13,7 +13,7 @@ detectron2 ResNet -> torchvision ResNet) and loaded strictly.
 import json
 import logging
 import re
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
 
@@ -21,7 +21,7 @@ import torch
 
 from . import checkpoint as checkpoint_io
 from .builders import build_fastinst
-from .config import FastInstConfig, ResNetConfig, fastinst_r50_d3_coco, fastinst_release
+from .config import FastInstConfig, PreprocessConfig, ResNetConfig, fastinst_r50_d3_coco, fastinst_release
 from .data.categories import COCO_PANOPTIC_CATEGORIES
 from .model_dir import ModelDirError
 from .modeling.fastinst.model import FastInst
@@ -130,11 +130,34 @@ def _native_state_dict(checkpoint: Any, name: str) -> Dict[str, torch.Tensor]:
     return checkpoint_io.convert_to_native(state_dict, "detectron2")
 
 
+def finetuned_extras(config: FastInstConfig) -> Dict[str, Any]:
+    """This package's additions to the hub configuration's ``model`` for a finetuned model (ModelScope's FastInst
+    ignores them): the dataset id of each class and the test-time preprocessing it was trained for."""
+    preprocess = {name: list(value) if isinstance(value, tuple) else value for name, value in asdict(config.preprocess).items()}
+    return {"category_ids": list(config.category_ids), "preprocess": preprocess}
+
+
+def _with_finetuned_extras(model: Mapping[str, Any], config: FastInstConfig, where: str) -> FastInstConfig:
+    if "category_ids" in model:
+        if len(model["category_ids"]) != config.num_classes:
+            raise FastInstConfigError(f"{where}.category_ids has {len(model['category_ids'])} ids for {config.num_classes} classes")
+        config = replace(config, category_ids=tuple(int(value) for value in model["category_ids"]))
+    if "preprocess" in model:
+        values = dict(model["preprocess"])
+        unknown = sorted(set(values) - set(PreprocessConfig.__dataclass_fields__))
+        if unknown:
+            raise FastInstConfigError(f"{where}.preprocess has unknown keys {unknown}")
+        config = replace(config, preprocess=PreprocessConfig(**{
+            name: tuple(value) if isinstance(value, list) else value for name, value in values.items()}))
+    return config
+
+
 def load_fastinst_dir(model_dir, configuration: Dict[str, Any], task: Optional[str] = None) -> Tuple[FastInstConfig, FastInst]:
     """A hub-layout FastInst directory (configuration.json ``model.type`` = "fastinst" + pytorch_model.pt)."""
     model_dir = Path(model_dir)
     model = configuration.get("model", {})
-    config = _with_categories(config_from_modelscope(model, fastinst_r50_d3_coco(), f"{model_dir}/configuration.json model"), task)
+    where = f"{model_dir}/configuration.json model"
+    config = _with_categories(_with_finetuned_extras(model, config_from_modelscope(model, fastinst_r50_d3_coco(), where), where), task)
     network = build_fastinst(config)
     if model.get("pretrained", True):
         weights_path = model_dir / "pytorch_model.pt"
@@ -193,17 +216,20 @@ def hub_configuration(config: FastInstConfig) -> Dict[str, Any]:
     }
 
 
-def write_hub_dir(directory, config: FastInstConfig, network: FastInst) -> Path:
+def write_hub_dir(directory, config: FastInstConfig, network: FastInst, finetuned: bool = False) -> Path:
     """Writes ``network`` as the hub publishes FastInst (configuration.json + pytorch_model.pt {"model": detectron2
-    names}); refuses a directory that already holds either file."""
+    names}); refuses a directory that already holds either file, unless ``finetuned`` (the trainer's own output
+    folder, rewritten at every checkpoint), which also records ``finetuned_extras``."""
     if config.num_groups != 32:
         raise FastInstConfigError(f"the hub layout has no GroupNorm group count; ModelScope always uses 32, not {config.num_groups}")
     directory = Path(directory)
     for name in ("configuration.json", "pytorch_model.pt"):
-        if (directory / name).exists():
+        if (directory / name).exists() and not finetuned:
             raise FileExistsError(f"{directory / name} exists; nothing is overwritten")
     directory.mkdir(parents=True, exist_ok=True)
     configuration = hub_configuration(_with_categories(config, None))
+    if finetuned:
+        configuration["model"].update(finetuned_extras(_with_categories(config, None)))
     (directory / "configuration.json").write_text(json.dumps(configuration, indent=2), encoding="utf-8")
     state_dict = checkpoint_io.rename_keys(network.state_dict(), NATIVE_TO_DETECTRON2_RULES)
     torch.save({"model": state_dict}, directory / "pytorch_model.pt")
