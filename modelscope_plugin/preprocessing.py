@@ -132,6 +132,16 @@ def rescaled_size(height: int, width: int, short_side: int, long_side_max: int) 
     return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
 
 
+def normalize_pixels(rgb: np.ndarray, config: PreprocessConfig) -> np.ndarray:
+    """(H, W, 3) uint8 RGB -> (H, W, 3) float32 ``(pixel - mean) / std`` the way the checkpoint's source computes it:
+    mmcv.imnormalize multiplies by the float32 reciprocal of std, torchvision (ModelScope's FastInst) divides."""
+    mean = np.asarray(config.mean, dtype=np.float32)
+    if config.divide_by_std:
+        return (rgb.astype(np.float32) - mean) / np.asarray(config.std, dtype=np.float32)
+    inverse_std = (1.0 / np.asarray(config.std, dtype=np.float64)).astype(np.float32)
+    return (rgb.astype(np.float32) - mean) * inverse_std
+
+
 def prepare_image(rgb: np.ndarray, config: PreprocessConfig) -> PreparedImage:
     """(H, W, 3) uint8 RGB -> resized, normalised, padded network input."""
     height, width = rgb.shape[:2]
@@ -143,13 +153,7 @@ def prepare_image(rgb: np.ndarray, config: PreprocessConfig) -> PreparedImage:
         resized = np.asarray(Image.fromarray(rgb).resize((resized_width, resized_height), Image.BILINEAR))
     else:
         raise ValueError(f"unknown resize_backend {config.resize_backend!r}")
-    # mmcv.imnormalize: subtract the mean, multiply by the reciprocal of std, in float32 (torchvision: divide by std)
-    mean = np.asarray(config.mean, dtype=np.float32)
-    if config.divide_by_std:
-        normalised = (resized.astype(np.float32) - mean) / np.asarray(config.std, dtype=np.float32)
-    else:
-        inverse_std = (1.0 / np.asarray(config.std, dtype=np.float64)).astype(np.float32)
-        normalised = (resized.astype(np.float32) - mean) * inverse_std
+    normalised = normalize_pixels(resized, config)
     padded_height = -(-resized_height // config.size_divisor) * config.size_divisor
     padded_width = -(-resized_width // config.size_divisor) * config.size_divisor
     tensor = torch.zeros(3, padded_height, padded_width, dtype=torch.float32)

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset, Sampler
 from ..config import PreprocessConfig
 from ..data.datasets import load_panoptic_ground_truth
 from ..modeling.matcher import SegmentationTarget
-from ..preprocessing import load_image
+from ..preprocessing import load_image, normalize_pixels
 from .config import AugmentationConfig
 
 TASKS = ("panoptic", "instance", "semantic")
@@ -82,10 +82,8 @@ def large_scale_jitter(rgb: np.ndarray, ids: np.ndarray, config: AugmentationCon
 
 
 def normalise(rgb: np.ndarray, preprocess: PreprocessConfig) -> torch.Tensor:
-    """(H, W, 3) uint8 -> (3, H, W) float32, as ``preprocessing.prepare_image`` normalises."""
-    mean = np.asarray(preprocess.mean, dtype=np.float32)
-    inverse_std = (1.0 / np.asarray(preprocess.std, dtype=np.float64)).astype(np.float32)
-    return torch.from_numpy((rgb.astype(np.float32) - mean) * inverse_std).permute(2, 0, 1).contiguous()
+    """(H, W, 3) uint8 -> (3, H, W) float32, normalised as at inference (``preprocessing.normalize_pixels``)."""
+    return torch.from_numpy(normalize_pixels(rgb, preprocess)).permute(2, 0, 1).contiguous()
 
 
 def build_target(ids: np.ndarray, segments: Sequence[Mapping[str, Any]], class_index_of: Mapping[int, int],
