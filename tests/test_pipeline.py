@@ -186,3 +186,11 @@ def test_bf16_precision_agrees_with_fp32_and_fp16_needs_cuda(tiny_model_dir, seg
         pipeline(Tasks.image_segmentation, model=str(tiny_model_dir), device="cpu", precision="fp16")
     with pytest.raises(ValueError, match="precision must be one of"):
         pipeline(Tasks.image_segmentation, model=str(tiny_model_dir), device="cpu", precision="int8")
+
+
+def test_model_directory_with_invalid_configuration_names_it(tmp_path):
+    from modelscope_plugin.errors import ModelDirError
+
+    (tmp_path / "configuration.json").write_text("{not json")
+    with pytest.raises(ModelDirError, match="configuration.json is not valid JSON"):
+        pipeline(Tasks.image_segmentation, model=str(tmp_path))

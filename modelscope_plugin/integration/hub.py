@@ -88,6 +88,12 @@ def wrap_read_config(original):
     def read_config(model_id_or_path, revision=None, *args, **kwargs):
         if is_supported_id(model_id_or_path):
             model_id_or_path = resolve_model_dir(model_id_or_path, revision)
+        elif isinstance(model_id_or_path, (str, Path)) and os.path.isdir(model_id_or_path):
+            from ..model_dir import read_configuration_json
+
+            # a local directory without a readable configuration.json: one clear ModelDirError naming it and the
+            # reason, instead of the TypeError / JSONDecodeError ModelScope's builder would raise
+            read_configuration_json(Path(model_id_or_path))
         config = original(model_id_or_path, revision, *args, **kwargs)
         plugins = config.safe_get("plugins") if config is not None else None
         if plugins:
