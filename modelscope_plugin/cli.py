@@ -1,4 +1,4 @@
-"""``modelscope-seg``: segment images, evaluate, export, validate and publish model cards, serve a browser demo.
+"""``modelscope-seg``: segment images, evaluate, train, export, validate and publish model cards, serve a browser demo.
 
 Exit codes: 0 success; 1 a failed input, model, card or upload (the message says which and why; with several
 images, the others are still written); 2 a usage error (bad arguments, an unknown subcommand).
@@ -214,6 +214,17 @@ def card_push(arguments) -> int:
     return EXIT_OK
 
 
+def train(finetune_arguments: Sequence[str]) -> int:
+    """``modelscope-seg train ...``: the finetune script (``modelscope_plugin.training.finetune``), its options as is."""
+    from .training.finetune import main as finetune_main
+
+    try:
+        finetune_main(list(finetune_arguments))
+    except SystemExit as exit_request:  # its own --help and usage errors
+        return int(exit_request.code or 0)
+    return EXIT_OK
+
+
 def serve(arguments) -> int:
     from .server import serve_forever
 
@@ -299,6 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     push_parser.add_argument("--dry-run", metavar="FOLDER", help="write the upload folder here and upload nothing")
     push_parser.set_defaults(handler=card_push)
 
+    # listed here for --help; main() hands everything after "train" to the finetune script's own parser
+    commands.add_parser("train", help="finetune on a COCO-format dataset (options: modelscope-seg train --help)",
+                        add_help=False)
+
     serve_parser = commands.add_parser("serve", help="browser demo on http://127.0.0.1:PORT",
                                        description="Serves an upload page: choose model and task, see the overlay, "
                                                    "legend and scores, download the JSON. Listens on 127.0.0.1 only.")
@@ -329,18 +344,22 @@ def positive_int(text: str) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Runs one command; returns its exit code (``--help``: 0, usage errors: 2)."""
-    parser = build_parser()
-    try:
-        arguments = parser.parse_args(argv)
-    except SystemExit as exit_request:  # argparse exits 0 for --help and 2 for usage errors
-        return int(exit_request.code or 0)
     from .cards import CardError
     from .errors import USER_ERRORS
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:
+        command, run = "train", lambda: train(argv[1:])
+    else:
+        try:
+            arguments = build_parser().parse_args(argv)
+        except SystemExit as exit_request:  # argparse exits 0 for --help and 2 for usage errors
+            return int(exit_request.code or 0)
+        command, run = arguments.command, lambda: arguments.handler(arguments)
     try:
-        return arguments.handler(arguments)
+        return run()
     except (CommandError, CardError, *USER_ERRORS, FileExistsError) as error:
-        print(f"modelscope-seg {arguments.command}: error: {error}", file=sys.stderr)
+        print(f"modelscope-seg {command}: error: {error}", file=sys.stderr)
         return EXIT_FAILED
 
 

@@ -312,3 +312,11 @@ def test_export_fastinst_to_onnx_checked_with_onnxruntime(tiny_model_dir, tmp_pa
     assert "export of" in capsys.readouterr().err and output.read_bytes() == before
     assert not list(output.parent.glob(".*.partial"))
     assert main(arguments[:-4] + ["--example-size", "100x128"]) == 2
+
+
+def test_train_hands_its_options_to_the_finetune_script(capsys):
+    assert main(["train", "--help"]) == 0
+    assert "--work-dir" in capsys.readouterr().out
+    assert main(["train", "--epochs", "1"]) == 2  # --data and --work-dir are required
+    assert "required" in capsys.readouterr().err
+    assert main(["--help"]) == 0 and "train" in capsys.readouterr().out
