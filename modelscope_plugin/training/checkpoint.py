@@ -8,7 +8,8 @@ ModelScope's configuration and file names (``{work_dir}/iter_N.pth`` + ``iter_N_
 - RNG states as plain Python values and tensors (``portable_rng_state``), loadable with ``weights_only=True``;
 - ``epoch`` / ``inner_iter`` / ``iter`` = where training continues (the next epoch after an end-of-epoch save);
 - ``{work_dir}/output`` (``train.checkpoint.period.output_dir``) is a model directory in this package's native
-  layout (``configuration.json`` + ``pytorch_model.pt``, ``demo.write_model_dir``) that ``pipeline()`` loads.
+  layout (``configuration.json`` + ``pytorch_model.pt``, ``demo.write_model_dir``; FastInst: the hub layout) that
+  ``pipeline()`` loads.
 Files are written to a temporary name and renamed, so a run killed while saving leaves the previous checkpoint.
 """
 import os
@@ -25,6 +26,7 @@ from modelscope.trainers.hooks.checkpoint.load_checkpoint_hook import LoadCheckp
 from modelscope.trainers.hooks.priority import Priority
 
 from .. import checkpoint as checkpoint_io
+from ..config import FastInstConfig
 from ..demo import write_model_dir
 
 TRAINER_STATE_SUFFIX = CheckpointProcessor.TRAINER_STATE_SUFFIX
@@ -83,6 +85,16 @@ def latest_checkpoint(work_dir) -> Optional[str]:
     return best
 
 
+def write_output_dir(directory: Path, config, network: torch.nn.Module) -> Path:
+    """The trained network as a model directory ``pipeline()`` loads: Mask2Former in the native layout, FastInst in
+    the hub layout (with its category ids and test-time preprocessing)."""
+    if isinstance(config, FastInstConfig):
+        from ..model_dir_fastinst import write_hub_dir
+
+        return write_hub_dir(directory, config, network, finetuned=True)
+    return write_model_dir(directory, config, network)
+
+
 class SegmentationCheckpointProcessor(CheckpointProcessor):
     def prepare_output(self, trainer, output_dir):
         Path(output_dir).mkdir(parents=True, exist_ok=True)
@@ -97,7 +109,7 @@ class SegmentationCheckpointProcessor(CheckpointProcessor):
                 state["lr_scheduler"] = trainer.lr_scheduler.state_dict()
         _atomic_save(state, state_file)
         _atomic_save({"state_dict": network.state_dict()}, model_file)
-        write_model_dir(Path(output_dir), trainer.model_config, network)
+        write_output_dir(Path(output_dir), trainer.model_config, network)
 
     def load_checkpoints(self, checkpoint_path_prefix, trainer, load_all_state, strict):
         model_file, state_file = checkpoint_files(checkpoint_path_prefix)

@@ -19,6 +19,10 @@ class LossConfig:
     """Points per mask (112 x 112), for matching and for the loss."""
     oversample_ratio: float = 3.0
     importance_sample_ratio: float = 0.75
+    location_weight: float = 1000.0
+    """FastInst only: weight of the location cost in the matching (a query matches only instances it lies in)."""
+    proposal_weight: float = 20.0
+    """FastInst only: weight of the instance-activation (proposal) cross-entropy."""
 
 
 @dataclass

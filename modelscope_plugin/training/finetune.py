@@ -1,4 +1,5 @@
-"""Finetune (or train from scratch) a Mask2Former on a COCO-panoptic folder: MsDataset -> trainer -> evaluation.
+"""Finetune (or train from scratch) a Mask2Former or a FastInst on a COCO-panoptic folder: MsDataset -> trainer ->
+evaluation.
 
     python -m modelscope_plugin.training.finetune --data data/synthetic --generate 2000 --architecture small \\
         --work-dir outputs/m2f_synthetic --epochs 50 --batch-size 8
@@ -7,7 +8,8 @@
 ``--data`` holds ``train`` and ``val`` splits in the layout of ``modelscope_plugin.data.synthetic`` (``--generate N``
 writes N synthetic training scenes with ``--seed`` and N // 5 validation scenes with ``--seed + 1``, the held-out
 split, unless they exist). ``--model`` starts from a model directory or hub id (the class head is re-initialised
-for the dataset's classes); without it a randomly initialised network of ``--architecture`` is the start. The
+for the dataset's classes); without it a randomly initialised network of ``--architecture`` is the start
+(``fastinst-d1`` / ``fastinst-d3``: FastInst R50 with 1 / 3 decoder layers, instance task only). The
 finetuned model directory is ``{work_dir}/output`` (``pipeline(Tasks.image_segmentation, model=...)`` loads it)
 and the held-out metrics are written to ``{work_dir}/metrics.json``.
 """
@@ -33,16 +35,29 @@ ARCHITECTURES = {
                   decoder_layers=6, decoder_feedforward_dim=384),
 }
 
+# FastInst R50 (the official widths) with 1 or 3 dual-path decoder layers
+FASTINST_ARCHITECTURES = {"fastinst-d1": dict(decoder_layers=1), "fastinst-d3": dict(decoder_layers=3)}
+
 
 def initial_model_dir(directory: Path, architecture: str, categories: List[Dict[str, Any]], image_size: int,
                       seed: int) -> Path:
-    """A randomly initialised network of ``architecture`` in the native model-directory layout."""
-    from ..builders import build_mask2former
-    from ..config import PreprocessConfig
+    """A randomly initialised network of ``architecture`` in the native model-directory layout (FastInst: the hub
+    layout, classes = the dataset's things)."""
+    from ..builders import build_fastinst, build_mask2former
+    from ..config import FastInstConfig, PreprocessConfig
     from ..demo import write_model_dir
+    from ..model_dir_fastinst import write_hub_dir
 
     things = [c for c in categories if c["isthing"]]
     stuff = [c for c in categories if not c["isthing"]]
+    if architecture in FASTINST_ARCHITECTURES:
+        fastinst = FastInstConfig(
+            **FASTINST_ARCHITECTURES[architecture], num_classes=len(things), class_names=tuple(c["name"] for c in things),
+            category_ids=tuple(c["id"] for c in things),
+            preprocess=PreprocessConfig(short_side=image_size, long_side_max=image_size, resize_backend="pil",
+                                        divide_by_std=True))
+        torch.manual_seed(seed)
+        return write_hub_dir(directory, fastinst, build_fastinst(fastinst), finetuned=True)
     config = Mask2FormerConfig(
         **ARCHITECTURES[architecture], num_things_classes=len(things), num_stuff_classes=len(stuff),
         class_names=tuple(c["name"] for c in things + stuff), category_ids=tuple(c["id"] for c in things + stuff),
@@ -62,9 +77,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--generate", type=int, default=0, help="write this many synthetic training scenes first")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default=None, help="model directory or hub id to start from")
-    parser.add_argument("--architecture", choices=sorted(ARCHITECTURES), default="small")
+    parser.add_argument("--architecture", choices=sorted(ARCHITECTURES) + sorted(FASTINST_ARCHITECTURES), default="small")
     parser.add_argument("--work-dir", required=True)
-    parser.add_argument("--task", choices=("panoptic", "instance", "semantic"), default="panoptic")
+    parser.add_argument("--task", choices=("panoptic", "instance", "semantic"), default=None,
+                        help="default: instance for the FastInst architectures, else panoptic")
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=8, help="images per process")
     parser.add_argument("--lr", type=float, default=1e-4)
@@ -77,6 +93,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--resume", default=None, help="checkpoint prefix (work_dir/iter_N) or 'latest'")
     parser.add_argument("--launcher", default=None, help="'pytorch' under torchrun")
     arguments = parser.parse_args(argv)
+    if arguments.task is None:
+        arguments.task = "instance" if arguments.architecture in FASTINST_ARCHITECTURES else "panoptic"
 
     import modelscope_plugin  # noqa: F401  (registers the trainer and metrics)
     from modelscope.trainers import build_trainer
