@@ -2,10 +2,12 @@
 its class heads are re-initialised for the new class set (logged), the output folder is a hub-layout FastInst
 directory that pipeline() runs with the trained weights, and evaluation scores it with COCO mask AP."""
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from modelscope.trainers import build_trainer
 
 from modelscope_plugin.builders import build_fastinst
@@ -21,7 +23,9 @@ THING_NAMES = [c.name for c in SYNTHETIC_CATEGORIES if c.isthing]
 # 64 x 64 inputs: the stride-16 map has 16 pixels for the 12 queries
 OPTIONS = {
     "train.max_epochs": 8, "train.dataloader.batch_size_per_gpu": 2, "train.optimizer.lr": 1e-3,
-    "train.augmentation": {"image_size": 64, "min_scale": 1.0, "max_scale": 1.0, "flip_probability": 0.0},
+    # FastInst's augmentation at the scenes' own size without crops or flips: the same batch every iteration
+    "train.augmentation": {"kind": "fastinst", "image_size": 64, "short_sides": [64], "long_side_max": 64,
+                           "crop_probability": 0.0, "flip_probability": 0.0},
     "train.preprocess": {"short_side": 64, "long_side_max": 64},
     "train.loss": {"num_points": 256}, "train.logging": {"interval": 1},
     "train.checkpoint.period": {"interval": 8, "by_epoch": False},
@@ -59,6 +63,7 @@ def test_fastinst_learns_a_repeated_batch(trained, caplog):
     assert decoder.query_proposal.conv_proposal_cls_logits[-1].out_channels == 5
     # official FastInst's solver: no gradient clipping, steps at 88.9 % / 96.3 % of the run
     assert "grad_clip" not in (trainer.cfg.train.optimizer.get("options") or {})
+    assert trainer.train_dataset.augmentation.kind == "fastinst"
     trainer.train()
     losses = recorder.losses
     assert len(losses) == 8 and all(np.isfinite(losses))
@@ -137,3 +142,41 @@ def test_the_finetune_script_starts_a_fastinst_from_the_dataset_classes(tmp_path
     assert config.category_ids == tuple(c["id"] for c in CATEGORIES if c["isthing"])
     assert (config.preprocess.short_side, config.preprocess.long_side_max) == (128, 128)
     assert network.transformer_decoder.class_embed_layers[-1].layers[-1].out_features == 5
+
+
+def test_fastinst_augmentation_resizes_the_short_side_caps_the_long_side_and_pads_the_canvas():
+    from modelscope_plugin.training.config import AugmentationConfig
+    from modelscope_plugin.training.data import fastinst_augmentation
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 255, (100, 200, 3), dtype=np.uint8)
+    rows, columns = np.meshgrid(np.arange(100), np.arange(200), indexing="ij")
+    ids = rows * 1000 + columns + 1  # every pixel its own id: the output tells where each pixel came from
+    config = AugmentationConfig(kind="fastinst", image_size=96, short_sides=(50,), long_side_max=80,
+                                crop_probability=0.0, flip_probability=0.0, pad_value=128)
+    image, id_map = fastinst_augmentation(rgb, ids, config, np.random.default_rng(1))
+    # short side 100 -> 50 gives 50 x 100; the long side is capped at 80: 40 x 80 (sides rounded with int(x + 0.5))
+    expected = np.asarray(Image.fromarray(rgb).resize((80, 40), Image.BILINEAR))
+    assert image.shape == (96, 96, 3) and np.array_equal(image[:40, :80], expected)
+    assert (image[40:] == 128).all() and (image[:, 80:] == 128).all()
+    assert (id_map[:40, :80] > 0).all() and (id_map[40:] == 0).all() and (id_map[:, 80:] == 0).all()
+
+    cropping = AugmentationConfig(kind="fastinst", image_size=128, short_sides=(50,), long_side_max=120,
+                                  crop_probability=1.0, crop_short_sides=(100,), crop_size_range=(30, 60),
+                                  flip_probability=0.0)
+    sizes = set()
+    for seed in range(12):
+        _, id_map = fastinst_augmentation(rgb, ids, cropping, np.random.default_rng(seed))
+        kept = id_map[id_map > 0] - 1
+        source_rows, source_columns = kept // 1000, kept % 1000
+        crop = (source_rows.max() - source_rows.min() + 1, source_columns.max() - source_columns.min() + 1)
+        assert 30 <= crop[0] <= 60 and 30 <= crop[1] <= 60, crop  # RandomCrop "absolute_range"
+        height, width = (id_map > 0).any(1).sum(), (id_map > 0).any(0).sum()
+        assert min(height, width) == 50 or max(height, width) == 120  # then the short side to 50 (long <= 120)
+        sizes.add((height, width))
+    assert len(sizes) > 3
+    with pytest.raises(ValueError, match="smaller than long_side_max"):
+        from modelscope_plugin.config import PreprocessConfig
+        from modelscope_plugin.training.data import SegmentationTrainingDataset
+
+        SegmentationTrainingDataset([], [], "instance", PreprocessConfig(), replace(config, image_size=64))

@@ -2,9 +2,9 @@
 dict(model=<dir or hub id>, train_dataset=MsDataset, eval_dataset=MsDataset, work_dir=..., cfg_options={...}))``.
 
 A FastInst model directory (``model.type`` "fastinst") trains the instance task with ``FastInstCriterion`` (location
-cost, proposal loss, ground-truth mask-guided learning) and official FastInst's solver defaults (AdamW 1e-4, weight
-decay 0.05, no gradient clipping, lr x 0.1 at 88.9 % and 96.3 % of the iterations); its output folder is a
-hub-layout FastInst directory.
+cost, proposal loss, ground-truth mask-guided learning) and official FastInst's defaults (AdamW 1e-4, weight decay
+0.05, no gradient clipping, lr x 0.1 at 88.9 % and 96.3 % of the iterations; its multi-scale resize + random crop
+augmentation, ``train.augmentation.kind`` "fastinst"); its output folder is a hub-layout FastInst directory.
 
 It is ModelScope's ``EpochBasedTrainer`` (its configuration keys, hooks, log and checkpoint names) with the gaps
 that keep the stock trainer from finetuning these models closed:
@@ -91,6 +91,8 @@ FASTINST_TRAINING_CONFIG = {
         "dataloader": {"batch_size_per_gpu": 2, "workers_per_gpu": 0},
         "optimizer": {"type": "AdamW", "lr": 1e-4, "weight_decay": 0.05},
         "lr_scheduler": {"type": "MultiStepLR", "gamma": 0.1, "options": {"by_epoch": False}},
+        # multi-scale short side 416-640 (long side <= 853), half the time after a 384-600 random crop; 864 canvas
+        "augmentation": {"kind": "fastinst", "image_size": 864},
     },
 }
 FASTINST_MILESTONE_FRACTIONS = (327778 / 368750, 355092 / 368750)

@@ -1,7 +1,7 @@
 """Typed training settings, read once from the ModelScope trainer configuration (``train.loss``,
 ``train.augmentation``, ``train.optimizer.paramwise_options``). Defaults are Mask2Former's COCO recipe."""
 from dataclasses import dataclass, fields
-from typing import Any, Mapping, Type, TypeVar
+from typing import Any, Mapping, Tuple, Type, TypeVar
 
 Settings = TypeVar("Settings")
 
@@ -27,16 +27,28 @@ class LossConfig:
 
 @dataclass
 class AugmentationConfig:
-    """Large-scale jitter (detectron2's ``ResizeScale`` + ``FixedSizeCrop``) and a horizontal flip."""
+    """``kind`` "large_scale_jitter" (Mask2Former): detectron2's ``ResizeScale`` + ``FixedSizeCrop`` and a horizontal
+    flip. ``kind`` "fastinst" (official FastInst's instance mapper): with probability ``crop_probability`` a
+    ``ResizeShortestEdge`` to one of ``crop_short_sides`` and an ``absolute_range`` ``RandomCrop`` of
+    ``crop_size_range``, then ``ResizeShortestEdge`` to one of ``short_sides`` (long side at most ``long_side_max``)
+    and the flip; the result is padded to the square ``image_size`` canvas, so batches do not depend on the ranks."""
 
     image_size: int = 1024
-    """Side of the square training crop (a multiple of 32)."""
+    """Side of the square training crop / canvas (a multiple of 32; "fastinst": at least ``long_side_max``)."""
+    kind: str = "large_scale_jitter"
     min_scale: float = 0.1
     max_scale: float = 2.0
     """The image is resized to fit image_size * s, s uniform in [min_scale, max_scale]."""
     flip_probability: float = 0.5
     pad_value: int = 128
     """Image value of the padding below / right of a crop smaller than image_size (before normalisation)."""
+    short_sides: Tuple[int, ...] = (416, 448, 480, 512, 544, 576, 608, 640)
+    """"fastinst": the shorter side is resized to one of these (detectron2 MIN_SIZE_TRAIN, "choice")."""
+    long_side_max: int = 853
+    crop_probability: float = 0.5
+    crop_short_sides: Tuple[int, ...] = (400, 500, 600)
+    crop_size_range: Tuple[int, int] = (384, 600)
+    """"fastinst": crop height and width, each uniform in this range (clipped to the image), before the resize."""
 
 
 @dataclass

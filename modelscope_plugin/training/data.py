@@ -51,6 +51,14 @@ def contiguous_categories(categories: Sequence[Any]) -> List[TrainingCategory]:
     return [c for c in parsed if c.isthing] + [c for c in parsed if not c.isthing]
 
 
+def _resize(rgb: np.ndarray, ids: np.ndarray, height: int, width: int):
+    """Image: PIL bilinear; panoptic ids: nearest."""
+    resized = np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).resize((width, height), Image.BILINEAR))
+    resized_ids = np.asarray(Image.fromarray(np.ascontiguousarray(ids).astype(np.int32), mode="I")
+                             .resize((width, height), Image.NEAREST)).astype(np.int64)
+    return resized, resized_ids
+
+
 def large_scale_jitter(rgb: np.ndarray, ids: np.ndarray, config: AugmentationConfig, rng: np.random.Generator):
     """detectron2's RandomFlip + ResizeScale + FixedSizeCrop on an image and its panoptic id map.
 
@@ -65,9 +73,7 @@ def large_scale_jitter(rgb: np.ndarray, ids: np.ndarray, config: AugmentationCon
     random_scale = rng.uniform(config.min_scale, config.max_scale)
     scale = min(size * random_scale / height, size * random_scale / width)
     new_height, new_width = max(int(round(height * scale)), 1), max(int(round(width * scale)), 1)
-    resized = np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).resize((new_width, new_height), Image.BILINEAR))
-    resized_ids = np.asarray(Image.fromarray(np.ascontiguousarray(ids).astype(np.int32), mode="I")
-                             .resize((new_width, new_height), Image.NEAREST)).astype(np.int64)
+    resized, resized_ids = _resize(rgb, ids, new_height, new_width)
     # FixedSizeCrop: one uniform fraction of the largest offset in both directions, then pad bottom / right
     fraction = rng.uniform(0.0, 1.0)
     top = int(round(max(new_height - size, 0) * fraction))
@@ -79,6 +85,47 @@ def large_scale_jitter(rgb: np.ndarray, ids: np.ndarray, config: AugmentationCon
     id_map = np.zeros((size, size), dtype=np.int64)
     id_map[:cropped_ids.shape[0], :cropped_ids.shape[1]] = cropped_ids
     return image, id_map
+
+
+def _resize_shortest_edge(rgb: np.ndarray, ids: np.ndarray, short_sides: Sequence[int], long_side_max: float,
+                          rng: np.random.Generator):
+    """detectron2's ``ResizeShortestEdge`` ("choice"): short side to a random one of ``short_sides``, the long side
+    capped at ``long_side_max``, sides rounded with int(x + 0.5)."""
+    height, width = rgb.shape[:2]
+    short_side = short_sides[int(rng.integers(len(short_sides)))]
+    scale = short_side / min(height, width)
+    new_height, new_width = height * scale, width * scale
+    if max(new_height, new_width) > long_side_max:
+        shrink = long_side_max / max(new_height, new_width)
+        new_height, new_width = new_height * shrink, new_width * shrink
+    return _resize(rgb, ids, max(int(new_height + 0.5), 1), max(int(new_width + 0.5), 1))
+
+
+def fastinst_augmentation(rgb: np.ndarray, ids: np.ndarray, config: AugmentationConfig, rng: np.random.Generator):
+    """Official FastInst's instance mapper (see ``AugmentationConfig``) on an image and its panoptic id map.
+
+    Returns the (S, S, 3) uint8 image (padding = ``pad_value``) and the (S, S) int64 ids (padding = 0, void)."""
+    if rng.uniform() < config.crop_probability:
+        rgb, ids = _resize_shortest_edge(rgb, ids, config.crop_short_sides, float("inf"), rng)
+        # RandomCrop("absolute_range"): crop sides uniform in the range (clipped to the image), uniform offset
+        height, width = rgb.shape[:2]
+        low, high = config.crop_size_range
+        crop_height = int(rng.integers(min(height, low), min(height, high) + 1))
+        crop_width = int(rng.integers(min(width, low), min(width, high) + 1))
+        top, left = int(rng.integers(height - crop_height + 1)), int(rng.integers(width - crop_width + 1))
+        rgb, ids = rgb[top:top + crop_height, left:left + crop_width], ids[top:top + crop_height, left:left + crop_width]
+    rgb, ids = _resize_shortest_edge(rgb, ids, config.short_sides, config.long_side_max, rng)
+    if rng.uniform() < config.flip_probability:
+        rgb, ids = rgb[:, ::-1], ids[:, ::-1]
+    size = config.image_size
+    image = np.full((size, size, 3), config.pad_value, dtype=np.uint8)
+    image[:rgb.shape[0], :rgb.shape[1]] = rgb
+    id_map = np.zeros((size, size), dtype=np.int64)
+    id_map[:ids.shape[0], :ids.shape[1]] = ids
+    return image, id_map
+
+
+AUGMENTATIONS = {"large_scale_jitter": large_scale_jitter, "fastinst": fastinst_augmentation}
 
 
 def normalise(rgb: np.ndarray, preprocess: PreprocessConfig) -> torch.Tensor:
@@ -130,6 +177,11 @@ class SegmentationTrainingDataset(Dataset):
         if augmentation.image_size % preprocess.size_divisor:
             raise ValueError(f"augmentation image_size {augmentation.image_size} is not a multiple of "
                              f"{preprocess.size_divisor}")
+        if augmentation.kind not in AUGMENTATIONS:
+            raise ValueError(f"train.augmentation.kind must be one of {sorted(AUGMENTATIONS)}, got {augmentation.kind!r}")
+        if augmentation.kind == "fastinst" and augmentation.image_size < augmentation.long_side_max:
+            raise ValueError(f"train.augmentation.image_size {augmentation.image_size} is smaller than long_side_max "
+                             f"{augmentation.long_side_max}: the resized image would not fit the canvas")
         self.rows = rows
         self.task = task
         self.preprocess = preprocess
@@ -161,7 +213,7 @@ class SegmentationTrainingDataset(Dataset):
             raise TrainingDataError(f"training image {image_id}: panoptic PNG {row['panoptic_path']} is "
                                     f"{ids.shape[1]}x{ids.shape[0]}, the image {rgb.shape[1]}x{rgb.shape[0]}")
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        image, id_map = large_scale_jitter(rgb, ids, self.augmentation, rng)
+        image, id_map = AUGMENTATIONS[self.augmentation.kind](rgb, ids, self.augmentation, rng)
         target = build_target(id_map, segments, self.class_index_of, self.thing_ids, self.task)
         return TrainingSample(normalise(image, self.preprocess), target, index)
 
