@@ -337,6 +337,8 @@ def test_huge_image_runs_at_model_resolution_within_the_documented_memory_bound(
     assert measured["segments"] >= 1
     assert measured["shapes"] == [[height, width]] and measured["panoptic_seg"] == [height, width]
     pixels = height * width
-    bound = (measured["segments"] + 4 + 3) * pixels + 300 * 2 ** 20
+    # + 600 MiB for the interpreter, torch's allocator and the kernel's page handling: the same run measured 960 MiB
+    # of growth on an idle machine and 1651 MiB while the machine was loaded (the uncapped path needs far more)
+    bound = (measured["segments"] + 4 + 3) * pixels + 600 * 2 ** 20
     growth = measured["peak"] - measured["before"]
     assert growth <= bound, f"peak grew by {growth / 2 ** 20:.0f} MiB; bound {bound / 2 ** 20:.0f} MiB"
