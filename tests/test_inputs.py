@@ -301,22 +301,26 @@ def test_capped_postprocessing_agrees_with_full_size(segmenter):
 
 
 HUGE_IMAGE_SCRIPT = r"""
-import json, resource, sys
+import json, sys
 import numpy as np
 import modelscope_plugin
 from modelscope.pipelines import pipeline
 
-def resident_bytes():
-    return int(open("/proc/self/statm").read().split()[1]) * 4096
+def status_bytes(field):
+    line = next(line for line in open("/proc/self/status") if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
 
 segmenter = pipeline("image-segmentation", model=sys.argv[1], device="cpu")
 height, width = int(sys.argv[2]), int(sys.argv[3])
 blocks = np.random.default_rng(0).integers(0, 256, (9, 12, 3), dtype=np.uint8)
 image = np.repeat(np.repeat(blocks, height // 9 + 1, 0), width // 12 + 1, 1)[:height, :width].copy()
 segmenter(image[:64, :64].copy())
-before = resident_bytes()
+# reset the high-water mark (Linux clear_refs 5) so the peak covers the call alone, not building the test image
+with open("/proc/self/clear_refs", "w") as handle:
+    handle.write("5")
+before = status_bytes("VmRSS")
 result = segmenter(image)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = status_bytes("VmHWM")
 print(json.dumps({"before": before, "peak": peak, "segments": len(result["masks"]),
                   "shapes": sorted({tuple(mask.shape) for mask in result["masks"]}),
                   "panoptic_seg": list(result["panoptic_seg"].shape)}))
@@ -337,8 +341,9 @@ def test_huge_image_runs_at_model_resolution_within_the_documented_memory_bound(
     assert measured["segments"] >= 1
     assert measured["shapes"] == [[height, width]] and measured["panoptic_seg"] == [height, width]
     pixels = height * width
-    # + 600 MiB for the interpreter, torch's allocator and the kernel's page handling: the same run measured 960 MiB
-    # of growth on an idle machine and 1651 MiB while the machine was loaded (the uncapped path needs far more)
-    bound = (measured["segments"] + 4 + 3) * pixels + 600 * 2 ** 20
+    # + 1 GiB for the interpreter, torch's allocator and the kernel's page handling: the same call grew by 0.98-1.1
+    # GiB in a lone process and by up to 1.73 GiB late in a full test run (the uncapped path needs several GiB more:
+    # float maps of 4 bytes per pixel per kept query, several times over)
+    bound = (measured["segments"] + 4 + 3) * pixels + 2 ** 30
     growth = measured["peak"] - measured["before"]
     assert growth <= bound, f"peak grew by {growth / 2 ** 20:.0f} MiB; bound {bound / 2 ** 20:.0f} MiB"
