@@ -2,7 +2,10 @@
 
 Masks are brought to the input size the way mmdet 2.x, EasyCV and detectron2 do: bilinear upsampling of the
 stride-4 logits to the padded input, cropping the padding, bilinear resizing to the original size. Only the
-queries a task keeps are upsampled (interpolation is per query, so the result is the same).
+queries a task keeps are upsampled (interpolation is per query, so the result is the same). When the original
+image is no larger than the resized one (most photos: COCO's 640x480 is resized to 800x1067), the three steps are
+applied as one matrix product per axis instead (``resize_operator``): the same linear map, without computing the
+padded-size intermediate; values agree with the three-step path to float32 rounding.
 """
 from dataclasses import dataclass, field
 from typing import List, Tuple
@@ -15,14 +18,43 @@ import torch.nn.functional as F
 INSTANCE_OFFSET = 1000
 
 
+def resize_operator(source: int, padded: int, resized: int, original: int) -> torch.Tensor:
+    """(original, source) float32 matrix of the linear map that the three-step resize applies along one axis:
+    linear upsampling ``source -> padded``, keeping the first ``resized`` samples, linear resampling to
+    ``original`` (torch's ``align_corners=False`` arithmetic, bilinear being separable). Built by pushing the
+    identity through ``F.interpolate`` itself in float64, so its index arithmetic is torch's own."""
+    identity = torch.eye(source, dtype=torch.float64)[None]  # (1, source basis vectors, source samples)
+    upsampled = F.interpolate(identity, size=padded, mode="linear", align_corners=False)[..., :resized]
+    return F.interpolate(upsampled, size=original, mode="linear", align_corners=False)[0].T.float()
+
+
 def masks_to_original_size(mask_logits: torch.Tensor, padded_size: Tuple[int, int], resized_size: Tuple[int, int],
                            original_size: Tuple[int, int]) -> torch.Tensor:
     """(N, h, w) stride-4 logits -> (N, H, W) logits at the original image size."""
     if mask_logits.shape[0] == 0:
         return mask_logits.new_zeros((0, *original_size))
+    (height, width), (original_height, original_width) = mask_logits.shape[-2:], original_size
+    if original_height * original_width <= resized_size[0] * resized_size[1]:
+        rows = resize_operator(height, padded_size[0], resized_size[0], original_height).to(mask_logits)  # (H, h)
+        columns = resize_operator(width, padded_size[1], resized_size[1], original_width).to(mask_logits)  # (W, w)
+        # the cheaper association of rows @ logits @ columns^T
+        if original_height * width * (height + original_width) <= height * original_width * (width + original_height):
+            return torch.matmul(torch.matmul(rows, mask_logits), columns.T)
+        return torch.matmul(rows, torch.matmul(mask_logits, columns.T))
     upsampled = F.interpolate(mask_logits[None], size=padded_size, mode="bilinear", align_corners=False)
     cropped = upsampled[:, :, : resized_size[0], : resized_size[1]]
     return F.interpolate(cropped, size=original_size, mode="bilinear", align_corners=False)[0]
+
+
+def first_argmax(values: torch.Tensor) -> torch.Tensor:
+    """``values.argmax(0)`` for (N, H, W): a running maximum over the N maps, which reads memory in order where an
+    argmax over the leading dimension strides across it (2x faster here); ties go to the first, as argmax's."""
+    best, index = values[0].clone(), torch.zeros(values.shape[1:], dtype=torch.long, device=values.device)
+    for position in range(1, values.shape[0]):
+        better = values[position] > best
+        best = torch.where(better, values[position], best)
+        index.masked_fill_(better, position)
+    return index
 
 
 @dataclass
@@ -58,7 +90,7 @@ def panoptic_inference(class_logits: torch.Tensor, mask_logits: torch.Tensor, nu
     if kept_labels.numel() == 0:
         return PanopticResult()
     # every pixel goes to the query with the highest score * mask probability
-    winner = (kept_scores[:, None, None] * mask_probabilities).argmax(0)
+    winner = first_argmax(kept_scores[:, None, None] * mask_probabilities)
     segment_masks = {}  # panoptic id -> (mask, score)
     instance_id = 1
     for query in range(kept_labels.shape[0]):
