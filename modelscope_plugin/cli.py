@@ -273,16 +273,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_parser.set_defaults(handler=evaluate)
 
     export_parser = commands.add_parser(
-        "export", help="ONNX export (FastInst; Mask2Former where the exporter supports it), checked with onnxruntime",
-        description="Writes the network (normalised, padded images -> class and mask logits, dynamic batch/height/width) "
-                    "as ONNX, checks onnxruntime's logits against the network at two input sizes, then moves the file "
-                    "into place. Post-processing stays in Python.")
+        "export", help="ONNX export (FastInst: dynamic size; Mask2Former: one fixed size), checked with onnxruntime",
+        description="Writes the network (normalised, padded images -> class and mask logits) as ONNX, checks "
+                    "onnxruntime's logits against the network, then moves the file into place. FastInst: dynamic "
+                    "batch/height/width, checked at two sizes. Mask2Former: the graph takes (1, 3, H, W) at the "
+                    "--example-size only (pad images to it), checked there. Post-processing stays in Python.")
     export_parser.add_argument("--model", required=True, help="hub id or model directory")
     export_parser.add_argument("--output", required=True, help="the .onnx file to write")
     export_parser.add_argument("--example-size", type=padded_size, default=(640, 640), metavar="HxW",
-                               help="input size traced, multiples of 32 (default 640x640)")
+                               help="input size traced (Mask2Former: the graph's fixed input size), multiples of 32 (default 640x640)")
     export_parser.add_argument("--check-size", type=padded_size, default=(480, 832), metavar="HxW",
-                               help="a second input size the check runs at (default 480x832)")
+                               help="a second input size the check runs at, for dynamic-size graphs (default 480x832)")
     export_parser.add_argument("--no-check", dest="check", action="store_false", help="skip the onnxruntime check")
     export_parser.add_argument("--overwrite", action="store_true", help="replace an existing file")
     export_parser.set_defaults(handler=export)

@@ -1,13 +1,20 @@
-"""ONNX export of a network (FastInst; Mask2Former where the exporter supports its ops) with dynamic input size.
+"""ONNX export of a network: FastInst with dynamic input size, Mask2Former at one fixed input size.
 
 The exported graph takes the pipeline's network input, ``images`` (B, 3, H, W) normalised and zero-padded to a
 multiple of 32 (``preprocessing.prepare_image``), and returns the raw ``class_logits`` (B, Q, K + 1) and
 ``mask_logits`` (B, Q, h, w) of the last decoder layer; post-processing stays in Python (``postprocessing.py``).
-Batch, height and width are dynamic axes. The TorchScript-based exporter (``dynamo=False``) is used: it needs
-only the ``onnx`` package, while torch's default dynamo exporter also needs ``onnxscript``.
+
+- FastInst: batch, height and width are dynamic axes, through the TorchScript-based exporter (``dynamo=False``),
+  which needs only the ``onnx`` package.
+- Mask2Former: Swin's per-stage window padding and shifted-window mask and the deformable attention's level
+  shapes are Python integers computed from the input size, which both exporters bake into the graph (the
+  TorchScript one even inconsistently: its Swin graph fails at the traced size), so the graph is exported for the
+  traced (1, 3, H, W) only, with torch's dynamo exporter (needs ``onnxscript``). Pad images to that size (zeros at
+  the bottom and right, as ``prepare_image`` pads; the logits then depend on the canvas, as with any padding) and
+  crop the masks to the resized image before post-processing.
 """
 from pathlib import Path
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -29,8 +36,16 @@ class LogitsOnly(nn.Module):
         return output.class_logits, output.mask_logits
 
 
-def export_onnx(network: nn.Module, path, example_size: Tuple[int, int] = (640, 640), opset: int = 17) -> Path:
-    """Writes ``network`` (in eval mode) to ``path`` as ONNX with dynamic batch, height and width.
+def has_dynamic_input_size(network: nn.Module) -> bool:
+    """Whether ``network`` exports with dynamic height and width (FastInst) or at a fixed size (Mask2Former)."""
+    from .modeling.fastinst.model import FastInst
+
+    return isinstance(network, FastInst)
+
+
+def export_onnx(network: nn.Module, path, example_size: Tuple[int, int] = (640, 640), opset: int = 18) -> Path:
+    """Writes ``network`` (in eval mode) to ``path`` as ONNX: dynamic batch, height and width for FastInst, the
+    (1, 3, *example_size) input only for Mask2Former (see the module docstring).
 
     ``example_size`` is the (height, width) traced; it must be a multiple of 32 (and, for FastInst, large enough
     that the stride-16 map holds at least as many pixels as queries). An existing file at ``path`` is refused."""
@@ -42,15 +57,18 @@ def export_onnx(network: nn.Module, path, example_size: Tuple[int, int] = (640, 
     was_training = network.training
     network.eval()
     example = torch.zeros(1, 3, *example_size, device=next(network.parameters()).device)
+    names = dict(input_names=["images"], output_names=["class_logits", "mask_logits"])
     try:
         with torch.no_grad():
-            torch.onnx.export(
-                LogitsOnly(network), (example,), str(path), dynamo=False, opset_version=opset,
-                input_names=["images"], output_names=["class_logits", "mask_logits"],
-                dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"}, "class_logits": {0: "batch"},
-                              "mask_logits": {0: "batch", 2: "mask_height", 3: "mask_width"}},
-            )
-    except Exception as error:  # the exporter raises many types (SymbolicValueError, RuntimeError, ...)
+            if has_dynamic_input_size(network):
+                torch.onnx.export(
+                    LogitsOnly(network).eval(), (example,), str(path), dynamo=False, opset_version=min(opset, 17), **names,
+                    dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"}, "class_logits": {0: "batch"},
+                                  "mask_logits": {0: "batch", 2: "mask_height", 3: "mask_width"}})
+            else:
+                torch.onnx.export(LogitsOnly(network).eval(), (example,), str(path), dynamo=True, opset_version=opset,
+                                  verbose=False, **names)
+    except Exception as error:  # the exporters raise many types (SymbolicValueError, TorchExportError, ...)
         if path.exists():
             path.unlink()
         raise ExportError(f"ONNX export of {type(network).__name__} failed: {type(error).__name__}: {error}") from error
@@ -59,13 +77,23 @@ def export_onnx(network: nn.Module, path, example_size: Tuple[int, int] = (640, 
     return path
 
 
+def onnx_input_size(session) -> Optional[Tuple[int, int]]:
+    """The fixed (height, width) of an onnxruntime session's ``images`` input, or None where they are dynamic."""
+    height, width = session.get_inputs()[0].shape[2:]
+    return (height, width) if isinstance(height, int) and isinstance(width, int) else None
+
+
 def check_onnx(network: nn.Module, path, sizes: Sequence[Tuple[int, int]] = ((640, 640), (480, 832)),
                tolerance: float = 1e-4, seed: int = 0) -> float:
-    """Runs the ONNX file with onnxruntime on random inputs of each (height, width) and compares its logits with the
-    network's; returns the largest absolute difference, raising ``ExportError`` above ``tolerance``."""
+    """Runs the ONNX file with onnxruntime on random inputs of each (height, width) (of its fixed size only, for a
+    fixed-size graph) and compares its logits with the network's; returns the largest absolute difference, raising
+    ``ExportError`` above ``tolerance``."""
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    fixed_size = onnx_input_size(session)
+    if fixed_size is not None:  # a fixed-size graph (Mask2Former) is checked at its own size only
+        sizes = [fixed_size]
     generator = torch.Generator().manual_seed(seed)
     network.eval()
     largest = 0.0

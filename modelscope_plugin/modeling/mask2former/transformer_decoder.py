@@ -51,7 +51,7 @@ class FeedForwardLayer(nn.Module):
         self.norm = nn.LayerNorm(embed_dim)
 
     def forward(self, queries):
-        return self.norm(queries + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(queries))))))
+        return self.norm(queries + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(queries), inplace=True)))))
 
 
 class MLP(nn.Module):
@@ -136,7 +136,8 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         """(B, Q, h, w) logits -> (B * heads, Q, h*w) bool, True = not attended (sigmoid < 0.5, as the reference);
         a query whose mask is empty at this level attends everywhere."""
         attention_mask = (attention_logits.flatten(2).sigmoid() < 0.5).detach()
-        attention_mask[attention_mask.all(-1)] = False
+        # logical ops rather than the reference's in-place boolean indexing: same mask, and it exports to ONNX
+        attention_mask = attention_mask & ~attention_mask.all(-1, keepdim=True)
         return attention_mask.repeat_interleave(self.num_heads, dim=0)
 
     def forward(self, multi_scale_features: List[torch.Tensor], mask_features: torch.Tensor,
