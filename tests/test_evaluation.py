@@ -12,15 +12,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from scipy.ndimage import binary_dilation
 
 from modelscope_plugin.data.categories import COCO_PANOPTIC_CATEGORIES, COCO_THING_CATEGORIES
 from modelscope_plugin.data.datasets import (DatasetProblemsError, as_ms_dataset, load_label_map,
                                              load_panoptic_ground_truth, panoptic_to_semantic, read_coco_instances,
-                                             read_coco_panoptic, read_label_folders)
+                                             read_coco_panoptic, read_label_folders, read_panoptic_png, rgb_to_id)
 from modelscope_plugin.data.ground_truth_outputs import (instance_outputs, mask_box, panoptic_outputs,
                                                          semantic_outputs_from_panoptic)
 from modelscope_plugin.evaluation import (COCO_INSTANCE_METRIC, PANOPTIC_QUALITY_METRIC, SEMANTIC_METRIC, evaluate)
+from modelscope_plugin.evaluation.panoptic_quality import accumulate_folders
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 COCO_DIR = DATA / "coco"
@@ -183,6 +185,31 @@ def test_panoptic_perturbed_equals_hotcoco(tmp_path):
     assert 0 < results["PQ"] < 100
     assert sum(v["fp"] for v in results["per_class"].values()) > 0
     assert_pq_equal(results, reference)
+    # folder to folder, as panopticapi's pq_compute: through hotcoco and through the streamed matcher alike
+    for use_hotcoco in (True, False):
+        accumulator = accumulate_folders(str(PANOPTIC_JSON), str(tmp_path / "panoptic_predictions.json"),
+                                         str(COCO_DIR / "panoptic_val2017"), str(tmp_path / "panoptic"), use_hotcoco)
+        assert accumulator.image_count == len(rows)
+        assert_pq_equal(accumulator.summarize(), reference)
+
+
+def test_panoptic_png_reading_equals_pil(tmp_path):
+    rng = np.random.default_rng(1)
+    colours = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    wide = colours.astype(np.int64)
+    expected = wide[..., 0] + 256 * wide[..., 1] + 65536 * wide[..., 2]
+    Image.fromarray(colours).save(tmp_path / "rgb.png")
+    Image.fromarray(np.dstack([colours, np.full((37, 53), 7, np.uint8)])).save(tmp_path / "rgba.png")
+    Image.fromarray(colours[..., 0]).save(tmp_path / "gray.png")  # PIL path: L -> RGB repeats the value
+    palette = Image.fromarray(colours).quantize(16)
+    palette.save(tmp_path / "palette.png")
+    assert np.array_equal(read_panoptic_png(str(tmp_path / "rgb.png")), expected)
+    assert np.array_equal(read_panoptic_png(str(tmp_path / "rgba.png")), expected)
+    assert np.array_equal(read_panoptic_png(str(tmp_path / "gray.png")), colours[..., 0].astype(np.int64) * 65793)
+    assert np.array_equal(read_panoptic_png(str(tmp_path / "palette.png")), rgb_to_id(np.asarray(palette.convert("RGB"))))
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(OSError):
+        read_panoptic_png(str(tmp_path / "broken.png"))
 
 
 # ------------------------------------------------------------------------------------------------------ instance AP

@@ -7,12 +7,15 @@ union leaves out the prediction's void pixels; unmatched non-crowd GT segments a
 prediction is a false positive unless more than half of it lies on void plus the (last listed) crowd segment of
 its category. Only per-class tp / fp / fn / IoU sums are kept, never masks.
 """
+import importlib.util
+import json
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..data.datasets import id_to_rgb, rgb_to_id  # noqa: F401  (re-exported)
+from ..data.datasets import id_to_rgb, read_panoptic_png, rgb_to_id  # noqa: F401  (re-exported)
 
 VOID_ID = 0
 # panopticapi's pair encoding offset: ids of both maps stay below it (ids are R + 256 G + 256^2 B < 256^3)
@@ -214,3 +217,42 @@ def categories_as_dicts(categories: Iterable[Any]) -> List[Dict[str, Any]]:
         else:
             result.append({"id": int(category.id), "name": str(category.name), "isthing": bool(category.isthing)})
     return result
+
+
+def accumulate_folders(ground_truth_json: str, prediction_json: str, ground_truth_folder: str, prediction_folder: str,
+                       use_hotcoco: Optional[bool] = None) -> PanopticQualityAccumulator:
+    """PQ statistics of two COCO panoptic results (JSON + PNG folder each), panopticapi's ``pq_compute`` inputs.
+
+    Files on disk are what hotcoco's Rust ``PanopticEval`` reads fastest (parallel PNG decoding, ~3 ms per 640x480
+    pair, far below what two PNG decodes cost in Python), so it does the matching when installed
+    (``use_hotcoco=None``); its per-class tp / fp / fn / IoU sums fill the same accumulator as the streamed path,
+    which ``use_hotcoco=False`` runs instead. The categories are the ground truth's, as in panopticapi."""
+    with open(ground_truth_json) as handle:
+        ground_truth = json.load(handle)
+    accumulator = PanopticQualityAccumulator(categories_as_dicts(ground_truth["categories"]))
+    if use_hotcoco is None:
+        use_hotcoco = importlib.util.find_spec("hotcoco") is not None
+    if use_hotcoco:
+        import hotcoco.panoptic
+
+        evaluation = hotcoco.panoptic.PanopticEval(ground_truth_json, prediction_json, gt_folder=ground_truth_folder,
+                                                   pred_folder=prediction_folder)
+        evaluation.evaluate()
+        for category_id, counts in evaluation.results()["per_class"].items():
+            if counts["tp"] + counts["fp"] + counts["fn"]:
+                accumulator.per_class[int(category_id)] = ClassStatistics(
+                    int(counts["tp"]), int(counts["fp"]), int(counts["fn"]), float(counts["iou"]))
+        accumulator.image_count = len(ground_truth["annotations"])
+        return accumulator
+    with open(prediction_json) as handle:
+        predictions = {annotation["image_id"]: annotation for annotation in json.load(handle)["annotations"]}
+    for ground_truth_entry in ground_truth["annotations"]:
+        image_id = ground_truth_entry["image_id"]
+        if image_id not in predictions:
+            raise KeyError(f"{prediction_json}: no prediction for image {image_id}")
+        prediction_entry = predictions[image_id]
+        accumulator.add_image(read_panoptic_png(os.path.join(ground_truth_folder, ground_truth_entry["file_name"])),
+                              ground_truth_entry["segments_info"],
+                              read_panoptic_png(os.path.join(prediction_folder, prediction_entry["file_name"])),
+                              prediction_entry["segments_info"], image_id)
+    return accumulator
