@@ -16,6 +16,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..data.categories import COCO_PANOPTIC_CATEGORIES, COCO_THING_CATEGORIES
+from ..ranks import gather_objects, merge_metrics, rank_and_world_size
 from .metrics import CocoInstanceMetric, PanopticQualityMetric, SemanticSegmentationMetric
 from .panoptic_quality import categories_as_dicts, id_to_rgb
 
@@ -36,25 +37,6 @@ def _is_modelscope_model(value: Any) -> bool:
     from modelscope.models.base import Model
 
     return isinstance(value, Model)
-
-
-def _rank_and_world_size() -> Tuple[int, int]:
-    import torch.distributed as distributed
-
-    if distributed.is_available() and distributed.is_initialized():
-        return distributed.get_rank(), distributed.get_world_size()
-    return 0, 1
-
-
-def _gather(value: Any, world_size: int) -> List[Any]:
-    """Every rank's ``value`` (picklable), in rank order."""
-    if world_size == 1:
-        return [value]
-    import torch.distributed as distributed
-
-    gathered: List[Any] = [None] * world_size
-    distributed.all_gather_object(gathered, value)
-    return gathered
 
 
 def _format_table(per_class: Mapping[str, Mapping[str, Any]]) -> str:
@@ -104,7 +86,7 @@ def evaluate(model_or_pipeline: Any, dataset: Iterable[Mapping[str, Any]], task:
         os.makedirs(panoptic_folder, exist_ok=True)
     panoptic_annotations: List[Tuple[int, Dict[str, Any]]] = []  # (row index, annotation)
 
-    rank, world_size = _rank_and_world_size()
+    rank, world_size = rank_and_world_size()
     total = len(dataset) if hasattr(dataset, "__len__") else None
     if total is not None and limit is not None:
         total = min(total, limit)
@@ -127,11 +109,8 @@ def evaluate(model_or_pipeline: Any, dataset: Iterable[Mapping[str, Any]], task:
     progress_bar.close()
 
     if world_size > 1:
-        gathered_metrics = _gather(metric, world_size)
-        metric = gathered_metrics[0]
-        for other in gathered_metrics[1:]:
-            metric.merge(other)
-        panoptic_annotations = [entry for part in _gather(panoptic_annotations, world_size) for entry in part]
+        (metric,) = merge_metrics([metric])
+        panoptic_annotations = [entry for part in gather_objects(panoptic_annotations) for entry in part]
     panoptic_annotations = [annotation for _, annotation in sorted(panoptic_annotations, key=lambda entry: entry[0])]
     results = metric.evaluate()
     if output_dir and rank == 0:

@@ -15,11 +15,7 @@ from modelscope.trainers.hooks.priority import Priority
 from modelscope.utils.constant import DistributedParallelType
 from torch.nn.parallel import DistributedDataParallel
 
-
-def rank_and_world_size():
-    if distributed.is_available() and distributed.is_initialized():
-        return distributed.get_rank(), distributed.get_world_size()
-    return 0, 1
+from ..ranks import rank_and_world_size  # noqa: F401  (re-exported)
 
 
 def init_process_group(backend: Optional[str] = None) -> torch.device:

@@ -8,11 +8,10 @@ from types import SimpleNamespace
 from typing import Any, Dict, List, Mapping, Sequence
 
 import torch
-import torch.distributed as distributed
 
 from ..integration.pipeline import Mask2FormerSegmentationPipeline
 from ..preprocessing import load_image, prepare_image
-from .distributed import rank_and_world_size
+from ..ranks import merge_metrics, rank_and_world_size
 
 
 @torch.no_grad()
@@ -54,13 +53,7 @@ def evaluate_rows(network: torch.nn.Module, config, rows: Sequence[Mapping[str, 
                 metric.add(outputs, row)
     finally:
         network.train(was_training)
-    if world_size > 1:
-        gathered: List[Any] = [None] * world_size
-        distributed.all_gather_object(gathered, metrics)
-        metrics = gathered[0]
-        for other in gathered[1:]:
-            for metric, other_metric in zip(metrics, other):
-                metric.merge(other_metric)
+    metrics = merge_metrics(metrics)
     results: Dict[str, Any] = {}
     for metric in metrics:
         results.update(metric.evaluate())
