@@ -2,11 +2,13 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from modelscope_plugin.modeling.backbones.resnet import ResNet
 from modelscope_plugin.modeling.backbones.swin import SwinTransformer, relative_position_index
-from modelscope_plugin.modeling.layers.ms_deform_attn import multi_scale_deformable_attention
+from modelscope_plugin.modeling.layers.ms_deform_attn import (MultiScaleDeformableAttention, multi_scale_deformable_attention,
+                                                               multi_scale_deformable_attention_grid_sample)
 from modelscope_plugin.modeling.layers.position_encoding import SinePositionEncoding
 
 
@@ -25,14 +27,15 @@ def bilinear_sample_loop(image: np.ndarray, x: float, y: float) -> np.ndarray:
     return value
 
 
-def test_deformable_attention_equals_loop_reference():
+@pytest.mark.parametrize("function", [multi_scale_deformable_attention, multi_scale_deformable_attention_grid_sample])
+def test_deformable_attention_equals_loop_reference(function):
     generator = torch.Generator().manual_seed(0)
     shapes = [(5, 7), (3, 4)]
     batch, queries, heads, head_dim, points = 2, 6, 2, 3, 3
     value = torch.randn(batch, sum(h * w for h, w in shapes), heads, head_dim, generator=generator, dtype=torch.float64)
     locations = torch.rand(batch, queries, heads, len(shapes), points, 2, generator=generator, dtype=torch.float64) * 1.4 - 0.2
     weights = torch.rand(batch, queries, heads, len(shapes), points, generator=generator, dtype=torch.float64)
-    output = multi_scale_deformable_attention(value, shapes, locations, weights).numpy()
+    output = function(value, shapes, locations, weights).numpy()
 
     expected = np.zeros((batch, queries, heads * head_dim))
     starts = np.cumsum([0] + [h * w for h, w in shapes])
@@ -49,20 +52,6 @@ def test_deformable_attention_equals_loop_reference():
     np.testing.assert_allclose(output, expected, rtol=0, atol=1e-12)
 
 
-def grid_sample_reference(value, shapes, locations, weights):
-    """Deformable DETR's published PyTorch formulation (one grid_sample per level), for gradients."""
-    batch, _, heads, head_dim = value.shape
-    _, queries, _, levels, points, _ = locations.shape
-    sampled = []
-    for level, (level_value, (height, width)) in enumerate(zip(value.split([h * w for h, w in shapes], 1), shapes)):
-        image = level_value.permute(0, 2, 3, 1).reshape(batch * heads, head_dim, height, width)
-        grid = (2 * locations[:, :, :, level] - 1).transpose(1, 2).flatten(0, 1)
-        sampled.append(torch.nn.functional.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False))
-    weights = weights.transpose(1, 2).reshape(batch * heads, 1, queries, levels * points)
-    output = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)
-    return output.view(batch, heads * head_dim, queries).transpose(1, 2)
-
-
 def test_deformable_attention_gradients_equal_grid_sample():
     generator = torch.Generator().manual_seed(1)
     shapes = [(6, 5), (3, 3), (2, 1)]
@@ -73,13 +62,33 @@ def test_deformable_attention_gradients_equal_grid_sample():
     weights = torch.rand(batch, queries, heads, len(shapes), points, generator=generator, dtype=torch.float64)
     upstream = torch.randn(batch, queries, heads * head_dim, generator=generator, dtype=torch.float64)
     gradients = []
-    for function in (multi_scale_deformable_attention, grid_sample_reference):
+    for function in (multi_scale_deformable_attention, multi_scale_deformable_attention_grid_sample):
         inputs = [tensor.clone().requires_grad_() for tensor in (value, locations, weights)]
         output = function(inputs[0], shapes, inputs[1], inputs[2])
         (output * upstream).sum().backward()
         gradients.append([output.detach()] + [tensor.grad for tensor in inputs])
     for ours, reference in zip(*gradients):
         torch.testing.assert_close(ours, reference, rtol=0, atol=1e-11)
+
+
+def test_deformable_attention_layer_uses_grid_sample_only_when_recording_gradients(monkeypatch):
+    import modelscope_plugin.modeling.layers.ms_deform_attn as module
+
+    calls = []
+    for name in ("multi_scale_deformable_attention", "multi_scale_deformable_attention_grid_sample"):
+        function = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *arguments, _f=function, _n=name: calls.append(_n) or _f(*arguments))
+    layer = MultiScaleDeformableAttention(embed_dim=16, num_levels=2, num_heads=2, num_points=2)
+    shapes = [(4, 4), (2, 2)]
+    query, reference = torch.randn(1, 20, 16), torch.rand(1, 20, 2, 2)
+    layer(query, reference, query, shapes).sum().backward()
+    with torch.no_grad():
+        inference = layer(query, reference, query, shapes)
+    with torch.enable_grad():
+        training = layer(query, reference, query, shapes)
+    assert calls == ["multi_scale_deformable_attention_grid_sample", "multi_scale_deformable_attention",
+                     "multi_scale_deformable_attention_grid_sample"]
+    torch.testing.assert_close(inference, training.detach(), rtol=0, atol=1e-5)
 
 
 def test_sine_position_encoding_matches_formula():

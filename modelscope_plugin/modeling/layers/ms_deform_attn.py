@@ -5,8 +5,10 @@ CUDA kernels of detectron2 / mmcv / EasyCV up to float rounding, with no compile
 ``embedding_bag`` (a weighted sum of gathered rows) instead of a ``grid_sample`` per level: the values are laid
 out (token, head) -> row of head_dim contiguous channels, so every bilinear corner is one contiguous read and the
 attention weights are folded into the bilinear weights, with no (queries × levels × points × channels)
-intermediate. On CPU this is several times faster than ``grid_sample`` (benchmarks/README.md) and gives the same
-gradients. Parameter names follow Deformable DETR (``sampling_offsets``, ``attention_weights``, ``value_proj``,
+intermediate. On CPU its forward is several times faster than ``grid_sample`` (benchmarks/README.md); its backward
+(a scatter into the value table) is about 4x slower than ``grid_sample``'s, so when gradients are recorded the layer
+uses the one-``grid_sample``-per-level formulation (``multi_scale_deformable_attention_grid_sample``, the same
+function and gradients to float rounding). Parameter names follow Deformable DETR (``sampling_offsets``, ``attention_weights``, ``value_proj``,
 ``output_proj``), which mmcv, EasyCV and detectron2 all share.
 """
 from typing import List, Tuple
@@ -88,6 +90,32 @@ def multi_scale_deformable_attention(
     )
     # (batch * queries * heads, head_dim) -> (batch, queries, heads * head_dim)
     return output.view(batch_size, num_queries, num_heads * head_dim)
+
+
+def multi_scale_deformable_attention_grid_sample(
+    value: torch.Tensor,
+    spatial_shapes: List[Tuple[int, int]],
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """``multi_scale_deformable_attention`` with one ``grid_sample`` per level (Deformable DETR's PyTorch
+    formulation); arguments and result as there. Used for training, where its backward is the faster one."""
+    batch_size, _, num_heads, head_dim = value.shape
+    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
+    # grid_sample's grid is in [-1, 1]
+    grids = (2 * sampling_locations - 1).transpose(1, 2).flatten(0, 1)  # (batch * heads, queries, levels, points, 2)
+    sampled_levels = []
+    for level, (level_value, (height, width)) in enumerate(
+            zip(value.split([h * w for h, w in spatial_shapes], dim=1), spatial_shapes)):
+        # (batch, H*W, heads, head_dim) -> (batch * heads, head_dim, H, W)
+        level_value = level_value.permute(0, 2, 3, 1).reshape(batch_size * num_heads, head_dim, height, width)
+        # (batch * heads, head_dim, queries, points)
+        sampled_levels.append(F.grid_sample(level_value, grids[:, :, level], mode="bilinear", padding_mode="zeros",
+                                            align_corners=False))
+    # (batch * heads, 1, queries, levels * points)
+    weights = attention_weights.transpose(1, 2).reshape(batch_size * num_heads, 1, num_queries, num_levels * num_points)
+    output = (torch.cat(sampled_levels, dim=-1) * weights).sum(-1)  # (batch * heads, head_dim, queries)
+    return output.view(batch_size, num_heads * head_dim, num_queries).transpose(1, 2)
 
 
 class MultiScaleDeformableAttention(nn.Module):
@@ -172,5 +200,7 @@ class MultiScaleDeformableAttention(nn.Module):
             reference_points[:, :, None, :, None, :]
             + sampling_offsets / offset_normalizer[None, None, None, :, None, :]
         )
-        output = multi_scale_deformable_attention(value, spatial_shapes, sampling_locations, attention_weights)
+        attend = (multi_scale_deformable_attention_grid_sample if torch.is_grad_enabled() and value.requires_grad
+                  else multi_scale_deformable_attention)
+        output = attend(value, spatial_shapes, sampling_locations, attention_weights)
         return self.output_proj(output)

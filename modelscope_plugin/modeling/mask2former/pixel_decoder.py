@@ -23,7 +23,7 @@ class ConvNormActivation(nn.Conv2d):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         features = self.norm(super().forward(features))
-        return F.relu(features) if self.relu else features
+        return F.relu(features, inplace=True) if self.relu else features
 
 
 class DeformableEncoderLayer(nn.Module):
@@ -43,7 +43,7 @@ class DeformableEncoderLayer(nn.Module):
     def forward(self, tokens, position, reference_points, spatial_shapes):
         attended = self.self_attn(tokens + position, reference_points, tokens, spatial_shapes)
         tokens = self.norm1(tokens + self.dropout1(attended))
-        feedforward = self.linear2(self.dropout2(F.relu(self.linear1(tokens))))
+        feedforward = self.linear2(self.dropout2(F.relu(self.linear1(tokens), inplace=True)))
         return self.norm2(tokens + self.dropout3(feedforward))
 
 
