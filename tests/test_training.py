@@ -133,6 +133,34 @@ def test_finetune_learns_a_repeated_batch_and_the_output_runs_in_the_pipeline(se
     assert all(torch.equal(trained[key], value) for key, value in segmenter.model.network.state_dict().items())
 
 
+class TrainingDtypeRecorder(Hook):
+    """The dtype of the first linear layer's output in every training forward."""
+
+    def __init__(self):
+        self.dtypes = []
+
+    def before_run(self, trainer):
+        network = trainer.unwrap_module(trainer.model)
+        linear = next(module for module in network.modules() if isinstance(module, torch.nn.Linear))
+        linear.register_forward_hook(lambda module, inputs, output: self.dtypes.append(output.dtype) if module.training else None)
+
+
+def test_use_fp16_trains_in_bfloat16_autocast_on_cpu(setup, tmp_path):
+    model_dir, data_root, _ = setup
+    recorder, dtypes = LossRecorder(), TrainingDtypeRecorder()
+    options = dict(RUN_OPTIONS, **{"train.max_epochs": 1})
+    trainer = make_trainer(model_dir, data_root, tmp_path / "work", options, callbacks=[recorder, dtypes], use_fp16=True)
+    initial = {key: value.clone() for key, value in trainer.unwrap_module(trainer.model).state_dict().items()}
+    trainer.train()
+    hook_types = [type(hook).__name__ for hook in trainer.hooks]
+    assert "SegmentationAMPOptimizerHook" in hook_types and "TorchAMPOptimizerHook" not in hook_types
+    assert dtypes.dtypes and set(dtypes.dtypes) == {torch.bfloat16}, dtypes.dtypes  # ModelScope's hook: float32 on CPU
+    assert len(recorder.losses) == 2 and all(np.isfinite(recorder.losses))
+    trained = final_weights(tmp_path / "work")
+    assert any(not torch.equal(trained[key], initial[key]) for key in trained)
+    assert all(value.dtype == initial[key].dtype for key, value in trained.items())  # weights stay float32
+
+
 def test_evaluation_uses_the_package_metrics(setup, tmp_path, monkeypatch):
     model_dir, data_root, _ = setup
 

@@ -56,6 +56,7 @@ from ..modeling.criterion import Mask2FormerCriterion
 from ..modeling.fastinst.criterion import FastInstCriterion
 from ..modeling.matcher import HungarianMatcher
 from ..modeling.point_sampling import PointSampler
+from ..training import amp  # noqa: F401  (registers SegmentationAMPOptimizerHook)
 from ..training.checkpoint import SegmentationLoadCheckpointHook
 from ..training.class_head import adapt_class_head
 from ..training.config import AugmentationConfig, LossConfig, ParameterGroupConfig, settings_from
@@ -69,7 +70,8 @@ from . import hub
 TRAINER_NAME = "mask2former-segmentation"
 # stock hook type -> the replacement registered by modelscope_plugin.training
 HOOK_REPLACEMENTS = {"DDPHook": "SegmentationDDPHook", "CheckpointHook": "SegmentationCheckpointHook",
-                     "BestCkptSaverHook": "SegmentationBestCheckpointHook"}
+                     "BestCkptSaverHook": "SegmentationBestCheckpointHook",
+                     "TorchAMPOptimizerHook": "SegmentationAMPOptimizerHook"}
 METRIC_OF_TASK = {"panoptic": "segmentation-panoptic-quality", "instance": "segmentation-coco-instance-ap",
                   "semantic": "segmentation-semantic-miou"}
 DEFAULT_TRAINING_CONFIG = {
