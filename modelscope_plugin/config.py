@@ -121,7 +121,8 @@ def resnet50_coco_panoptic() -> Mask2FormerConfig:
 class FastInstConfig:
     """FastInst (He et al., CVPR 2023). Defaults: ``damo/cv_resnet50_fast-instance-segmentation_coco`` (R50-D3)."""
 
-    backbone: ResNetConfig = field(default_factory=ResNetConfig)
+    backbone: Union[ResNetConfig, SwinConfig] = field(default_factory=ResNetConfig)
+    """ResNet-50/101 (the hub checkpoints); a Swin for this package's small demo models."""
     num_classes: int = 80
     """Thing classes (FastInst is instance-only); the class head adds one "no object" logit."""
     num_queries: int = 100

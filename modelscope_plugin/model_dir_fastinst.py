@@ -6,6 +6,8 @@ Layouts:
   ``pretrained``) + ``pytorch_model.pt`` holding ``{"model": state_dict}`` with detectron2 names;
 - the official FastInst releases (detectron2 ``.pth`` with the weights under ``model``), whose architecture is
   read from the weights' shapes.
+This package's extension of the hub layout: ``model.backbone = {"type": "swin", <SwinConfig fields>}`` puts a Swin
+backbone under FastInst (the small demo models); ModelScope's own FastInst cannot load those directories.
 Weights are renamed by ``checkpoint.DETECTRON2_RULES`` (the same table as detectron2 Mask2Former:
 ``sem_seg_head.pixel_decoder.*`` -> ``pixel_decoder.*``, ``sem_seg_head.predictor.*`` -> ``transformer_decoder.*``,
 detectron2 ResNet -> torchvision ResNet) and loaded strictly.
@@ -21,7 +23,7 @@ import torch
 
 from . import checkpoint as checkpoint_io
 from .builders import build_fastinst
-from .config import FastInstConfig, PreprocessConfig, ResNetConfig, fastinst_r50_d3_coco, fastinst_release
+from .config import FastInstConfig, PreprocessConfig, ResNetConfig, SwinConfig, fastinst_r50_d3_coco, fastinst_release
 from .data.categories import COCO_PANOPTIC_CATEGORIES
 from .model_dir import ModelDirError
 from .modeling.fastinst.model import FastInst
@@ -48,6 +50,11 @@ def config_from_modelscope(model: Mapping[str, Any], base: FastInstConfig, where
     backbone = dict(model.get("backbone") or {})
     encoder = dict(model.get("encoder") or {})
     decoder = dict(model.get("decoder") or {})
+    if backbone.get("type") == "swin":
+        backbone_config = swin_from_values(backbone, f"{where}.backbone")
+        backbone = {}
+    else:
+        backbone_config = ResNetConfig(depth=backbone.get("depth", getattr(base.backbone, "depth", 50)))
     _require(backbone, "depth", (50, 101), f"{where}.backbone")
     _require(backbone, "num_groups", (1,), f"{where}.backbone")
     _require(backbone, "width_per_group", (64,), f"{where}.backbone")
@@ -70,7 +77,7 @@ def config_from_modelscope(model: Mapping[str, Any], base: FastInstConfig, where
     classes = model.get("classes")
     config = replace(
         base,
-        backbone=ResNetConfig(depth=backbone.get("depth", base.backbone.depth)),
+        backbone=backbone_config,
         num_classes=decoder.get("num_classes", len(classes) if classes else base.num_classes),
         num_queries=decoder.get("num_queries", base.num_queries),
         num_aux_queries=decoder.get("num_aux_queries", base.num_aux_queries),
@@ -84,6 +91,25 @@ def config_from_modelscope(model: Mapping[str, Any], base: FastInstConfig, where
     if config.class_names and len(config.class_names) != config.num_classes:
         raise FastInstConfigError(f"{where}: {len(config.class_names)} classes for decoder.num_classes = {config.num_classes}")
     return config
+
+
+def swin_from_values(values: Mapping[str, Any], where: str) -> SwinConfig:
+    """``{"type": "swin", <SwinConfig fields>}`` -> SwinConfig; unknown fields raise."""
+    values = {key: value for key, value in values.items() if key != "type"}
+    unknown = sorted(set(values) - set(SwinConfig.__dataclass_fields__))
+    if unknown:
+        raise FastInstConfigError(f"{where} has unknown Swin fields {unknown}")
+    return SwinConfig(**{key: tuple(value) if isinstance(value, list) else value for key, value in values.items()})
+
+
+def backbone_section(backbone) -> Dict[str, Any]:
+    """configuration.json ``model.backbone`` for a ResNet (ModelScope's arguments) or a Swin (this package's)."""
+    if isinstance(backbone, SwinConfig):
+        return {"type": "swin", **{key: list(value) if isinstance(value, tuple) else value
+                                   for key, value in asdict(backbone).items()}}
+    return {"out_features": ["res3", "res4", "res5"], "depth": backbone.depth, "num_groups": 1, "width_per_group": 64,
+            "norm": "BN", "stem_out_channels": 64, "res2_out_channels": 256, "stride_in_1x1": False,
+            "res4_dilation": 1, "res5_dilation": 1, "res5_multi_grid": [1, 1, 1]}
 
 
 def config_from_state_dict(state_dict: Mapping[str, torch.Tensor], name: str) -> FastInstConfig:
@@ -204,9 +230,7 @@ def hub_configuration(config: FastInstConfig) -> Dict[str, Any]:
         "framework": "pytorch", "task": "image-segmentation", "pipeline": {"type": "fast-instance-segmentation"},
         "model": {
             "type": "fastinst", "pretrained": True, "classes": list(config.class_names) or None,
-            "backbone": {"out_features": ["res3", "res4", "res5"], "depth": config.backbone.depth, "num_groups": 1,
-                         "width_per_group": 64, "norm": "BN", "stem_out_channels": 64, "res2_out_channels": 256,
-                         "stride_in_1x1": False, "res4_dilation": 1, "res5_dilation": 1, "res5_multi_grid": [1, 1, 1]},
+            "backbone": backbone_section(config.backbone),
             "encoder": {"in_features": ["res3", "res4", "res5"], "convs_dim": config.hidden_dim, "mask_dim": config.mask_dim, "norm": "GN"},
             "decoder": {"num_classes": config.num_classes, "hidden_dim": config.hidden_dim, "num_queries": config.num_queries,
                         "num_aux_queries": config.num_aux_queries, "nheads": config.num_heads,

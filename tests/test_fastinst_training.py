@@ -144,6 +144,36 @@ def test_the_finetune_script_starts_a_fastinst_from_the_dataset_classes(tmp_path
     assert network.transformer_decoder.class_embed_layers[-1].layers[-1].out_features == 5
 
 
+def test_the_small_swin_fastinst_round_trips_and_trains(tmp_path):
+    from modelscope_plugin.config import SwinConfig
+    from modelscope_plugin.model_dir import load_model_dir
+    from modelscope_plugin.training.finetune import initial_model_dir
+
+    directory = initial_model_dir(tmp_path / "initial", "fastinst-small", CATEGORIES, image_size=128, seed=0)
+    configuration = json.loads((directory / "configuration.json").read_text())
+    assert configuration["model"]["backbone"]["type"] == "swin" and configuration["model"]["backbone"]["embed_dim"] == 32
+    assert (directory / "pytorch_model.pt").stat().st_size < 20 * 2 ** 20  # the demo model's size limit
+    config, network = load_model_dir(directory)
+    assert isinstance(config.backbone, SwinConfig) and config.hidden_dim == 128 and config.num_queries == 50
+    saved = torch.load(directory / "pytorch_model.pt", weights_only=True)["model"]
+    assert len(saved) == len(network.state_dict())
+    # one training step through the trainer; its output folder loads the trained weights
+    write_dataset(tmp_path / "data", "train", 2, seed=0, config=SceneConfig.scaled(128))
+    # 128 x 128: the stride-16 map has 64 pixels for the 50 queries
+    sized = {"train.augmentation": dict(OPTIONS["train.augmentation"], image_size=128, short_sides=[128], long_side_max=128),
+             "train.preprocess": {"short_side": 128, "long_side_max": 128}}
+    trainer = build_trainer("mask2former-segmentation", dict(
+        model=str(directory), train_dataset=as_ms_dataset(SyntheticSplit(tmp_path / "data", "train").panoptic_rows()),
+        work_dir=str(tmp_path / "work"), categories=CATEGORIES,
+        cfg_options=dict(OPTIONS, **sized, **{"train.max_epochs": 1, "train.checkpoint.period": {"interval": 1, "by_epoch": True}}),
+        seed=7))
+    trainer.train()
+    _, trained_network = load_model_dir(tmp_path / "work" / "output")
+    trained = trainer.unwrap_module(trainer.model).state_dict()
+    assert all(torch.equal(trained[key], value) for key, value in trained_network.state_dict().items())
+    assert any(not torch.equal(trained[key], value) for key, value in network.state_dict().items())
+
+
 def test_fastinst_augmentation_resizes_the_short_side_caps_the_long_side_and_pads_the_canvas():
     from modelscope_plugin.training.config import AugmentationConfig
     from modelscope_plugin.training.data import fastinst_augmentation

@@ -9,7 +9,8 @@ evaluation.
 writes N synthetic training scenes with ``--seed`` and N // 5 validation scenes with ``--seed + 1``, the held-out
 split, unless they exist). ``--model`` starts from a model directory or hub id (the class head is re-initialised
 for the dataset's classes); without it a randomly initialised network of ``--architecture`` is the start
-(``fastinst-d1`` / ``fastinst-d3``: FastInst R50 with 1 / 3 decoder layers, instance task only). The
+(``fastinst-d1`` / ``fastinst-d3``: FastInst R50 with 1 / 3 decoder layers; ``fastinst-small``: FastInst-D3 on
+the small Swin; instance task only). The
 finetuned model directory is ``{work_dir}/output`` (``pipeline(Tasks.image_segmentation, model=...)`` loads it)
 and the held-out metrics are written to ``{work_dir}/metrics.json``.
 """
@@ -35,8 +36,14 @@ ARCHITECTURES = {
                   decoder_layers=6, decoder_feedforward_dim=384),
 }
 
-# FastInst R50 (the official widths) with 1 or 3 dual-path decoder layers
-FASTINST_ARCHITECTURES = {"fastinst-d1": dict(decoder_layers=1), "fastinst-d3": dict(decoder_layers=3)}
+FASTINST_ARCHITECTURES = {
+    # FastInst R50 (the official widths) with 1 or 3 dual-path decoder layers
+    "fastinst-d1": dict(decoder_layers=1), "fastinst-d3": dict(decoder_layers=3),
+    # the demo model's network: the small Mask2Former's Swin under FastInst-D3, 128 wide, 50 queries (about 17 MB)
+    "fastinst-small": dict(backbone=SwinConfig(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=7,
+                                               drop_path_rate=0.1),
+                           hidden_dim=128, mask_dim=128, feedforward_dim=256, num_queries=50, decoder_layers=3),
+}
 
 
 def initial_model_dir(directory: Path, architecture: str, categories: List[Dict[str, Any]], image_size: int,
