@@ -2,6 +2,7 @@
 its class heads are re-initialised for the new class set (logged), the output folder is a hub-layout FastInst
 directory that pipeline() runs with the trained weights, and evaluation scores it with COCO mask AP."""
 import json
+from pathlib import Path
 from dataclasses import replace
 
 import numpy as np
@@ -16,7 +17,7 @@ from modelscope_plugin.data.datasets import as_ms_dataset
 from modelscope_plugin.data.synthetic import SYNTHETIC_CATEGORIES, SceneConfig, SyntheticSplit, write_dataset
 from modelscope_plugin.model_dir_fastinst import write_hub_dir
 from modelscope_plugin.modeling.fastinst.criterion import FastInstCriterion
-from test_training import LossRecorder
+from test_training import LossRecorder, make_trainer, run_script
 
 CATEGORIES = [{"id": c.id, "name": c.name, "isthing": c.isthing} for c in SYNTHETIC_CATEGORIES]
 THING_NAMES = [c.name for c in SYNTHETIC_CATEGORIES if c.isthing]
@@ -210,3 +211,35 @@ def test_fastinst_augmentation_resizes_the_short_side_caps_the_long_side_and_pad
         from modelscope_plugin.training.data import SegmentationTrainingDataset
 
         SegmentationTrainingDataset([], [], "instance", PreprocessConfig(), replace(config, image_size=64))
+
+
+def test_a_killed_fastinst_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
+    from modelscope_plugin.training.checkpoint import latest_checkpoint
+
+    config = FastInstConfig(num_classes=5, num_queries=12, num_aux_queries=3, hidden_dim=32, mask_dim=24, num_heads=4,
+                            feedforward_dim=48, decoder_layers=2, class_names=tuple(f"thing_{i}" for i in range(5)))
+    torch.manual_seed(0)
+    model_dir = write_hub_dir(tmp_path / "model", config, build_fastinst(config).eval())
+    write_dataset(tmp_path / "data", "train", 4, seed=0, config=SceneConfig.scaled(64))
+    # 3 epochs of 2 batches, random flips (the resumed run must restore the RNG), a checkpoint every 2 iterations
+    options = dict(OPTIONS, **{"train.max_epochs": 3, "train.checkpoint.period": {"interval": 2, "by_epoch": False},
+                               "train.augmentation": dict(OPTIONS["train.augmentation"], flip_probability=0.5)})
+    uninterrupted = make_trainer(model_dir, tmp_path / "data", tmp_path / "uninterrupted", options)
+    uninterrupted.train()
+    assert uninterrupted.iter == 6
+    killed = run_script([model_dir, tmp_path / "data", tmp_path / "resumed", json.dumps(options), "--kill-after", 3])
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    checkpoint = latest_checkpoint(tmp_path / "resumed")
+    assert checkpoint is not None and Path(checkpoint).name == "iter_2"
+    resumed = make_trainer(model_dir, tmp_path / "data", tmp_path / "resumed", options)
+    resumed.train(checkpoint_path=checkpoint)
+    assert resumed.iter == 6
+
+    def output_weights(work_dir):
+        return torch.load(work_dir / "output" / "pytorch_model.pt", map_location="cpu", weights_only=True)["model"]
+
+    expected, actual = output_weights(tmp_path / "uninterrupted"), output_weights(tmp_path / "resumed")
+    initial = torch.load(model_dir / "pytorch_model.pt", weights_only=True)["model"]
+    assert expected.keys() == actual.keys() == initial.keys()
+    assert any(not torch.equal(expected[key], initial[key]) for key in expected)
+    assert [key for key in expected if not torch.equal(expected[key], actual[key])] == []
