@@ -243,3 +243,21 @@ def test_a_killed_fastinst_run_resumes_to_the_weights_of_an_uninterrupted_run(tm
     assert expected.keys() == actual.keys() == initial.keys()
     assert any(not torch.equal(expected[key], initial[key]) for key in expected)
     assert [key for key in expected if not torch.equal(expected[key], actual[key])] == []
+
+
+def test_the_finetune_script_trains_the_small_fastinst_and_scores_it_with_coco_ap(tmp_path):
+    from modelscope_plugin.training.finetune import fastinst_augmentation, main
+
+    # official FastInst's values at its own 640 size, scaled for smaller square scenes
+    official = fastinst_augmentation(640)
+    assert official["short_sides"] == list(range(416, 641, 32))
+    assert (official["crop_short_sides"], official["crop_size_range"]) == ([400, 500, 600], [384, 600])
+    assert fastinst_augmentation(128)["short_sides"] == [83, 90, 96, 102, 109, 115, 122, 128]
+    results = main(["--data", str(tmp_path / "data"), "--generate", "5", "--architecture", "fastinst-small",
+                    "--work-dir", str(tmp_path / "work"), "--epochs", "1", "--batch-size", "2", "--image-size", "128",
+                    "--num-points", "256", "--workers", "0"])
+    assert {"segm/AP", "bbox/AP"} <= set(results)
+    report = json.loads((tmp_path / "work" / "metrics.json").read_text())
+    assert report["task"] == "instance" and report["metrics"]["segm/AP"] == results["segm/AP"]
+    configuration = json.loads((tmp_path / "work" / "output" / "configuration.json").read_text())
+    assert configuration["model"]["backbone"]["type"] == "swin"

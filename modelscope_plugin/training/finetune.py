@@ -73,6 +73,19 @@ def initial_model_dir(directory: Path, architecture: str, categories: List[Dict[
     return write_model_dir(directory, config, build_mask2former(config))
 
 
+def fastinst_augmentation(image_size: int) -> Dict[str, Any]:
+    """Official FastInst's augmentation (short sides 416-640, long side <= 853, crops of 384-600 after a resize to
+    400-600) scaled from its 640 test size to ``image_size``, on a square ``image_size`` canvas."""
+    scale = image_size / 640
+
+    def scaled(values):
+        return sorted({max(32, int(round(value * scale))) for value in values})
+
+    return {"kind": "fastinst", "image_size": image_size, "short_sides": scaled(range(416, 641, 32)),
+            "long_side_max": image_size, "crop_short_sides": scaled((400, 500, 600)),
+            "crop_size_range": scaled((384, 600))}
+
+
 def dataset_categories(panoptic_json: Path) -> List[Dict[str, Any]]:
     with open(panoptic_json) as handle:
         return [{"id": c["id"], "name": c["name"], "isthing": bool(c["isthing"])} for c in json.load(handle)["categories"]]
@@ -92,8 +105,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--batch-size", type=int, default=8, help="images per process")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--image-size", type=int, default=256, help="training crop and test-time size")
-    parser.add_argument("--min-scale", type=float, default=0.5)
-    parser.add_argument("--max-scale", type=float, default=1.5)
+    parser.add_argument("--min-scale", type=float, default=0.5, help="large-scale jitter range (Mask2Former)")
+    parser.add_argument("--max-scale", type=float, default=1.5, help="large-scale jitter range (Mask2Former)")
     parser.add_argument("--num-points", type=int, default=12544)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--evaluate-every", type=int, default=10, help="epochs between held-out evaluations")
@@ -132,8 +145,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         "train.task": arguments.task, "train.max_epochs": arguments.epochs,
         "train.dataloader": {"batch_size_per_gpu": arguments.batch_size, "workers_per_gpu": arguments.workers},
         "train.optimizer.lr": arguments.lr,
-        "train.augmentation": {"image_size": arguments.image_size, "min_scale": arguments.min_scale,
-                               "max_scale": arguments.max_scale},
+        "train.augmentation": (fastinst_augmentation(arguments.image_size) if arguments.architecture in FASTINST_ARCHITECTURES
+                               else {"image_size": arguments.image_size, "min_scale": arguments.min_scale,
+                                     "max_scale": arguments.max_scale}),
         "train.preprocess": {"short_side": arguments.image_size, "long_side_max": arguments.image_size},
         "train.loss": {"num_points": arguments.num_points},
         "train.logging": {"interval": 10},
