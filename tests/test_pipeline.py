@@ -188,6 +188,23 @@ def test_bf16_precision_agrees_with_fp32_and_fp16_needs_cuda(tiny_model_dir, seg
         pipeline(Tasks.image_segmentation, model=str(tiny_model_dir), device="cpu", precision="int8")
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_without_native_bf16_warns_once(monkeypatch, caplog, native):
+    import torch
+
+    from modelscope_plugin import precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    precision._warn_slow_bf16.cache_clear()
+    caplog.set_level("WARNING", logger="modelscope_plugin.precision")
+    for _ in range(2):
+        precision.check_precision("bf16", torch.device("cpu"))
+    precision.check_precision("fp32", torch.device("cpu"))
+    warnings = [record for record in caplog.records if "native bfloat16" in record.getMessage()]
+    assert len(warnings) == (0 if native else 1)
+    precision._warn_slow_bf16.cache_clear()
+
+
 def test_model_directory_with_invalid_configuration_names_it(tmp_path):
     from modelscope_plugin.errors import ModelDirError
 
