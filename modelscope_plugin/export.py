@@ -57,16 +57,17 @@ def export_onnx(network: nn.Module, path, example_size: Tuple[int, int] = (640, 
     was_training = network.training
     network.eval()
     example = torch.zeros(1, 3, *example_size, device=next(network.parameters()).device)
+    wrapper = LogitsOnly(network).eval()
     names = dict(input_names=["images"], output_names=["class_logits", "mask_logits"])
     try:
         with torch.no_grad():
             if has_dynamic_input_size(network):
                 torch.onnx.export(
-                    LogitsOnly(network).eval(), (example,), str(path), dynamo=False, opset_version=min(opset, 17), **names,
+                    wrapper, (example,), str(path), dynamo=False, opset_version=min(opset, 17), **names,
                     dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"}, "class_logits": {0: "batch"},
                                   "mask_logits": {0: "batch", 2: "mask_height", 3: "mask_width"}})
             else:
-                torch.onnx.export(LogitsOnly(network).eval(), (example,), str(path), dynamo=True, opset_version=opset,
+                torch.onnx.export(wrapper, (example,), str(path), dynamo=True, opset_version=opset,
                                   verbose=False, **names)
     except Exception as error:  # the exporters raise many types (SymbolicValueError, TorchExportError, ...)
         if path.exists():

@@ -7,6 +7,7 @@ image is no larger than the resized one (most photos: COCO's 640x480 is resized 
 applied as one matrix product per axis instead (``resize_operator``): the same linear map, without computing the
 padded-size intermediate; values agree with the three-step path to float32 rounding.
 """
+import functools
 from dataclasses import dataclass, field
 from typing import List, Tuple
 
@@ -18,11 +19,13 @@ import torch.nn.functional as F
 INSTANCE_OFFSET = 1000
 
 
+@functools.lru_cache(maxsize=64)
 def resize_operator(source: int, padded: int, resized: int, original: int) -> torch.Tensor:
     """(original, source) float32 matrix of the linear map that the three-step resize applies along one axis:
     linear upsampling ``source -> padded``, keeping the first ``resized`` samples, linear resampling to
     ``original`` (torch's ``align_corners=False`` arithmetic, bilinear being separable). Built by pushing the
-    identity through ``F.interpolate`` itself in float64, so its index arithmetic is torch's own."""
+    identity through ``F.interpolate`` itself in float64, so its index arithmetic is torch's own. Cached per size
+    (a batch or a folder of one camera repeats them); callers must not modify the result."""
     identity = torch.eye(source, dtype=torch.float64)[None]  # (1, source basis vectors, source samples)
     upsampled = F.interpolate(identity, size=padded, mode="linear", align_corners=False)[..., :resized]
     return F.interpolate(upsampled, size=original, mode="linear", align_corners=False)[0].T.float()

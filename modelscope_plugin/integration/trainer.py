@@ -56,13 +56,13 @@ from ..modeling.criterion import Mask2FormerCriterion
 from ..modeling.fastinst.criterion import FastInstCriterion
 from ..modeling.matcher import HungarianMatcher
 from ..modeling.point_sampling import PointSampler
-from ..training import amp  # noqa: F401  (registers SegmentationAMPOptimizerHook)
+from ..training import amp, distributed  # noqa: F401  (register SegmentationAMPOptimizerHook, SegmentationDDPHook)
 from ..training.checkpoint import SegmentationLoadCheckpointHook
 from ..training.class_head import adapt_class_head
 from ..training.config import AugmentationConfig, LossConfig, ParameterGroupConfig, settings_from
 from ..training.data import (GlobalBatchSampler, PositionedDataset, SegmentationTrainingDataset, TrainingBatch,
                              TrainingCategory, collate, contiguous_categories, point_seed)
-from ..training.distributed import rank_and_world_size
+from ..ranks import rank_and_world_size
 from ..training.evaluation import evaluate_rows, flat_metric_values
 from ..training.optimizer import build_optimizer
 from . import hub

@@ -15,8 +15,6 @@ from modelscope.trainers.hooks.priority import Priority
 from modelscope.utils.constant import DistributedParallelType
 from torch.nn.parallel import DistributedDataParallel
 
-from ..ranks import rank_and_world_size  # noqa: F401  (re-exported)
-
 
 def init_process_group(backend: Optional[str] = None) -> torch.device:
     """Joins the torchrun group (env:// rendezvous) once; returns this rank's device."""

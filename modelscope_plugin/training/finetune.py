@@ -122,7 +122,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     from ..data.datasets import as_ms_dataset
     from ..data.synthetic import SceneConfig, SyntheticSplit, write_dataset
     from .checkpoint import latest_checkpoint
-    from .distributed import rank_and_world_size
+    from ..ranks import rank_and_world_size
 
     data = Path(arguments.data)
     train_split, val_split = SyntheticSplit(data, "train"), SyntheticSplit(data, "val")
