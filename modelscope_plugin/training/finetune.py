@@ -31,7 +31,7 @@ ARCHITECTURES = {
                  decoder_layers=3, decoder_feedforward_dim=128),
     # the demo model's network: the tiny Swin, 50 queries, 128 wide, 6 masked-attention layers (about 18 MB)
     "small": dict(backbone=SwinConfig(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=7,
-                                      drop_path_rate=0.1),
+                                      drop_path_rate=0.0),
                   num_queries=50, hidden_dim=128, num_heads=8, encoder_layers=3, encoder_feedforward_dim=512,
                   decoder_layers=6, decoder_feedforward_dim=384),
 }
@@ -41,7 +41,7 @@ FASTINST_ARCHITECTURES = {
     "fastinst-d1": dict(decoder_layers=1), "fastinst-d3": dict(decoder_layers=3),
     # the demo model's network: the small Mask2Former's Swin under FastInst-D3, 128 wide, 50 queries (about 17 MB)
     "fastinst-small": dict(backbone=SwinConfig(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=7,
-                                               drop_path_rate=0.1),
+                                               drop_path_rate=0.0),
                            hidden_dim=128, mask_dim=128, feedforward_dim=256, num_queries=50, decoder_layers=3),
 }
 
@@ -104,6 +104,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=8, help="images per process")
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--backbone-lr-multiplier", type=float, default=None,
+                        help="backbone lr factor; default 0.1 (detectron2's, for a pretrained backbone) with --model, "
+                             "1.0 when training from random weights")
     parser.add_argument("--image-size", type=int, default=256, help="training crop and test-time size")
     parser.add_argument("--min-scale", type=float, default=0.5, help="large-scale jitter range (Mask2Former)")
     parser.add_argument("--max-scale", type=float, default=1.5, help="large-scale jitter range (Mask2Former)")
@@ -122,6 +125,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     from ..data.datasets import as_ms_dataset
     from ..data.synthetic import SceneConfig, SyntheticSplit, write_dataset
     from .checkpoint import latest_checkpoint
+    from .config import ParameterGroupConfig
     from ..ranks import rank_and_world_size
 
     data = Path(arguments.data)
@@ -141,10 +145,14 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         if not Path(model, "configuration.json").is_file():
             initial_model_dir(Path(model), arguments.architecture, categories, arguments.image_size, arguments.seed)
 
+    backbone_lr_multiplier = arguments.backbone_lr_multiplier
+    if backbone_lr_multiplier is None:
+        backbone_lr_multiplier = ParameterGroupConfig().backbone_lr_multiplier if arguments.model else 1.0
     options = {
         "train.task": arguments.task, "train.max_epochs": arguments.epochs,
         "train.dataloader": {"batch_size_per_gpu": arguments.batch_size, "workers_per_gpu": arguments.workers},
         "train.optimizer.lr": arguments.lr,
+        "train.optimizer.paramwise_options": {"backbone_lr_multiplier": backbone_lr_multiplier},
         "train.augmentation": (fastinst_augmentation(arguments.image_size) if arguments.architecture in FASTINST_ARCHITECTURES
                                else {"image_size": arguments.image_size, "min_scale": arguments.min_scale,
                                      "max_scale": arguments.max_scale}),
