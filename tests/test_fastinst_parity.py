@@ -5,7 +5,7 @@ Criteria: the same preprocessed tensor (bit-exact); on the reference's input ten
 logits within 1e-4 max-abs with both networks in float64; the pipelines' instance lists (score_thr=0, each sorted
 by score) matching one to one with the same label, mask IoU >= 0.99 and scores within 1e-4.
 
-In float32 the two differ by rounding (this package's fused attention kernel and channels-last convolutions vs the
+In float32 the two differ by rounding (this package's fused attention kernel, channels-last convolutions and folded batch norm vs the
 reference's explicit softmax): ~1e-6 relative in the pixel features, which a handful of the ~10^6 attention-mask
 logits lying within that of 0 turn into flipped mask pixels and ~1e-3 logit differences in later layers. So in
 float32 the proposal logits (before any attention) keep the 1e-4 bound, the final logits get 1e-2 of their range

@@ -112,6 +112,38 @@ def test_relative_position_index_is_swin_convention():
     assert index.shape == (9, 9) and index.max() == (2 * window - 1) ** 2 - 1
 
 
+def test_resnet_inference_folds_batch_norm_into_the_convolutions_and_refolds_after_a_weight_change():
+    torch.manual_seed(0)
+    resnet = ResNet(depth=50).eval()
+    with torch.no_grad():  # frozen statistics far from the identity, as trained networks have
+        for module in resnet.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.2)
+                module.running_var.uniform_(0.3, 3.0)
+                module.weight.uniform_(0.3, 1.5)
+                module.bias.normal_(0, 0.2)
+    images = torch.randn(1, 3, 96, 128)
+
+    def unfolded():  # autograd on: every convolution, then its batch norm
+        with torch.enable_grad():
+            return {name: feature.detach() for name, feature in resnet(images).items()}
+
+    def relative_differences(folded, reference):
+        return {name: ((folded[name] - reference[name]).abs().max() / reference[name].abs().max()).item() for name in reference}
+
+    with torch.no_grad():
+        folded = resnet(images)
+    assert all(difference < 1e-5 for difference in relative_differences(folded, unfolded()).values())
+    assert all(feature.is_contiguous() for feature in folded.values())  # see the module docstring: group norm accuracy
+    with torch.no_grad():
+        resnet.layer4[2].conv3.weight.mul_(3.0)  # an in-place change (loading a checkpoint) must refold
+        resnet.layer4[2].bn3.running_var.mul_(0.5)
+        changed = resnet(images)
+    reference = unfolded()
+    assert (changed["res5"] - folded["res5"]).abs().max() > 1e-2 * folded["res5"].abs().max()
+    assert relative_differences(changed, reference)["res5"] < 1e-5
+
+
 def test_backbones_declare_channels_and_strides_on_odd_sizes():
     swin = SwinTransformer(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), window_size=7, drop_path_rate=0.0).eval()
     resnet = ResNet(depth=50).eval()
