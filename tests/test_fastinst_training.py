@@ -261,3 +261,42 @@ def test_the_finetune_script_trains_the_small_fastinst_and_scores_it_with_coco_a
     assert report["task"] == "instance" and report["metrics"]["segm/AP"] == results["segm/AP"]
     configuration = json.loads((tmp_path / "work" / "output" / "configuration.json").read_text())
     assert configuration["model"]["backbone"]["type"] == "swin"
+
+
+def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_path):
+    # width 64 for the pixel decoder's 32 groups: at width 32 each group norm normalises one channel, the PPM's 1x1
+    # pooled map of adapter_3's output is then its bias plus rounding noise, and AdamW turns the noise-only
+    # gradients of the stage-0 projection into lr-sized steps that differ between any two summation orders
+    config = FastInstConfig(num_classes=5, num_queries=12, num_aux_queries=3, hidden_dim=64, mask_dim=24, num_heads=4,
+                            feedforward_dim=48, decoder_layers=2, class_names=tuple(f"thing_{i}" for i in range(5)))
+    torch.manual_seed(0)
+    model_dir = write_hub_dir(tmp_path / "model", config, build_fastinst(config).eval())
+    write_dataset(tmp_path / "data", "train", 4, seed=0, config=SceneConfig.scaled(64))
+    # 3 epochs of 2 global batches of 2 images, random flips; SGD with momentum, whose update is linear in the
+    # gradient: AdamW's first steps move every weight by +-lr whatever its gradient's size, so the sign of a
+    # gradient element that is rounding noise (FastInst has many) would decide an lr-sized difference
+    options = dict(OPTIONS, **{"train.max_epochs": 3, "train.optimizer.type": "SGD", "train.optimizer.lr": 0.02,
+                               "train.optimizer.momentum": 0.9,
+                               "train.augmentation": dict(OPTIONS["train.augmentation"], flip_probability=0.5)})
+    one = make_trainer(model_dir, tmp_path / "data", tmp_path / "one", options)
+    one.train()
+    completed = run_script([model_dir, tmp_path / "data", tmp_path / "two",
+                            json.dumps(dict(options, **{"train.dataloader.batch_size_per_gpu": 1}))], launcher="pytorch")
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:]
+    ranks = [json.loads((tmp_path / "two" / f"rank_{rank}.json").read_text()) for rank in range(2)]
+    assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
+    assert ranks[0]["checksums"] == ranks[1]["checksums"]  # the ranks stayed in sync
+
+    def output_weights(work_dir):
+        return torch.load(work_dir / "output" / "pytorch_model.pt", map_location="cpu", weights_only=True)["model"]
+
+    expected, actual = output_weights(tmp_path / "one"), output_weights(tmp_path / "two")
+    initial = torch.load(model_dir / "pytorch_model.pt", weights_only=True)["model"]
+    # per weight tensor: the largest difference between the runs, against how far that tensor moved in training
+    differences = {key: (expected[key].double() - actual[key].double()).abs().max().item() for key in expected}
+    movements = {key: (expected[key].double() - initial[key].double()).abs().max().item() for key in expected
+                 if expected[key].shape == initial[key].shape}  # the class heads were re-initialised for 4 things
+    relative = {key: differences[key] / max(movements[key], 1e-6) for key in movements}
+    worst = max(relative, key=relative.get)
+    assert max(movements.values()) > 1e-3  # training moved the weights
+    assert max(differences.values()) < 5e-5 and relative[worst] < 1e-2, (worst, relative[worst], differences[worst])
