@@ -133,6 +133,7 @@ def segment(arguments) -> int:
 def evaluate(arguments) -> int:
     from .data import datasets
     from .evaluation import evaluate as run_evaluation
+    from .evaluation.evaluate import annotation_categories
 
     output = Path(arguments.output)
     if (output / "metrics.json").exists() and not arguments.overwrite:
@@ -151,7 +152,9 @@ def evaluate(arguments) -> int:
         print(f"skipped: {problem}", file=sys.stderr)
     if not rows:
         raise CommandError("no readable rows in the dataset")
-    results = run_evaluation(arguments.model, rows, arguments.task, output_dir=str(output),
+    # the dataset's own classes (COCO's only when the JSON lists COCO's)
+    categories = annotation_categories(arguments.annotations) if arguments.annotations else None
+    results = run_evaluation(arguments.model, rows, arguments.task, output_dir=str(output), categories=categories,
                              annotation_file=arguments.annotations if arguments.task == "instance" else None,
                              progress=not arguments.quiet, limit=arguments.limit)
     summary = {key: value for key, value in results.items() if key != "per_class"}

@@ -120,10 +120,10 @@ def score_scenes(model: str, task: str, scenes, output: Path) -> Dict[str, Any]:
     from .evaluation import evaluate
 
     if task == "panoptic":
-        rows, annotation_file = scenes.panoptic_rows(), None
+        rows, annotation_file = scenes.panoptic_rows(), scenes.panoptic_json
     else:
-        rows, annotation_file = scenes.instance_rows(), str(scenes.instances_json)
-    results = evaluate(model, rows, task, output_dir=str(output), annotation_file=annotation_file, progress=False)
+        rows, annotation_file = scenes.instance_rows(), scenes.instances_json
+    results = evaluate(model, rows, task, output_dir=str(output), annotation_file=str(annotation_file), progress=False)
     return {key: value for key, value in results.items() if key != "per_class"}
 
 

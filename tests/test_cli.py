@@ -340,3 +340,25 @@ def test_train_hands_its_options_to_the_finetune_script(capsys):
     assert main(["train", "--epochs", "1"]) == 2  # --data and --work-dir are required
     assert "required" in capsys.readouterr().err
     assert main(["--help"]) == 0 and "train" in capsys.readouterr().out
+
+
+def test_evaluate_scores_a_custom_dataset_with_its_own_classes(tmp_path, capsys):
+    from modelscope_plugin.data.synthetic import SceneConfig, write_dataset
+    from modelscope_plugin.training.finetune import dataset_categories, initial_model_dir
+
+    split = write_dataset(tmp_path / "data", "val", 3, seed=1, config=SceneConfig.scaled(64))
+    categories = dataset_categories(split.panoptic_json)
+    model = initial_model_dir(tmp_path / "model", "tiny", categories, 64, seed=0)
+    for task, annotations, extra in (("panoptic", split.panoptic_json, ["--panoptic-folder", str(split.panoptic_folder)]),
+                                     ("instance", split.instances_json, [])):
+        output = tmp_path / f"eval_{task}"
+        assert main(["evaluate", "--model", str(model), "--task", task, "--images", str(split.image_folder),
+                     "--annotations", str(annotations), *extra, "--output", str(output), "--quiet"]) == 0
+        capsys.readouterr()
+        written = json.loads((output / "metrics.json").read_text())
+        if task == "panoptic":  # PQ over the synthetic classes, split into its 4 things and 3 stuff
+            assert {name: values["isthing"] for name, values in written["per_class"].items()} == {
+                category["name"]: category["isthing"] for category in categories}
+            assert written["n_th"] <= 4 and written["n_st"] <= 3 and written["n"] == written["n_th"] + written["n_st"]
+        else:  # AP over the 4 thing classes, ranking every detection (score_thr 0: the network's top 100 per image)
+            assert sorted(written["segm"]["per_class"]) == sorted(c["name"] for c in categories if c["isthing"])

@@ -62,17 +62,22 @@ def evaluate(model_or_pipeline: Any, dataset: Iterable[Mapping[str, Any]], task:
     """Score ``model_or_pipeline`` on ``dataset`` rows (``modelscope_plugin.data`` readers, or their MsDataset).
 
     task: 'panoptic' (PQ), 'instance' (COCO segm + bbox AP), 'semantic' (mIoU). ``categories``: the class list of
-    the dataset (default COCO panoptic 133, or its 80 things for instance). ``pipeline_arguments``: keyword
-    arguments of each call (default ``{"task": task}`` for a ModelScope pipeline, none for a plain callable).
-    Returns the metric dict.
+    the dataset (default: those of ``annotation_file`` when given, else COCO panoptic's 133, or its 80 things for
+    instance). ``pipeline_arguments``: keyword arguments of each call (default for a ModelScope pipeline
+    ``{"task": task}``, plus ``score_thr=0`` for instance: AP ranks every detection, as COCO's evaluation does;
+    none for a plain callable). Returns the metric dict.
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, not {task!r}")
+    if categories is None and annotation_file is not None:
+        categories = annotation_categories(annotation_file)
     predictor = _as_predictor(model_or_pipeline)
     if pipeline_arguments is None:
         from modelscope.pipelines.base import Pipeline
 
-        pipeline_arguments = {"task": task} if isinstance(predictor, Pipeline) else {}
+        pipeline_arguments = {}
+        if isinstance(predictor, Pipeline):
+            pipeline_arguments = {"task": task, "score_thr": 0.0} if task == "instance" else {"task": task}
     if task == "panoptic":
         metric = PanopticQualityMetric(categories)
     elif task == "instance":
@@ -132,6 +137,15 @@ def evaluate(model_or_pipeline: Any, dataset: Iterable[Mapping[str, Any]], task:
                 json.dump({"annotations": panoptic_annotations,
                            "categories": [dict(c, isthing=int(c["isthing"])) for c in category_list]}, handle)
     return results
+
+
+def annotation_categories(annotation_file: str) -> List[Dict[str, Any]]:
+    """The ``categories`` of a COCO instances or panoptic JSON (``isthing`` defaults to 1, as in instances files)."""
+    with open(annotation_file) as handle:
+        categories = json.load(handle).get("categories")
+    if not categories:
+        raise ValueError(f"{annotation_file} has no 'categories' list")
+    return categories_as_dicts(categories)
 
 
 def _write_panoptic_png(outputs: Mapping[str, Any], row: Mapping[str, Any], folder: str) -> Dict[str, Any]:
