@@ -33,6 +33,21 @@ OPTIONS = {
 }
 
 
+def tiny_fastinst_and_scenes(root: Path, hidden_dim: int = 32):
+    """A tiny FastInst in the hub layout and 4 synthetic 64 x 64 training scenes under ``root``."""
+    config = FastInstConfig(num_classes=5, num_queries=12, num_aux_queries=3, hidden_dim=hidden_dim, mask_dim=24,
+                            num_heads=4, feedforward_dim=48, decoder_layers=2,
+                            class_names=tuple(f"thing_{i}" for i in range(5)))
+    torch.manual_seed(0)
+    model_dir = write_hub_dir(root / "model", config, build_fastinst(config).eval())
+    write_dataset(root / "data", "train", 4, seed=0, config=SceneConfig.scaled(64))
+    return model_dir, root / "data"
+
+
+def output_weights(work_dir: Path):
+    return torch.load(work_dir / "output" / "pytorch_model.pt", map_location="cpu", weights_only=True)["model"]
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("fastinst_training")
@@ -216,11 +231,7 @@ def test_fastinst_augmentation_resizes_the_short_side_caps_the_long_side_and_pad
 def test_a_killed_fastinst_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
     from modelscope_plugin.training.checkpoint import latest_checkpoint
 
-    config = FastInstConfig(num_classes=5, num_queries=12, num_aux_queries=3, hidden_dim=32, mask_dim=24, num_heads=4,
-                            feedforward_dim=48, decoder_layers=2, class_names=tuple(f"thing_{i}" for i in range(5)))
-    torch.manual_seed(0)
-    model_dir = write_hub_dir(tmp_path / "model", config, build_fastinst(config).eval())
-    write_dataset(tmp_path / "data", "train", 4, seed=0, config=SceneConfig.scaled(64))
+    model_dir, _ = tiny_fastinst_and_scenes(tmp_path)
     # 3 epochs of 2 batches, random flips (the resumed run must restore the RNG), a checkpoint every 2 iterations
     options = dict(OPTIONS, **{"train.max_epochs": 3, "train.checkpoint.period": {"interval": 2, "by_epoch": False},
                                "train.augmentation": dict(OPTIONS["train.augmentation"], flip_probability=0.5)})
@@ -234,9 +245,6 @@ def test_a_killed_fastinst_run_resumes_to_the_weights_of_an_uninterrupted_run(tm
     resumed = make_trainer(model_dir, tmp_path / "data", tmp_path / "resumed", options)
     resumed.train(checkpoint_path=checkpoint)
     assert resumed.iter == 6
-
-    def output_weights(work_dir):
-        return torch.load(work_dir / "output" / "pytorch_model.pt", map_location="cpu", weights_only=True)["model"]
 
     expected, actual = output_weights(tmp_path / "uninterrupted"), output_weights(tmp_path / "resumed")
     initial = torch.load(model_dir / "pytorch_model.pt", weights_only=True)["model"]
@@ -267,11 +275,7 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
     # width 64 for the pixel decoder's 32 groups: at width 32 each group norm normalises one channel, the PPM's 1x1
     # pooled map of adapter_3's output is then its bias plus rounding noise, and AdamW turns the noise-only
     # gradients of the stage-0 projection into lr-sized steps that differ between any two summation orders
-    config = FastInstConfig(num_classes=5, num_queries=12, num_aux_queries=3, hidden_dim=64, mask_dim=24, num_heads=4,
-                            feedforward_dim=48, decoder_layers=2, class_names=tuple(f"thing_{i}" for i in range(5)))
-    torch.manual_seed(0)
-    model_dir = write_hub_dir(tmp_path / "model", config, build_fastinst(config).eval())
-    write_dataset(tmp_path / "data", "train", 4, seed=0, config=SceneConfig.scaled(64))
+    model_dir, _ = tiny_fastinst_and_scenes(tmp_path, hidden_dim=64)
     # 3 epochs of 2 global batches of 2 images, random flips; SGD with momentum, whose update is linear in the
     # gradient: AdamW's first steps move every weight by +-lr whatever its gradient's size, so the sign of a
     # gradient element that is rounding noise (FastInst has many) would decide an lr-sized difference
@@ -286,9 +290,6 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
     ranks = [json.loads((tmp_path / "two" / f"rank_{rank}.json").read_text()) for rank in range(2)]
     assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
     assert ranks[0]["checksums"] == ranks[1]["checksums"]  # the ranks stayed in sync
-
-    def output_weights(work_dir):
-        return torch.load(work_dir / "output" / "pytorch_model.pt", map_location="cpu", weights_only=True)["model"]
 
     expected, actual = output_weights(tmp_path / "one"), output_weights(tmp_path / "two")
     initial = torch.load(model_dir / "pytorch_model.pt", weights_only=True)["model"]
