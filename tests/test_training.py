@@ -242,6 +242,34 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(setup, 
     assert worst < 1e-5 < 1e-4 < moved, (worst, moved)
 
 
+def test_the_finetune_script_trains_the_backbone_at_full_lr_from_random_weights_and_at_a_tenth_from_a_model(
+        setup, tmp_path, monkeypatch):
+    from modelscope_plugin.integration.trainer import Mask2FormerTrainer
+    from modelscope_plugin.training import finetune
+
+    _, data_root, _ = setup
+    built = []
+    monkeypatch.setattr(Mask2FormerTrainer, "train", lambda self, checkpoint_path=None: built.append(self))
+    monkeypatch.setattr(Mask2FormerTrainer, "evaluate", lambda self, *arguments, **kwargs: {})
+    monkeypatch.setattr(Mask2FormerTrainer, "evaluation_results", {}, raising=False)
+
+    def backbone_and_head_lrs(arguments):
+        finetune.main(["--data", str(data_root), "--architecture", "tiny", "--image-size", "64", "--lr", "2e-4",
+                       "--batch-size", "2", "--workers", "0", *arguments])
+        built[-1].train_dataloader = built[-1].get_train_dataloader()  # the schedule's length needs it
+        optimizer, *_ = built[-1].create_optimizer_and_scheduler()
+        network = built[-1].unwrap_module(built[-1].model)
+        lr_of = {id(parameter): group["lr"] for group in optimizer.param_groups for parameter in group["params"]}
+        return lr_of[id(network.backbone.patch_embed.proj.weight)], lr_of[id(network.transformer_decoder.query_feat.weight)]
+
+    assert backbone_and_head_lrs(["--work-dir", str(tmp_path / "scratch")]) == (pytest.approx(2e-4), pytest.approx(2e-4))
+    pretrained = str(tmp_path / "scratch" / "initial_model")
+    assert backbone_and_head_lrs(["--work-dir", str(tmp_path / "finetune"), "--model", pretrained]) == (
+        pytest.approx(2e-5), pytest.approx(2e-4))
+    assert backbone_and_head_lrs(["--work-dir", str(tmp_path / "chosen"), "--model", pretrained,
+                                  "--backbone-lr-multiplier", "0.5"])[0] == pytest.approx(1e-4)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("model_dir")
