@@ -10,7 +10,9 @@ writes N synthetic training scenes with ``--seed`` and N // 5 validation scenes 
 split, unless they exist). ``--model`` starts from a model directory or hub id (the class head is re-initialised
 for the dataset's classes); without it a randomly initialised network of ``--architecture`` is the start
 (``fastinst-d1`` / ``fastinst-d3``: FastInst R50 with 1 / 3 decoder layers; ``fastinst-small``: FastInst-D3 on
-the small Swin; instance task only). The
+the small Swin; instance task only). From random weights, ``--pretrain-epochs N`` first trains the backbone and
+pixel decoder as a per-pixel semantic segmenter for N epochs (``training.pretrain``: the stand-in for the ImageNet
+backbone the recipes assume; written to ``{work_dir}/pretrained_model`` and reused on a resume). The
 finetuned model directory is ``{work_dir}/output`` (``pipeline(Tasks.image_segmentation, model=...)`` loads it)
 and the held-out metrics are written to ``{work_dir}/metrics.json``.
 """
@@ -52,8 +54,6 @@ def initial_model_dir(directory: Path, architecture: str, categories: List[Dict[
     layout, classes = the dataset's things)."""
     from ..builders import build_fastinst, build_mask2former
     from ..config import FastInstConfig, PreprocessConfig
-    from ..demo import write_model_dir
-    from ..model_dir_fastinst import write_hub_dir
 
     things = [c for c in categories if c["isthing"]]
     stuff = [c for c in categories if not c["isthing"]]
@@ -64,13 +64,40 @@ def initial_model_dir(directory: Path, architecture: str, categories: List[Dict[
             preprocess=PreprocessConfig(short_side=image_size, long_side_max=image_size, resize_backend="pil",
                                         divide_by_std=True))
         torch.manual_seed(seed)
-        return write_hub_dir(directory, fastinst, build_fastinst(fastinst), finetuned=True)
+        return write_network_dir(directory, fastinst, build_fastinst(fastinst))
     config = Mask2FormerConfig(
         **ARCHITECTURES[architecture], num_things_classes=len(things), num_stuff_classes=len(stuff),
         class_names=tuple(c["name"] for c in things + stuff), category_ids=tuple(c["id"] for c in things + stuff),
         preprocess=PreprocessConfig(short_side=image_size, long_side_max=image_size))
     torch.manual_seed(seed)
-    return write_model_dir(directory, config, build_mask2former(config))
+    return write_network_dir(directory, config, build_mask2former(config))
+
+
+def write_network_dir(directory: Path, config, network) -> Path:
+    """A Mask2Former in the native model-directory layout, a FastInst in the hub layout."""
+    from ..config import FastInstConfig
+    from ..demo import write_model_dir
+    from ..model_dir_fastinst import write_hub_dir
+
+    if isinstance(config, FastInstConfig):
+        return write_hub_dir(directory, config, network, finetuned=True)
+    return write_model_dir(directory, config, network)
+
+
+def densely_pretrained_model_dir(directory: Path, start: str, rows, categories, augmentation: Dict[str, Any],
+                                 arguments) -> Path:
+    """``start``'s network after ``training.pretrain.pretrain_dense`` (written once, then reused on a resume)."""
+    from ..model_dir import load_model_dir
+    from .pretrain import pretrain_dense
+
+    if (directory / "configuration.json").is_file():
+        return directory
+    if arguments.launcher:
+        raise SystemExit("run the dense pretraining before starting torchrun (once without --launcher)")
+    config, network = load_model_dir(start)
+    pretrain_dense(network, config.preprocess, rows, categories, augmentation, arguments.pretrain_epochs,
+                   arguments.batch_size, arguments.lr, arguments.seed)
+    return write_network_dir(directory, config, network)
 
 
 def fastinst_augmentation(image_size: int) -> Dict[str, Any]:
@@ -110,6 +137,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--image-size", type=int, default=256, help="training crop and test-time size")
     parser.add_argument("--min-scale", type=float, default=0.5, help="large-scale jitter range (Mask2Former)")
     parser.add_argument("--max-scale", type=float, default=1.5, help="large-scale jitter range (Mask2Former)")
+    parser.add_argument("--pretrain-epochs", type=int, default=0,
+                        help="from random weights: first train the backbone and pixel decoder as a per-pixel "
+                             "semantic segmenter for this many epochs (training.pretrain)")
     parser.add_argument("--num-points", type=int, default=12544)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--evaluate-every", type=int, default=10, help="epochs between held-out evaluations")
@@ -139,11 +169,17 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         write_dataset(data, "val", max(arguments.generate // 5, 1), arguments.seed + 1, scenes)
     categories = dataset_categories(train_split.panoptic_json)
     work_dir = Path(arguments.work_dir)
+    augmentation = (fastinst_augmentation(arguments.image_size) if arguments.architecture in FASTINST_ARCHITECTURES
+                    else {"image_size": arguments.image_size, "min_scale": arguments.min_scale,
+                          "max_scale": arguments.max_scale})
     model = arguments.model
     if model is None:
         model = str(work_dir / "initial_model")
         if not Path(model, "configuration.json").is_file():
             initial_model_dir(Path(model), arguments.architecture, categories, arguments.image_size, arguments.seed)
+        if arguments.pretrain_epochs:
+            model = str(densely_pretrained_model_dir(work_dir / "pretrained_model", model, train_split.panoptic_rows(),
+                                                     categories, augmentation, arguments))
 
     backbone_lr_multiplier = arguments.backbone_lr_multiplier
     if backbone_lr_multiplier is None:
@@ -153,9 +189,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         "train.dataloader": {"batch_size_per_gpu": arguments.batch_size, "workers_per_gpu": arguments.workers},
         "train.optimizer.lr": arguments.lr,
         "train.optimizer.paramwise_options": {"backbone_lr_multiplier": backbone_lr_multiplier},
-        "train.augmentation": (fastinst_augmentation(arguments.image_size) if arguments.architecture in FASTINST_ARCHITECTURES
-                               else {"image_size": arguments.image_size, "min_scale": arguments.min_scale,
-                                     "max_scale": arguments.max_scale}),
+        "train.augmentation": augmentation,
         "train.preprocess": {"short_side": arguments.image_size, "long_side_max": arguments.image_size},
         "train.loss": {"num_points": arguments.num_points},
         "train.logging": {"interval": 10},
