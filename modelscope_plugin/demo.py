@@ -1,7 +1,7 @@
 """``make demo``: segment synthetic sample scenes and the sample photos; write overlays and JSON.
 
-The demo models ship in the repository (``model_cards/demo/*``: a small Mask2Former for panoptic segmentation and a
-small FastInst for instance segmentation, trained from scratch on the synthetic shapes of
+The demo models live in ``model_cards/demo/*`` once trained (a small Mask2Former for panoptic segmentation and a
+small FastInst for instance segmentation, trained from random weights on the synthetic shapes of
 ``modelscope_plugin.data.synthetic``; their cards say how and what they reach). The demo writes a few new scenes
 (a seed neither model was trained or evaluated on), segments them with each model and scores them against their
 ground truth, then segments the sample photos: there the labels name synthetic shapes and textures, not objects.

@@ -3,13 +3,14 @@
 torchvision's parameter names (``conv1``, ``bn1``, ``layer1.0.conv1`` ...) are also mmdet's and EasyCV's, so
 their checkpoints load without renaming; ``checkpoint.py`` maps detectron2's (``stem.conv1``, ``res2.0``).
 The stride sits in the 3×3 convolution ("pytorch" style, detectron2's ``STRIDE_IN_1X1: False``), as in every
-Mask2Former and FastInst release. Batch norm is frozen in training (statistics and affine), as the references do. Weights and activations are kept
-channels-last inside the backbone, which oneDNN's CPU convolutions run about a fifth faster (benchmarks/README.md);
-the numbers are the same up to float rounding. The returned features are contiguous (NCHW): torch's CPU group norm
-on channels-last float32 input is about ten times less accurate (the pixel decoders' first group norms turned 1e-6
-relative feature differences into 5e-5), and the copy costs little. Without autograd each convolution runs with its frozen batch norm folded into its
-weights and bias (one pass over the activations instead of two; the folded weights are cached until a parameter
-changes), so the state dict keeps the published names.
+Mask2Former and FastInst release. Batch norm is frozen in training (statistics and affine), as the references do.
+Weights and activations are kept channels-last inside the backbone, which oneDNN's CPU convolutions run about a
+fifth faster (benchmarks/README.md); the numbers are the same up to float rounding. The returned features are
+contiguous (NCHW): torch's CPU group norm on channels-last float32 input is about ten times less accurate (the pixel
+decoders' first group norms turned 1e-6 relative feature differences into 5e-5), and the copy costs little.
+Without autograd each convolution runs with its frozen batch norm folded into its weights and bias (one pass over
+the activations instead of two; the folded weights are cached until a tensor changes), and the state dict keeps
+the published names.
 """
 from typing import Dict, Tuple
 
