@@ -149,11 +149,12 @@ def main(argv=None) -> Dict[str, Dict[str, Any]]:
                   "Segments are real pipeline output, labels are meaningless.")
             models = {"random_weight_model": (directory, None)}
     scenes = demo_scenes(output)
-    photos = [Path(arguments.data) / relative for relative in SAMPLES]
-    missing = [path for path in photos if not path.is_file()]
-    for path in missing:
-        print(f"skipping missing sample {path}")
-    photos = [path for path in photos if path.is_file()]
+    photos = []
+    for path in (Path(arguments.data) / relative for relative in SAMPLES):
+        if path.is_file():
+            photos.append(path)
+        else:
+            print(f"skipping missing sample {path}")
     scores = {}
     for name, (directory, task) in models.items():
         segmenter = pipeline(Tasks.image_segmentation, model=str(directory), device="cpu")

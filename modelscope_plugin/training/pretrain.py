@@ -9,7 +9,6 @@ to tell the classes apart in a few hundred steps, where the query-based losses (
 image) take thousands; the query-based training then starts from discriminative features.
 """
 import time
-from pathlib import Path
 from typing import Any, Dict, List, Mapping, Sequence
 
 import torch
