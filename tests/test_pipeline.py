@@ -211,3 +211,11 @@ def test_model_directory_with_invalid_configuration_names_it(tmp_path):
     (tmp_path / "configuration.json").write_text("{not json")
     with pytest.raises(ModelDirError, match="configuration.json is not valid JSON"):
         pipeline(Tasks.image_segmentation, model=str(tmp_path))
+
+
+def test_model_directory_without_configuration_names_it(tmp_path):
+    from modelscope_plugin.errors import ModelDirError
+
+    (tmp_path / "pytorch_model.pt").write_bytes(b"")
+    with pytest.raises(ModelDirError, match=f"{tmp_path} has no configuration.json"):
+        pipeline(Tasks.image_segmentation, model=str(tmp_path))

@@ -79,6 +79,13 @@ def wrap_is_official_hub_path(original):
         if is_supported_id(path):
             resolve_model_dir(path, revision)
             return True
+        if (isinstance(path, (str, Path)) and os.path.isdir(path)
+                and not any(os.path.isfile(os.path.join(path, name)) for name in ("configuration.json", "config.json"))):
+            from ..model_dir import read_configuration_json
+
+            # neither ModelScope's nor a transformers config: ModelScope's builder would go on to a TypeError
+            # ('NoneType' object does not support item assignment); one ModelDirError naming the directory instead
+            read_configuration_json(Path(path))
         return original(path, revision, *args, **kwargs)
 
     return is_official_hub_path
