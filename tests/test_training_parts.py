@@ -43,6 +43,25 @@ def test_jitter_scale_range_and_crop():
         assert len(np.unique(id_map)) < 64 * 64
 
 
+
+def test_jitter_crop_smaller_than_image_size_keeps_the_scale():
+    # ids = row * 1000 + column, so a crop's ids give the scale and the offset it came from
+    rows, columns = np.mgrid[:128, :128]
+    ids = rows * 1000 + columns
+    rgb = np.zeros((128, 128, 3), np.uint8)
+    config = AugmentationConfig(image_size=128, crop_size=64, min_scale=1.0, max_scale=1.0, flip_probability=0.0)
+    offsets = set()
+    for seed in range(6):
+        image, id_map = large_scale_jitter(rgb, ids, config, np.random.default_rng(seed))
+        assert image.shape == (64, 64, 3) and id_map.shape == (64, 64)
+        top, left = divmod(int(id_map[0, 0]), 1000)
+        # scale 1 relative to image_size (128), not to the crop: a 64 x 64 window of the unscaled ids
+        np.testing.assert_array_equal(id_map, ids[top:top + 64, left:left + 64])
+        offsets.add(top)
+    assert len(offsets) > 1  # the window moves
+    with pytest.raises(ValueError, match="crop_size 48 is not a multiple of 32"):
+        SegmentationTrainingDataset([], [], "panoptic", PreprocessConfig(), AugmentationConfig(image_size=64, crop_size=48))
+
 def test_targets_per_task():
     ids = np.zeros((8, 8), np.int64)
     ids[:4, :4], ids[4:, :4], ids[:, 4:] = 1001, 1002, 5000

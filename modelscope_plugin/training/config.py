@@ -39,6 +39,9 @@ class AugmentationConfig:
     min_scale: float = 0.1
     max_scale: float = 2.0
     """The image is resized to fit image_size * s, s uniform in [min_scale, max_scale]."""
+    crop_size: int = 0
+    """"large_scale_jitter": side of the square crop (detectron2's ``FixedSizeCrop``, a multiple of 32); 0: image_size.
+    Smaller than image_size, it trains on windows of the jittered images at their test-time scale."""
     flip_probability: float = 0.5
     pad_value: int = 128
     """Image value of the padding below / right of a crop smaller than image_size (before normalisation)."""

@@ -62,16 +62,16 @@ def _resize(rgb: np.ndarray, ids: np.ndarray, height: int, width: int):
 def large_scale_jitter(rgb: np.ndarray, ids: np.ndarray, config: AugmentationConfig, rng: np.random.Generator):
     """detectron2's RandomFlip + ResizeScale + FixedSizeCrop on an image and its panoptic id map.
 
-    Returns the (S, S, 3) uint8 image (padding = ``pad_value``) and the (S, S) int64 ids (padding = 0, void).
-    Image: PIL bilinear; ids: nearest.
+    Returns the (C, C, 3) uint8 image (padding = ``pad_value``) and the (C, C) int64 ids (padding = 0, void), C the
+    crop size (``crop_size``, else ``image_size``). Image: PIL bilinear; ids: nearest.
     """
     if rng.uniform() < config.flip_probability:
         rgb, ids = rgb[:, ::-1], ids[:, ::-1]
     height, width = rgb.shape[:2]
-    size = config.image_size
-    # ResizeScale: fit the (size * s) square, keeping the aspect ratio
+    # ResizeScale: fit the (image_size * s) square, keeping the aspect ratio
     random_scale = rng.uniform(config.min_scale, config.max_scale)
-    scale = min(size * random_scale / height, size * random_scale / width)
+    scale = min(config.image_size * random_scale / height, config.image_size * random_scale / width)
+    size = config.crop_size or config.image_size
     new_height, new_width = max(int(round(height * scale)), 1), max(int(round(width * scale)), 1)
     resized, resized_ids = _resize(rgb, ids, new_height, new_width)
     # FixedSizeCrop: one uniform fraction of the largest offset in both directions, then pad bottom / right
@@ -174,9 +174,10 @@ class SegmentationTrainingDataset(Dataset):
                  augmentation: AugmentationConfig, seed: int = 0):
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-        if augmentation.image_size % preprocess.size_divisor:
-            raise ValueError(f"augmentation image_size {augmentation.image_size} is not a multiple of "
-                             f"{preprocess.size_divisor}")
+        for name in ("image_size", "crop_size"):
+            if getattr(augmentation, name) % preprocess.size_divisor:
+                raise ValueError(f"augmentation {name} {getattr(augmentation, name)} is not a multiple of "
+                                 f"{preprocess.size_divisor}")
         if augmentation.kind not in AUGMENTATIONS:
             raise ValueError(f"train.augmentation.kind must be one of {sorted(AUGMENTATIONS)}, got {augmentation.kind!r}")
         if augmentation.kind == "fastinst" and augmentation.image_size < augmentation.long_side_max:

@@ -134,9 +134,13 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--backbone-lr-multiplier", type=float, default=None,
                         help="backbone lr factor; default 0.1 (detectron2's, for a pretrained backbone) with --model, "
                              "1.0 when training from random weights")
-    parser.add_argument("--image-size", type=int, default=256, help="training crop and test-time size")
-    parser.add_argument("--min-scale", type=float, default=0.5, help="large-scale jitter range (Mask2Former)")
-    parser.add_argument("--max-scale", type=float, default=1.5, help="large-scale jitter range (Mask2Former)")
+    parser.add_argument("--image-size", type=int, default=256, help="test-time size, and the training crop "
+                        "unless --crop-size")
+    parser.add_argument("--crop-size", type=int, default=0,
+                        help="train on large-scale-jitter crops of this side (both architectures) from the scenes "
+                             "jittered at --image-size: each step costs about (crop / image size)^2 as much")
+    parser.add_argument("--min-scale", type=float, default=0.5, help="large-scale jitter range")
+    parser.add_argument("--max-scale", type=float, default=1.5, help="large-scale jitter range")
     parser.add_argument("--pretrain-epochs", type=int, default=0,
                         help="from random weights: first train the backbone and pixel decoder as a per-pixel "
                              "semantic segmenter for this many epochs (training.pretrain)")
@@ -169,9 +173,12 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         write_dataset(data, "val", max(arguments.generate // 5, 1), arguments.seed + 1, scenes)
     categories = dataset_categories(train_split.panoptic_json)
     work_dir = Path(arguments.work_dir)
-    augmentation = (fastinst_augmentation(arguments.image_size) if arguments.architecture in FASTINST_ARCHITECTURES
-                    else {"image_size": arguments.image_size, "min_scale": arguments.min_scale,
-                          "max_scale": arguments.max_scale})
+    if arguments.architecture in FASTINST_ARCHITECTURES and not arguments.crop_size:
+        augmentation = fastinst_augmentation(arguments.image_size)
+    else:
+        augmentation = {"kind": "large_scale_jitter", "image_size": arguments.image_size,
+                        "crop_size": arguments.crop_size, "min_scale": arguments.min_scale,
+                        "max_scale": arguments.max_scale}
     model = arguments.model
     if model is None:
         model = str(work_dir / "initial_model")
