@@ -293,3 +293,22 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+
+
+def test_the_finetune_script_trains_on_crops_smaller_than_the_test_size(setup, tmp_path, monkeypatch):
+    from modelscope_plugin.integration.trainer import Mask2FormerTrainer
+    from modelscope_plugin.training import finetune
+
+    _, data_root, _ = setup
+    built = []
+    monkeypatch.setattr(Mask2FormerTrainer, "train", lambda self, checkpoint_path=None: built.append(self))
+    monkeypatch.setattr(Mask2FormerTrainer, "evaluate", lambda self, *arguments, **kwargs: {})
+    monkeypatch.setattr(Mask2FormerTrainer, "evaluation_results", {}, raising=False)
+    finetune.main(["--data", str(data_root), "--architecture", "tiny", "--image-size", "64", "--crop-size", "32",
+                   "--batch-size", "2", "--workers", "0", "--work-dir", str(tmp_path / "work")])
+    batch = next(iter(built[-1].get_train_dataloader()))
+    assert tuple(batch.images.shape) == (2, 3, 32, 32)
+    # the model directory (what evaluation and pipeline() run) keeps the whole-scene test size
+    configuration = json.loads((tmp_path / "work" / "initial_model" / "configuration.json").read_text())
+    preprocess = configuration["model"]["config"]["preprocess"]
+    assert (preprocess["short_side"], preprocess["long_side_max"]) == (64, 64)
