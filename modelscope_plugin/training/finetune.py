@@ -139,8 +139,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--crop-size", type=int, default=0,
                         help="train on large-scale-jitter crops of this side (both architectures) from the scenes "
                              "jittered at --image-size: each step costs about (crop / image size)^2 as much")
-    parser.add_argument("--min-scale", type=float, default=0.5, help="large-scale jitter range (Mask2Former; FastInst with --crop-size)")
-    parser.add_argument("--max-scale", type=float, default=1.5, help="large-scale jitter range (Mask2Former; FastInst with --crop-size)")
+    parser.add_argument("--min-scale", type=float, default=0.5,
+                        help="large-scale jitter range (Mask2Former; FastInst with --crop-size)")
+    parser.add_argument("--max-scale", type=float, default=1.5,
+                        help="large-scale jitter range (Mask2Former; FastInst with --crop-size)")
     parser.add_argument("--pretrain-epochs", type=int, default=0,
                         help="from random weights: first train the backbone and pixel decoder as a per-pixel "
                              "semantic segmenter for this many epochs (training.pretrain)")
