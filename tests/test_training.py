@@ -242,8 +242,10 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(setup, 
     assert worst < 1e-5 < 1e-4 < moved, (worst, moved)
 
 
-def test_the_finetune_script_trains_the_backbone_at_full_lr_from_random_weights_and_at_a_tenth_from_a_model(
-        setup, tmp_path, monkeypatch):
+@pytest.fixture
+def run_finetune_script(setup, monkeypatch):
+    """``run(arguments)``: the finetune script on the module's scenes with the tiny network, building the trainer
+    without training or evaluating it; returns the trainer."""
     from modelscope_plugin.integration.trainer import Mask2FormerTrainer
     from modelscope_plugin.training import finetune
 
@@ -253,12 +255,21 @@ def test_the_finetune_script_trains_the_backbone_at_full_lr_from_random_weights_
     monkeypatch.setattr(Mask2FormerTrainer, "evaluate", lambda self, *arguments, **kwargs: {})
     monkeypatch.setattr(Mask2FormerTrainer, "evaluation_results", {}, raising=False)
 
+    def run(arguments):
+        finetune.main(["--data", str(data_root), "--architecture", "tiny", "--image-size", "64", "--batch-size", "2",
+                       "--workers", "0", *arguments])
+        return built[-1]
+
+    return run
+
+
+def test_the_finetune_script_trains_the_backbone_at_full_lr_from_random_weights_and_at_a_tenth_from_a_model(
+        run_finetune_script, tmp_path):
     def backbone_and_head_lrs(arguments):
-        finetune.main(["--data", str(data_root), "--architecture", "tiny", "--image-size", "64", "--lr", "2e-4",
-                       "--batch-size", "2", "--workers", "0", *arguments])
-        built[-1].train_dataloader = built[-1].get_train_dataloader()  # the schedule's length needs it
-        optimizer, *_ = built[-1].create_optimizer_and_scheduler()
-        network = built[-1].unwrap_module(built[-1].model)
+        trainer = run_finetune_script(["--lr", "2e-4", *arguments])
+        trainer.train_dataloader = trainer.get_train_dataloader()  # the schedule's length needs it
+        optimizer, *_ = trainer.create_optimizer_and_scheduler()
+        network = trainer.unwrap_module(trainer.model)
         lr_of = {id(parameter): group["lr"] for group in optimizer.param_groups for parameter in group["params"]}
         return lr_of[id(network.backbone.patch_embed.proj.weight)], lr_of[id(network.transformer_decoder.query_feat.weight)]
 
@@ -268,6 +279,16 @@ def test_the_finetune_script_trains_the_backbone_at_full_lr_from_random_weights_
         pytest.approx(2e-5), pytest.approx(2e-4))
     assert backbone_and_head_lrs(["--work-dir", str(tmp_path / "chosen"), "--model", pretrained,
                                   "--backbone-lr-multiplier", "0.5"])[0] == pytest.approx(1e-4)
+
+
+def test_the_finetune_script_trains_on_crops_smaller_than_the_test_size(run_finetune_script, tmp_path):
+    trainer = run_finetune_script(["--crop-size", "32", "--work-dir", str(tmp_path / "work")])
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert tuple(batch.images.shape) == (2, 3, 32, 32)
+    # the model directory (what evaluation and pipeline() run) keeps the whole-scene test size
+    configuration = json.loads((tmp_path / "work" / "initial_model" / "configuration.json").read_text())
+    preprocess = configuration["model"]["config"]["preprocess"]
+    assert (preprocess["short_side"], preprocess["long_side_max"]) == (64, 64)
 
 
 def main(argv=None):
@@ -294,21 +315,3 @@ def main(argv=None):
 if __name__ == "__main__":
     main()
 
-
-def test_the_finetune_script_trains_on_crops_smaller_than_the_test_size(setup, tmp_path, monkeypatch):
-    from modelscope_plugin.integration.trainer import Mask2FormerTrainer
-    from modelscope_plugin.training import finetune
-
-    _, data_root, _ = setup
-    built = []
-    monkeypatch.setattr(Mask2FormerTrainer, "train", lambda self, checkpoint_path=None: built.append(self))
-    monkeypatch.setattr(Mask2FormerTrainer, "evaluate", lambda self, *arguments, **kwargs: {})
-    monkeypatch.setattr(Mask2FormerTrainer, "evaluation_results", {}, raising=False)
-    finetune.main(["--data", str(data_root), "--architecture", "tiny", "--image-size", "64", "--crop-size", "32",
-                   "--batch-size", "2", "--workers", "0", "--work-dir", str(tmp_path / "work")])
-    batch = next(iter(built[-1].get_train_dataloader()))
-    assert tuple(batch.images.shape) == (2, 3, 32, 32)
-    # the model directory (what evaluation and pipeline() run) keeps the whole-scene test size
-    configuration = json.loads((tmp_path / "work" / "initial_model" / "configuration.json").read_text())
-    preprocess = configuration["model"]["config"]["preprocess"]
-    assert (preprocess["short_side"], preprocess["long_side_max"]) == (64, 64)
