@@ -17,7 +17,7 @@ def build_backbone(config):
             patch_size=config.patch_size, mlp_ratio=config.mlp_ratio, drop_path_rate=config.drop_path_rate,
         )
     if isinstance(config, ResNetConfig):
-        return ResNet(depth=config.depth)
+        return ResNet(depth=config.depth, width=config.width)
     raise TypeError(f"unknown backbone config {type(config).__name__}")
 
 

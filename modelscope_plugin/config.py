@@ -22,6 +22,10 @@ class SwinConfig:
 @dataclass
 class ResNetConfig:
     depth: int = 50
+    """18 / 34 (basic blocks) or 50 / 101 (bottlenecks)."""
+    width: int = 64
+    """Channels of the stem and of res2's 3x3 convolutions, doubled per stage (torchvision's and the releases' 64;
+    detectron2's ``STEM_OUT_CHANNELS``). Other widths are for networks trained from scratch, e.g. the demo models."""
 
 
 @dataclass

@@ -26,6 +26,7 @@ from .builders import build_fastinst
 from .config import FastInstConfig, PreprocessConfig, ResNetConfig, SwinConfig, fastinst_r50_d3_coco, fastinst_release
 from .data.categories import COCO_PANOPTIC_CATEGORIES
 from .model_dir import ModelDirError
+from .modeling.backbones.resnet import RESNET_BLOCKS
 from .modeling.fastinst.model import FastInst
 
 logger = logging.getLogger(__name__)
@@ -54,12 +55,8 @@ def config_from_modelscope(model: Mapping[str, Any], base: FastInstConfig, where
         backbone_config = swin_from_values(backbone, f"{where}.backbone")
         backbone = {}
     else:
-        backbone_config = ResNetConfig(depth=backbone.get("depth", getattr(base.backbone, "depth", 50)))
-    _require(backbone, "depth", (50, 101), f"{where}.backbone")
+        backbone_config = resnet_from_values(backbone, base.backbone, f"{where}.backbone")
     _require(backbone, "num_groups", (1,), f"{where}.backbone")
-    _require(backbone, "width_per_group", (64,), f"{where}.backbone")
-    _require(backbone, "stem_out_channels", (64,), f"{where}.backbone")
-    _require(backbone, "res2_out_channels", (256,), f"{where}.backbone")
     _require(backbone, "stride_in_1x1", (False,), f"{where}.backbone")
     _require(backbone, "res4_dilation", (1,), f"{where}.backbone")
     _require(backbone, "res5_dilation", (1,), f"{where}.backbone")
@@ -93,6 +90,22 @@ def config_from_modelscope(model: Mapping[str, Any], base: FastInstConfig, where
     return config
 
 
+def resnet_from_values(values: Mapping[str, Any], base, where: str) -> ResNetConfig:
+    """detectron2's ResNet arguments (``depth``, ``stem_out_channels``, ``width_per_group``, ``res2_out_channels``)
+    -> ResNetConfig. One ``width`` scales the whole network, so the three channel counts must agree with it (the
+    releases: 64, 64, 256); detectron2's ResNet-18/34 have res2 = stem channels."""
+    _require(values, "depth", tuple(RESNET_BLOCKS), where)
+    depth = values.get("depth", getattr(base, "depth", 50))
+    width = values.get("stem_out_channels", getattr(base, "width", 64))
+    expected = {"stem_out_channels": width, "width_per_group": width,
+                "res2_out_channels": width * (1 if depth < 50 else 4)}
+    for key, value in expected.items():
+        if key in values and values[key] != value:
+            raise FastInstConfigError(f"{where}.{key} = {values[key]!r} does not fit a ResNet-{depth} of stem width "
+                                      f"{width} (expected {value})")
+    return ResNetConfig(depth=depth, width=width)
+
+
 def swin_from_values(values: Mapping[str, Any], where: str) -> SwinConfig:
     """``{"type": "swin", <SwinConfig fields>}`` -> SwinConfig; unknown fields raise."""
     values = {key: value for key, value in values.items() if key != "type"}
@@ -107,8 +120,9 @@ def backbone_section(backbone) -> Dict[str, Any]:
     if isinstance(backbone, SwinConfig):
         return {"type": "swin", **{key: list(value) if isinstance(value, tuple) else value
                                    for key, value in asdict(backbone).items()}}
-    return {"out_features": ["res3", "res4", "res5"], "depth": backbone.depth, "num_groups": 1, "width_per_group": 64,
-            "norm": "BN", "stem_out_channels": 64, "res2_out_channels": 256, "stride_in_1x1": False,
+    return {"out_features": ["res3", "res4", "res5"], "depth": backbone.depth, "num_groups": 1,
+            "width_per_group": backbone.width, "norm": "BN", "stem_out_channels": backbone.width,
+            "res2_out_channels": backbone.width * (1 if backbone.depth < 50 else 4), "stride_in_1x1": False,
             "res4_dilation": 1, "res5_dilation": 1, "res5_multi_grid": [1, 1, 1]}
 
 

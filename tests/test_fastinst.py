@@ -287,13 +287,15 @@ def write_hub_dir(directory, config, state_dict):
     return directory
 
 
-def test_hub_layout_loads_strictly_into_the_same_network(tmp_path):
-    config = tiny_config()
+@pytest.mark.parametrize("backbone", [ResNetConfig(depth=50), ResNetConfig(depth=18, width=16)])
+def test_hub_layout_loads_strictly_into_the_same_network(tmp_path, backbone):
+    config = tiny_config(backbone=backbone)
     torch.manual_seed(0)
     source = build_fastinst(config).eval()
     write_hub_dir(tmp_path / "hub", config, to_detectron2_names(source.state_dict()))
     loaded_config, loaded = load_model_dir(tmp_path / "hub")
     assert loaded_config.class_names[0] == "thing_0" and loaded_config.decoder_layers == 2
+    assert loaded_config.backbone == backbone
     assert loaded_config.preprocess.short_side == 640 and loaded_config.preprocess.resize_backend == "pil"
     assert loaded_config.inference.mask_from_probability and loaded_config.task == "instance"
     images = torch.randn(1, 3, 128, 160)
@@ -324,6 +326,17 @@ def test_hub_configuration_errors_name_the_field(tmp_path):
     configuration["model"]["decoder"]["pre_norm"] = True
     (directory / "configuration.json").write_text(json.dumps(configuration))
     with pytest.raises(ModelDirError, match="decoder.pre_norm = True is not supported"):
+        load_model_dir(directory)
+    configuration = hub_configuration(config)
+    configuration["model"]["backbone"]["res2_out_channels"] = 64
+    (directory / "configuration.json").write_text(json.dumps(configuration))
+    with pytest.raises(ModelDirError, match="backbone.res2_out_channels = 64 does not fit a ResNet-50 of stem width 64 "
+                                            "\\(expected 256\\)"):
+        load_model_dir(directory)
+    configuration = hub_configuration(config)
+    configuration["model"]["backbone"]["depth"] = 26
+    (directory / "configuration.json").write_text(json.dumps(configuration))
+    with pytest.raises(ModelDirError, match="backbone.depth = 26 is not supported"):
         load_model_dir(directory)
     configuration = hub_configuration(config)
     configuration["model"]["classes"] = ["only_one"]

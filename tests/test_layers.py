@@ -112,9 +112,53 @@ def test_relative_position_index_is_swin_convention():
     assert index.shape == (9, 9) and index.max() == (2 * window - 1) ** 2 - 1
 
 
-def test_resnet_inference_folds_batch_norm_into_the_convolutions_and_refolds_after_a_weight_change():
+@pytest.mark.parametrize("depth", [18, 50])
+def test_resnet_equals_torchvisions_on_its_seed_weights_and_names(depth):
+    from torchvision.models import resnet18, resnet50
+
+    torchvision_resnet = resnet18 if depth == 18 else resnet50
     torch.manual_seed(0)
-    resnet = ResNet(depth=50).eval()
+    reference = torchvision_resnet().eval()
+    after_reference = torch.rand(1)
+    weights = {name: value for name, value in reference.state_dict().items() if not name.startswith("fc.")}
+    torch.manual_seed(0)
+    resnet = ResNet(depth=depth).eval()
+    # the same random weights under the same seed, and the same random numbers after it
+    assert list(resnet.state_dict()) == list(weights)
+    assert all(torch.equal(value, weights[name]) for name, value in resnet.state_dict().items())
+    assert torch.equal(torch.rand(1), after_reference)
+    images = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        features = resnet(images)
+        expected = reference.maxpool(reference.relu(reference.bn1(reference.conv1(images))))
+        for name, layer in zip(("res2", "res3", "res4", "res5"), (reference.layer1, reference.layer2, reference.layer3, reference.layer4)):
+            expected = layer(expected)
+            difference = (features[name] - expected).abs().max() / expected.abs().max()
+            assert difference < 1e-5, (name, difference)
+
+
+def test_resnet_width_scales_every_stage_and_batch_norm_can_be_trained():
+    resnet = ResNet(depth=18, width=32, freeze_batch_norm=True)
+    assert resnet.out_channels == {"res2": 32, "res3": 64, "res4": 128, "res5": 256}
+    assert ResNet(depth=50, width=32).out_channels == {"res2": 128, "res3": 256, "res4": 512, "res5": 1024}
+    norms = [module for module in resnet.modules() if isinstance(module, torch.nn.BatchNorm2d)]
+    resnet.train()
+    assert not any(norm.training or norm.weight.requires_grad for norm in norms)
+    resnet.set_batch_norm_frozen(False)
+    assert all(norm.training and norm.weight.requires_grad and norm.bias.requires_grad for norm in norms)
+    before = norms[0].running_mean.clone()
+    resnet(torch.randn(2, 3, 64, 64))
+    assert not torch.equal(before, norms[0].running_mean)  # statistics are updated in training
+    resnet.set_batch_norm_frozen(True)
+    assert not any(norm.training or norm.weight.requires_grad for norm in norms)
+    with pytest.raises(ValueError, match="depth must be one of \\[18, 34, 50, 101\\], got 26"):
+        ResNet(depth=26)
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_resnet_inference_folds_batch_norm_into_the_convolutions_and_refolds_after_a_weight_change(depth):
+    torch.manual_seed(0)
+    resnet = ResNet(depth=depth).eval()
     with torch.no_grad():  # frozen statistics far from the identity, as trained networks have
         for module in resnet.modules():
             if isinstance(module, torch.nn.BatchNorm2d):
@@ -136,8 +180,9 @@ def test_resnet_inference_folds_batch_norm_into_the_convolutions_and_refolds_aft
     assert all(difference < 1e-5 for difference in relative_differences(folded, unfolded()).values())
     assert all(feature.is_contiguous() for feature in folded.values())  # see the module docstring: group norm accuracy
     with torch.no_grad():
-        resnet.layer4[2].conv3.weight.mul_(3.0)  # an in-place change (loading a checkpoint) must refold
-        resnet.layer4[2].bn3.running_var.mul_(0.5)
+        last = resnet.layer4[-1]  # an in-place change (loading a checkpoint) must refold
+        (last.conv3 if depth == 50 else last.conv2).weight.mul_(3.0)
+        (last.bn3 if depth == 50 else last.bn2).running_var.mul_(0.5)
         changed = resnet(images)
     reference = unfolded()
     assert (changed["res5"] - folded["res5"]).abs().max() > 1e-2 * folded["res5"].abs().max()
@@ -146,8 +191,7 @@ def test_resnet_inference_folds_batch_norm_into_the_convolutions_and_refolds_aft
 
 def test_backbones_declare_channels_and_strides_on_odd_sizes():
     swin = SwinTransformer(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), window_size=7, drop_path_rate=0.0).eval()
-    resnet = ResNet(depth=50).eval()
-    for backbone in (swin, resnet):
+    for backbone in (swin, ResNet(depth=50).eval(), ResNet(depth=18, width=16).eval()):
         with torch.no_grad():
             features = backbone(torch.randn(1, 3, 99, 131))
         for name, feature in features.items():
