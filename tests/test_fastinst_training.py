@@ -160,17 +160,24 @@ def test_the_finetune_script_starts_a_fastinst_from_the_dataset_classes(tmp_path
     assert network.transformer_decoder.class_embed_layers[-1].layers[-1].out_features == 5
 
 
-def test_the_small_swin_fastinst_round_trips_and_trains(tmp_path):
-    from modelscope_plugin.config import SwinConfig
+@pytest.mark.parametrize("architecture", ["fastinst-small", "fastinst-small-swin"])
+def test_the_small_fastinst_round_trips_and_trains(tmp_path, architecture):
+    from modelscope_plugin.config import ResNetConfig, SwinConfig
     from modelscope_plugin.model_dir import load_model_dir
     from modelscope_plugin.training.finetune import initial_model_dir
 
-    directory = initial_model_dir(tmp_path / "initial", "fastinst-small", CATEGORIES, image_size=128, seed=0)
-    configuration = json.loads((directory / "configuration.json").read_text())
-    assert configuration["model"]["backbone"]["type"] == "swin" and configuration["model"]["backbone"]["embed_dim"] == 32
-    assert (directory / "pytorch_model.pt").stat().st_size < 20 * 2 ** 20  # the demo model's size limit
+    directory = initial_model_dir(tmp_path / "initial", architecture, CATEGORIES, image_size=128, seed=0)
+    backbone = json.loads((directory / "configuration.json").read_text())["model"]["backbone"]
+    if architecture == "fastinst-small":  # detectron2's ResNet arguments
+        assert (backbone["depth"], backbone["stem_out_channels"], backbone["res2_out_channels"]) == (18, 32, 32)
+    else:
+        assert backbone["type"] == "swin" and backbone["embed_dim"] == 32
+    assert (directory / "pytorch_model.pt").stat().st_size < 20 * 10 ** 6  # the demo model's size limit
     config, network = load_model_dir(directory)
-    assert isinstance(config.backbone, SwinConfig) and config.hidden_dim == 128 and config.num_queries == 50
+    assert config.backbone == (ResNetConfig(depth=18, width=32) if architecture == "fastinst-small" else
+                               SwinConfig(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=7,
+                                          drop_path_rate=0.0))
+    assert config.hidden_dim == 128 and config.num_queries == 50
     saved = torch.load(directory / "pytorch_model.pt", weights_only=True)["model"]
     assert len(saved) == len(network.state_dict())
     # one training step through the trainer; its output folder loads the trained weights
@@ -268,7 +275,7 @@ def test_the_finetune_script_trains_the_small_fastinst_and_scores_it_with_coco_a
     report = json.loads((tmp_path / "work" / "metrics.json").read_text())
     assert report["task"] == "instance" and report["metrics"]["segm/AP"] == results["segm/AP"]
     configuration = json.loads((tmp_path / "work" / "output" / "configuration.json").read_text())
-    assert configuration["model"]["backbone"]["type"] == "swin"
+    assert (configuration["model"]["backbone"]["depth"], configuration["model"]["backbone"]["stem_out_channels"]) == (18, 32)
 
 
 def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_path):
