@@ -152,17 +152,20 @@ def semantic_inference(class_logits: torch.Tensor, mask_logits: torch.Tensor, pa
 
 def instance_inference(class_logits: torch.Tensor, mask_logits: torch.Tensor, num_things_classes: int, padded_size,
                        resized_size, original_size, max_per_image: int = 100,
-                       mask_from_probability: bool = False) -> List[Segment]:
+                       mask_from_probability: bool = False, score_threshold: float = 0.0) -> List[Segment]:
     """mmdet's ``instance_postprocess`` and detectron2's / FastInst's ``instance_inference``: top-k (query, class)
     pairs, things only, mask = logit > 0 (mmdet) or sigmoid(logit) > 0.5 (``mask_from_probability``: detectron2,
-    FastInst), score = class probability * mean mask probability inside the mask. Sorted by descending score."""
+    FastInst), score = class probability * mean mask probability inside the mask. Sorted by descending score; only
+    segments scoring at least ``score_threshold``."""
     num_queries, num_classes = class_logits.shape[0], class_logits.shape[1] - 1
     scores = F.softmax(class_logits, dim=-1)[:, :-1]
     top_scores, top_indices = scores.flatten().topk(min(max_per_image, scores.numel()), sorted=False)
     labels = top_indices % num_classes
     queries = torch.div(top_indices, num_classes, rounding_mode="floor")
-    is_thing = labels < num_things_classes
-    top_scores, labels, queries = top_scores[is_thing], labels[is_thing], queries[is_thing]
+    # the mask score is below 1, so a pair whose class probability is under the threshold cannot reach it: such
+    # pairs are dropped before their masks are upsampled (the costly step; exact, not an approximation)
+    kept = (labels < num_things_classes) & (top_scores >= score_threshold)
+    top_scores, labels, queries = top_scores[kept], labels[kept], queries[kept]
     # upsample each distinct query once
     unique_queries, inverse = torch.unique(queries, return_inverse=True)
     logits = masks_to_original_size(mask_logits[unique_queries], padded_size, resized_size, original_size)[inverse]
@@ -173,7 +176,7 @@ def instance_inference(class_logits: torch.Tensor, mask_logits: torch.Tensor, nu
     order = torch.argsort(final_scores, descending=True, stable=True)
     return [
         Segment(label=int(labels[index]), score=float(final_scores[index]), isthing=True, mask=binary[index])
-        for index in order.tolist()
+        for index in order.tolist() if final_scores[index] >= score_threshold
     ]
 
 

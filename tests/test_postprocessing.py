@@ -1,11 +1,11 @@
-"""Mask resizing and the per-pixel winner: the fast paths equal the reference arithmetic."""
+"""Mask resizing, the per-pixel winner and the instance score threshold: the fast paths equal the reference arithmetic."""
 import random
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from modelscope_plugin.postprocessing import first_argmax, masks_to_original_size
+from modelscope_plugin.postprocessing import first_argmax, instance_inference, masks_to_original_size
 
 
 def three_step_resize(logits, padded_size, resized_size, original_size):
@@ -47,3 +47,19 @@ def test_first_argmax_equals_argmax_with_ties():
     values = torch.randn(5, 8, 8, generator=generator)
     assert torch.equal(first_argmax(values), values.argmax(0))
     assert torch.equal(first_argmax(values[:1]), torch.zeros(8, 8, dtype=torch.long))
+
+
+@pytest.mark.parametrize("threshold", [0.2, 0.4, 0.7])
+def test_instance_score_threshold_drops_exactly_the_segments_scoring_below_it(threshold):
+    # confident classes for some queries, so the scores straddle every threshold
+    generator = torch.Generator().manual_seed(0)
+    class_logits = torch.randn(30, 6, generator=generator) * 3
+    mask_logits = torch.randn(30, 12, 16, generator=generator) * 4
+    sizes = dict(padded_size=(48, 64), resized_size=(45, 60), original_size=(90, 120))
+    everything = instance_inference(class_logits, mask_logits, 4, **sizes, max_per_image=50, mask_from_probability=True)
+    kept = instance_inference(class_logits, mask_logits, 4, **sizes, max_per_image=50, mask_from_probability=True,
+                              score_threshold=threshold)
+    expected = [segment for segment in everything if segment.score >= threshold]
+    assert 0 < len(expected) < len(everything)
+    assert [(s.label, s.score) for s in kept] == [(s.label, s.score) for s in expected]
+    assert all(torch.equal(a.mask, b.mask) for a, b in zip(kept, expected))

@@ -138,8 +138,8 @@ class Mask2FormerSegmentationPipeline(PerItemErrorsMixin, Pipeline):
         else:
             segments = instance_inference(class_logits, mask_logits, self.config.num_things_classes, **sizes,
                                           max_per_image=max_per_image,
-                                          mask_from_probability=self.config.inference.mask_from_probability)
-            segments = [segment for segment in segments if segment.score >= score_thr]
+                                          mask_from_probability=self.config.inference.mask_from_probability,
+                                          score_threshold=score_thr)
         return build_outputs(task, segments, self.config.class_names, self.config.category_ids, image.original_size, semantic_map)
 
     def _process_batch(self, input: List, batch_size: int, **kwargs) -> List[Dict[str, Any]]:
