@@ -108,9 +108,7 @@ class ResNet(nn.Module):
         names = ("res2", "res3", "res4", "res5")
         self.out_channels: Dict[str, int] = {name: width * 2 ** index * block.expansion for index, name in enumerate(names)}
         self.out_strides: Dict[str, int] = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
-        self.freeze_batch_norm = False
-        if freeze_batch_norm:
-            self.set_batch_norm_frozen(True)
+        self.set_batch_norm_frozen(freeze_batch_norm)
         # loading a checkpoint copies into these parameters and keeps their layout
         self.to(memory_format=torch.channels_last)
 
