@@ -1,7 +1,7 @@
 """Pretraining (training.pretrain): per-pixel class maps from semantic targets, the backbone and pixel decoder learn a
 repeated batch while the transformer decoder is untouched, the finetune script starts the query-based training from
-the pretrained weights; the classification pretraining's windows hold each thing, centred, and a ResNet learns them
-with trainable batch norm that is frozen again afterwards."""
+the pretrained weights; the classification pretraining marks each thing of a scene with its label, pools each mask over
+its own image, and a ResNet learns the things with trainable batch norm that is frozen again afterwards."""
 from dataclasses import replace
 
 import numpy as np
@@ -82,33 +82,53 @@ def test_the_finetune_script_starts_from_the_pretrained_weights(tmp_path, monkey
     assert torch.equal(initial["transformer_decoder.query_feat.weight"], pretrained["transformer_decoder.query_feat.weight"])
 
 
-def test_thing_windows_centre_each_thing_with_its_pixels_and_label(tmp_path):
+def test_scene_things_mark_each_visible_thing_with_its_label(tmp_path):
     from modelscope_plugin.data.datasets import load_panoptic_ground_truth
     from modelscope_plugin.preprocessing import load_image
-    from modelscope_plugin.training.pretrain import thing_windows
+    from modelscope_plugin.training.pretrain import scene_things
 
-    split = write_dataset(tmp_path / "data", "train", 2, seed=0, config=SceneConfig.scaled(64))
+    split = write_dataset(tmp_path / "data", "train", 3, seed=0, config=SceneConfig.scaled(64))
     rows = split.panoptic_rows()
-    window = 48
-    crops, masks, labels = thing_windows(rows, CATEGORIES, window)
+    scenes = scene_things(rows, CATEGORIES)
     thing_ids = [c["id"] for c in CATEGORIES if c["isthing"]]
-    index = 0
-    for row in rows:
-        rgb, (ids, segments) = load_image(row["image_path"]), load_panoptic_ground_truth(row)
-        for segment in segments:
-            if segment["category_id"] not in thing_ids or not (ids == segment["id"]).any():
-                continue
-            ys, xs = np.nonzero(ids == segment["id"])
-            window_ys, window_xs = np.nonzero(masks[index])
-            # the visible box's centre is the window's centre (to the pixel), the mask and pixels are the thing's
-            assert abs((window_ys.min() + window_ys.max() + 1) / 2 - window / 2) <= 0.5
-            assert abs((window_xs.min() + window_xs.max() + 1) / 2 - window / 2) <= 0.5
-            assert len(window_ys) == len(ys)
-            offset_y, offset_x = ys.min() - window_ys.min(), xs.min() - window_xs.min()
-            assert np.array_equal(crops[index][window_ys, window_xs], rgb[window_ys + offset_y, window_xs + offset_x])
-            assert labels[index] == thing_ids.index(segment["category_id"])
-            index += 1
-    assert index == len(crops) == len(masks) == len(labels) > 4
+    assert len(scenes) == len(rows)
+    for row, scene in zip(rows, scenes):
+        ids, segments = load_panoptic_ground_truth(row)
+        assert np.array_equal(scene.image, load_image(row["image_path"]))
+        visible = [s for s in segments if s["category_id"] in thing_ids and (ids == s["id"]).any()]
+        assert len(scene.labels) == len(visible) > 0
+        masks = scene.masks()[:, 0].bool().numpy()  # (K, H, W)
+        for index, segment in enumerate(visible):
+            assert np.array_equal(masks[index], ids == segment["id"])
+            assert scene.labels[index] == thing_ids.index(segment["category_id"])
+        assert not masks.any(0)[scene.thing_map == 0].any()
+        flipped = scene.flipped()
+        assert np.array_equal(flipped.masks()[:, 0].bool().numpy(), masks[:, :, ::-1])
+
+
+def test_mask_pooled_logits_pool_each_mask_over_its_own_image():
+    from modelscope_plugin.modeling.backbones.resnet import ResNet
+    from modelscope_plugin.training.pretrain import mask_pooled_logits
+
+    torch.manual_seed(0)
+    backbone = ResNet(depth=18, width=8).eval()
+    head = torch.nn.Linear(16 + 32 + 64, 4)
+    images = torch.randn(2, 3, 64, 64)
+    masks = torch.zeros(3, 1, 64, 64)
+    masks[0, 0, :20, :30] = 1
+    masks[1, 0, 30:, 10:] = 1
+    masks[2, 0, 5:50, 5:9] = 1
+    image_index = torch.tensor([1, 0, 1])
+    with torch.no_grad():
+        logits = mask_pooled_logits(backbone, head, images, masks, image_index)
+        for index in range(3):
+            features = backbone(images[image_index[index]][None])
+            pooled = []
+            for level in ("res3", "res4", "res5"):
+                weights = torch.nn.functional.interpolate(masks[index][None], size=features[level].shape[-2:],
+                                                          mode="area")
+                pooled.append((features[level] * weights).sum((2, 3)) / weights.sum())
+            torch.testing.assert_close(logits[index], head(torch.cat(pooled, 1))[0], rtol=1e-5, atol=1e-6)
 
 
 def test_classification_pretraining_learns_the_things_trains_batch_norm_then_freezes_it(tmp_path):
@@ -119,8 +139,8 @@ def test_classification_pretraining_learns_the_things_trains_batch_norm_then_fre
     torch.manual_seed(0)
     network = build_mask2former(config)
     before = {name: value.clone() for name, value in network.state_dict().items()}
-    losses = pretrain_classification(network, config.preprocess, split.panoptic_rows(), CATEGORIES, epochs=20,
-                                     batch_size=4, lr=3e-3, seed=0, window=48, log_every=1000)
+    losses = pretrain_classification(network, config.preprocess, split.panoptic_rows(), CATEGORIES, epochs=60,
+                                     batch_size=2, lr=3e-3, seed=0, log_every=1000)
     assert sum(losses[-8:]) / 8 < 0.3 * sum(losses[:4]) / 4, losses
     after = network.state_dict()
     changed = {name.split(".")[0] for name in before if not torch.equal(before[name], after[name])}

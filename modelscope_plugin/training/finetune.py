@@ -44,6 +44,9 @@ ARCHITECTURES = {
                        decoder_layers=6, decoder_feedforward_dim=384),
 }
 
+# images a step of the classification pretraining (about 28 things in the synthetic scenes)
+CLASSIFICATION_PRETRAIN_IMAGES = 4
+
 FASTINST_ARCHITECTURES = {
     # FastInst R50 (the official widths) with 1 or 3 dual-path decoder layers
     "fastinst-d1": dict(decoder_layers=1), "fastinst-d3": dict(decoder_layers=3),
@@ -93,9 +96,10 @@ def write_network_dir(directory: Path, config, network) -> Path:
 
 
 def pretrained_model_dir(directory: Path, start: str, rows, categories, augmentation: Dict[str, Any],
-                         arguments) -> Path:
-    """``start``'s network after ``training.pretrain``'s classification and then dense pretraining (the epochs of
-    each from ``arguments``; written once, then reused on a resume)."""
+                         arguments, evaluation_rows=()) -> Path:
+    """``start``'s network after ``training.pretrain``'s classification (its held-out accuracy printed on
+    ``evaluation_rows``) and then dense pretraining (the epochs of each from ``arguments``; written once, then reused
+    on a resume)."""
     from ..model_dir import load_model_dir
     from .pretrain import pretrain_classification, pretrain_dense
 
@@ -106,7 +110,8 @@ def pretrained_model_dir(directory: Path, start: str, rows, categories, augmenta
     config, network = load_model_dir(start)
     if arguments.classification_pretrain_epochs:
         pretrain_classification(network, config.preprocess, rows, categories, arguments.classification_pretrain_epochs,
-                                batch_size=32, lr=arguments.classification_pretrain_lr, seed=arguments.seed)
+                                batch_size=CLASSIFICATION_PRETRAIN_IMAGES, lr=arguments.classification_pretrain_lr,
+                                seed=arguments.seed, evaluation_rows=evaluation_rows)
     if arguments.pretrain_epochs:
         pretrain_dense(network, config.preprocess, rows, categories, augmentation, arguments.pretrain_epochs,
                        arguments.batch_size, arguments.lr, arguments.seed)
@@ -161,9 +166,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                              "semantic segmenter for this many epochs (training.pretrain)")
     parser.add_argument("--classification-pretrain-epochs", type=int, default=0,
                         help="from random weights, before that: train the backbone to classify the training things "
-                             "(windows centred on each) for this many epochs")
+                             "(each pooled over its mask from its whole image) for this many epochs")
     parser.add_argument("--classification-pretrain-lr", type=float, default=2e-3,
-                        help="peak of the classification pretraining's one-cycle schedule (batch 32)")
+                        help="peak of the classification pretraining's one-cycle schedule (batches of "
+                             f"{CLASSIFICATION_PRETRAIN_IMAGES} images)")
     parser.add_argument("--num-points", type=int, default=12544)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--evaluate-every", type=int, default=10, help="epochs between held-out evaluations")
@@ -206,7 +212,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             initial_model_dir(Path(model), arguments.architecture, categories, arguments.image_size, arguments.seed)
         if arguments.pretrain_epochs or arguments.classification_pretrain_epochs:
             model = str(pretrained_model_dir(work_dir / "pretrained_model", model, train_split.panoptic_rows(),
-                                             categories, augmentation, arguments))
+                                             categories, augmentation, arguments,
+                                             evaluation_rows=val_split.panoptic_rows()[:100]))
 
     backbone_lr_multiplier = arguments.backbone_lr_multiplier
     if backbone_lr_multiplier is None:
