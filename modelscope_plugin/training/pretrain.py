@@ -33,7 +33,7 @@ from ..modeling.fastinst.model import FastInst
 from ..modeling.matcher import SegmentationTarget
 from ..preprocessing import load_image
 from .config import AugmentationConfig
-from .data import SegmentationTrainingDataset, contiguous_categories, normalise
+from .data import SegmentationTrainingDataset, build_target, contiguous_categories, normalise
 
 IGNORE_INDEX = 255
 
@@ -117,27 +117,25 @@ class SceneThings:
 
 
 def scene_things(rows: Sequence[Mapping[str, Any]], categories: List[Dict[str, Any]]) -> List[SceneThings]:
-    """The non-crowd, visible things of every row that has any, at the image's own size."""
-    things = [category for category in contiguous_categories(categories) if category.isthing]
-    thing_index_of = {category.id: index for index, category in enumerate(things)}
+    """The non-crowd, visible things of every row that has any (``build_target``'s instance targets), at the image's
+    own size."""
+    classes = contiguous_categories(categories)
+    class_index_of = {category.id: index for index, category in enumerate(classes)}
+    thing_ids = [category.id for category in classes if category.isthing]
     scenes = []
     for row in rows:
         ids, segments = load_panoptic_ground_truth(row)  # (H, W) segment ids
+        # things come first in the class order, so an instance label is the thing's index
+        target = build_target(ids, segments, class_index_of, thing_ids, "instance")
+        if not len(target.labels):
+            continue
+        if len(target.labels) > 255:
+            raise ValueError(f"{row['image_path']}: {len(target.labels)} things; the classification pretraining keeps "
+                             "255 per image")
         thing_map = np.zeros(ids.shape, dtype=np.uint8)
-        labels = []
-        for segment in segments:
-            if segment.get("iscrowd", 0) or int(segment["category_id"]) not in thing_index_of:
-                continue
-            pixels = ids == int(segment["id"])
-            if not pixels.any():
-                continue
-            if len(labels) == 255:
-                raise ValueError(f"{row['image_path']}: more than 255 things; the classification pretraining keeps "
-                                 "255 per image")
-            labels.append(thing_index_of[int(segment["category_id"])])
-            thing_map[pixels] = len(labels)
-        if labels:
-            scenes.append(SceneThings(load_image(row["image_path"]), thing_map, np.asarray(labels, dtype=np.int64)))
+        for index, mask in enumerate(target.masks.bool().numpy()):
+            thing_map[mask] = index + 1
+        scenes.append(SceneThings(load_image(row["image_path"]), thing_map, target.labels.numpy()))
     if not scenes:
         raise ValueError("classification pretraining needs things: the training rows have none")
     return scenes
