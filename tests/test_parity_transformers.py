@@ -35,7 +35,15 @@ def test_logits_match_transformers(tmp_path, backbone, size, full_size):
         # full-size networks amplify float32 rounding; there the bound is relative to the logit range (see the
         # mmdet/EasyCV parity tests)
         tolerance = 1e-4 * (max(1.0, theirs.abs().max().item()) if full_size else 1.0)
-        assert (ours - theirs).abs().max().item() < tolerance, name
+        # (Q,) largest error of each query
+        query_errors = (ours - theirs).abs().flatten(2).amax(-1)[0]
+        # masked attention thresholds the previous layer's mask logits at 0, and float32 rounding can put a logit on
+        # the other side, changing that query's attention from then on (seen on an AVX-512 CPU with swin-t: one of
+        # 100 queries off by 7.8e-3, the other 99 within 4.6e-4 for a range of 29). So 2 % of the queries may exceed
+        # the tolerance, by at most 1 % of the range; an implementation difference moves every query.
+        outliers = query_errors >= tolerance
+        assert outliers.float().mean().item() <= (0.02 if full_size else 0.0), (name, query_errors.max().item())
+        assert query_errors.max().item() < max(tolerance, 1e-2 * theirs.abs().max().item()), name
     # the comparison is meaningful: queries disagree on classes and masks are neither empty nor full
     assert len(set(output.class_logits[0].argmax(-1).tolist())) > 3
     coverage = (output.mask_logits[0] > 0).float().mean((1, 2))
