@@ -17,6 +17,8 @@ import torch.nn.functional as F
 
 # mmdet's panoptic id = class + instance * INSTANCE_OFFSET (stuff: instance 0); the output order follows it.
 INSTANCE_OFFSET = 1000
+# float pixels per group of queries that instance post-processing upsamples at once (16 MiB)
+CHUNK_PIXELS = 1 << 22
 
 
 @functools.lru_cache(maxsize=64)
@@ -168,16 +170,34 @@ def instance_inference(class_logits: torch.Tensor, mask_logits: torch.Tensor, nu
     top_scores, labels, queries = top_scores[kept], labels[kept], queries[kept]
     # upsample each distinct query once
     unique_queries, inverse = torch.unique(queries, return_inverse=True)
-    logits = masks_to_original_size(mask_logits[unique_queries], padded_size, resized_size, original_size)[inverse]
-    probabilities = logits.sigmoid()
-    binary = probabilities > 0.5 if mask_from_probability else logits > 0
-    mask_scores = (probabilities * binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
-    final_scores = top_scores * mask_scores
+    binary, mask_scores = binary_masks_and_scores(mask_logits[unique_queries], padded_size, resized_size, original_size,
+                                                  mask_from_probability)
+    final_scores = top_scores * mask_scores[inverse]
     order = torch.argsort(final_scores, descending=True, stable=True)
     return [
-        Segment(label=int(labels[index]), score=float(final_scores[index]), isthing=True, mask=binary[index])
+        Segment(label=int(labels[index]), score=float(final_scores[index]), isthing=True, mask=binary[inverse[index]])
         for index in order.tolist() if final_scores[index] >= score_threshold
     ]
+
+
+def binary_masks_and_scores(mask_logits: torch.Tensor, padded_size, resized_size, original_size,
+                            mask_from_probability: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(N, h, w) stride-4 or -8 logits -> (N, H, W) bool masks at the original size and (N,) mean mask probability
+    inside each. Runs over groups of queries whose float maps total at most ``CHUNK_PIXELS``: the result is the
+    same per query, and the full-size float maps (100 of a 640x480 photo are 123 MB, each step's temporaries as
+    large again) never exist at once, which was most of the time of instance post-processing on CPU."""
+    count = mask_logits.shape[0]
+    binary = torch.empty((count, *original_size), dtype=torch.bool, device=mask_logits.device)
+    mask_scores = mask_logits.new_empty(count)
+    step = max(1, CHUNK_PIXELS // max(1, original_size[0] * original_size[1]))
+    for start in range(0, count, step):
+        logits = masks_to_original_size(mask_logits[start:start + step], padded_size, resized_size, original_size)
+        probabilities = logits.sigmoid()
+        chunk = binary[start:start + step]
+        torch.gt(probabilities, 0.5, out=chunk) if mask_from_probability else torch.gt(logits, 0.0, out=chunk)
+        inside = torch.where(chunk, probabilities, 0.0).flatten(1).sum(1)
+        mask_scores[start:start + step] = inside / (torch.count_nonzero(chunk.flatten(1), dim=1) + 1e-6)
+    return binary, mask_scores
 
 
 def mask_to_box(mask: np.ndarray) -> List[float]:
