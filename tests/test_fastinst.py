@@ -100,7 +100,7 @@ def test_query_proposal_refuses_maps_smaller_than_the_query_count():
 
 
 def attention64(queries, keys, values, layer, blocked=None):
-    """float64 multi-head attention with nn.MultiheadAttention's weights; blocked (heads, Lq, Lk) True = masked."""
+    """float64 multi-head attention with nn.MultiheadAttention's weights; blocked (Lq, Lk) True = masked (every head)."""
     attention = layer.multihead_attn if hasattr(layer, "multihead_attn") else layer.self_attn
     heads, dim = attention.num_heads, attention.embed_dim
     weight, bias = attention.in_proj_weight.double(), attention.in_proj_bias.double()
@@ -113,7 +113,7 @@ def attention64(queries, keys, values, layer, blocked=None):
         part = slice(head * head_dim, (head + 1) * head_dim)
         logits = q[:, part] @ k[:, part].T / math.sqrt(head_dim)
         if blocked is not None:
-            logits = logits.masked_fill(blocked[head], float("-inf"))
+            logits = logits.masked_fill(blocked, float("-inf"))
         outputs.append(torch.softmax(logits, -1) @ v[:, part])
     return torch.cat(outputs, -1) @ attention.out_proj.weight.double().T + attention.out_proj.bias.double()
 
@@ -133,7 +133,7 @@ def test_dual_path_layer_equals_its_definition_in_float64():
                               num_heads=2, feedforward_dim=24, num_layers=1, mask_dim=16).eval()
     queries, pixels = torch.randn(6, 1, 16), torch.randn(10, 1, 16)
     query_positions, pixel_positions = torch.randn(6, 1, 16), torch.randn(10, 1, 16)
-    blocked = torch.rand(2, 6, 10) < 0.4
+    blocked = torch.rand(1, 6, 10) < 0.4
     blocked[:, :, 0] = False  # every query sees at least one pixel
     new_queries, new_pixels = decoder.dual_path_layer(0, queries, pixels, query_positions, pixel_positions, blocked)
 
@@ -145,7 +145,7 @@ def test_dual_path_layer_equals_its_definition_in_float64():
     p = feed_forward64(p, decoder.transformer_mask_ffn_layers[0])
     # query path: masked attention to the UPDATED pixels, self-attention, feed-forward
     cross = decoder.transformer_query_cross_attention_layers[0]
-    q = layer_norm64(q + attention64(q + qp, p + pp, p, cross, blocked), cross.norm)
+    q = layer_norm64(q + attention64(q + qp, p + pp, p, cross, blocked[0]), cross.norm)
     self_attention = decoder.transformer_query_self_attention_layers[0]
     q = layer_norm64(q + attention64(q + qp, q + qp, q, self_attention), self_attention.norm)
     q = feed_forward64(q, decoder.transformer_query_ffn_layers[0])
@@ -159,7 +159,7 @@ def test_queries_ignore_the_pixels_their_mask_blocks():
                               num_heads=2, feedforward_dim=24, num_layers=1, mask_dim=16).eval()
     queries, pixels = torch.randn(4, 1, 16), torch.randn(8, 1, 16)
     positions = (torch.randn(4, 1, 16), torch.randn(8, 1, 16))
-    blocked = torch.zeros(2, 4, 8, dtype=torch.bool)
+    blocked = torch.zeros(1, 4, 8, dtype=torch.bool)
     blocked[:, :, 5] = True  # nobody attends to pixel 5
     changed = pixels.clone()
     changed[5] += 3.0
@@ -177,11 +177,11 @@ def test_attention_mask_lets_auxiliary_and_empty_queries_attend_everywhere():
                               feedforward_dim=8, num_layers=1, mask_dim=8)
     mask_logits = torch.tensor([[[[1.0, -1.0], [-0.5, 0.0]], [[-1.0, -2.0], [-3.0, -0.1]]]])  # (1, 2, 2, 2)
     blocked = decoder.attention_mask(mask_logits)
-    assert blocked.shape == (2, 3, 4)
+    assert blocked.shape == (1, 3, 4)  # one mask per image, shared by the heads
     expected = torch.tensor([[False, True, True, False],   # logit >= 0 is attended
                              [False, False, False, False],  # an all-negative mask blocks nothing
                              [False, False, False, False]])  # the auxiliary query
-    assert torch.equal(blocked[0], expected) and torch.equal(blocked[1], expected)
+    assert torch.equal(blocked[0], expected)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -211,11 +211,10 @@ def test_ground_truth_attention_mask_confines_matched_queries_to_their_instance(
     masks[0, :2, :2] = True
     masks[1, 2:, 2:] = True
     blocked = ground_truth_attention_mask([masks], [(torch.tensor([2]), torch.tensor([1]))], num_queries=3,
-                                          num_aux_queries=1, pixel_size=(2, 2), num_heads=2)
-    assert blocked.shape == (2, 4, 4)
+                                          num_aux_queries=1, pixel_size=(2, 2))
+    assert blocked.shape == (1, 4, 4)
     # query 2 matched to instance 1 (bottom-right cell of the 2x2 map); the others attend everywhere
     assert blocked[0].tolist() == [[False] * 4, [False] * 4, [True, True, True, False], [False] * 4]
-    assert torch.equal(blocked[0], blocked[1])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -245,7 +244,7 @@ def test_network_shapes_strides_and_training_outputs():
     height, width = 10, 14
     rows, columns = output.query_indices // width, output.query_indices % width
     assert torch.allclose(output.query_locations, torch.stack([columns / (width - 1), rows / (height - 1)], -1), atol=1e-6)
-    blocked = torch.zeros(2 * config.num_heads, 15, 20 * 28, dtype=torch.bool)
+    blocked = torch.zeros(2, 15, 20 * 28, dtype=torch.bool)
     guided_class, guided_mask = network.transformer_decoder.guided_forward(output.decoder_state, blocked)
     assert [tensor.shape for tensor in guided_class] == [(2, 12, 6)] * 2
     assert [tensor.shape for tensor in guided_mask] == [(2, 12, 20, 28)] * 2

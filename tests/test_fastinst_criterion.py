@@ -17,7 +17,7 @@ from modelscope_plugin.modeling.matcher import SegmentationTarget
 from modelscope_plugin.modeling.point_sampling import PointSampler
 
 LOW, SCALE = 8, 4  # predicted masks 8 x 8 (stride 8), targets 32 x 32 (the padded input), proposal map 4 x 4
-NUM_CLASSES, NUM_QUERIES, NUM_AUX, NUM_HEADS = 3, 3, 2, 2
+NUM_CLASSES, NUM_QUERIES, NUM_AUX = 3, 3, 2
 
 
 class PixelCentreSampler(PointSampler):
@@ -37,7 +37,7 @@ class PixelCentreSampler(PointSampler):
 class RecordingDecoder:
     """Stands in for FastInstDecoder.guided_forward: returns fixed guided predictions and records the guide."""
 
-    num_aux_queries, num_heads = NUM_AUX, NUM_HEADS
+    num_aux_queries = NUM_AUX
 
     def __init__(self, class_logits, mask_logits):
         self.outputs = ([class_logits], [mask_logits])
@@ -162,7 +162,7 @@ def reference_losses(output, decoder, low_masks, cells, labels):
         for query, target in zip(queries, targets):
             blocked = low_masks[image][target].flatten() == 0
             guide[image, query] = blocked if not blocked.all() else torch.zeros_like(blocked)
-    return expected, guide.repeat_interleave(NUM_HEADS, 0), final_matches
+    return expected, guide, final_matches
 
 
 # -------------------------------------------------------------------------------------------------------------- tests

@@ -114,7 +114,7 @@ class FastInstCriterion(Mask2FormerCriterion):
                                              num_masks, class_weight_total, sampler))
 
         guide = ground_truth_attention_mask([target.masks for target in targets], final_indices, num_queries,
-                                            decoder.num_aux_queries, output.decoder_state.pixel_size, decoder.num_heads)
+                                            decoder.num_aux_queries, output.decoder_state.pixel_size)
         guided_class_logits, guided_mask_logits = decoder.guided_forward(output.decoder_state, guide)
         stages: List[Tuple[torch.Tensor, torch.Tensor, bool]] = \
             [(class_logits, mask_logits, True) for class_logits, mask_logits in zip(guided_class_logits, guided_mask_logits)]

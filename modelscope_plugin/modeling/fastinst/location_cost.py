@@ -34,9 +34,8 @@ def proposal_location_cost(proposal_size: Tuple[int, int], target_masks: torch.T
 
 
 def ground_truth_attention_mask(target_masks: Sequence[torch.Tensor], matches: Sequence[Tuple[torch.Tensor, torch.Tensor]],
-                                num_queries: int, num_aux_queries: int, pixel_size: Tuple[int, int],
-                                num_heads: int) -> torch.Tensor:
-    """Mask-guided learning's attention mask: (B * heads, Q + aux, h*w) bool, True = not attended.
+                                num_queries: int, num_aux_queries: int, pixel_size: Tuple[int, int]) -> torch.Tensor:
+    """Mask-guided learning's attention mask: (B, Q + aux, h*w) bool, True = not attended (by any head).
 
     target_masks: per image (N, H, W) masks padded like the input; matches: per image (query indices, target
     indices) from the last layer's matching. A matched query attends inside its instance (nearest-resized to the
@@ -52,6 +51,4 @@ def ground_truth_attention_mask(target_masks: Sequence[torch.Tensor], matches: S
         blocked[image_index, query_indices] = ~resized[target_indices]
     # (B, Q + aux, h, w) -> (B, Q + aux, h*w)
     blocked = blocked.flatten(2)
-    blocked = blocked & ~blocked.all(-1, keepdim=True)
-    # (B, Q + aux, h*w) -> (B * heads, Q + aux, h*w)
-    return blocked.unsqueeze(1).repeat(1, num_heads, 1, 1).flatten(0, 1)
+    return blocked & ~blocked.all(-1, keepdim=True)

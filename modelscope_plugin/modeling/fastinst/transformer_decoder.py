@@ -157,7 +157,7 @@ class FastInstDecoder(nn.Module):
                         query_positions: torch.Tensor, pixel_positions: torch.Tensor,
                         attention_mask: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """One dual-path layer. query_features: (Q + aux, B, C); pixel_features: (h*w, B, C);
-        attention_mask: (B * heads, Q + aux, h*w) bool, True = the query does not attend to that pixel.
+        attention_mask: (B, Q + aux, h*w) bool, True = the query does not attend to that pixel (in any head).
 
         The pixel path goes first (pixels attend to all queries, then a feed-forward block); the query path then
         attends to the updated pixels through the mask, then among the queries, then a feed-forward block."""
@@ -185,15 +185,13 @@ class FastInstDecoder(nn.Module):
         return class_logits, mask_logits.reshape(mask_logits.shape[0], self.num_queries, pixel_size[0], pixel_size[1])
 
     def attention_mask(self, mask_logits: torch.Tensor) -> torch.Tensor:
-        """(B, Q, h, w) mask logits -> (B * heads, Q + aux, h*w) bool: a query attends where its mask logit is >= 0;
+        """(B, Q, h, w) mask logits -> (B, Q + aux, h*w) bool: a query attends where its mask logit is >= 0;
         auxiliary queries, and queries whose mask is empty, attend everywhere."""
         # auxiliary queries get a positive logit (attend everywhere)
         padded = F.pad(mask_logits, (0, 0, 0, 0, 0, self.num_aux_queries), "constant", 1)
         # (B, Q + aux, h, w) -> (B, Q + aux, h*w)
         blocked = (padded < 0.0).flatten(2)
-        blocked = blocked & ~blocked.all(-1, keepdim=True)
-        # (B, Q + aux, h*w) -> (B * heads, Q + aux, h*w)
-        return blocked.unsqueeze(1).repeat(1, self.num_heads, 1, 1).flatten(0, 1).detach()
+        return (blocked & ~blocked.all(-1, keepdim=True)).detach()
 
     def forward(self, multi_scale_features: List[torch.Tensor]) -> FastInstPredictions:
         """multi_scale_features: the pixel decoder's [stride 32, stride 16, stride 8] maps, each (B, C, h, w)."""

@@ -13,6 +13,35 @@ from torch import nn
 
 from ..layers.position_encoding import SinePositionEncoding
 
+# hidden-layer floats per group of rows that a feed-forward block transforms at once in inference (8 MiB)
+FEEDFORWARD_CHUNK_ELEMENTS = 1 << 21
+
+
+def masked_multi_head_attention(attention: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor,
+                                value: torch.Tensor, blocked: Optional[torch.Tensor]) -> torch.Tensor:
+    """``attention(query, key, value, attn_mask=...)[0]`` (sequence-first (L, B, C), packed in-projection) with
+    ``blocked``: (B, Lq, Lk) bool, True = not attended, shared by every head. nn.MultiheadAttention wants that mask
+    repeated per head and turns it into a float mask of that size (B * heads * Lq * Lk floats: 40 MB per FastInst
+    layer at 640x1152, written twice); ``scaled_dot_product_attention`` broadcasts one over the heads instead. The
+    arithmetic is nn.MultiheadAttention's (which calls the same kernel)."""
+    heads, (query_length, batch_size, channels), key_length = attention.num_heads, query.shape, key.shape[0]
+    query_weight, key_weight, value_weight = attention.in_proj_weight.chunk(3)
+    query_bias, key_bias, value_bias = attention.in_proj_bias.chunk(3)
+
+    def split_heads(values: torch.Tensor, length: int) -> torch.Tensor:
+        # (L, B, C) -> (B, heads, L, C / heads)
+        return values.view(length, batch_size * heads, -1).transpose(0, 1).view(batch_size, heads, length, -1)
+
+    attended = F.scaled_dot_product_attention(
+        split_heads(F.linear(query, query_weight, query_bias), query_length),
+        split_heads(F.linear(key, key_weight, key_bias), key_length),
+        split_heads(F.linear(value, value_weight, value_bias), key_length),
+        attn_mask=None if blocked is None else ~blocked[:, None],
+        dropout_p=attention.dropout if attention.training else 0.0)
+    # (B, heads, Lq, C / heads) -> (Lq, B, C)
+    attended = attended.permute(2, 0, 1, 3).reshape(query_length, batch_size, channels)
+    return F.linear(attended, attention.out_proj.weight, attention.out_proj.bias)
+
 
 class CrossAttentionLayer(nn.Module):
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0):
@@ -22,10 +51,9 @@ class CrossAttentionLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, queries, memory, attention_mask, memory_position, query_position):
-        """queries: (Q, B, C); memory: (HW, B, C); attention_mask: (B * heads, Q, HW) bool, True = not attended."""
-        attended = self.multihead_attn(
-            query=queries + query_position, key=memory + memory_position, value=memory, attn_mask=attention_mask, need_weights=False
-        )[0]
+        """queries: (Q, B, C); memory: (HW, B, C); attention_mask: (B, Q, HW) bool, True = not attended (every head)."""
+        attended = masked_multi_head_attention(self.multihead_attn, queries + query_position, memory + memory_position,
+                                               memory, attention_mask)
         return self.norm(queries + self.dropout(attended))
 
 
@@ -51,7 +79,23 @@ class FeedForwardLayer(nn.Module):
         self.norm = nn.LayerNorm(embed_dim)
 
     def forward(self, queries):
-        return self.norm(queries + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(queries), inplace=True)))))
+        """queries: (L, B, C), post-norm residual block."""
+        return self.norm(queries + self.dropout(self.transform(queries)))
+
+    def transform(self, queries: torch.Tensor) -> torch.Tensor:
+        """linear2(relu(linear1(queries))). Without gradients it runs over groups of rows, each giving the same
+        result, so that the (L, B, feedforward_dim) hidden layer (47 MB in FastInst's pixel path at 640x1152) never
+        exists at once: a fresh allocation that large is returned to the OS and page-faulted again on every call."""
+        def block(rows: torch.Tensor) -> torch.Tensor:
+            return self.linear2(self.dropout(F.relu(self.linear1(rows), inplace=True)))
+
+        rows_per_chunk = max(1, FEEDFORWARD_CHUNK_ELEMENTS // max(1, queries[0].numel() // queries.shape[-1] * self.linear1.out_features))
+        if (torch.is_grad_enabled() and queries.requires_grad) or torch.jit.is_tracing() or queries.shape[0] <= rows_per_chunk:
+            return block(queries)
+        transformed = torch.empty_like(queries)
+        for start in range(0, queries.shape[0], rows_per_chunk):
+            transformed[start:start + rows_per_chunk] = block(queries[start:start + rows_per_chunk])
+        return transformed
 
 
 class MLP(nn.Module):
@@ -133,12 +177,11 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         return StagePrediction(self.class_embed(decoded), mask_logits, attention_logits)
 
     def attention_mask(self, attention_logits: torch.Tensor) -> torch.Tensor:
-        """(B, Q, h, w) logits -> (B * heads, Q, h*w) bool, True = not attended (sigmoid < 0.5, as the reference);
-        a query whose mask is empty at this level attends everywhere."""
+        """(B, Q, h, w) logits -> (B, Q, h*w) bool, True = not attended by any head (sigmoid < 0.5, as the
+        reference); a query whose mask is empty at this level attends everywhere."""
         attention_mask = (attention_logits.flatten(2).sigmoid() < 0.5).detach()
         # logical ops rather than the reference's in-place boolean indexing: same mask, and it exports to ONNX
-        attention_mask = attention_mask & ~attention_mask.all(-1, keepdim=True)
-        return attention_mask.repeat_interleave(self.num_heads, dim=0)
+        return attention_mask & ~attention_mask.all(-1, keepdim=True)
 
     def forward(self, multi_scale_features: List[torch.Tensor], mask_features: torch.Tensor,
                 return_auxiliary: Optional[bool] = None) -> DecoderPredictions:
