@@ -299,7 +299,9 @@ def main(argv=None):
     parser.add_argument("options")
     parser.add_argument("--kill-after", type=int, default=None)
     parser.add_argument("--launcher", default=None)
+    parser.add_argument("--no-mkldnn", action="store_true", help="batch-size-independent convolution kernels")
     arguments = parser.parse_args(argv)
+    torch.backends.mkldnn.enabled = not arguments.no_mkldnn
     callbacks = [KillAfter(arguments.kill_after)] if arguments.kill_after else []
     extra = {"launcher": arguments.launcher} if arguments.launcher else {}
     trainer = make_trainer(arguments.model_dir, arguments.data_root, arguments.work_dir, json.loads(arguments.options),
