@@ -60,7 +60,10 @@ def test_batch_of_mixed_sizes_equals_single_images(segmenter):
     for image, batch_result in zip(images, batched):
         single = segmenter(image)
         assert batch_result[OutputKeys.LABELS] == single[OutputKeys.LABELS]
-        assert all(np.array_equal(a, b) for a, b in zip(batch_result[OutputKeys.MASKS], single[OutputKeys.MASKS]))
+        assert np.allclose(batch_result[OutputKeys.SCORES], single[OutputKeys.SCORES], rtol=0, atol=1e-5)
+        # oneDNN picks convolution algorithms by batch size, so logits differ by rounding and a pixel whose logit is at
+        # the threshold can flip (seen on an AVX-512 CPU: 1 pixel of a 38905-pixel mask); on AVX2 they were identical
+        assert all(np.count_nonzero(a != b) <= 10 for a, b in zip(batch_result[OutputKeys.MASKS], single[OutputKeys.MASKS]))
 
 
 def test_input_types_agree(segmenter):

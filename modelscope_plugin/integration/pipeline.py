@@ -143,7 +143,8 @@ class Mask2FormerSegmentationPipeline(PerItemErrorsMixin, Pipeline):
         return build_outputs(task, segments, self.config.class_names, self.config.category_ids, image.original_size, semantic_map)
 
     def _process_batch(self, input: List, batch_size: int, **kwargs) -> List[Dict[str, Any]]:
-        """Runs each group of same-padded-size images as one batch; every result equals the single-image one."""
+        """Runs each group of same-padded-size images as one batch; every result equals the single-image one up to
+        float rounding (oneDNN's convolution algorithm depends on the batch size: a pixel at a threshold can flip)."""
         postprocess_params = kwargs.get("postprocess_params", {})
         if not self._model_prepare:
             self.prepare_model()
