@@ -1,6 +1,7 @@
-"""``make demo`` (modelscope_plugin.demo): synthetic scenes and sample photos segmented, overlays and JSON written.
-(No trained demo model is shipped yet; once one is, a test here checks it reaches its card's held-out numbers.)"""
+"""``make demo`` (modelscope_plugin.demo): synthetic scenes and sample photos segmented, overlays and JSON written;
+the shipped demo models reach the held-out numbers their cards state."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -32,3 +33,41 @@ def test_demo_with_a_model_directory_writes_overlays_and_json_for_scenes_and_pho
     before = {path.name: path.read_bytes() for path in scene_images}
     demo.main(["--model", str(tiny_model_dir), "--output", str(output), "--data", str(SHARED_DATA)])
     assert {path.name: path.read_bytes() for path in sorted((output / "scenes").glob("*.png"))} == before
+
+
+# held-out split of the demo models' cards: scenes of seed 1 (the finetune script's --generate convention); the cards
+# state the full 200 scenes (a slow test) and their first 40 (checked in CI)
+HELD_OUT_SEED = 1
+CARD_METRIC = {"panoptic": ("PQ", ("PQ",), 1), "instance": ("mask AP", ("segm", "AP"), 100)}  # card row, result keys, scale
+
+
+def held_out_scenes(root, count):
+    from modelscope_plugin.data.synthetic import SceneConfig, SyntheticSplit, write_dataset
+
+    write_dataset(root, "val", count, HELD_OUT_SEED, SceneConfig.scaled(256))
+    return SyntheticSplit(root, "val")
+
+
+# not trained yet (issue 5): the recipe needs ~24 epochs of 125 steps, which did not fit a session on the slower VMs;
+# strict, so shipping the model turns this into a failure until the mark is removed
+NOT_SHIPPED_YET = pytest.mark.xfail(strict=True, raises=AssertionError, reason="Mask2Former demo model not shipped yet")
+
+
+@pytest.mark.parametrize("count", [40, pytest.param(200, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["fastinst_synthetic-shapes",
+                                  pytest.param("mask2former_synthetic-shapes", marks=NOT_SHIPPED_YET)])
+def test_shipped_demo_model_reaches_the_held_out_number_its_card_states(name, count, tmp_path):
+    assert set(demo.DEMO_TASKS) == {"fastinst_synthetic-shapes", "mask2former_synthetic-shapes"}  # the cases above
+    directory, task = demo.DEMO_MODELS / name, demo.DEMO_TASKS[name]
+    assert name in demo.shipped_demo_models(), f"{directory} holds no trained model"
+    assert sum(path.stat().st_size for path in directory.iterdir()) <= 20 * 2 ** 20  # the issue's 20 MB budget
+    card_name, metric_keys, scale = CARD_METRIC[task]
+    row = f"held-out {card_name}, {count} scenes"
+    stated = re.search(rf"^\| {re.escape(row)} \| ([0-9.]+) \|", (directory / "README.md").read_text(), re.M)
+    assert stated, f"{directory / 'README.md'} has no row '| {row} | value |'"
+    scores = demo.score_scenes(str(directory), task, held_out_scenes(tmp_path / "data", count), tmp_path / "scores")
+    for key in metric_keys:
+        scores = scores[key]
+    measured = scores * scale
+    # float rounding can move a few pixels across a threshold between machines; the card rounds to 0.1
+    assert abs(measured - float(stated.group(1))) < 0.5, (name, measured, stated.group(1))
