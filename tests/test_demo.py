@@ -36,7 +36,7 @@ def test_demo_with_a_model_directory_writes_overlays_and_json_for_scenes_and_pho
 
 
 # held-out split of the demo models' cards: scenes of seed 1 (the finetune script's --generate convention); the cards
-# state the full 200 scenes (a slow test) and their first 40 (checked in CI)
+# state 200 scenes (a slow test) and 40 (checked in CI), both generated with that seed
 HELD_OUT_SEED = 1
 CARD_METRIC = {"panoptic": ("PQ", ("PQ",), 1), "instance": ("mask AP", ("segm", "AP"), 100)}  # card row, result keys, scale
 
