@@ -90,13 +90,14 @@ def shipped_demo_models() -> Dict[str, Tuple[Path, str]]:
             if (DEMO_MODELS / name / "pytorch_model.pt").is_file()}
 
 
-def demo_scenes(folder: Path):
-    """``NUM_SCENES`` synthetic scenes of seed ``SCENE_SEED`` under ``folder`` (written once, then reused)."""
+def demo_scenes(folder: Path, count: int = NUM_SCENES, seed: int = SCENE_SEED, split_name: str = "scenes"):
+    """``count`` 256 x 256 synthetic scenes of ``seed`` as split ``split_name`` under ``folder`` (written once, then
+    reused): the demo's scenes by default, the demo models' held-out scenes with seed 1."""
     from .data.synthetic import SceneConfig, SyntheticSplit, write_dataset
 
-    split = SyntheticSplit(folder, "scenes")
+    split = SyntheticSplit(folder, split_name)
     if not split.panoptic_json.is_file():
-        write_dataset(folder, "scenes", NUM_SCENES, SCENE_SEED, SceneConfig.scaled(256))
+        write_dataset(folder, split_name, count, seed, SceneConfig.scaled(256))
     return split
 
 
@@ -116,7 +117,7 @@ def segment_images(segmenter, images: List[Path], output: Path) -> None:
 
 
 def score_scenes(model: str, task: str, scenes, output: Path) -> Dict[str, Any]:
-    """PQ (panoptic) or mask AP (instance) of ``model`` on the demo scenes."""
+    """PQ (panoptic) or mask AP (instance) of ``model`` on synthetic ``scenes`` (a ``SyntheticSplit``)."""
     from .evaluation import evaluate
 
     if task == "panoptic":

@@ -41,13 +41,6 @@ HELD_OUT_SEED = 1
 CARD_METRIC = {"panoptic": ("PQ", ("PQ",), 1), "instance": ("mask AP", ("segm", "AP"), 100)}  # card row, result keys, scale
 
 
-def held_out_scenes(root, count):
-    from modelscope_plugin.data.synthetic import SceneConfig, SyntheticSplit, write_dataset
-
-    write_dataset(root, "val", count, HELD_OUT_SEED, SceneConfig.scaled(256))
-    return SyntheticSplit(root, "val")
-
-
 @pytest.mark.parametrize("count", [40, pytest.param(200, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("name", sorted(demo.DEMO_TASKS))
 def test_shipped_demo_model_reaches_the_held_out_number_its_card_states(name, count, tmp_path):
@@ -58,7 +51,8 @@ def test_shipped_demo_model_reaches_the_held_out_number_its_card_states(name, co
     row = f"held-out {card_name}, {count} scenes"
     stated = re.search(rf"^\| {re.escape(row)} \| ([0-9.]+) \|", (directory / "README.md").read_text(), re.M)
     assert stated, f"{directory / 'README.md'} has no row '| {row} | value |'"
-    scores = demo.score_scenes(str(directory), task, held_out_scenes(tmp_path / "data", count), tmp_path / "scores")
+    held_out = demo.demo_scenes(tmp_path / "data", count, HELD_OUT_SEED, "val")
+    scores = demo.score_scenes(str(directory), task, held_out, tmp_path / "scores")
     for key in metric_keys:
         scores = scores[key]
     measured = scores * scale
