@@ -19,7 +19,7 @@ $(ORACLE)/.installed: $(VENV)/.installed tests/oracles/setup_oracle_env.sh
 	touch $@
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/python -m modelscope_plugin.demo --output outputs/demo
+	$(VENV)/bin/python -m modelscope_plugin.apps.demo --output outputs/demo
 
 test: $(VENV)/.installed $(ORACLE)/.installed
 	$(VENV)/bin/python -m pytest -q -m "not slow" tests

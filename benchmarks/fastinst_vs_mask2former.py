@@ -24,10 +24,10 @@ IMAGE = REPO.parent / "shared" / "data" / "coco" / "val2017" / "000000439180.jpg
 
 
 def write_model_dirs(root: Path):
-    from modelscope_plugin import demo
+    from modelscope_plugin.apps import demo
     from modelscope_plugin.builders import build_fastinst, build_mask2former
     from modelscope_plugin.config import fastinst_r50_d3_coco, resnet50_coco_panoptic
-    from modelscope_plugin.model_dir_fastinst import write_hub_dir
+    from modelscope_plugin.model_dirs.fastinst import write_hub_dir
 
     torch.manual_seed(0)
     fastinst_config = fastinst_r50_d3_coco()
@@ -57,9 +57,10 @@ def main(argv=None) -> None:
     arguments = parser.parse_args(argv)
     torch.set_num_threads(arguments.threads)
 
-    import modelscope_plugin  # noqa: F401  (registers the pipelines)
     from modelscope.pipelines import pipeline
     from modelscope.utils.constant import Tasks
+
+    import modelscope_plugin  # noqa: F401  (registers the pipelines)
 
     with tempfile.TemporaryDirectory() as root:
         fastinst_dir, mask2former_dir = write_model_dirs(Path(root))

@@ -28,10 +28,10 @@ IMPLEMENTATIONS = ("transformers", "ours", "ours-bf16")
 def time_ours(model_dir: Path, runs: int, precision: str):
     import torch
 
-    from modelscope_plugin.checkpoint_hf import load_hf_model_dir
-    from modelscope_plugin.postprocessing import panoptic_inference
-    from modelscope_plugin.precision import inference_context
-    from modelscope_plugin.preprocessing import load_image, prepare_image
+    from modelscope_plugin.inference.postprocess import panoptic_inference
+    from modelscope_plugin.inference.precision import inference_context
+    from modelscope_plugin.inference.preprocess import load_image, prepare_image
+    from modelscope_plugin.model_dirs.hf import load_hf_model_dir
 
     config, network = load_hf_model_dir(model_dir)
     config_preprocess = config.preprocess.__class__(resize_backend="cv2")
@@ -45,7 +45,8 @@ def time_ours(model_dir: Path, runs: int, precision: str):
         forwarded = time.perf_counter()
         with torch.inference_mode():
             panoptic_inference(output.class_logits[0].float(), output.mask_logits[0].float(), config.num_things_classes,
-                               image.padded_size, image.resized_size, image.original_size)
+                               image.padded_size, image.resized_size, image.original_size,
+                               object_mask_threshold=0.8, overlap_threshold=0.8, filter_low_score=True)
         finished = time.perf_counter()
         phases.append({"total": finished - start, "preprocess": preprocessed - start,
                        "forward": forwarded - preprocessed, "postprocess": finished - forwarded,
@@ -112,7 +113,7 @@ def main() -> None:
                         arguments.backbone, "--seed", "0", "--out-dir", str(model_dir)], check=True)
     import torch
 
-    from modelscope_plugin.precision import cpu_has_native_bf16
+    from modelscope_plugin.inference.precision import cpu_has_native_bf16
 
     implementations = list(IMPLEMENTATIONS)
     if arguments.bf16 == "no" or (arguments.bf16 == "auto" and not cpu_has_native_bf16()):

@@ -6,6 +6,6 @@ supported ids, or a local directory in their layout) runs this package's own cod
 """
 __version__ = "0.1.0"
 
-from .integration import registry as _registry
+from modelscope_plugin.integration import registry as _registry
 
 _registry.install()

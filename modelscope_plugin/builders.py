@@ -1,13 +1,13 @@
 """Whole networks as nested constructor calls; the only place a config object is read."""
-from .config import FastInstConfig, Mask2FormerConfig, ResNetConfig, SwinConfig
-from .modeling.backbones.resnet import ResNet
-from .modeling.backbones.swin import SwinTransformer
-from .modeling.fastinst.model import FastInst
-from .modeling.fastinst.pixel_decoder import PyramidPoolingModuleFPN
-from .modeling.fastinst.transformer_decoder import FastInstDecoder
-from .modeling.mask2former.model import Mask2Former
-from .modeling.mask2former.pixel_decoder import MSDeformAttnPixelDecoder
-from .modeling.mask2former.transformer_decoder import MultiScaleMaskedTransformerDecoder
+from modelscope_plugin.config import FastInstConfig, Mask2FormerConfig, ResNetConfig, SwinConfig
+from modelscope_plugin.modeling.backbones.resnet import ResNet
+from modelscope_plugin.modeling.backbones.swin import SwinTransformer
+from modelscope_plugin.modeling.fastinst.model import FastInst
+from modelscope_plugin.modeling.fastinst.pixel_decoder import PyramidPoolingModuleFPN
+from modelscope_plugin.modeling.fastinst.transformer_decoder import FastInstDecoder
+from modelscope_plugin.modeling.mask2former.model import Mask2Former
+from modelscope_plugin.modeling.mask2former.pixel_decoder import MSDeformAttnPixelDecoder
+from modelscope_plugin.modeling.mask2former.transformer_decoder import MultiScaleMaskedTransformerDecoder
 
 
 def build_backbone(config):

@@ -3,7 +3,10 @@
 Config objects stop at ``builders.py``: the modules themselves take plain arguments.
 """
 from dataclasses import dataclass, field
-from typing import Optional, Tuple, Union
+from typing import Tuple, Union
+
+TASKS = ("panoptic", "semantic", "instance")
+"""What a segmentation model answers: one map of things and stuff, a class per pixel, or scored things."""
 
 
 @dataclass
@@ -60,8 +63,9 @@ class InferenceConfig:
     """Panoptic: a segment keeps only pixels where its own mask probability is >= 0.5 (mmdet's test_cfg)."""
     max_per_image: int = 100
     """Instance: top-k (query, class) pairs kept before thresholding."""
-    score_threshold: float = 0.0
-    """Instance: detections scoring below this are dropped from the pipeline output."""
+    score_threshold: float = 0.5
+    """Instance: detections scoring below this are dropped from the pipeline output (``score_thr``; evaluation
+    passes 0, as COCO's AP ranks every detection)."""
     mask_from_probability: bool = False
     """Instance: a pixel is in the mask where sigmoid(logit) > 0.5 (detectron2 / FastInst) rather than where
     logit > 0 (mmdet); the two differ only for logits so small that float32's sigmoid rounds them to 0.5."""

@@ -1,6 +1,6 @@
-"""The errors a user can cause, in one place, and per-item error entries for list inputs.
+"""Every error a user can cause, in one place; this module imports nothing of the package.
 
-Every bad input raises exactly one of these, with a message naming the input and the reason:
+Each bad input raises exactly one of these, with a message naming the input and the reason:
 
 =========================  ===================================================================================
 ``ImageInputError``        an image: missing, empty, truncated or corrupt file, unreachable URL, too many pixels
@@ -10,88 +10,71 @@ Every bad input raises exactly one of these, with a message naming the input and
 ``ModelDirError``          a model directory: missing, no or invalid configuration.json, unknown model type,
                            no or several weights files, class names not matching the classes
 ``ModelNotAvailableError`` a supported hub id that is neither cached nor downloadable
+``DatasetProblemsError``   dataset rows that a reader rejected (with ``on_error="raise"``)
+``TrainingDataError``      a training row that cannot be turned into targets
+``TrainingConfigError``    a trainer configuration or dataset the trainer cannot use
+``CardError``              a model card that cannot be validated, assembled or published
+``ExportError``            a network that cannot be exported, or whose exported graph disagrees with it
+``CommandError``           a command-line invocation that cannot run (exit code 2)
 =========================  ===================================================================================
 
-``ImageInputError``, ``CheckpointError`` and ``ModelDirError`` are ``ValueError``s; ``ModelNotAvailableError`` is a
-``RuntimeError``. ``USER_ERRORS`` catches all four (the command line maps them to exit code 1).
+``USER_ERRORS`` catches the first four, which every entry point (pipeline, command line, browser demo) reports as
+one line; the command line maps them to exit code 1.
 """
-from typing import Any, Dict, List, Optional
 
 
 class ImageInputError(ValueError):
     """An input image cannot be read or has an unsupported type/value."""
 
 
-_DEFINED_BESIDE_THEIR_CODE = {
-    "CheckpointError": "checkpoint", "ModelDirError": "model_dir", "ModelNotAvailableError": "integration.hub",
-}
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be read, is refused, or does not fit the model."""
 
 
-def __getattr__(name: str):
-    """``CheckpointError``, ``ModelDirError``, ``ModelNotAvailableError`` and ``USER_ERRORS``, imported on first use
-    so that this module never takes part in an import cycle."""
-    import importlib
-
-    if name in _DEFINED_BESIDE_THEIR_CODE:
-        return getattr(importlib.import_module(f"{__package__}.{_DEFINED_BESIDE_THEIR_CODE[name]}"), name)
-    if name == "USER_ERRORS":
-        return (ImageInputError,) + tuple(__getattr__(error_name) for error_name in _DEFINED_BESIDE_THEIR_CODE)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+class KeymapError(CheckpointError):
+    """A Hugging Face state dict that does not convert completely and unambiguously."""
 
 
-ON_ERROR_CHOICES = ("raise", "return")
+class ModelDirError(ValueError):
+    """A model directory is missing files or holds a layout this package cannot run."""
 
 
-def describe_input(item: Any) -> str:
-    """A short name for an input in messages: the path/URL itself, else its type and shape."""
-    if isinstance(item, str):
-        return item
-    shape = getattr(item, "shape", None) if not hasattr(item, "mode") else (item.height, item.width)
-    dtype = getattr(item, "dtype", None)
-    details = ", ".join(str(value) for value in (shape and tuple(shape), dtype) if value is not None)
-    return f"{type(item).__name__}({details})" if details else type(item).__name__
+class FastInstConfigError(ModelDirError):
+    """A FastInst configuration asks for something this package does not implement (or is malformed)."""
 
 
-def error_entry(index: int, item: Any, error: Exception) -> Dict[str, Any]:
-    """The result of a bad list item under ``on_error="return"``: no segments, and what went wrong."""
-    return {"masks": [], "labels": [], "scores": [],
-            "error": {"index": index, "input": describe_input(item), "type": type(error).__name__, "message": str(error)}}
+class ModelNotAvailableError(RuntimeError):
+    """A supported hub id that is neither in the local cache nor downloadable."""
 
 
-class PerItemErrorsMixin:
-    """``on_error`` for list inputs of a ModelScope ``Pipeline`` whose ``preprocess`` reads images with ``load_image``.
+class DatasetProblemsError(ValueError):
+    """Raised with ``on_error="raise"``; ``problems`` lists every rejected row (``image_id``, ``reason``)."""
 
-    ``on_error="raise"`` (default, as ModelScope): the first bad item raises its ``ImageInputError``, prefixed with
-    its position in the list. ``on_error="return"``: a bad item gets ``error_entry(...)`` in its place and every
-    other item its normal result. Items are decoded one chunk (``batch_size``, default 1) at a time.
-    """
+    def __init__(self, problems):
+        self.problems = problems
+        listed = "; ".join(f"{problem.image_id}: {problem.reason}" for problem in problems[:20])
+        more = f" (and {len(problems) - 20} more)" if len(problems) > 20 else ""
+        super().__init__(f"{len(problems)} dataset rows rejected: {listed}{more}")
 
-    def __call__(self, input, *args, on_error: str = "raise", **kwargs):
-        if on_error not in ON_ERROR_CHOICES:
-            raise ValueError(f"on_error must be one of {ON_ERROR_CHOICES}, not {on_error!r}")
-        if not isinstance(input, list):
-            return super().__call__(input, *args, **kwargs)
-        from PIL import Image
 
-        from .preprocessing import load_image
+class TrainingDataError(ValueError):
+    """A training row cannot be turned into targets (unknown category, unreadable files)."""
 
-        self._sanitize_parameters(**{key: value for key, value in kwargs.items() if key != "batch_size"})
-        chunk_size = kwargs.get("batch_size") or 1
-        results: List[Optional[Dict[str, Any]]] = [None] * len(input)
-        for start in range(0, len(input), chunk_size):
-            loaded_indices: List[int] = []
-            loaded_images: List[Image.Image] = []
-            for index in range(start, min(start + chunk_size, len(input))):
-                try:
-                    # decoded once here; a PIL RGB image without EXIF goes through load_image unchanged
-                    loaded_images.append(Image.fromarray(load_image(input[index])))
-                except ImageInputError as error:
-                    if on_error == "raise":
-                        raise ImageInputError(f"list item {index}: {error}") from error
-                    results[index] = error_entry(index, input[index], error)
-                    continue
-                loaded_indices.append(index)
-            if loaded_images:
-                for index, result in zip(loaded_indices, super().__call__(loaded_images, *args, **kwargs)):
-                    results[index] = result
-        return results
+
+class TrainingConfigError(ValueError):
+    """The trainer configuration or the datasets given to it cannot be used."""
+
+
+class CardError(ValueError):
+    """A card cannot be validated, assembled or published; the message names the card and the reason."""
+
+
+class ExportError(RuntimeError):
+    """The network could not be exported, or the exported graph disagrees with the network."""
+
+
+class CommandError(Exception):
+    """A command-line invocation that cannot run; reported in one line with exit code 2."""
+
+
+USER_ERRORS = (ImageInputError, CheckpointError, ModelDirError, ModelNotAvailableError)

@@ -4,7 +4,7 @@ from typing import Any, Dict, List, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .data.categories import COCO_PANOPTIC_PALETTE
+from modelscope_plugin.data.categories import COCO_PANOPTIC_PALETTE
 
 
 def class_color(label_id: int):

@@ -1,11 +1,9 @@
-import json
 import os
 import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -15,8 +13,8 @@ ORACLE_PYTHON = REPO / ".venv-oracle" / "bin" / "python"
 sys.path.insert(0, str(REPO / "tests"))
 
 import modelscope_plugin  # noqa: E402,F401  (registers with ModelScope)
+from modelscope_plugin.apps import demo  # noqa: E402
 from modelscope_plugin.builders import build_mask2former  # noqa: E402
-from modelscope_plugin import demo  # noqa: E402
 from modelscope_plugin.config import Mask2FormerConfig  # noqa: E402
 
 

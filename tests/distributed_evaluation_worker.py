@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 import torch.distributed as distributed
+from test_evaluation_scale import PerturbedGroundTruth
 
 from modelscope_plugin.data.synthetic import SYNTHETIC_CATEGORIES, SyntheticSplit
 from modelscope_plugin.evaluation import evaluate
-from test_evaluation_scale import PerturbedGroundTruth
 
 
 def main(root: str, split: str, output: str) -> None:

@@ -10,16 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO, SHARED_DATA, shape_weights, tiny_config
-from modelscope_plugin import cards
+from test_layouts_offline import small_resnet_config
+
+from modelscope_plugin.apps import cards
+from modelscope_plugin.apps.cli import main
 from modelscope_plugin.builders import build_mask2former
-from modelscope_plugin.checkpoint import swin_to_unfold_order
-from modelscope_plugin.cli import main
+from modelscope_plugin.checkpoints.keymaps import swin_to_unfold_order
 from modelscope_plugin.config import Mask2FormerConfig
 from modelscope_plugin.data.categories import MMDET_COCO_PANOPTIC_CLASSES
 from modelscope_plugin.modeling.backbones.swin import relative_position_index
-from test_layouts_offline import small_resnet_config
 
 CARDS = REPO / "model_cards" / "damo"
 MASK2FORMER_CARDS = ["cv_swinL_panoptic-segmentation_cocopan", "cv_swinL_semantic-segmentation_cocopanmerge",
@@ -162,7 +162,7 @@ def hub_cache(tmp_path_factory):
 @pytest.mark.parametrize("name", MASK2FORMER_CARDS)
 def test_hub_layout_directories_load_the_source_weights(hub_cache, name):
     """The layouts the card examples run on are faithful: the loaded network holds the source network's weights."""
-    from modelscope_plugin.model_dir import load_model_dir
+    from modelscope_plugin.model_dirs.load import load_model_dir
 
     cache, sources = hub_cache
     config, network = load_model_dir(cache / "models" / f"damo--{name}" / "snapshots" / "master")

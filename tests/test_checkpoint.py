@@ -5,11 +5,12 @@ import pickle
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_config
-from modelscope_plugin import checkpoint
+
 from modelscope_plugin.builders import build_mask2former
-from modelscope_plugin.mmcv_config import read_mmcv_config
+from modelscope_plugin.checkpoints import io as checkpoint
+from modelscope_plugin.checkpoints import keymaps
+from modelscope_plugin.model_dirs.mmcv_config import read_mmcv_config
 
 
 class RunsCode:
@@ -64,12 +65,12 @@ def test_unfold_order_round_trip_and_meaning():
     channels = 3
     # a reduction weight whose input index i holds value i in the original Swin order (neighbour-major)
     swin = torch.arange(4 * channels, dtype=torch.float32)[None].repeat(2, 1)
-    unfold = checkpoint.swin_to_unfold_order(swin, dim=1)
+    unfold = keymaps.swin_to_unfold_order(swin, dim=1)
     # nn.Unfold order: channel-major, kernel positions (0,0), (0,1), (1,0), (1,1); Swin's: (0,0), (1,0), (0,1), (1,1)
     swin_position = {0: 0, 1: 2, 2: 1, 3: 3}
     expected = [swin_position[k] * channels + c for c in range(channels) for k in range(4)]
     assert unfold[0].tolist() == expected
-    assert torch.equal(checkpoint.unfold_to_swin_order(unfold, dim=1), swin)
+    assert torch.equal(keymaps.unfold_to_swin_order(unfold, dim=1), swin)
 
 
 def test_mmcv_config_read_without_execution(tmp_path):

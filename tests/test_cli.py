@@ -1,6 +1,5 @@
 """``modelscope-seg``: run in-process through ``main(argv)`` (and once as the installed console script)."""
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -11,16 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-from pycocotools import mask as mask_utils
-
+from conftest import REPO, SHARED_DATA
 from modelscope.outputs import OutputKeys
 from modelscope.pipelines import pipeline
 from modelscope.utils.constant import Tasks
+from PIL import Image
+from pycocotools import mask as mask_utils
 
-from conftest import REPO, SHARED_DATA
-from modelscope_plugin import cards
-from modelscope_plugin.cli import main
+from modelscope_plugin.apps import cards
+from modelscope_plugin.apps.cli import main
 
 COCO = SHARED_DATA / "coco"
 IMAGES = [COCO / "val2017" / "000000142238.jpg", COCO / "val2017" / "000000439180.jpg"]
@@ -253,7 +251,7 @@ def test_card_push_uploads_under_the_token_owner_namespace(tiny_model_dir, tmp_p
 
 def test_console_script_runs_as_a_subprocess(tiny_model_dir, image_folder, tmp_path):
     script = Path(sys.executable).parent / "modelscope-seg"
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "modelscope_plugin.cli"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "modelscope_plugin.apps.cli"]
     image = sorted(image_folder.glob("*.png"))[0]
     completed = subprocess.run(command + ["segment", str(image), "--model", str(tiny_model_dir), "--output", str(tmp_path / "out")],
                                capture_output=True, text=True, timeout=300, cwd=tmp_path)
@@ -271,7 +269,7 @@ def write_small_fastinst_dir(directory: Path) -> Path:
 
     from modelscope_plugin.builders import build_fastinst
     from modelscope_plugin.config import fastinst_r50_d3_coco
-    from modelscope_plugin.model_dir_fastinst import config_from_modelscope
+    from modelscope_plugin.model_dirs.fastinst import config_from_modelscope
 
     configuration = json.loads((REPO / "model_cards" / "damo" / "cv_resnet50_fast-instance-segmentation_coco" / "configuration.json").read_text())
     configuration["model"]["encoder"].update(convs_dim=64, mask_dim=64)
@@ -289,7 +287,7 @@ def test_export_fastinst_to_onnx_checked_with_onnxruntime(tiny_model_dir, tmp_pa
     import onnxruntime
     import torch
 
-    from modelscope_plugin.model_dir import load_model
+    from modelscope_plugin.model_dirs.load import load_model
 
     model = write_small_fastinst_dir(tmp_path / "fastinst")
     output = tmp_path / "onnx" / "fastinst.onnx"
@@ -317,7 +315,7 @@ def test_export_mask2former_at_a_fixed_size_checked_with_onnxruntime(tiny_model_
     import onnxruntime
     import torch
 
-    from modelscope_plugin.model_dir import load_model
+    from modelscope_plugin.model_dirs.load import load_model
 
     output = tmp_path / "mask2former.onnx"
     assert main(["export", "--model", str(tiny_model_dir), "--output", str(output), "--example-size", "64x96"]) == 0, \

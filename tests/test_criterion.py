@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 import torch
-
 from conftest import run_oracle
+
 from modelscope_plugin.modeling.criterion import Mask2FormerCriterion
 from modelscope_plugin.modeling.mask2former.model import Mask2FormerOutput
 from modelscope_plugin.modeling.matcher import HungarianMatcher, SegmentationTarget

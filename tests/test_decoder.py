@@ -1,8 +1,8 @@
 """The masked-attention decoder's shortcuts equal the reference formulation."""
 import torch
 import torch.nn.functional as F
-
 from conftest import shape_weights, tiny_config
+
 from modelscope_plugin.builders import build_mask2former
 from modelscope_plugin.modeling.mask2former.transformer_decoder import FeedForwardLayer, masked_multi_head_attention
 

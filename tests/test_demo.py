@@ -5,11 +5,11 @@ import re
 
 import numpy as np
 import pytest
+from conftest import SHARED_DATA
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from conftest import SHARED_DATA
-from modelscope_plugin import demo
+from modelscope_plugin.apps import demo
 
 
 def test_demo_with_a_model_directory_writes_overlays_and_json_for_scenes_and_photos(tiny_model_dir, tmp_path):

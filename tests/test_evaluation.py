@@ -16,12 +16,25 @@ from PIL import Image
 from scipy.ndimage import binary_dilation
 
 from modelscope_plugin.data.categories import COCO_PANOPTIC_CATEGORIES, COCO_THING_CATEGORIES
-from modelscope_plugin.data.datasets import (DatasetProblemsError, as_ms_dataset, load_label_map,
-                                             load_panoptic_ground_truth, panoptic_to_semantic, read_coco_instances,
-                                             read_coco_panoptic, read_label_folders, read_panoptic_png, rgb_to_id)
-from modelscope_plugin.data.ground_truth_outputs import (instance_outputs, mask_box, panoptic_outputs,
-                                                         semantic_outputs_from_panoptic)
-from modelscope_plugin.evaluation import (COCO_INSTANCE_METRIC, PANOPTIC_QUALITY_METRIC, SEMANTIC_METRIC, evaluate)
+from modelscope_plugin.data.datasets import (
+    DatasetProblemsError,
+    as_ms_dataset,
+    load_label_map,
+    load_panoptic_ground_truth,
+    panoptic_to_semantic,
+    read_coco_instances,
+    read_coco_panoptic,
+    read_label_folders,
+    read_panoptic_png,
+    rgb_to_id,
+)
+from modelscope_plugin.data.ground_truth_outputs import (
+    instance_outputs,
+    mask_box,
+    panoptic_outputs,
+    semantic_outputs_from_panoptic,
+)
+from modelscope_plugin.evaluation import COCO_INSTANCE_METRIC, PANOPTIC_QUALITY_METRIC, SEMANTIC_METRIC, evaluate
 from modelscope_plugin.evaluation.panoptic_quality import accumulate_folders
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -477,6 +490,7 @@ def test_evaluate_runs_the_pipeline_and_matches_references(tiny_model_dir, tmp_p
     exported = tmp_path / "instance" / "coco_instances_results.json"
     assert json.loads(exported.read_text()), "the pipeline returned no instances"
     from pycocotools.coco import COCO
+
     from modelscope_plugin.evaluation import run_cocoeval
 
     ground_truth = COCO(str(INSTANCES_JSON))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from modelscope_plugin.data.ground_truth_outputs import panoptic_outputs
-from modelscope_plugin.data.synthetic import SYNTHETIC_CATEGORIES, SceneConfig, SyntheticSplit, write_dataset
+from modelscope_plugin.data.synthetic import SYNTHETIC_CATEGORIES, SceneConfig, write_dataset
 from modelscope_plugin.evaluation import evaluate
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,18 +11,25 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-from modelscope_plugin import model_dir_fastinst
-from modelscope_plugin.builders import build_fastinst
-from modelscope_plugin.checkpoint import CheckpointError
-from modelscope_plugin.config import FastInstConfig, ResNetConfig
-from modelscope_plugin.model_dir import ModelDirError, load_model, load_model_dir
-from modelscope_plugin.modeling.fastinst.location_cost import (ground_truth_attention_mask, proposal_location_cost,
-                                                                query_location_cost)
-from modelscope_plugin.modeling.fastinst.pixel_decoder import adaptive_average_pool
-from modelscope_plugin.modeling.fastinst.transformer_decoder import (FastInstDecoder, QueryProposal, instance_activation_scores,
-                                                                     seek_local_maximum)
 from test_layouts_offline import to_detectron2_names
+
+from modelscope_plugin.builders import build_fastinst
+from modelscope_plugin.config import FastInstConfig, ResNetConfig
+from modelscope_plugin.errors import CheckpointError, ModelDirError
+from modelscope_plugin.model_dirs import fastinst as model_dir_fastinst
+from modelscope_plugin.model_dirs.load import load_model, load_model_dir
+from modelscope_plugin.modeling.fastinst.location_cost import (
+    ground_truth_attention_mask,
+    proposal_location_cost,
+    query_location_cost,
+)
+from modelscope_plugin.modeling.fastinst.pixel_decoder import adaptive_average_pool
+from modelscope_plugin.modeling.fastinst.transformer_decoder import (
+    FastInstDecoder,
+    QueryProposal,
+    instance_activation_scores,
+    seek_local_maximum,
+)
 
 
 def tiny_config(**overrides) -> FastInstConfig:
@@ -260,7 +267,7 @@ def test_exportable_adaptive_pooling_equals_torch(size):
 
 def test_onnx_export_reproduces_logits_at_two_sizes(tmp_path):
     pytest.importorskip("onnxruntime")
-    from modelscope_plugin.export import check_onnx, export_onnx
+    from modelscope_plugin.apps.export import check_onnx, export_onnx
 
     torch.manual_seed(0)
     network = build_fastinst(tiny_config()).eval()
@@ -369,10 +376,9 @@ def test_official_release_file_loads_with_its_architecture_read_from_the_weights
 
 
 def test_pipeline_on_a_hub_directory_returns_the_output_contract(tmp_path):
+    from conftest import SHARED_DATA
     from modelscope.pipelines import pipeline
     from modelscope.utils.constant import Tasks
-
-    from conftest import SHARED_DATA
 
     config = tiny_config()
     torch.manual_seed(0)

@@ -17,11 +17,11 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import SHARED_DATA, run_oracle
 from modelscope.pipelines import pipeline
 from modelscope.utils.constant import Tasks
-from modelscope_plugin.model_dir import load_model_dir
+
+from modelscope_plugin.model_dirs.load import load_model_dir
 
 pytestmark = pytest.mark.oracle
 
@@ -152,9 +152,9 @@ def test_weights_are_shaped_for_a_meaningful_comparison(hub_d3):
 def test_modelscope_key_layout_loads_strictly(tmp_path, depth):
     """Every key and shape of ModelScope's FastInst (R50 and R101, D3) maps onto this package's network, and the
     architecture read back from those keys is the one they came from."""
-    from modelscope_plugin import checkpoint
     from modelscope_plugin.builders import build_fastinst
-    from modelscope_plugin.model_dir_fastinst import _native_state_dict, config_from_state_dict
+    from modelscope_plugin.checkpoints import io as checkpoint
+    from modelscope_plugin.model_dirs.fastinst import _native_state_dict, config_from_state_dict
 
     result = tmp_path / "keys.json"
     run_oracle("fastinst_oracle.py", "--keys-only", "--depth", depth, "--model-dir", tmp_path / "model", "--result", result)

@@ -2,22 +2,22 @@
 its class heads are re-initialised for the new class set (logged), the output folder is a hub-layout FastInst
 directory that pipeline() runs with the trained weights, and evaluation scores it with COCO mask AP."""
 import json
-from pathlib import Path
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from modelscope.trainers import build_trainer
+from PIL import Image
+from test_training import LossRecorder, make_trainer, run_script
 
 from modelscope_plugin.builders import build_fastinst
 from modelscope_plugin.config import FastInstConfig
 from modelscope_plugin.data.datasets import as_ms_dataset
 from modelscope_plugin.data.synthetic import SYNTHETIC_CATEGORIES, SceneConfig, SyntheticSplit, write_dataset
-from modelscope_plugin.model_dir_fastinst import write_hub_dir
+from modelscope_plugin.model_dirs.fastinst import write_hub_dir
 from modelscope_plugin.modeling.fastinst.criterion import FastInstCriterion
-from test_training import LossRecorder, make_trainer, run_script
 
 CATEGORIES = [{"id": c.id, "name": c.name, "isthing": c.isthing} for c in SYNTHETIC_CATEGORIES]
 THING_NAMES = [c.name for c in SYNTHETIC_CATEGORIES if c.isthing]
@@ -148,7 +148,7 @@ def test_a_new_class_set_replaces_only_the_class_heads():
 
 
 def test_the_finetune_script_starts_a_fastinst_from_the_dataset_classes(tmp_path):
-    from modelscope_plugin.model_dir import load_model_dir
+    from modelscope_plugin.model_dirs.load import load_model_dir
     from modelscope_plugin.training.finetune import initial_model_dir
 
     directory = initial_model_dir(tmp_path / "initial", "fastinst-d1", CATEGORIES, image_size=128, seed=0)
@@ -163,7 +163,7 @@ def test_the_finetune_script_starts_a_fastinst_from_the_dataset_classes(tmp_path
 @pytest.mark.parametrize("architecture", ["fastinst-small", "fastinst-small-swin"])
 def test_the_small_fastinst_round_trips_and_trains(tmp_path, architecture):
     from modelscope_plugin.config import ResNetConfig, SwinConfig
-    from modelscope_plugin.model_dir import load_model_dir
+    from modelscope_plugin.model_dirs.load import load_model_dir
     from modelscope_plugin.training.finetune import initial_model_dir
 
     directory = initial_model_dir(tmp_path / "initial", architecture, CATEGORIES, image_size=128, seed=0)

@@ -7,13 +7,14 @@ import json
 
 import pytest
 import torch
-
 from conftest import run_oracle
-from modelscope_plugin import checkpoint
+
 from modelscope_plugin.builders import build_mask2former
+from modelscope_plugin.checkpoints import io as checkpoint
+from modelscope_plugin.checkpoints import keymaps
 from modelscope_plugin.config import swin_large_coco_panoptic
-from modelscope_plugin.mmcv_config import read_mmcv_config
-from modelscope_plugin.model_dir import config_from_mmdet
+from modelscope_plugin.model_dirs.mask2former import config_from_mmdet
+from modelscope_plugin.model_dirs.mmcv_config import read_mmcv_config
 
 pytestmark = pytest.mark.oracle
 
@@ -49,6 +50,6 @@ def test_mmdet_layout_loads_strictly(layouts, name):
         elif key.endswith("num_batches_tracked"):
             state_dict[key] = torch.zeros((), dtype=torch.long)
     network = build_mask2former(config)
-    checkpoint.load_strict(network, checkpoint.convert_to_native(state_dict, "mmdet"), name)
+    checkpoint.load_strict(network, keymaps.convert_to_native(state_dict, "mmdet"), name)
     expected_queries = 200 if "swin-l" in name else 100
     assert network.transformer_decoder.query_feat.weight.shape[0] == expected_queries

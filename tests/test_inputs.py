@@ -3,7 +3,6 @@ odd but valid inputs (1x1, extreme aspect, CMYK, EXIF rotation, huge) give masks
 import http.server
 import json
 import os
-import pickle
 import shutil
 import socket
 import subprocess
@@ -14,17 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
+from conftest import REPO, SHARED_DATA
 from modelscope.outputs import OutputKeys
 from modelscope.pipelines import pipeline
 from modelscope.utils.constant import Tasks
+from PIL import Image
 
-from conftest import REPO, SHARED_DATA
 from modelscope_plugin import errors
 from modelscope_plugin.errors import CheckpointError, ImageInputError, ModelDirError
-from modelscope_plugin.integration.outputs import postprocess_size, upsample_nearest
-from modelscope_plugin.preprocessing import load_image
+from modelscope_plugin.inference.outputs import postprocess_size, upsample_nearest
+from modelscope_plugin.inference.preprocess import load_image
 
 IMAGE = SHARED_DATA / "coco" / "val2017" / "000000142238.jpg"
 
@@ -194,8 +192,10 @@ def test_list_inputs_raise_on_first_bad_item_or_return_error_entries(segmenter, 
 
 
 def test_error_types_are_exported_in_one_place():
-    from modelscope_plugin import checkpoint, model_dir, preprocessing
+    from modelscope_plugin.checkpoints import io as checkpoint
+    from modelscope_plugin.inference import preprocess as preprocessing
     from modelscope_plugin.integration import hub
+    from modelscope_plugin.model_dirs import mask2former as model_dir
 
     assert errors.ImageInputError is preprocessing.ImageInputError
     assert errors.CheckpointError is checkpoint.CheckpointError and errors.ModelDirError is model_dir.ModelDirError
@@ -249,7 +249,7 @@ def test_broken_model_directories_fail_through_the_pipeline_with_one_clear_error
 def test_model_directory_without_readable_configuration(tiny_model_dir, tmp_path):
     """ModelScope's own builder reads configuration.json before this package sees the directory; the package's
     loader names the directory and the reason."""
-    from modelscope_plugin.model_dir import load_model_dir
+    from modelscope_plugin.model_dirs.load import load_model_dir
 
     missing = tmp_path / "no_config"
     shutil.copytree(tiny_model_dir, missing)

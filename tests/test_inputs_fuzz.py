@@ -9,9 +9,9 @@ from hypothesis.extra import numpy as numpy_strategies
 
 from modelscope_plugin.config import PreprocessConfig
 from modelscope_plugin.errors import ImageInputError
-from modelscope_plugin.integration.outputs import build_outputs, postprocess_size
-from modelscope_plugin.postprocessing import instance_inference, panoptic_inference, semantic_inference
-from modelscope_plugin.preprocessing import load_image, prepare_image
+from modelscope_plugin.inference.outputs import build_outputs, postprocess_size
+from modelscope_plugin.inference.postprocess import instance_inference, panoptic_inference, semantic_inference
+from modelscope_plugin.inference.preprocess import load_image, prepare_image
 
 DTYPES = [np.uint8, np.uint16, np.float16, np.float32, np.float64, np.int8, np.int64, np.bool_, np.complex64]
 SHAPES = st.tuples(st.integers(0, 24), st.integers(0, 24)).flatmap(
@@ -86,11 +86,12 @@ def test_postprocessing_gives_masks_of_the_input_size(height, width, num_queries
     semantic_map = None
     if task == "panoptic":
         segments = panoptic_inference(class_logits, mask_logits, num_things, **sizes, object_mask_threshold=threshold,
-                                      overlap_threshold=threshold).segments
+                                      overlap_threshold=threshold, filter_low_score=True).segments
     elif task == "semantic":
         semantic_map, segments = semantic_inference(class_logits, mask_logits, **sizes)
     else:
-        segments = instance_inference(class_logits, mask_logits, num_things, **sizes)
+        segments = instance_inference(class_logits, mask_logits, num_things, **sizes, max_per_image=100,
+                                      mask_from_probability=False, score_threshold=0.0)
     names = [f"class_{index}" for index in range(num_classes)]
     outputs = build_outputs(task, segments, names, list(range(1, num_classes + 1)), (height, width), semantic_map)
     masks = outputs["masks"]

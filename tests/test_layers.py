@@ -7,8 +7,11 @@ import torch
 
 from modelscope_plugin.modeling.backbones.resnet import ResNet
 from modelscope_plugin.modeling.backbones.swin import SwinTransformer, relative_position_index
-from modelscope_plugin.modeling.layers.ms_deform_attn import (MultiScaleDeformableAttention, multi_scale_deformable_attention,
-                                                               multi_scale_deformable_attention_grid_sample)
+from modelscope_plugin.modeling.layers.ms_deform_attn import (
+    MultiScaleDeformableAttention,
+    multi_scale_deformable_attention,
+    multi_scale_deformable_attention_grid_sample,
+)
 from modelscope_plugin.modeling.layers.position_encoding import SinePositionEncoding
 
 

@@ -3,12 +3,12 @@ import json
 import re
 import subprocess
 
-import pytest
 import torch
-
 from conftest import SHARED_DATA
-from modelscope_plugin import checkpoint
+
 from modelscope_plugin.builders import build_mask2former
+from modelscope_plugin.checkpoints import io as checkpoint
+from modelscope_plugin.checkpoints import keymaps
 from modelscope_plugin.config import Mask2FormerConfig, ResNetConfig
 
 
@@ -39,7 +39,7 @@ def test_detectron2_layout_loads_into_the_same_network():
     torch.manual_seed(0)
     source = build_mask2former(small_resnet_config())
     target = build_mask2former(small_resnet_config())
-    converted = checkpoint.convert_to_native(to_detectron2_names(source.state_dict()))
+    converted = keymaps.convert_to_native(to_detectron2_names(source.state_dict()))
     checkpoint.load_strict(target, converted, "model_final.pkl")
     for key, value in source.state_dict().items():
         if not key.endswith("num_batches_tracked"):

@@ -5,16 +5,15 @@ mmdet 2.x + ModelScope's own built-in panoptic / semantic pipelines (the Swin-L 
 package then loads the same directory. Criteria: same preprocessed tensor, class and mask logits within 1e-4
 max-abs on that tensor, the same labels and >= 99.9 % of pixels assigned to the same segment.
 """
-import json
 
 import numpy as np
 import pytest
 import torch
-
 from conftest import SHARED_DATA, run_oracle
 from modelscope.pipelines import pipeline
 from modelscope.utils.constant import Tasks
-from modelscope_plugin.model_dir import load_model_dir
+
+from modelscope_plugin.model_dirs.load import load_model_dir
 
 pytestmark = pytest.mark.oracle
 
@@ -118,7 +117,7 @@ def test_easycv_r50_matches_easycv_pipeline(tmp_path, backbone):
                "--images", *IMAGES, "--result", result, "--export-pth", export)
     compare_with_reference(model_dir, result, full_size=backbone == "r50")
     # EasyCV's export file (config pickled as an mmcv ConfigDict) gives the same network
-    from modelscope_plugin.model_dir import load_model
+    from modelscope_plugin.model_dirs.load import load_model
 
     _, from_directory = load_model_dir(model_dir)
     config, from_export = load_model(export)

@@ -4,10 +4,10 @@ differ from the references (stretch instead of pad, 384x384 masks), so logits ar
 import numpy as np
 import pytest
 import torch
-
 from conftest import SHARED_DATA, run_oracle
-from modelscope_plugin.checkpoint_hf import load_hf_model_dir
-from modelscope_plugin.preprocessing import load_image, prepare_image
+
+from modelscope_plugin.inference.preprocess import load_image, prepare_image
+from modelscope_plugin.model_dirs.hf import load_hf_model_dir
 
 pytestmark = pytest.mark.oracle
 

@@ -3,14 +3,11 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
-from PIL import Image
-
+from conftest import SHARED_DATA
 from modelscope.outputs import OutputKeys
 from modelscope.pipelines import pipeline
 from modelscope.utils.constant import Tasks
-
-from conftest import SHARED_DATA
+from PIL import Image
 
 IMAGE = str(SHARED_DATA / "coco" / "val2017" / "000000142238.jpg")
 
@@ -161,7 +158,7 @@ def test_file_modes_and_exif_orientation(segmenter, tmp_path):
 
 
 def test_bad_inputs_raise_one_clear_error(segmenter, tmp_path):
-    from modelscope_plugin.preprocessing import ImageInputError
+    from modelscope_plugin.errors import ImageInputError
 
     corrupt = tmp_path / "corrupt.jpg"
     corrupt.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
@@ -195,7 +192,7 @@ def test_bf16_precision_agrees_with_fp32_and_fp16_needs_cuda(tiny_model_dir, seg
 def test_bf16_on_a_cpu_without_native_bf16_warns_once(monkeypatch, caplog, native):
     import torch
 
-    from modelscope_plugin import precision
+    from modelscope_plugin.inference import precision
 
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
     precision._warn_slow_bf16.cache_clear()

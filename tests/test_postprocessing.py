@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modelscope_plugin.postprocessing import first_argmax, instance_inference, masks_to_original_size
+from modelscope_plugin.inference.postprocess import first_argmax, instance_inference, masks_to_original_size
 
 
 def three_step_resize(logits, padded_size, resized_size, original_size):
@@ -56,7 +56,8 @@ def test_instance_score_threshold_drops_exactly_the_segments_scoring_below_it(th
     class_logits = torch.randn(30, 6, generator=generator) * 3
     mask_logits = torch.randn(30, 12, 16, generator=generator) * 4
     sizes = dict(padded_size=(48, 64), resized_size=(45, 60), original_size=(90, 120))
-    everything = instance_inference(class_logits, mask_logits, 4, **sizes, max_per_image=50, mask_from_probability=True)
+    everything = instance_inference(class_logits, mask_logits, 4, **sizes, max_per_image=50, mask_from_probability=True,
+                                    score_threshold=0.0)
     kept = instance_inference(class_logits, mask_logits, 4, **sizes, max_per_image=50, mask_from_probability=True,
                               score_threshold=threshold)
     expected = [segment for segment in everything if segment.score >= threshold]

@@ -7,11 +7,11 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from modelscope_plugin.apps.demo import tiny_config
 from modelscope_plugin.builders import build_mask2former
 from modelscope_plugin.config import ResNetConfig
 from modelscope_plugin.data.synthetic import SYNTHETIC_CATEGORIES, SceneConfig, write_dataset
-from modelscope_plugin.demo import tiny_config
-from modelscope_plugin.model_dir import load_model_dir
+from modelscope_plugin.model_dirs.load import load_model_dir
 from modelscope_plugin.modeling.matcher import SegmentationTarget
 from modelscope_plugin.training.finetune import initial_model_dir
 from modelscope_plugin.training.pretrain import IGNORE_INDEX, pretrain_dense, semantic_label_map
@@ -84,7 +84,7 @@ def test_the_finetune_script_starts_from_the_pretrained_weights(tmp_path, monkey
 
 def test_scene_things_mark_each_visible_thing_with_its_label(tmp_path):
     from modelscope_plugin.data.datasets import load_panoptic_ground_truth
-    from modelscope_plugin.preprocessing import load_image
+    from modelscope_plugin.inference.preprocess import load_image
     from modelscope_plugin.training.pretrain import scene_things
 
     split = write_dataset(tmp_path / "data", "train", 3, seed=0, config=SceneConfig.scaled(64))

@@ -9,19 +9,17 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
+from conftest import SHARED_DATA
 from modelscope.outputs import OutputKeys
 from modelscope.pipelines import pipeline
 from modelscope.utils.constant import Tasks
+from PIL import Image
 
-from conftest import SHARED_DATA
 from modelscope_plugin import visualization
-from modelscope_plugin.server import DemoServer
+from modelscope_plugin.apps.server import DemoServer
 
 IMAGE = SHARED_DATA / "coco" / "val2017" / "000000439180.jpg"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -84,7 +82,7 @@ def test_server_stops_by_itself_after_max_requests(tiny_model_dir):
 def test_serve_command_listens_on_localhost_and_stops_after_max_requests(tiny_model_dir):
     import socket
 
-    from modelscope_plugin.cli import main
+    from modelscope_plugin.apps.cli import main
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -10,8 +10,15 @@ from pycocotools.coco import COCO
 
 from modelscope_plugin.data.datasets import as_ms_dataset, load_label_map, rgb_to_id
 from modelscope_plugin.data.ground_truth_outputs import instance_outputs, panoptic_outputs
-from modelscope_plugin.data.synthetic import (STUFF_CATEGORIES, SYNTHETIC_CATEGORIES, THING_CATEGORIES, SceneConfig,
-                                              generate_scene, rasterize_shape, write_dataset)
+from modelscope_plugin.data.synthetic import (
+    STUFF_CATEGORIES,
+    SYNTHETIC_CATEGORIES,
+    THING_CATEGORIES,
+    SceneConfig,
+    generate_scene,
+    rasterize_shape,
+    write_dataset,
+)
 from modelscope_plugin.evaluation import evaluate_rows
 
 NUM_IMAGES = 6

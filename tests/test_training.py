@@ -246,14 +246,14 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(setup, 
 def run_finetune_script(setup, monkeypatch):
     """``run(arguments)``: the finetune script on the module's scenes with the tiny network, building the trainer
     without training or evaluating it; returns the trainer."""
-    from modelscope_plugin.integration.trainer import Mask2FormerTrainer
+    from modelscope_plugin.integration.trainer import SegmentationTrainer
     from modelscope_plugin.training import finetune
 
     _, data_root, _ = setup
     built = []
-    monkeypatch.setattr(Mask2FormerTrainer, "train", lambda self, checkpoint_path=None: built.append(self))
-    monkeypatch.setattr(Mask2FormerTrainer, "evaluate", lambda self, *arguments, **kwargs: {})
-    monkeypatch.setattr(Mask2FormerTrainer, "evaluation_results", {}, raising=False)
+    monkeypatch.setattr(SegmentationTrainer, "train", lambda self, checkpoint_path=None: built.append(self))
+    monkeypatch.setattr(SegmentationTrainer, "evaluate", lambda self, *arguments, **kwargs: {})
+    monkeypatch.setattr(SegmentationTrainer, "evaluation_results", {}, raising=False)
 
     def run(arguments):
         finetune.main(["--data", str(data_root), "--architecture", "tiny", "--image-size", "64", "--batch-size", "2",

@@ -4,16 +4,22 @@ import random
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from modelscope_plugin.builders import build_mask2former
 from modelscope_plugin.config import PreprocessConfig
 from modelscope_plugin.data.synthetic import SYNTHETIC_CATEGORIES, SceneConfig, write_dataset
 from modelscope_plugin.training.checkpoint import portable_rng_state, restore_rng_state
 from modelscope_plugin.training.class_head import adapt_class_head
 from modelscope_plugin.training.config import AugmentationConfig, LossConfig, ParameterGroupConfig, settings_from
-from modelscope_plugin.training.data import (GlobalBatchSampler, SegmentationTrainingDataset, TrainingDataError,
-                                             build_target, contiguous_categories, large_scale_jitter)
+from modelscope_plugin.training.data import (
+    GlobalBatchSampler,
+    SegmentationTrainingDataset,
+    TrainingDataError,
+    build_target,
+    contiguous_categories,
+    large_scale_jitter,
+)
 from modelscope_plugin.training.optimizer import build_optimizer, parameter_groups
 
 

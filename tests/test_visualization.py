@@ -1,9 +1,9 @@
 """The cards' drawing helpers run without mmdet and draw what ModelScope's own functions draw."""
 import numpy as np
 import pytest
+from conftest import run_oracle
 
 import modelscope_plugin  # noqa: F401
-from conftest import run_oracle
 
 
 def random_masks(count, height=37, width=53, seed=0):

@@ -3,7 +3,7 @@
 From cocodataset/panopticapi ``panoptic_coco_categories.json`` (CC BY 4.0); the same order, names and colours as
 detectron2, Mask2Former and mmdet 2.x ``CocoPanopticDataset`` (whose palette these colours are).
 """
-from typing import List, NamedTuple, Tuple
+from typing import List, NamedTuple, Sequence, Tuple
 
 
 class Category(NamedTuple):
@@ -153,3 +153,19 @@ COCO_PANOPTIC_CATEGORIES: List[Category] = [
 MMDET_COCO_PANOPTIC_CLASSES: Tuple[str, ...] = tuple(" truck" if c.name == "truck" else c.name for c in COCO_PANOPTIC_CATEGORIES)
 COCO_PANOPTIC_PALETTE: List[Tuple[int, int, int]] = [c.color for c in COCO_PANOPTIC_CATEGORIES]
 COCO_THING_CATEGORIES: List[Category] = [c for c in COCO_PANOPTIC_CATEGORIES if c.isthing]
+
+
+def default_category_ids(num_classes: int, categories: Sequence[Category]) -> Tuple[int, ...]:
+    """Dataset ids of a checkpoint's classes when it does not record them: those of ``categories`` (COCO's, in
+    order) when the counts agree, else 0 .. num_classes - 1."""
+    if num_classes == len(categories):
+        return tuple(category.id for category in categories)
+    return tuple(range(num_classes))
+
+
+def default_class_names(num_classes: int, categories: Sequence[Category]) -> Tuple[str, ...]:
+    """Names of a checkpoint's classes when it does not record them: those of ``categories`` when the counts agree,
+    else ``class_0`` ... (and the model card should name them)."""
+    if num_classes == len(categories):
+        return tuple(category.name for category in categories)
+    return tuple(f"class_{index}" for index in range(num_classes))

@@ -19,6 +19,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from modelscope_plugin.errors import DatasetProblemsError
+
 logger = logging.getLogger(__name__)
 IGNORE_LABEL = 255
 
@@ -58,16 +60,6 @@ class RowProblem:
     """One rejected row: the image id and why."""
     image_id: Any
     reason: str
-
-
-class DatasetProblemsError(ValueError):
-    """Raised with ``on_error="raise"``; ``problems`` lists every rejected row."""
-
-    def __init__(self, problems: List[RowProblem]):
-        self.problems = problems
-        listed = "; ".join(f"{problem.image_id}: {problem.reason}" for problem in problems[:20])
-        more = f" (and {len(problems) - 20} more)" if len(problems) > 20 else ""
-        super().__init__(f"{len(problems)} dataset rows rejected: {listed}{more}")
 
 
 def _finish(rows: List[Dict[str, Any]], problems: List[RowProblem], on_error: str) -> Tuple[List[Dict[str, Any]], List[RowProblem]]:

@@ -7,8 +7,8 @@ from typing import Any, Dict, List, Mapping, Sequence
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from .categories import COCO_PANOPTIC_CATEGORIES
-from .datasets import load_instance_annotations, load_panoptic_ground_truth, panoptic_to_semantic
+from modelscope_plugin.data.categories import COCO_PANOPTIC_CATEGORIES
+from modelscope_plugin.data.datasets import load_instance_annotations, load_panoptic_ground_truth, panoptic_to_semantic
 
 
 def mask_box(mask: np.ndarray) -> List[int]:

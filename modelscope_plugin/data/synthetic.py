@@ -34,8 +34,8 @@ from matplotlib.path import Path as MatplotlibPath
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from .categories import Category
-from .datasets import id_to_rgb, read_coco_instances, read_coco_panoptic, read_label_folders
+from modelscope_plugin.data.categories import Category
+from modelscope_plugin.data.datasets import id_to_rgb, read_coco_instances, read_coco_panoptic, read_label_folders
 
 SYNTHETIC_CATEGORIES: List[Category] = [
     Category(1, "disc", True, (220, 20, 60)),

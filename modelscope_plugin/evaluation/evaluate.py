@@ -15,12 +15,11 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from ..data.categories import COCO_PANOPTIC_CATEGORIES, COCO_THING_CATEGORIES
-from ..ranks import gather_objects, merge_metrics, rank_and_world_size
-from .metrics import CocoInstanceMetric, PanopticQualityMetric, SemanticSegmentationMetric
-from .panoptic_quality import categories_as_dicts, id_to_rgb
-
-TASKS = ("panoptic", "instance", "semantic")
+from modelscope_plugin.config import TASKS
+from modelscope_plugin.data.categories import COCO_PANOPTIC_CATEGORIES, COCO_THING_CATEGORIES
+from modelscope_plugin.evaluation.metrics import CocoInstanceMetric, PanopticQualityMetric, SemanticSegmentationMetric
+from modelscope_plugin.evaluation.panoptic_quality import categories_as_dicts, id_to_rgb
+from modelscope_plugin.ranks import gather_objects, merge_metrics, rank_and_world_size
 
 
 def _as_predictor(model_or_pipeline: Any) -> Callable[[str], Mapping[str, Any]]:

@@ -9,12 +9,17 @@ from modelscope.metrics.base import Metric
 from modelscope.metrics.builder import METRICS
 from modelscope.utils.registry import default_group
 
-from ..data.categories import COCO_PANOPTIC_CATEGORIES, COCO_THING_CATEGORIES
-from ..data.datasets import (IGNORE_LABEL, load_instance_annotations, load_label_map, load_panoptic_ground_truth,
-                             panoptic_to_semantic)
-from .instance_ap import InstanceAccumulator
-from .panoptic_quality import PanopticQualityAccumulator, categories_as_dicts
-from .semantic import ConfusionMatrix
+from modelscope_plugin.data.categories import COCO_PANOPTIC_CATEGORIES, COCO_THING_CATEGORIES
+from modelscope_plugin.data.datasets import (
+    IGNORE_LABEL,
+    load_instance_annotations,
+    load_label_map,
+    load_panoptic_ground_truth,
+    panoptic_to_semantic,
+)
+from modelscope_plugin.evaluation.instance_ap import InstanceAccumulator
+from modelscope_plugin.evaluation.panoptic_quality import PanopticQualityAccumulator, categories_as_dicts
+from modelscope_plugin.evaluation.semantic import ConfusionMatrix
 
 PANOPTIC_QUALITY_METRIC = "segmentation-panoptic-quality"
 COCO_INSTANCE_METRIC = "segmentation-coco-instance-ap"

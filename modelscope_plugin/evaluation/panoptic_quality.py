@@ -15,7 +15,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..data.datasets import id_to_rgb, read_panoptic_png, rgb_to_id  # noqa: F401  (re-exported)
+from modelscope_plugin.data.datasets import id_to_rgb, read_panoptic_png, rgb_to_id  # noqa: F401  (re-exported)
 
 VOID_ID = 0
 # panopticapi's pair encoding offset: ids of both maps stay below it (ids are R + 256 G + 256^2 B < 256^3)

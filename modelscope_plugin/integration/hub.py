@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from modelscope_plugin.errors import ModelNotAvailableError
+
 SUPPORTED_MODEL_NAMES = (
     "cv_swinL_panoptic-segmentation_cocopan",
     "cv_swinL_semantic-segmentation_cocopanmerge",
@@ -23,10 +25,6 @@ SUPPORTED_OWNERS = ("damo", "iic")
 # pai-easycv: this package runs that model itself; modelscope-plugin-seg: published cards name this package, which is
 # already imported whenever these wrappers run
 REPLACED_PLUGINS = {"pai-easycv", "modelscope-plugin-seg"}
-
-
-class ModelNotAvailableError(RuntimeError):
-    """A supported hub id is neither in the local cache nor downloadable."""
 
 
 def is_supported_id(model) -> bool:
@@ -81,7 +79,7 @@ def wrap_is_official_hub_path(original):
             return True
         if (isinstance(path, (str, Path)) and os.path.isdir(path)
                 and not any(os.path.isfile(os.path.join(path, name)) for name in ("configuration.json", "config.json"))):
-            from ..model_dir import read_configuration_json
+            from modelscope_plugin.model_dirs.configuration import read_configuration_json
 
             # neither ModelScope's nor a transformers config: ModelScope's builder would go on to a TypeError
             # ('NoneType' object does not support item assignment); one ModelDirError naming the directory instead
@@ -96,7 +94,7 @@ def wrap_read_config(original):
         if is_supported_id(model_id_or_path):
             model_id_or_path = resolve_model_dir(model_id_or_path, revision)
         elif isinstance(model_id_or_path, (str, Path)) and os.path.isdir(model_id_or_path):
-            from ..model_dir import read_configuration_json
+            from modelscope_plugin.model_dirs.configuration import read_configuration_json
 
             # a local directory without a readable configuration.json: one clear ModelDirError naming it and the
             # reason, instead of the TypeError / JSONDecodeError ModelScope's builder would raise

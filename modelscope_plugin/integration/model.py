@@ -4,14 +4,14 @@ from typing import Optional, Union
 import torch
 from modelscope.models.base import TorchModel
 
-from ..model_dir import load_model_dir
-from ..modeling.fastinst.model import FastInstOutput
-from ..modeling.mask2former.model import Mask2FormerOutput
+from modelscope_plugin.model_dirs.load import load_model_dir
+from modelscope_plugin.modeling.fastinst.model import FastInstOutput
+from modelscope_plugin.modeling.mask2former.model import Mask2FormerOutput
 
 
-class Mask2FormerModel(TorchModel):
-    """``configuration.json`` model types ``swinL-panoptic-segmentation``, ``swinL-semantic-segmentation``,
-    ``r50-panoptic-segmentation`` (and ``mask2former``)."""
+class SegmentationModel(TorchModel):
+    """Every ``configuration.json`` model type in ``model_dirs.configuration.MODEL_TYPES`` (the Swin-L, R50 and
+    FastInst hub ids, and this package's own ``mask2former``); ``load_model_dir`` reads the layout."""
 
     def __init__(self, model_dir: str, *args, task: Optional[str] = None, **kwargs):
         super().__init__(model_dir, *args, **kwargs)
@@ -19,8 +19,3 @@ class Mask2FormerModel(TorchModel):
 
     def forward(self, images: torch.Tensor) -> Union[Mask2FormerOutput, FastInstOutput]:
         return self.network(images)
-
-
-class FastInstModel(Mask2FormerModel):
-    """``configuration.json`` model type ``fastinst`` (``damo/cv_resnet50_fast-instance-segmentation_coco``);
-    ``load_model_dir`` reads its layout and builds this package's FastInst."""

@@ -1,22 +1,17 @@
-"""ModelScope ``Pipeline``: image(s) -> panoptic / semantic / instance segments (DESIGN.md output contract)."""
+"""ModelScope ``Pipeline``: image(s) -> panoptic / semantic / instance segments, through ``inference.Predictor``."""
 import importlib
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict
 
-import torch
 from modelscope.pipelines.base import Pipeline
 from modelscope.pipelines.builder import PIPELINES
 from modelscope.utils.constant import Tasks
 
-from ..errors import PerItemErrorsMixin
-from ..model_dir import MODEL_TYPES, read_configuration_json
-from ..postprocessing import instance_inference, panoptic_inference, semantic_inference
-from ..precision import check_precision, inference_context
-from ..preprocessing import PreparedImage, group_by_padded_size, load_image, prepare_image
-from .model import Mask2FormerModel
-from .outputs import DEFAULT_MAX_POSTPROCESS_PIXELS, build_outputs, postprocess_size
-
-TASKS = ("panoptic", "semantic", "instance")
+from modelscope_plugin.errors import USER_ERRORS, CommandError
+from modelscope_plugin.inference.predictor import PostprocessParameters, Predictor
+from modelscope_plugin.inference.preprocess import PreparedImage
+from modelscope_plugin.integration.model import SegmentationModel
+from modelscope_plugin.model_dirs.configuration import MODEL_TYPES, read_configuration_json
 
 # ModelScope's own pipeline class for each type name this package registers over, for model types it does not run
 BUILTIN_PIPELINE_MODULES = {
@@ -37,15 +32,15 @@ def builtin_pipeline_class(type_name: str):
         group[type_name] = ours
 
 
-class Mask2FormerSegmentationPipeline(PerItemErrorsMixin, Pipeline):
+class SegmentationPipeline(Pipeline):
     """``pipeline(Tasks.image_segmentation, model=...)`` for the Mask2Former and FastInst hub ids.
 
     Call parameters: ``task`` ("panoptic", "semantic" or "instance"; default: the model's), and the thresholds
-    ``object_mask_threshold`` (0.8), ``overlap_threshold`` (0.8), ``filter_low_score`` (True), ``max_per_image`` (100),
-    ``score_thr`` (instance only, 0.5). Inputs: path, URL, PIL image (RGB), numpy array (BGR, ModelScope's
-    convention), or a list of them; with ``batch_size`` a list is batched by padded size. ``on_error``: "raise"
-    (default, as ModelScope: the first bad list item raises) or "return" (an error entry per bad item, see
-    ``errors.PerItemErrorsMixin``). ``max_postprocess_pixels`` (2048 * 2048; None: no cap): larger inputs are
+    ``object_mask_threshold``, ``overlap_threshold``, ``filter_low_score``, ``max_per_image``, ``score_thr``
+    (instance only), each defaulting to the model's ``InferenceConfig``. Inputs: path, URL, PIL image (RGB), numpy
+    array (BGR, ModelScope's convention), or a list of them; with ``batch_size`` a list is batched by padded size.
+    ``on_error`` (lists): "raise" (default, as ModelScope: the first bad item raises) or "return" (an error entry per
+    bad item, the others intact). ``max_postprocess_pixels`` (2048 * 2048; None: no cap): larger inputs are
     post-processed at that many pixels and their masks brought to full size by nearest neighbour (outputs.py).
     Constructor: ``precision`` "fp32" (default), "bf16" (autocast; CPU or GPU) or "fp16" (CUDA), see precision.py;
     ``device`` as ModelScope ("cpu", "gpu", "cuda:0").
@@ -73,89 +68,44 @@ class Mask2FormerSegmentationPipeline(PerItemErrorsMixin, Pipeline):
 
     def __init__(self, model, preprocessor=None, precision: str = "fp32", **kwargs):
         if isinstance(model, str):
-            model = Mask2FormerModel(model, device=kwargs.get("device"))
+            model = SegmentationModel(model, device=kwargs.get("device"))
         super().__init__(model=model, preprocessor=preprocessor, auto_collate=False, **kwargs)
         self.config = self.model.config
-        check_precision(precision, self.device)
-        self.precision = precision
+        self.predictor = Predictor(self.model.network, self.config, device=self.device, precision=precision)
 
-    def _run_network(self, images: torch.Tensor):
-        """(B, 3, H, W) on the CPU -> raw outputs, under inference mode and the chosen precision; to a GPU through
-        pinned memory."""
-        if self.device.type == "cuda":
-            images = images.pin_memory().to(self.device, non_blocking=True)
-        else:
-            images = images.to(self.device)
-        with inference_context(self.device, self.precision):
-            return self.model(images)
+    def __call__(self, input, *args, on_error: str = "raise", batch_size: int = None, **kwargs):
+        if not isinstance(input, list):
+            return super().__call__(input, *args, **kwargs)
+        if not self._model_prepare:
+            self.prepare_model()
+        parameters = self.predictor.parameters(**kwargs)
+        return self.predictor.predict_list(input, parameters, batch_size=batch_size or 1, on_error=on_error)
 
-    def _sanitize_parameters(self, task: Optional[str] = None, object_mask_threshold: Optional[float] = None,
-                             overlap_threshold: Optional[float] = None, filter_low_score: Optional[bool] = None,
-                             max_per_image: Optional[int] = None, score_thr: Optional[float] = None,
-                             max_postprocess_pixels: Optional[int] = DEFAULT_MAX_POSTPROCESS_PIXELS, **unused):
-        if unused:
-            raise TypeError(f"unknown pipeline parameters: {', '.join(sorted(unused))}")
-        task = task or self.config.task
-        if task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-        inference = self.config.inference
-        postprocess = {
-            "task": task,
-            "object_mask_threshold": inference.object_mask_threshold if object_mask_threshold is None else object_mask_threshold,
-            "overlap_threshold": inference.overlap_threshold if overlap_threshold is None else overlap_threshold,
-            "filter_low_score": inference.filter_low_score if filter_low_score is None else filter_low_score,
-            "max_per_image": inference.max_per_image if max_per_image is None else max_per_image,
-            "score_thr": 0.5 if score_thr is None else score_thr,
-            "max_postprocess_pixels": max_postprocess_pixels,
-        }
-        return {}, {}, postprocess
+    def _sanitize_parameters(self, **parameters):
+        return {}, {}, {"parameters": self.predictor.parameters(**parameters)}
 
     def _check_input(self, input):
         pass  # load_image raises ImageInputError naming the input and the reason
 
     def preprocess(self, input) -> Dict[str, Any]:
-        return {"image": prepare_image(load_image(input), self.config.preprocess)}
+        return {"image": self.predictor.prepare(input)}
 
     def forward(self, inputs: Dict[str, Any]) -> Dict[str, Any]:
         image: PreparedImage = inputs["image"]
-        output = self._run_network(image.tensor[None])
+        output = self.predictor.run(image.tensor[None])
         return {"image": image, "class_logits": output.class_logits[0], "mask_logits": output.mask_logits[0]}
 
-    def postprocess(self, inputs: Dict[str, Any], task: str = "panoptic", object_mask_threshold: float = 0.8,
-                    overlap_threshold: float = 0.8, filter_low_score: bool = True, max_per_image: int = 100,
-                    score_thr: float = 0.5, max_postprocess_pixels: Optional[int] = DEFAULT_MAX_POSTPROCESS_PIXELS) -> Dict[str, Any]:
-        image: PreparedImage = inputs["image"]
-        sizes = dict(padded_size=image.padded_size, resized_size=image.resized_size,
-                     original_size=postprocess_size(image.original_size, max_postprocess_pixels))
-        class_logits, mask_logits = inputs["class_logits"].float(), inputs["mask_logits"].float()
-        semantic_map = None
-        if task == "panoptic":
-            segments = panoptic_inference(class_logits, mask_logits, self.config.num_things_classes, **sizes,
-                                          object_mask_threshold=object_mask_threshold, overlap_threshold=overlap_threshold,
-                                          filter_low_score=filter_low_score).segments
-        elif task == "semantic":
-            semantic_map, segments = semantic_inference(class_logits, mask_logits, **sizes)
-        else:
-            segments = instance_inference(class_logits, mask_logits, self.config.num_things_classes, **sizes,
-                                          max_per_image=max_per_image,
-                                          mask_from_probability=self.config.inference.mask_from_probability,
-                                          score_threshold=score_thr)
-        return build_outputs(task, segments, self.config.class_names, self.config.category_ids, image.original_size, semantic_map)
+    def postprocess(self, inputs: Dict[str, Any], parameters: PostprocessParameters) -> Dict[str, Any]:
+        return self.predictor.postprocess(inputs["image"], inputs["class_logits"], inputs["mask_logits"], parameters)
 
-    def _process_batch(self, input: List, batch_size: int, **kwargs) -> List[Dict[str, Any]]:
-        """Runs each group of same-padded-size images as one batch; every result equals the single-image one up to
-        float rounding (oneDNN's convolution algorithm depends on the batch size: a pixel at a threshold can flip)."""
-        postprocess_params = kwargs.get("postprocess_params", {})
-        if not self._model_prepare:
-            self.prepare_model()
-        results: List[Optional[Dict[str, Any]]] = [None] * len(input)
-        for start in range(0, len(input), batch_size):
-            chunk = input[start:start + batch_size]
-            prepared = [self.preprocess(item)["image"] for item in chunk]
-            for indices, batch in group_by_padded_size(prepared):
-                output = self._run_network(batch)
-                for position, index in enumerate(indices):
-                    results[start + index] = self.postprocess(
-                        {"image": prepared[index], "class_logits": output.class_logits[position],
-                         "mask_logits": output.mask_logits[position]}, **postprocess_params)
-        return results
+
+def build_pipeline(model: str, device: str):
+    """ModelScope's pipeline for ``model``; this package's own errors pass through, others are reported as a failed model."""
+    from modelscope.pipelines import pipeline
+
+    try:
+        return pipeline(Tasks.image_segmentation, model=model, device=device)
+    except USER_ERRORS:
+        raise
+    except Exception as error:  # ModelScope raises ValueError/RuntimeError/KeyError flavours for unusable models
+        raise CommandError(f"cannot build a segmentation pipeline for {model}: {type(error).__name__}: {error}") from error

@@ -9,12 +9,11 @@ from modelscope.pipelines.builder import PIPELINES
 from modelscope.utils.constant import Tasks
 from modelscope.utils.import_utils import LazyImportModule
 
-from . import hub
-from .model import FastInstModel, Mask2FormerModel
-from .pipeline import Mask2FormerSegmentationPipeline
+from modelscope_plugin.integration import hub
+from modelscope_plugin.integration.model import SegmentationModel
+from modelscope_plugin.integration.pipeline import SegmentationPipeline
+from modelscope_plugin.model_dirs.configuration import MODEL_TYPES
 
-MODEL_TYPES = {"swinL-panoptic-segmentation": Mask2FormerModel, "swinL-semantic-segmentation": Mask2FormerModel,
-               "r50-panoptic-segmentation": Mask2FormerModel, "mask2former": Mask2FormerModel, "fastinst": FastInstModel}
 PIPELINE_TYPES = ("image-panoptic-segmentation", "image-semantic-segmentation", "image-panoptic-segmentation-easycv",
                   "mask2former-segmentation", "fast-instance-segmentation")
 _installed = False
@@ -30,8 +29,8 @@ def _point_index_at(registry_name: str, type_name: str, module) -> None:
 
 def _pipeline_class(type_name: str):
     """One subclass per type name, so a non-Mask2Former model can be handed to the right built-in."""
-    return type(f"Mask2FormerSegmentationPipeline_{type_name.replace('-', '_')}", (Mask2FormerSegmentationPipeline,),
-                {"pipeline_type": type_name, "__module__": Mask2FormerSegmentationPipeline.__module__})
+    return type(f"SegmentationPipeline_{type_name.replace('-', '_')}", (SegmentationPipeline,),
+                {"pipeline_type": type_name, "__module__": SegmentationPipeline.__module__})
 
 
 def install() -> None:
@@ -40,10 +39,12 @@ def install() -> None:
         return
     import modelscope.models.base.base_model as base_model
     import modelscope.pipelines.builder as pipeline_builder
-    from . import model as model_module, pipeline as pipeline_module
 
-    for type_name, model_class in MODEL_TYPES.items():
-        MODELS.register_module(Tasks.image_segmentation, module_name=type_name, module_cls=model_class, force=True)
+    from modelscope_plugin.integration import model as model_module
+    from modelscope_plugin.integration import pipeline as pipeline_module
+
+    for type_name in MODEL_TYPES:
+        MODELS.register_module(Tasks.image_segmentation, module_name=type_name, module_cls=SegmentationModel, force=True)
         _point_index_at("MODELS", type_name, model_module)
     for type_name in PIPELINE_TYPES:
         PIPELINES.register_module(Tasks.image_segmentation, module_name=type_name, module_cls=_pipeline_class(type_name), force=True)
@@ -66,12 +67,13 @@ def install() -> None:
         trainer_builder.is_official_hub_path = hub.wrap_is_official_hub_path(trainer_builder.is_official_hub_path)
         trainer_builder.read_config = hub.wrap_read_config(trainer_builder.read_config)
         trainer_builder.normalize_model_input = hub.wrap_normalize_model_input(trainer_builder.normalize_model_input)
-        from . import trainer  # noqa: F401  (registers the Mask2Former trainer with TRAINERS; its errors surface)
-    from .. import evaluation  # noqa: F401  (registers the PQ / COCO AP / mIoU metrics with METRICS)
+        from modelscope_plugin.integration import trainer  # noqa: F401  (registers the Mask2Former trainer with TRAINERS; its errors surface)
+    from modelscope_plugin import evaluation  # noqa: F401  (registers the PQ / COCO AP / mIoU metrics with METRICS)
 
     try:  # the cards' drawing helpers need mmdet in ModelScope; ours draw the same without it
         import modelscope.utils.cv.image_utils as image_utils
-        from .. import visualization
+
+        from modelscope_plugin import visualization
 
         image_utils.panoptic_seg_masks_to_image = visualization.panoptic_seg_masks_to_image
         image_utils.semantic_seg_masks_to_image = visualization.semantic_seg_masks_to_image

@@ -50,22 +50,31 @@ from modelscope.utils.config import ConfigDict
 from modelscope.utils.constant import ModeKeys, TrainerStages
 from torch.utils.data import DataLoader
 
-from ..config import FastInstConfig, PreprocessConfig
-from ..model_dir import load_model_dir
-from ..modeling.criterion import Mask2FormerCriterion
-from ..modeling.fastinst.criterion import FastInstCriterion
-from ..modeling.matcher import HungarianMatcher
-from ..modeling.point_sampling import PointSampler
-from ..training import amp, distributed  # noqa: F401  (register SegmentationAMPOptimizerHook, SegmentationDDPHook)
-from ..training.checkpoint import SegmentationLoadCheckpointHook
-from ..training.class_head import adapt_class_head
-from ..training.config import AugmentationConfig, LossConfig, ParameterGroupConfig, settings_from
-from ..training.data import (GlobalBatchSampler, PositionedDataset, SegmentationTrainingDataset, TrainingBatch,
-                             TrainingCategory, collate, contiguous_categories, point_seed)
-from ..ranks import rank_and_world_size
-from ..training.evaluation import evaluate_rows, flat_metric_values
-from ..training.optimizer import build_optimizer
-from . import hub
+from modelscope_plugin.config import FastInstConfig, PreprocessConfig
+from modelscope_plugin.errors import TrainingConfigError
+from modelscope_plugin.integration import hub
+from modelscope_plugin.model_dirs.load import load_model_dir
+from modelscope_plugin.modeling.criterion import Mask2FormerCriterion
+from modelscope_plugin.modeling.fastinst.criterion import FastInstCriterion
+from modelscope_plugin.modeling.matcher import HungarianMatcher
+from modelscope_plugin.modeling.point_sampling import PointSampler
+from modelscope_plugin.ranks import rank_and_world_size
+from modelscope_plugin.training import amp, distributed  # noqa: F401  (register SegmentationAMPOptimizerHook, SegmentationDDPHook)
+from modelscope_plugin.training.checkpoint import SegmentationLoadCheckpointHook
+from modelscope_plugin.training.class_head import adapt_class_head
+from modelscope_plugin.training.config import AugmentationConfig, LossConfig, ParameterGroupConfig, settings_from
+from modelscope_plugin.training.data import (
+    GlobalBatchSampler,
+    PositionedDataset,
+    SegmentationTrainingDataset,
+    TrainingBatch,
+    TrainingCategory,
+    collate,
+    contiguous_categories,
+    point_seed,
+)
+from modelscope_plugin.training.evaluation import evaluate_network, flat_metric_values
+from modelscope_plugin.training.optimizer import build_optimizer
 
 TRAINER_NAME = "mask2former-segmentation"
 # stock hook type -> the replacement registered by modelscope_plugin.training
@@ -100,10 +109,6 @@ FASTINST_TRAINING_CONFIG = {
 FASTINST_MILESTONE_FRACTIONS = (327778 / 368750, 355092 / 368750)
 
 
-class TrainingConfigError(ValueError):
-    """The trainer configuration or the datasets given to it cannot be used."""
-
-
 def _rows(dataset) -> Any:
     """An indexable of row dicts: an ``MsDataset`` (its Hugging Face dataset) or a list of rows."""
     if isinstance(dataset, MsDataset):
@@ -112,8 +117,8 @@ def _rows(dataset) -> Any:
 
 
 @TRAINERS.register_module(module_name=TRAINER_NAME, force=True)
-class Mask2FormerTrainer(EpochBasedTrainer):
-    """Finetunes a Mask2Former model directory; see the module docstring for the configuration."""
+class SegmentationTrainer(EpochBasedTrainer):
+    """Finetunes a Mask2Former or FastInst model directory; see the module docstring for the configuration."""
 
     def __init__(self, model: str, *arguments, categories: Optional[List[Dict[str, Any]]] = None, **kwargs):
         if not isinstance(model, str):
@@ -253,7 +258,7 @@ class Mask2FormerTrainer(EpochBasedTrainer):
             self.register_hook(SegmentationLoadCheckpointHook(checkpoint_path, load_all_state, True))
 
     def to_parallel(self, model):
-        from ..training.distributed import wrap_data_parallel
+        from modelscope_plugin.training.distributed import wrap_data_parallel
 
         return wrap_data_parallel(model, self.device)
 
@@ -326,7 +331,7 @@ class Mask2FormerTrainer(EpochBasedTrainer):
         self.invoke_hook(TrainerStages.before_val)
         metrics = [build_metric(metric) for metric in self.metrics]
         thresholds = {"score_thr": 0.0} if self.task == "instance" else {}
-        results = evaluate_rows(self.unwrap_module(self.model), self.model_config, self.eval_dataset, metrics,
+        results = evaluate_network(self.unwrap_module(self.model), self.model_config, self.eval_dataset, metrics,
                                 self.task, self.device, **thresholds)
         self.invoke_hook(TrainerStages.after_val)
         self.evaluation_results = results

@@ -16,9 +16,9 @@ import torch.distributed as distributed
 import torch.nn.functional as F
 from torch import nn
 
-from .mask2former.model import Mask2FormerOutput
-from .matcher import HungarianMatcher, SegmentationTarget
-from .point_sampling import PointSampler, point_sample, uncertain_point_coordinates
+from modelscope_plugin.modeling.mask2former.model import Mask2FormerOutput
+from modelscope_plugin.modeling.matcher import HungarianMatcher, SegmentationTarget
+from modelscope_plugin.modeling.point_sampling import PointSampler, point_sample, uncertain_point_coordinates
 
 MatchIndices = List[Tuple[torch.Tensor, torch.Tensor]]
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from .point_sampling import PointSampler, point_sample
+from modelscope_plugin.modeling.point_sampling import PointSampler, point_sample
 
 
 @dataclass

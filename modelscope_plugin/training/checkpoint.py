@@ -25,9 +25,9 @@ from modelscope.trainers.hooks.checkpoint.checkpoint_processor import Checkpoint
 from modelscope.trainers.hooks.checkpoint.load_checkpoint_hook import LoadCheckpointHook
 from modelscope.trainers.hooks.priority import Priority
 
-from .. import checkpoint as checkpoint_io
-from ..config import FastInstConfig
-from ..demo import write_model_dir
+from modelscope_plugin.checkpoints import io as checkpoint_io
+from modelscope_plugin.config import FastInstConfig
+from modelscope_plugin.model_dirs.native import write_model_dir
 
 TRAINER_STATE_SUFFIX = CheckpointProcessor.TRAINER_STATE_SUFFIX
 MODEL_STATE_SUFFIX = CheckpointProcessor.MODEL_STATE_SUFFIX
@@ -89,7 +89,7 @@ def write_output_dir(directory: Path, config, network: torch.nn.Module) -> Path:
     """The trained network as a model directory ``pipeline()`` loads: Mask2Former in the native layout, FastInst in
     the hub layout (with its category ids and test-time preprocessing)."""
     if isinstance(config, FastInstConfig):
-        from ..model_dir_fastinst import write_hub_dir
+        from modelscope_plugin.model_dirs.fastinst import write_hub_dir
 
         return write_hub_dir(directory, config, network, finetuned=True)
     return write_model_dir(directory, config, network)

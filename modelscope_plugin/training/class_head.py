@@ -5,10 +5,10 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ..config import FastInstConfig, Mask2FormerConfig
-from ..modeling.fastinst.model import FastInst
-from ..modeling.mask2former.model import Mask2Former
-from .data import TrainingCategory
+from modelscope_plugin.config import FastInstConfig, Mask2FormerConfig
+from modelscope_plugin.modeling.fastinst.model import FastInst
+from modelscope_plugin.modeling.mask2former.model import Mask2Former
+from modelscope_plugin.training.data import TrainingCategory
 
 
 def class_head_layers(network: Union[Mask2Former, FastInst]) -> List[str]:

@@ -16,17 +16,12 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from ..config import PreprocessConfig
-from ..data.datasets import load_panoptic_ground_truth
-from ..modeling.matcher import SegmentationTarget
-from ..preprocessing import load_image, normalize_pixels
-from .config import AugmentationConfig
-
-TASKS = ("panoptic", "instance", "semantic")
-
-
-class TrainingDataError(ValueError):
-    """A training row cannot be turned into targets (unknown category, unreadable files)."""
+from modelscope_plugin.config import TASKS, PreprocessConfig
+from modelscope_plugin.data.datasets import load_panoptic_ground_truth
+from modelscope_plugin.errors import TrainingDataError
+from modelscope_plugin.inference.preprocess import load_image, normalize_pixels
+from modelscope_plugin.modeling.matcher import SegmentationTarget
+from modelscope_plugin.training.config import AugmentationConfig
 
 
 @dataclass

@@ -1,29 +1,15 @@
-"""Evaluation during training: the pipeline's own pre- and post-processing, each image scored once.
+"""Evaluation during training: the pipeline's own ``Predictor``, each image scored once.
 
 ModelScope's ``multi_gpu_test`` pads the distributed sampler with duplicate images (they are scored twice). Here
 rank r scores images r, r + N, r + 2N, ... and the metric objects (``Metric.merge``) are gathered, so every image
 counts once and every rank returns the same values.
 """
-from types import SimpleNamespace
 from typing import Any, Dict, List, Mapping, Sequence
 
 import torch
 
-from ..integration.pipeline import Mask2FormerSegmentationPipeline
-from ..preprocessing import load_image, prepare_image
-from ..ranks import merge_metrics, rank_and_world_size
-
-
-@torch.no_grad()
-def predict(network: torch.nn.Module, config, image_path: str, task: str, device: torch.device,
-            **thresholds: Any) -> Dict[str, Any]:
-    """One image -> the pipeline's result dict (same preprocessing, thresholds and output contract)."""
-    host = SimpleNamespace(config=config)
-    _, _, postprocess_parameters = Mask2FormerSegmentationPipeline._sanitize_parameters(host, task=task, **thresholds)
-    image = prepare_image(load_image(image_path), config.preprocess)
-    output = network(image.tensor[None].to(device))
-    inputs = {"image": image, "class_logits": output.class_logits[0].cpu(), "mask_logits": output.mask_logits[0].cpu()}
-    return Mask2FormerSegmentationPipeline.postprocess(host, inputs, **postprocess_parameters)
+from modelscope_plugin.inference.predictor import Predictor
+from modelscope_plugin.ranks import merge_metrics, rank_and_world_size
 
 
 def flat_metric_values(values: Mapping[str, Any], prefix: str = "") -> Dict[str, float]:
@@ -39,16 +25,17 @@ def flat_metric_values(values: Mapping[str, Any], prefix: str = "") -> Dict[str,
     return flat
 
 
-def evaluate_rows(network: torch.nn.Module, config, rows: Sequence[Mapping[str, Any]], metrics: List[Any], task: str,
+def evaluate_network(network: torch.nn.Module, config, rows: Sequence[Mapping[str, Any]], metrics: List[Any], task: str,
                   device: torch.device, **thresholds: Any) -> Dict[str, Any]:
     """Scores this rank's share of ``rows`` into ``metrics``, merges the ranks' metrics, returns all results."""
     rank, world_size = rank_and_world_size()
+    predictor = Predictor(network, config, device=device)
     was_training = network.training
     network.eval()
     try:
         for index in range(rank, len(rows), world_size):
             row = dict(rows[index])
-            outputs = predict(network, config, row["image_path"], task, device, **thresholds)
+            outputs = predictor(row["image_path"], task=task, **thresholds)
             for metric in metrics:
                 metric.add(outputs, row)
     finally:

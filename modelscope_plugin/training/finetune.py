@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from ..config import Mask2FormerConfig, ResNetConfig, SwinConfig
+from modelscope_plugin.config import Mask2FormerConfig, ResNetConfig, SwinConfig
 
 ARCHITECTURES = {
     # the unit tests' network (about 2 M parameters)
@@ -63,8 +63,8 @@ def initial_model_dir(directory: Path, architecture: str, categories: List[Dict[
                       seed: int) -> Path:
     """A randomly initialised network of ``architecture`` in the native model-directory layout (FastInst: the hub
     layout, classes = the dataset's things)."""
-    from ..builders import build_fastinst, build_mask2former
-    from ..config import FastInstConfig, PreprocessConfig
+    from modelscope_plugin.builders import build_fastinst, build_mask2former
+    from modelscope_plugin.config import FastInstConfig, PreprocessConfig
 
     things = [c for c in categories if c["isthing"]]
     stuff = [c for c in categories if not c["isthing"]]
@@ -86,9 +86,9 @@ def initial_model_dir(directory: Path, architecture: str, categories: List[Dict[
 
 def write_network_dir(directory: Path, config, network) -> Path:
     """A Mask2Former in the native model-directory layout, a FastInst in the hub layout."""
-    from ..config import FastInstConfig
-    from ..demo import write_model_dir
-    from ..model_dir_fastinst import write_hub_dir
+    from modelscope_plugin.config import FastInstConfig
+    from modelscope_plugin.model_dirs.fastinst import write_hub_dir
+    from modelscope_plugin.model_dirs.native import write_model_dir
 
     if isinstance(config, FastInstConfig):
         return write_hub_dir(directory, config, network, finetuned=True)
@@ -100,8 +100,8 @@ def pretrained_model_dir(directory: Path, start: str, rows, categories, augmenta
     """``start``'s network after ``training.pretrain``'s classification (its held-out accuracy printed on
     ``evaluation_rows``) and then dense pretraining (the epochs of each from ``arguments``; written once, then reused
     on a resume)."""
-    from ..model_dir import load_model_dir
-    from .pretrain import pretrain_classification, pretrain_dense
+    from modelscope_plugin.model_dirs.load import load_model_dir
+    from modelscope_plugin.training.pretrain import pretrain_classification, pretrain_dense
 
     if (directory / "configuration.json").is_file():
         return directory
@@ -179,14 +179,14 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if arguments.task is None:
         arguments.task = "instance" if arguments.architecture in FASTINST_ARCHITECTURES else "panoptic"
 
-    import modelscope_plugin  # noqa: F401  (registers the trainer and metrics)
     from modelscope.trainers import build_trainer
 
-    from ..data.datasets import as_ms_dataset
-    from ..data.synthetic import SceneConfig, SyntheticSplit, write_dataset
-    from .checkpoint import latest_checkpoint
-    from .config import ParameterGroupConfig
-    from ..ranks import rank_and_world_size
+    import modelscope_plugin  # noqa: F401  (registers the trainer and metrics)
+    from modelscope_plugin.data.datasets import as_ms_dataset
+    from modelscope_plugin.data.synthetic import SceneConfig, SyntheticSplit, write_dataset
+    from modelscope_plugin.ranks import rank_and_world_size
+    from modelscope_plugin.training.checkpoint import latest_checkpoint
+    from modelscope_plugin.training.config import ParameterGroupConfig
 
     data = Path(arguments.data)
     train_split, val_split = SyntheticSplit(data, "train"), SyntheticSplit(data, "val")

@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Mapping, Tuple
 import torch
 from torch import nn
 
-from .config import ParameterGroupConfig
+from modelscope_plugin.training.config import ParameterGroupConfig
 
 NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.InstanceNorm1d,
               nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm, nn.LocalResponseNorm)

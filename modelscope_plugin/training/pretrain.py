@@ -28,12 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..data.datasets import load_panoptic_ground_truth
-from ..modeling.fastinst.model import FastInst
-from ..modeling.matcher import SegmentationTarget
-from ..preprocessing import load_image
-from .config import AugmentationConfig
-from .data import SegmentationTrainingDataset, build_target, contiguous_categories, normalise
+from modelscope_plugin.data.datasets import load_panoptic_ground_truth
+from modelscope_plugin.inference.preprocess import load_image
+from modelscope_plugin.modeling.fastinst.model import FastInst
+from modelscope_plugin.modeling.matcher import SegmentationTarget
+from modelscope_plugin.training.config import AugmentationConfig
+from modelscope_plugin.training.data import SegmentationTrainingDataset, build_target, contiguous_categories, normalise
 
 IGNORE_INDEX = 255
 

@@ -4,9 +4,8 @@ Usage: draw_oracle.py MASKS.npz OUT.npz SEED  (MASKS.npz: "masks" uint8 [N, H, W
 """
 import sys
 
-import numpy as np
-
 import mmcv_shim
+import numpy as np
 
 mmcv_shim.install()  # mmcv without compiled ops
 

@@ -30,10 +30,17 @@ from __future__ import annotations
 import re
 
 import torch
-from torch import Tensor
 
-from modelscope_plugin.checkpoint_hf import (KeymapError, KeymapReport, _config_get,  # noqa: F401
-                                             convert_hf_to_detectron2, hf_to_detectron2, relative_position_index)
+from modelscope_plugin.checkpoints.hf import (  # noqa: F401
+    KeymapError,
+    KeymapReport,
+    _config_get,
+    convert_hf_to_detectron2,
+    hf_to_detectron2,
+    relative_position_index,
+)
+
+
 # --------------------------------------------------------------------------------------
 def _reference_swin(weights, x, *, window, heads, depths, eps=1e-5):
     """D2SwinTransformer / original Swin forward (patch_norm, no ape, eval) from d2-layout weights.

@@ -560,6 +560,7 @@ def _shapes(tensors):
 def command_keys(args):
     """Markdown tables: detectron2 key <- HF keys (in memory and as saved), with shapes."""
     import tempfile
+
     from safetensors.torch import load_file
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from hf_keymap import convert_hf_to_detectron2

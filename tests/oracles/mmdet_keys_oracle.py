@@ -6,7 +6,6 @@ OUT_DIR/<name>/config.py (mmcv's pretty text, no _base_) and OUT_DIR/<name>/shap
 mmdet builds (no pretrained download, no forward).
 """
 import json
-import os
 import sys
 from pathlib import Path
 

@@ -26,12 +26,16 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
-from ..criterion import MatchIndices, Mask2FormerCriterion, global_normalisers
-from ..matcher import HungarianMatcher, SegmentationTarget
-from ..point_sampling import PointSampler
-from .location_cost import ground_truth_attention_mask, proposal_location_cost, query_location_cost
-from .model import FastInstOutput
-from .transformer_decoder import FastInstDecoder
+from modelscope_plugin.modeling.criterion import Mask2FormerCriterion, MatchIndices, global_normalisers
+from modelscope_plugin.modeling.fastinst.location_cost import (
+    ground_truth_attention_mask,
+    proposal_location_cost,
+    query_location_cost,
+)
+from modelscope_plugin.modeling.fastinst.model import FastInstOutput
+from modelscope_plugin.modeling.fastinst.transformer_decoder import FastInstDecoder
+from modelscope_plugin.modeling.matcher import HungarianMatcher, SegmentationTarget
+from modelscope_plugin.modeling.point_sampling import PointSampler
 
 
 class FastInstCriterion(Mask2FormerCriterion):

@@ -5,8 +5,8 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from .pixel_decoder import PyramidPoolingModuleFPN
-from .transformer_decoder import DecoderState, FastInstDecoder
+from modelscope_plugin.modeling.fastinst.pixel_decoder import PyramidPoolingModuleFPN
+from modelscope_plugin.modeling.fastinst.transformer_decoder import DecoderState, FastInstDecoder
 
 
 @dataclass

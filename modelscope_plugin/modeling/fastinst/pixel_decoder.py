@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..mask2former.pixel_decoder import ConvNormActivation
+from modelscope_plugin.modeling.mask2former.pixel_decoder import ConvNormActivation
 
 
 def adaptive_pooling_matrix(length, bins: int, dtype: torch.dtype, device=None) -> torch.Tensor:

@@ -17,7 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..mask2former.transformer_decoder import MLP, CrossAttentionLayer, FeedForwardLayer, SelfAttentionLayer
+from modelscope_plugin.modeling.mask2former.transformer_decoder import (
+    MLP,
+    CrossAttentionLayer,
+    FeedForwardLayer,
+    SelfAttentionLayer,
+)
 
 
 def seek_local_maximum(probabilities: torch.Tensor, epsilon: float = 1e-6) -> torch.Tensor:

@@ -5,8 +5,8 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from .pixel_decoder import MSDeformAttnPixelDecoder
-from .transformer_decoder import MultiScaleMaskedTransformerDecoder
+from modelscope_plugin.modeling.mask2former.pixel_decoder import MSDeformAttnPixelDecoder
+from modelscope_plugin.modeling.mask2former.transformer_decoder import MultiScaleMaskedTransformerDecoder
 
 
 @dataclass

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers.ms_deform_attn import MultiScaleDeformableAttention, upcast_half
-from ..layers.position_encoding import SinePositionEncoding
+from modelscope_plugin.modeling.layers.ms_deform_attn import MultiScaleDeformableAttention, upcast_half
+from modelscope_plugin.modeling.layers.position_encoding import SinePositionEncoding
 
 
 class ConvNormActivation(nn.Conv2d):

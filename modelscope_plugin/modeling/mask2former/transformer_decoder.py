@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers.position_encoding import SinePositionEncoding
+from modelscope_plugin.modeling.layers.position_encoding import SinePositionEncoding
 
 # hidden-layer floats per group of rows that a feed-forward block transforms at once in inference (8 MiB)
 FEEDFORWARD_CHUNK_ELEMENTS = 1 << 21

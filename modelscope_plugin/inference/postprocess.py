@@ -81,8 +81,8 @@ class PanopticResult:
 
 
 def panoptic_inference(class_logits: torch.Tensor, mask_logits: torch.Tensor, num_things_classes: int,
-                       padded_size, resized_size, original_size, object_mask_threshold: float = 0.8,
-                       overlap_threshold: float = 0.8, filter_low_score: bool = True) -> PanopticResult:
+                       padded_size, resized_size, original_size, *, object_mask_threshold: float,
+                       overlap_threshold: float, filter_low_score: bool) -> PanopticResult:
     """mmdet's ``MaskFormerFusionHead.panoptic_postprocess`` (EasyCV and detectron2 agree on everything but stuff ids).
 
     class_logits: (Q, C + 1); mask_logits: (Q, h, w) at stride 4 of the padded input.
@@ -153,13 +153,13 @@ def semantic_inference(class_logits: torch.Tensor, mask_logits: torch.Tensor, pa
 
 
 def instance_inference(class_logits: torch.Tensor, mask_logits: torch.Tensor, num_things_classes: int, padded_size,
-                       resized_size, original_size, max_per_image: int = 100,
-                       mask_from_probability: bool = False, score_threshold: float = 0.0) -> List[Segment]:
+                       resized_size, original_size, *, max_per_image: int, mask_from_probability: bool,
+                       score_threshold: float) -> List[Segment]:
     """mmdet's ``instance_postprocess`` and detectron2's / FastInst's ``instance_inference``: top-k (query, class)
     pairs, things only, mask = logit > 0 (mmdet) or sigmoid(logit) > 0.5 (``mask_from_probability``: detectron2,
     FastInst), score = class probability * mean mask probability inside the mask. Sorted by descending score; only
     segments scoring at least ``score_threshold``."""
-    num_queries, num_classes = class_logits.shape[0], class_logits.shape[1] - 1
+    num_classes = class_logits.shape[1] - 1
     scores = F.softmax(class_logits, dim=-1)[:, :-1]
     top_scores, top_indices = scores.flatten().topk(min(max_per_image, scores.numel()), sorted=False)
     labels = top_indices % num_classes

@@ -18,6 +18,8 @@ from urllib.parse import urlparse
 
 import yaml
 
+from modelscope_plugin.errors import CardError
+
 PACKAGE_NAME = "modelscope-plugin-seg"
 """This package's distribution name (setup.cfg), as ``plugins`` names it."""
 TOKEN_VARIABLE = "MODELSCOPE_API_TOKEN"
@@ -25,10 +27,6 @@ REQUIRED_FRONT_MATTER = ("tasks", "frameworks", "license", "datasets", "metrics"
 TASK = "image-segmentation"
 CARD_FILES = ("README.md", "configuration.json")
 WEIGHT_SUFFIXES = (".pt", ".pth", ".pkl", ".bin", ".safetensors", ".py", ".json")
-
-
-class CardError(ValueError):
-    """A card cannot be validated, assembled or published; the message names the card and the reason."""
 
 
 def read_front_matter(readme: Path) -> Dict[str, Any]:
@@ -85,7 +83,7 @@ def configuration_problems(configuration: Dict[str, Any]) -> List[str]:
     from modelscope.models.builder import MODELS
     from modelscope.pipelines.builder import PIPELINES
 
-    from .integration.hub import REPLACED_PLUGINS
+    from modelscope_plugin.integration.hub import REPLACED_PLUGINS
 
     problems = []
     if configuration.get("framework") != "pytorch":
@@ -140,8 +138,8 @@ def validate_card(card_dir, model_dir=None) -> List[str]:
 
 
 def _loading_problems(model_dir: Path) -> List[str]:
-    from .errors import CheckpointError, ModelDirError
-    from .model_dir import load_model
+    from modelscope_plugin.errors import CheckpointError, ModelDirError
+    from modelscope_plugin.model_dirs.load import load_model
 
     try:
         load_model(model_dir)
@@ -152,7 +150,7 @@ def _loading_problems(model_dir: Path) -> List[str]:
 
 def published_configuration(configuration: Dict[str, Any]) -> Dict[str, Any]:
     """The configuration with this package in ``plugins`` (and the plugins it replaces removed)."""
-    from .integration.hub import REPLACED_PLUGINS
+    from modelscope_plugin.integration.hub import REPLACED_PLUGINS
 
     plugins = [plugin for plugin in configuration.get("plugins") or [] if plugin not in REPLACED_PLUGINS]
     return {**configuration, "plugins": [PACKAGE_NAME] + plugins}
@@ -187,7 +185,7 @@ def check_model_id(model_id: str) -> Tuple[str, str]:
     owner, _, name = model_id.partition("/")
     if not owner or not name or "/" in name:
         raise CardError(f"model id {model_id!r} must be '<your namespace>/<name>'")
-    from .integration.hub import SUPPORTED_OWNERS
+    from modelscope_plugin.integration.hub import SUPPORTED_OWNERS
 
     if owner in SUPPORTED_OWNERS:
         raise CardError(f"refusing to publish under {owner!r}: push to your own namespace")

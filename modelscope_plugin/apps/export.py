@@ -19,9 +19,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-
-class ExportError(RuntimeError):
-    """The network could not be exported, or the exported graph disagrees with the network."""
+from modelscope_plugin.errors import ExportError
 
 
 class LogitsOnly(nn.Module):
@@ -38,7 +36,7 @@ class LogitsOnly(nn.Module):
 
 def has_dynamic_input_size(network: nn.Module) -> bool:
     """Whether ``network`` exports with dynamic height and width (FastInst) or at a fixed size (Mask2Former)."""
-    from .modeling.fastinst.model import FastInst
+    from modelscope_plugin.modeling.fastinst.model import FastInst
 
     return isinstance(network, FastInst)
 

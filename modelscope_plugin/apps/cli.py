@@ -11,13 +11,12 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from modelscope_plugin.errors import CommandError
+from modelscope_plugin.integration.pipeline import build_pipeline
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 TASK_CHOICES = ("panoptic", "semantic", "instance")
-
-
-class CommandError(Exception):
-    """A failure the command reports on one line and exits 1 for."""
 
 
 def expand_inputs(inputs: Sequence[str]) -> List[Path]:
@@ -68,8 +67,8 @@ def write_outputs(image: Path, result: Dict[str, Any], output: Path, task: Optio
 
     from PIL import Image
 
-    from . import visualization
-    from .preprocessing import load_image
+    from modelscope_plugin import visualization
+    from modelscope_plugin.inference.preprocess import load_image
 
     paths = output_paths(image, output)
     visualization.draw_overlay(load_image(str(image)), result).save(paths["overlay"])
@@ -84,21 +83,6 @@ def write_outputs(image: Path, result: Dict[str, Any], output: Path, task: Optio
     document = {"image": str(image), "model": model, "task": task, "height": int(result["masks"][0].shape[0]) if result["masks"] else None,
                 "width": int(result["masks"][0].shape[1]) if result["masks"] else None, **document}
     paths["json"].write_text(json.dumps(document, indent=1))
-
-
-def build_pipeline(model: str, device: str):
-    """ModelScope's pipeline for ``model``; this package's own errors pass through, others are reported as a failed model."""
-    from modelscope.pipelines import pipeline
-    from modelscope.utils.constant import Tasks
-
-    from .errors import USER_ERRORS
-
-    try:
-        return pipeline(Tasks.image_segmentation, model=model, device=device)
-    except USER_ERRORS:
-        raise
-    except Exception as error:  # ModelScope raises ValueError/RuntimeError/KeyError flavours for unusable models
-        raise CommandError(f"cannot build a segmentation pipeline for {model}: {type(error).__name__}: {error}") from error
 
 
 def segment(arguments) -> int:
@@ -131,9 +115,9 @@ def segment(arguments) -> int:
 
 
 def evaluate(arguments) -> int:
-    from .data import datasets
-    from .evaluation import evaluate as run_evaluation
-    from .evaluation.evaluate import annotation_categories
+    from modelscope_plugin.data import datasets
+    from modelscope_plugin.evaluation import evaluate as run_evaluation
+    from modelscope_plugin.evaluation.evaluate import annotation_categories
 
     output = Path(arguments.output)
     if (output / "metrics.json").exists() and not arguments.overwrite:
@@ -165,9 +149,9 @@ def evaluate(arguments) -> int:
 def export(arguments) -> int:
     """ONNX export with export.py; checked against the network with onnxruntime, then moved into place, so a failed
     export never replaces an existing file."""
-    from .export import check_onnx, export_onnx
-    from .integration import hub
-    from .model_dir import load_model
+    from modelscope_plugin.apps.export import check_onnx, export_onnx
+    from modelscope_plugin.integration import hub
+    from modelscope_plugin.model_dirs.load import load_model
 
     output = Path(arguments.output)
     if output.exists() and not arguments.overwrite:
@@ -192,7 +176,7 @@ def export(arguments) -> int:
 
 
 def card_validate(arguments) -> int:
-    from .cards import validate_card
+    from modelscope_plugin.apps.cards import validate_card
 
     problems = validate_card(arguments.card, arguments.weights)
     for problem in problems:
@@ -205,7 +189,7 @@ def card_validate(arguments) -> int:
 def card_push(arguments) -> int:
     import tempfile
 
-    from .cards import publish_folder, push_card
+    from modelscope_plugin.apps.cards import publish_folder, push_card
 
     if arguments.dry_run:
         folder = publish_folder(arguments.card, arguments.weights, arguments.dry_run, arguments.model_id)
@@ -219,7 +203,7 @@ def card_push(arguments) -> int:
 
 def train(finetune_arguments: Sequence[str]) -> int:
     """``modelscope-seg train ...``: the finetune script (``modelscope_plugin.training.finetune``), its options as is."""
-    from .training.finetune import main as finetune_main
+    from modelscope_plugin.training.finetune import main as finetune_main
 
     try:
         finetune_main(list(finetune_arguments))
@@ -229,7 +213,7 @@ def train(finetune_arguments: Sequence[str]) -> int:
 
 
 def serve(arguments) -> int:
-    from .server import serve_forever
+    from modelscope_plugin.apps.server import serve_forever
 
     serve_forever(arguments.model, port=arguments.port, device=arguments.device, max_requests=arguments.max_requests)
     return EXIT_OK
@@ -348,8 +332,7 @@ def positive_int(text: str) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Runs one command; returns its exit code (``--help``: 0, usage errors: 2)."""
-    from .cards import CardError
-    from .errors import USER_ERRORS
+    from modelscope_plugin.errors import USER_ERRORS, CardError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train"]:

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .config import PreprocessConfig
-from .errors import ImageInputError
+from modelscope_plugin.config import PreprocessConfig
+from modelscope_plugin.errors import ImageInputError
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
 

@@ -2,7 +2,7 @@
 
 ``hf_to_detectron2`` turns HF weights into detectron2 Mask2Former names (original Swin names with fused
 ``attn.qkv``, or detectron2 ResNet names; ``pixel_decoder.*``, ``transformer_decoder.*``), which
-``checkpoint.convert_detectron2`` then maps onto this package. Both HF key spellings are accepted: transformers
+``keymaps.convert_detectron2`` then maps onto this package. Both HF key spellings are accepted: transformers
 5's in-memory names (``swin.encoder...attention.q_proj``) and the on-disk names that ``save_pretrained`` and the
 published ``facebook/mask2former-*`` files use (``attention.self.query``, ``intermediate.dense``). Every HF key is
 consumed exactly once: renamed, fused (q/k/v, concatenated in that order along dim 0) or dropped for a stated
@@ -14,20 +14,14 @@ references (stretching instead of padding, 384x384 masks) and are not followed.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Dict, Tuple
 
 import torch
 from torch import Tensor
 
-from .checkpoint import CheckpointError, convert_detectron2, load_strict, read_checkpoint
-from .modeling.backbones.swin import relative_position_index
-
-class KeymapError(CheckpointError):
-    """An HF state dict that does not convert completely and unambiguously."""
+from modelscope_plugin.errors import KeymapError
+from modelscope_plugin.modeling.backbones.swin import relative_position_index
 
 
 @dataclass
@@ -160,7 +154,7 @@ def _config_get(config, name, default=None):
     return getattr(config, name, default)
 
 
-def _backbone_type(config):
+def backbone_type(config):
     backbone = _config_get(config, 'backbone_config')
     model_type = _config_get(backbone, 'model_type') if backbone is not None else None
     if model_type not in ('swin', 'resnet'):
@@ -173,9 +167,9 @@ def convert_hf_to_detectron2(state_dict: dict[str, Tensor], config, *,
     """Returns (detectron2-layout state dict, KeymapReport). ``config``: Mask2FormerConfig or the
     dict of its config.json. ``emit_relative_position_index`` adds the Swin
     ``attn.relative_position_index`` buffers that detectron2 checkpoints carry."""
-    backbone_type, backbone_config = _backbone_type(config)
+    source_backbone_type, backbone_config = backbone_type(config)
     rules = [(re.compile(pattern), action)
-             for pattern, action in (_swin_rules() if backbone_type == 'swin' else _resnet_rules()) + _head_rules()]
+             for pattern, action in (_swin_rules() if source_backbone_type == 'swin' else _resnet_rules()) + _head_rules()]
     report = KeymapReport()
     converted: dict[str, Tensor] = {}
     fused: dict[str, dict[int, tuple[str, Tensor]]] = {}
@@ -213,26 +207,19 @@ def convert_hf_to_detectron2(state_dict: dict[str, Tensor], config, *,
         # PyTorch / original Swin packing: rows [0:C) query, [C:2C) key, [2C:3C) value.
         converted[target] = torch.cat([parts[index][1] for index in range(3)], dim=0)
         report.sources[target] = [parts[index][0] for index in range(3)]
-    if emit_relative_position_index and backbone_type == 'swin':
+    if emit_relative_position_index and source_backbone_type == 'swin':
         window = int(_config_get(backbone_config, 'window_size'))
         index = relative_position_index(window)
         for target in list(converted):
             if target.endswith('.attn.relative_position_bias_table'):
                 converted[target.replace('_bias_table', '_index')] = index.clone()
-    _check_complete(converted, config, backbone_type, backbone_config)
+    _check_complete(converted, config, source_backbone_type, backbone_config)
     return converted, report
 
 
 def hf_to_detectron2(state_dict: dict[str, Tensor], config, **options) -> dict[str, Tensor]:
     """HF Mask2Former state dict -> detectron2 layout (see the module docstring)."""
     return convert_hf_to_detectron2(state_dict, config, **options)[0]
-
-
-def relative_position_index(window: int) -> Tensor:
-    """Original Swin's ``relative_position_index`` buffer, [window^2, window^2] int64."""
-    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing='ij')).flatten(1)
-    relative = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)
-    return relative[:, :, 0] * (2 * window - 1) + relative[:, :, 1]
 
 
 def _count(converted, pattern):
@@ -269,52 +256,3 @@ def _check_complete(converted, config, backbone_type, backbone_config):
         problems.append('transformer_decoder.class_embed.weight missing or not num_labels + 1 rows')
     if problems:
         raise KeymapError('incomplete conversion: ' + '; '.join(problems))
-
-
-# --------------------------------------------------------------------------------------
-# self-check: reference implementations in detectron2 semantics, run on the converted weights
-
-def config_from_hf(values: dict):
-    """HF ``config.json`` (Mask2FormerConfig) -> this package's ``Mask2FormerConfig`` (detectron2 behaviour)."""
-    from .config import Mask2FormerConfig, PreprocessConfig, ResNetConfig, SwinConfig
-
-    backbone_type, backbone = _backbone_type(values)
-    if backbone_type == "swin":
-        if backbone.get("use_absolute_embeddings"):
-            raise CheckpointError("Swin absolute position embeddings are not supported")
-        backbone_config = SwinConfig(embed_dim=backbone["embed_dim"], depths=tuple(backbone["depths"]),
-                                     num_heads=tuple(backbone["num_heads"]), window_size=backbone["window_size"],
-                                     patch_size=backbone.get("patch_size", 4), mlp_ratio=backbone.get("mlp_ratio", 4.0))
-    else:
-        depths = tuple(backbone["depths"])
-        depth = {(3, 4, 6, 3): 50, (3, 4, 23, 3): 101}.get(depths)
-        if depth is None:
-            raise CheckpointError(f"ResNet depths {depths} are not ResNet-50/101")
-        backbone_config = ResNetConfig(depth=depth)
-    id2label = {int(key): value for key, value in values.get("id2label", {}).items()}
-    class_names = tuple(id2label[index] for index in sorted(id2label))
-    # HF's decoder_layers counts the prediction before the first layer (as detectron2's DEC_LAYERS)
-    return Mask2FormerConfig(
-        backbone=backbone_config, num_things_classes=len(class_names), num_stuff_classes=0,
-        num_queries=values["num_queries"], hidden_dim=values["hidden_dim"], num_heads=values["num_attention_heads"],
-        encoder_layers=values["encoder_layers"], encoder_feedforward_dim=values.get("encoder_feedforward_dim", 1024),
-        decoder_layers=values["decoder_layers"] - 1, decoder_feedforward_dim=values["dim_feedforward"],
-        class_names=class_names, category_ids=tuple(sorted(id2label)), source="hf", task="semantic",
-        preprocess=PreprocessConfig(resize_backend="pil"),
-    )
-
-
-def load_hf_model_dir(model_dir):
-    """(config, network) from a ``save_pretrained`` folder; weights strictly loaded."""
-    from .builders import build_mask2former
-
-    model_dir = Path(model_dir)
-    values = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    weights = model_dir / "model.safetensors"
-    if not weights.is_file():
-        raise CheckpointError(f"{model_dir} has no model.safetensors")
-    state_dict = convert_detectron2(hf_to_detectron2(read_checkpoint(weights), values))
-    config = config_from_hf(values)
-    network = build_mask2former(config)
-    load_strict(network, state_dict, checkpoint_name=str(weights))
-    return config, network.eval()

@@ -121,7 +121,7 @@ class DemoServer(HTTPServer):
 
     def pipeline_for(self, index: int):
         if index not in self.pipelines:
-            from .cli import build_pipeline
+            from modelscope_plugin.integration.pipeline import build_pipeline
 
             self.pipelines[index] = build_pipeline(self.models[index], self.device)
         return self.pipelines[index]
@@ -141,9 +141,9 @@ def segment_image(segmenter, data: bytes, task: str, model: str, file_name: str 
     """Image bytes -> overlay PNG data URL and the result document (``visualization.segments_to_json`` + colours)."""
     from PIL import Image
 
-    from . import visualization
-    from .errors import ImageInputError
-    from .preprocessing import load_image
+    from modelscope_plugin import visualization
+    from modelscope_plugin.errors import ImageInputError
+    from modelscope_plugin.inference.preprocess import load_image
 
     try:
         image = Image.open(io.BytesIO(data))
@@ -215,8 +215,7 @@ class DemoRequestHandler(BaseHTTPRequestHandler):
         if task is not None and task not in TASKS:
             return self.send_json(HTTPStatus.BAD_REQUEST, {"error": f"task must be one of {TASKS}, not {task!r}"})
         data = self.rfile.read(length)
-        from .cli import CommandError
-        from .errors import USER_ERRORS, ImageInputError
+        from modelscope_plugin.errors import USER_ERRORS, CommandError, ImageInputError
 
         try:
             segmenter = self.server.pipeline_for(index)

@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from modelscope.outputs import OutputKeys
 
-from ..postprocessing import Segment, mask_to_box
+from modelscope_plugin.inference.postprocess import Segment, mask_to_box
 
 # 2048 x 2048: 1080p and 1440p frames and every COCO / ADE20K image are post-processed at full size, as the references
 DEFAULT_MAX_POSTPROCESS_PIXELS = 2048 * 2048

@@ -8,7 +8,7 @@ Layouts:
   read from the weights' shapes.
 This package's extension of the hub layout: ``model.backbone = {"type": "swin", <SwinConfig fields>}`` puts a Swin
 backbone under FastInst (the small demo models); ModelScope's own FastInst cannot load those directories.
-Weights are renamed by ``checkpoint.DETECTRON2_RULES`` (the same table as detectron2 Mask2Former:
+Weights are renamed by ``keymaps.DETECTRON2_RULES`` (the same table as detectron2 Mask2Former:
 ``sem_seg_head.pixel_decoder.*`` -> ``pixel_decoder.*``, ``sem_seg_head.predictor.*`` -> ``transformer_decoder.*``,
 detectron2 ResNet -> torchvision ResNet) and loaded strictly.
 """
@@ -21,24 +21,26 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
-from . import checkpoint as checkpoint_io
-from .builders import build_fastinst
-from .config import FastInstConfig, PreprocessConfig, ResNetConfig, SwinConfig, fastinst_r50_d3_coco, fastinst_release
-from .data.categories import COCO_PANOPTIC_CATEGORIES
-from .model_dir import ModelDirError
-from .modeling.backbones.resnet import RESNET_BLOCKS
-from .modeling.fastinst.model import FastInst
+from modelscope_plugin.builders import build_fastinst
+from modelscope_plugin.checkpoints.io import extract_state_dict, load_strict, read_checkpoint
+from modelscope_plugin.checkpoints.keymaps import NATIVE_TO_DETECTRON2_RULES, convert_to_native, rename_keys
+from modelscope_plugin.config import (
+    FastInstConfig,
+    PreprocessConfig,
+    ResNetConfig,
+    SwinConfig,
+    fastinst_r50_d3_coco,
+    fastinst_release,
+)
+from modelscope_plugin.data.categories import COCO_THING_CATEGORIES, default_category_ids, default_class_names
+from modelscope_plugin.errors import CheckpointError, FastInstConfigError
+from modelscope_plugin.modeling.backbones.resnet import RESNET_BLOCKS
+from modelscope_plugin.modeling.fastinst.model import FastInst
 
 logger = logging.getLogger(__name__)
 
-COCO_THING_CATEGORIES = [category for category in COCO_PANOPTIC_CATEGORIES if category.isthing]
-
 # official FastInst assigns its SetCriterion to the predictor, so releases also hold its class-weight buffer there
 _FASTINST_NON_WEIGHT_KEYS = re.compile(r"^(sem_seg_head\.predictor\.)?criterion\.")
-
-
-class FastInstConfigError(ModelDirError):
-    """A FastInst configuration asks for something this package does not implement (or is malformed)."""
 
 
 def _require(values: Mapping[str, Any], key: str, allowed, where: str) -> None:
@@ -151,23 +153,17 @@ def config_from_state_dict(state_dict: Mapping[str, torch.Tensor], name: str) ->
 
 
 def _with_categories(config: FastInstConfig, task: Optional[str]) -> FastInstConfig:
-    if not config.class_names:
-        names = tuple(category.name for category in COCO_THING_CATEGORIES) if config.num_classes == len(COCO_THING_CATEGORIES) \
-            else tuple(f"class_{index}" for index in range(config.num_classes))
-        config = replace(config, class_names=names)
-    if not config.category_ids:
-        ids = tuple(category.id for category in COCO_THING_CATEGORIES) if config.num_classes == len(COCO_THING_CATEGORIES) \
-            else tuple(range(config.num_classes))
-        config = replace(config, category_ids=ids)
-    return replace(config, task=task or config.task)
+    return replace(config, class_names=config.class_names or default_class_names(config.num_classes, COCO_THING_CATEGORIES),
+                   category_ids=config.category_ids or default_category_ids(config.num_classes, COCO_THING_CATEGORIES),
+                   task=task or config.task)
 
 
 def _native_state_dict(checkpoint: Any, name: str) -> Dict[str, torch.Tensor]:
     if not isinstance(checkpoint, dict):
-        raise checkpoint_io.CheckpointError(f"{name} does not hold a state dict")
-    state_dict = checkpoint_io.extract_state_dict(checkpoint)
+        raise CheckpointError(f"{name} does not hold a state dict")
+    state_dict = extract_state_dict(checkpoint)
     state_dict = {key: value for key, value in state_dict.items() if not _FASTINST_NON_WEIGHT_KEYS.match(key)}
-    return checkpoint_io.convert_to_native(state_dict, "detectron2")
+    return convert_to_native(state_dict, "detectron2")
 
 
 def finetuned_extras(config: FastInstConfig) -> Dict[str, Any]:
@@ -202,9 +198,9 @@ def load_fastinst_dir(model_dir, configuration: Dict[str, Any], task: Optional[s
     if model.get("pretrained", True):
         weights_path = model_dir / "pytorch_model.pt"
         if not weights_path.is_file():
-            raise checkpoint_io.CheckpointError(f"{model_dir} has no pytorch_model.pt (configuration.json model.pretrained is set)")
-        state_dict = _native_state_dict(checkpoint_io.read_checkpoint(weights_path), str(weights_path))
-        checkpoint_io.load_strict(network, state_dict, checkpoint_name=str(weights_path))
+            raise CheckpointError(f"{model_dir} has no pytorch_model.pt (configuration.json model.pretrained is set)")
+        state_dict = _native_state_dict(read_checkpoint(weights_path), str(weights_path))
+        load_strict(network, state_dict, checkpoint_name=str(weights_path))
     else:
         logger.warning("%s: configuration.json model.pretrained is false, so (as ModelScope) no weights are loaded", model_dir)
     return config, network.eval()
@@ -217,25 +213,12 @@ def is_fastinst_state_dict(checkpoint: Any) -> bool:
 
 def load_fastinst_checkpoint(path, checkpoint: Optional[dict] = None, task: Optional[str] = None) -> Tuple[FastInstConfig, FastInst]:
     """An official FastInst release file (``{"model": state_dict}``); architecture and test size from its weights."""
-    checkpoint = checkpoint_io.read_checkpoint(path) if checkpoint is None else checkpoint
-    raw = checkpoint_io.extract_state_dict(checkpoint) if isinstance(checkpoint, dict) else {}
+    checkpoint = read_checkpoint(path) if checkpoint is None else checkpoint
+    raw = extract_state_dict(checkpoint) if isinstance(checkpoint, dict) else {}
     config = _with_categories(config_from_state_dict(raw, str(path)), task)
     network = build_fastinst(config)
-    checkpoint_io.load_strict(network, _native_state_dict(checkpoint, str(path)), checkpoint_name=str(path))
+    load_strict(network, _native_state_dict(checkpoint, str(path)), checkpoint_name=str(path))
     return config, network.eval()
-
-
-# this package's names -> detectron2's (the inverse of checkpoint.DETECTRON2_RULES), for writing hub-layout directories
-NATIVE_TO_DETECTRON2_RULES = [
-    (r"^backbone\.conv1\.", r"backbone.stem.conv1."),
-    (r"^backbone\.bn1\.", r"backbone.stem.conv1.norm."),
-    (r"^backbone\.layer(\d)\.(\d+)\.downsample\.0\.", lambda match: f"backbone.res{int(match.group(1)) + 1}.{match.group(2)}.shortcut."),
-    (r"^backbone\.layer(\d)\.(\d+)\.downsample\.1\.", lambda match: f"backbone.res{int(match.group(1)) + 1}.{match.group(2)}.shortcut.norm."),
-    (r"^backbone\.layer(\d)\.(\d+)\.conv(\d)\.", lambda match: f"backbone.res{int(match.group(1)) + 1}.{match.group(2)}.conv{match.group(3)}."),
-    (r"^backbone\.layer(\d)\.(\d+)\.bn(\d)\.", lambda match: f"backbone.res{int(match.group(1)) + 1}.{match.group(2)}.conv{match.group(3)}.norm."),
-    (r"^pixel_decoder\.", r"sem_seg_head.pixel_decoder."),
-    (r"^transformer_decoder\.", r"sem_seg_head.predictor."),
-]
 
 
 def hub_configuration(config: FastInstConfig) -> Dict[str, Any]:
@@ -269,6 +252,6 @@ def write_hub_dir(directory, config: FastInstConfig, network: FastInst, finetune
     if finetuned:
         configuration["model"].update(finetuned_extras(_with_categories(config, None)))
     (directory / "configuration.json").write_text(json.dumps(configuration, indent=2), encoding="utf-8")
-    state_dict = checkpoint_io.rename_keys(network.state_dict(), NATIVE_TO_DETECTRON2_RULES)
+    state_dict = rename_keys(network.state_dict(), NATIVE_TO_DETECTRON2_RULES)
     torch.save({"model": state_dict}, directory / "pytorch_model.pt")
     return directory

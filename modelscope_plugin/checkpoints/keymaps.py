@@ -1,157 +1,19 @@
-"""Checkpoint reading and key maps: one explicit table per source, strict loading, no pickled code.
+"""Key maps: one explicit table per checkpoint source, and its inverse where this package writes that layout.
 
 This project's parameter names follow detectron2's Mask2Former (``pixel_decoder.*``, with its
 ``sem_seg_head.predictor.*`` as ``transformer_decoder.*``), the original Swin release for Swin backbones and
 torchvision for ResNet. Each source layout is converted to those names by a table of regular expressions;
-tensors whose layout differs (mmdet's ``nn.Unfold`` patch merging) are permuted, not just renamed.
+tensors whose layout differs (mmdet's ``nn.Unfold`` patch merging) are permuted, not just renamed. Each rule is
+(pattern, replacement); the first matching rule renames a key; keys matching no rule are kept as they are (and
+strict loading then names them if the model lacks them).
 """
-import io
-import pickle
 import re
-import zipfile
-from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
-import numpy as np
 import torch
-from torch import nn
 
-from .modeling.backbones.swin import relative_position_index
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file cannot be read, is refused, or does not fit the model."""
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Reading files without executing pickled code
-
-
-class ConfigDictStandIn(dict):
-    """Stands in for mmcv's ``ConfigDict`` (an ``addict.Dict``) pickled in EasyCV export files; holds plain data."""
-
-    def __setstate__(self, state):
-        if isinstance(state, dict):
-            self.update(state)
-
-
-_multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
-
-# globals a supported checkpoint may reference, mapped to the harmless object that rebuilds it
-_NUMPY_GLOBALS = {
-    "numpy.core.multiarray._reconstruct": _multiarray._reconstruct,
-    "numpy._core.multiarray._reconstruct": _multiarray._reconstruct,
-    "numpy.ndarray": np.ndarray,
-    "numpy.dtype": np.dtype,
-    "numpy.core.multiarray.scalar": _multiarray.scalar,
-    "numpy._core.multiarray.scalar": _multiarray.scalar,
-}
-_STAND_IN_GLOBALS = {
-    "mmcv.utils.config.ConfigDict": ConfigDictStandIn,
-    "addict.addict.Dict": ConfigDictStandIn,
-    "collections.OrderedDict": dict,
-}
-
-
-_TORCH_REBUILD_GLOBALS = {
-    f"torch._utils.{name}" for name in ("_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter")
-} | {f"torch.{kind}Storage" for kind in ("Float", "Double", "Half", "BFloat16", "Long", "Int", "Short", "Char", "Byte", "Bool")}
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Admits numpy arrays/dtypes/scalars, plain containers, torch's tensor rebuilders and the ConfigDict
-    stand-in; refuses any other global."""
-
-    def find_class(self, module: str, name: str):
-        full_name = f"{module}.{name}"
-        if full_name == "collections.OrderedDict":
-            import collections
-
-            return collections.OrderedDict
-        if full_name in _TORCH_REBUILD_GLOBALS:
-            return super().find_class(module, name)
-        if full_name in _NUMPY_GLOBALS:
-            return _NUMPY_GLOBALS[full_name]
-        if full_name in _STAND_IN_GLOBALS:
-            return _STAND_IN_GLOBALS[full_name]
-        if module.startswith("numpy") and name in {"float64", "float32", "int64", "int32", "uint8", "bool_", "dtype"}:
-            return getattr(np, name)
-        raise CheckpointError(f"refusing to unpickle {full_name}: not a known-safe type for a checkpoint")
-
-
-class _restricted_pickle_module:
-    """A ``pickle_module`` for ``torch.load`` whose Unpickler is the restricted one."""
-
-    Unpickler = _RestrictedUnpickler
-    load = staticmethod(lambda file, **kwargs: _RestrictedUnpickler(file, **kwargs).load())
-    __name__ = "restricted_pickle"
-
-
-def _torch_safe_globals() -> List:
-    safe = [(_multiarray._reconstruct, "numpy.core.multiarray._reconstruct"), np.ndarray, np.dtype,
-            (_multiarray.scalar, "numpy.core.multiarray.scalar"),
-            (ConfigDictStandIn, "mmcv.utils.config.ConfigDict"), (ConfigDictStandIn, "addict.addict.Dict")]
-    safe += [type(np.dtype(name)) for name in ("float32", "float64", "int64", "int32", "uint8", "bool")]
-    return safe
-
-
-def read_checkpoint(path) -> dict:
-    """Reads a .pt/.pth (torch zip or legacy pickle), .pkl (detectron2 release) or .safetensors file.
-
-    Nothing in the file is executed: torch files load with ``weights_only=True`` (plus stand-ins for the
-    numpy and mmcv types these formats contain), plain pickles through a restricted unpickler.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"checkpoint {path} is empty")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as error:  # safetensors raises its own SafetensorError for truncated/corrupt files
-            raise CheckpointError(f"checkpoint {path} is not a readable safetensors file: {error}") from error
-    if zipfile.is_zipfile(path) or path.suffix in (".pt", ".pth", ".bin"):
-        try:
-            with torch.serialization.safe_globals(_torch_safe_globals()):
-                return torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as error:
-            if zipfile.is_zipfile(path):
-                # torch's weights-only unpickler cannot fill dict subclasses such as the pickled mmcv ConfigDict of
-                # EasyCV exports; the restricted unpickler can, and still refuses any global not listed above
-                try:
-                    return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle_module)
-                except CheckpointError as refusal:
-                    raise CheckpointError(f"refusing to load {path}: {refusal}") from error
-        except (RuntimeError, EOFError, zipfile.BadZipFile) as error:
-            raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {error}") from error
-    # a plain pickle (detectron2 .pkl releases hold numpy arrays under "model")
-    try:
-        with open(path, "rb") as handle:
-            return _RestrictedUnpickler(io.BufferedReader(handle), encoding="latin1").load()
-    except CheckpointError as error:
-        raise CheckpointError(f"refusing to load {path}: {error}") from error
-    except Exception as error:
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {error}") from error
-
-
-def to_tensors(state_dict: Mapping) -> Dict[str, torch.Tensor]:
-    """numpy arrays (detectron2 .pkl) become tensors; tensors pass through."""
-    tensors = {}
-    for key, value in state_dict.items():
-        if isinstance(value, np.ndarray):
-            value = torch.from_numpy(np.ascontiguousarray(value))
-        if not isinstance(value, torch.Tensor):
-            raise CheckpointError(f"checkpoint entry {key!r} is a {type(value).__name__}, not a tensor")
-        tensors[key] = value
-    return tensors
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Key maps. Each rule is (pattern, replacement); the first matching rule renames a key; keys matching no rule
-# are kept as they are (and strict loading then names them if the model lacks them).
+from modelscope_plugin.errors import CheckpointError
+from modelscope_plugin.modeling.backbones.swin import relative_position_index
 
 Rule = Tuple[str, str]
 
@@ -226,6 +88,18 @@ DETECTRON2_RULES: List[Rule] = [
     (r"^backbone\.res(\d)\.(\d+)\.shortcut\.", lambda match: f"backbone.layer{int(match.group(1)) - 1}.{match.group(2)}.downsample.0."),
     (r"^backbone\.res(\d)\.(\d+)\.conv(\d)\.norm\.", lambda match: f"backbone.layer{int(match.group(1)) - 1}.{match.group(2)}.bn{match.group(3)}."),
     (r"^backbone\.res(\d)\.(\d+)\.conv(\d)\.", lambda match: f"backbone.layer{int(match.group(1)) - 1}.{match.group(2)}.conv{match.group(3)}."),
+]
+
+# this package's names -> detectron2's (the inverse of DETECTRON2_RULES), for writing hub-layout directories
+NATIVE_TO_DETECTRON2_RULES = [
+    (r"^backbone\.conv1\.", r"backbone.stem.conv1."),
+    (r"^backbone\.bn1\.", r"backbone.stem.conv1.norm."),
+    (r"^backbone\.layer(\d)\.(\d+)\.downsample\.0\.", lambda match: f"backbone.res{int(match.group(1)) + 1}.{match.group(2)}.shortcut."),
+    (r"^backbone\.layer(\d)\.(\d+)\.downsample\.1\.", lambda match: f"backbone.res{int(match.group(1)) + 1}.{match.group(2)}.shortcut.norm."),
+    (r"^backbone\.layer(\d)\.(\d+)\.conv(\d)\.", lambda match: f"backbone.res{int(match.group(1)) + 1}.{match.group(2)}.conv{match.group(3)}."),
+    (r"^backbone\.layer(\d)\.(\d+)\.bn(\d)\.", lambda match: f"backbone.res{int(match.group(1)) + 1}.{match.group(2)}.conv{match.group(3)}.norm."),
+    (r"^pixel_decoder\.", r"sem_seg_head.pixel_decoder."),
+    (r"^transformer_decoder\.", r"sem_seg_head.predictor."),
 ]
 
 # entries the sources save that carry no weights of this model
@@ -306,18 +180,6 @@ CONVERTERS: Dict[str, Callable[[Mapping[str, torch.Tensor]], Dict[str, torch.Ten
 }
 
 
-def extract_state_dict(checkpoint: Mapping) -> Dict[str, torch.Tensor]:
-    """The weights inside a checkpoint dict (``state_dict`` for mmdet/EasyCV, ``model`` for detectron2), ``module.`` stripped."""
-    for container_key in ("state_dict", "model"):
-        if isinstance(checkpoint.get(container_key), Mapping):
-            checkpoint = checkpoint[container_key]
-            break
-    state_dict = to_tensors(checkpoint)
-    if state_dict and all(key.startswith("module.") for key in state_dict):
-        state_dict = {key[len("module."):]: value for key, value in state_dict.items()}
-    return state_dict
-
-
 def convert_to_native(state_dict: Mapping[str, torch.Tensor], source: Optional[str] = None) -> Dict[str, torch.Tensor]:
     source = source or detect_source(state_dict)
     if source == "hf":
@@ -327,32 +189,3 @@ def convert_to_native(state_dict: Mapping[str, torch.Tensor], source: Optional[s
     check_relative_position_indices(state_dict)
     converted = CONVERTERS[source](state_dict)
     return {key: value for key, value in converted.items() if not _NON_WEIGHT_KEYS.search(key)}
-
-
-def load_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], checkpoint_name: str = "checkpoint") -> None:
-    """Loads every parameter and buffer or raises one ``CheckpointError`` naming all missing, unexpected and
-    mis-shaped entries. BatchNorm counters (``num_batches_tracked``) that a source does not save are filled in."""
-    expected = model.state_dict()
-    state_dict = dict(state_dict)
-    for key in expected:
-        if key.endswith("num_batches_tracked") and key not in state_dict:
-            state_dict[key] = torch.zeros((), dtype=torch.long)
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    mis_shaped = sorted(
-        f"{key}: checkpoint {tuple(state_dict[key].shape)} vs model {tuple(expected[key].shape)}"
-        for key in set(expected) & set(state_dict)
-        if state_dict[key].shape != expected[key].shape
-    )
-    if missing or unexpected or mis_shaped:
-        def listing(title, names):
-            if not names:
-                return ""
-            shown = "\n    ".join(names[:40]) + (f"\n    ... and {len(names) - 40} more" if len(names) > 40 else "")
-            return f"\n  {title} ({len(names)}):\n    {shown}"
-
-        raise CheckpointError(
-            f"{checkpoint_name} does not match the model:"
-            + listing("missing", missing) + listing("unexpected", unexpected) + listing("shape mismatch", mis_shaped)
-        )
-    model.load_state_dict(state_dict, strict=True)

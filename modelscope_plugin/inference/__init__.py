@@ -1,0 +1,1 @@
+"""Inference: image loading and preprocessing, the network run, post-processing into the output contract."""

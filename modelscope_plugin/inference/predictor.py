@@ -1,0 +1,178 @@
+"""Inference in one place: image -> network input -> raw logits -> the output contract.
+
+``Predictor(network, config)`` is what the ModelScope pipeline, evaluation during training, ``evaluate()``, the
+command line and the browser demo run (the last three through the pipeline). Each image is decoded once
+(``prepare``), the network runs under inference mode and the chosen precision (``run``), and post-processing
+turns one image's logits into masks, labels, scores and boxes (``postprocess``). Every threshold defaults to the
+model's ``InferenceConfig``; a call parameter overrides it for that call.
+"""
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+from PIL import Image
+
+from modelscope_plugin.config import TASKS, FastInstConfig, Mask2FormerConfig
+from modelscope_plugin.errors import ImageInputError
+from modelscope_plugin.inference.outputs import DEFAULT_MAX_POSTPROCESS_PIXELS, build_outputs, postprocess_size
+from modelscope_plugin.inference.postprocess import instance_inference, panoptic_inference, semantic_inference
+from modelscope_plugin.inference.precision import check_precision, inference_context
+from modelscope_plugin.inference.preprocess import (
+    ImageInput,
+    PreparedImage,
+    group_by_padded_size,
+    load_image,
+    prepare_image,
+)
+
+ON_ERROR_CHOICES = ("raise", "return")
+
+
+@dataclass(frozen=True)
+class PostprocessParameters:
+    """The task and thresholds one call post-processes with (see ``InferenceConfig`` for their meaning)."""
+
+    task: str
+    object_mask_threshold: float
+    overlap_threshold: float
+    filter_low_score: bool
+    max_per_image: int
+    score_threshold: float
+    max_postprocess_pixels: Optional[int]
+
+
+def describe_input(item: Any) -> str:
+    """A short name for an input in messages: the path/URL itself, else its type and shape."""
+    if isinstance(item, str):
+        return item
+    if isinstance(item, Image.Image):
+        shape = (item.height, item.width)
+    else:
+        shape = getattr(item, "shape", None)
+    dtype = getattr(item, "dtype", None)
+    details = ", ".join(str(value) for value in (shape and tuple(shape), dtype) if value is not None)
+    return f"{type(item).__name__}({details})" if details else type(item).__name__
+
+
+def error_entry(index: int, item: Any, error: Exception) -> Dict[str, Any]:
+    """The result of a bad list item under ``on_error="return"``: no segments, and what went wrong."""
+    return {"masks": [], "labels": [], "scores": [],
+            "error": {"index": index, "input": describe_input(item), "type": type(error).__name__, "message": str(error)}}
+
+
+class Predictor:
+    """A loaded network and its configuration, answering images with the output contract.
+
+    ``device``: where the network runs (default: where its parameters are); ``precision``: "fp32", "bf16"
+    (autocast, CPU or GPU) or "fp16" (CUDA), see ``precision.py``.
+    """
+
+    def __init__(self, network: torch.nn.Module, config: Union[Mask2FormerConfig, FastInstConfig],
+                 device: Optional[torch.device] = None, precision: str = "fp32"):
+        self.network = network
+        self.config = config
+        self.device = torch.device(device) if device is not None else next(network.parameters()).device
+        check_precision(precision, self.device)
+        self.precision = precision
+
+    def parameters(self, task: Optional[str] = None, object_mask_threshold: Optional[float] = None,
+                   overlap_threshold: Optional[float] = None, filter_low_score: Optional[bool] = None,
+                   max_per_image: Optional[int] = None, score_thr: Optional[float] = None,
+                   max_postprocess_pixels: Optional[int] = DEFAULT_MAX_POSTPROCESS_PIXELS,
+                   **unknown: Any) -> PostprocessParameters:
+        """The call parameters (ModelScope's names; ``None``: the model's default) -> ``PostprocessParameters``."""
+        if unknown:
+            raise TypeError(f"unknown pipeline parameters: {', '.join(sorted(unknown))}")
+        task = task or self.config.task
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        defaults = self.config.inference
+
+        def chosen(value, default):
+            return default if value is None else value
+
+        return PostprocessParameters(
+            task=task,
+            object_mask_threshold=chosen(object_mask_threshold, defaults.object_mask_threshold),
+            overlap_threshold=chosen(overlap_threshold, defaults.overlap_threshold),
+            filter_low_score=chosen(filter_low_score, defaults.filter_low_score),
+            max_per_image=chosen(max_per_image, defaults.max_per_image),
+            score_threshold=chosen(score_thr, defaults.score_threshold),
+            max_postprocess_pixels=max_postprocess_pixels,
+        )
+
+    def prepare(self, image: ImageInput) -> PreparedImage:
+        """Decodes ``image`` (path, URL, PIL image, BGR array) once and makes the network input."""
+        return prepare_image(load_image(image), self.config.preprocess)
+
+    def run(self, pixels: torch.Tensor):
+        """(B, 3, H, W) on the CPU -> the network's raw output, under inference mode and the chosen precision; to a
+        GPU through pinned memory."""
+        if self.device.type == "cuda":
+            pixels = pixels.pin_memory().to(self.device, non_blocking=True)
+        else:
+            pixels = pixels.to(self.device)
+        with inference_context(self.device, self.precision):
+            return self.network(pixels)
+
+    def postprocess(self, image: PreparedImage, class_logits: torch.Tensor, mask_logits: torch.Tensor,
+                    parameters: PostprocessParameters) -> Dict[str, Any]:
+        """One image's (Q, K + 1) class and (Q, h, w) mask logits -> the output contract at its original size."""
+        sizes = dict(padded_size=image.padded_size, resized_size=image.resized_size,
+                     original_size=postprocess_size(image.original_size, parameters.max_postprocess_pixels))
+        class_logits, mask_logits = class_logits.float(), mask_logits.float()
+        semantic_map = None
+        if parameters.task == "panoptic":
+            segments = panoptic_inference(
+                class_logits, mask_logits, self.config.num_things_classes, **sizes,
+                object_mask_threshold=parameters.object_mask_threshold,
+                overlap_threshold=parameters.overlap_threshold, filter_low_score=parameters.filter_low_score).segments
+        elif parameters.task == "semantic":
+            semantic_map, segments = semantic_inference(class_logits, mask_logits, **sizes)
+        else:
+            segments = instance_inference(
+                class_logits, mask_logits, self.config.num_things_classes, **sizes,
+                max_per_image=parameters.max_per_image,
+                mask_from_probability=self.config.inference.mask_from_probability,
+                score_threshold=parameters.score_threshold)
+        return build_outputs(parameters.task, segments, self.config.class_names, self.config.category_ids,
+                             image.original_size, semantic_map)
+
+    def predict_prepared(self, images: Sequence[PreparedImage], parameters: PostprocessParameters) -> List[Dict[str, Any]]:
+        """Runs each group of same-padded-size images as one batch; every result equals the single-image one up to
+        float rounding (oneDNN's convolution algorithm depends on the batch size: a pixel at a threshold can flip)."""
+        results: List[Optional[Dict[str, Any]]] = [None] * len(images)
+        for indices, batch in group_by_padded_size(images):
+            output = self.run(batch)
+            for position, index in enumerate(indices):
+                results[index] = self.postprocess(images[index], output.class_logits[position],
+                                                  output.mask_logits[position], parameters)
+        return results
+
+    def predict_list(self, items: Sequence[ImageInput], parameters: PostprocessParameters, batch_size: int = 1,
+                     on_error: str = "raise") -> List[Dict[str, Any]]:
+        """Images in chunks of ``batch_size``. ``on_error="raise"``: the first bad item raises its
+        ``ImageInputError``, prefixed with its position; ``"return"``: a bad item gets ``error_entry(...)`` in its place
+        and every other item its normal result."""
+        if on_error not in ON_ERROR_CHOICES:
+            raise ValueError(f"on_error must be one of {ON_ERROR_CHOICES}, not {on_error!r}")
+        results: List[Optional[Dict[str, Any]]] = [None] * len(items)
+        for start in range(0, len(items), batch_size):
+            prepared_indices: List[int] = []
+            prepared_images: List[PreparedImage] = []
+            for index in range(start, min(start + batch_size, len(items))):
+                try:
+                    prepared_images.append(self.prepare(items[index]))
+                except ImageInputError as error:
+                    if on_error == "raise":
+                        raise ImageInputError(f"list item {index}: {error}") from error
+                    results[index] = error_entry(index, items[index], error)
+                    continue
+                prepared_indices.append(index)
+            for index, result in zip(prepared_indices, self.predict_prepared(prepared_images, parameters)):
+                results[index] = result
+        return results
+
+    def __call__(self, image: ImageInput, **parameters: Any) -> Dict[str, Any]:
+        """One image -> its result dict; ``parameters`` as ``parameters()`` takes them."""
+        return self.predict_prepared([self.prepare(image)], self.parameters(**parameters))[0]

@@ -1,0 +1,1 @@
+"""Model directories and checkpoint files in every supported layout -> (configuration, network)."""

@@ -1,0 +1,53 @@
+"""``load_model``: any supported checkpoint layout -> (configuration, network with strictly loaded weights).
+
+Hub-layout directories (``configuration.json``) go by their model type to ``mask2former.py`` (mmdet, EasyCV and
+this package's own layout) or ``fastinst.py``; Hugging Face folders (``config.json``) to ``hf.py``; single files
+(EasyCV exports, FastInst releases) by what their weights hold.
+"""
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional, Tuple, Union
+
+import torch
+
+from modelscope_plugin.checkpoints.io import read_checkpoint
+from modelscope_plugin.config import FastInstConfig, Mask2FormerConfig
+from modelscope_plugin.errors import ModelDirError
+from modelscope_plugin.model_dirs.configuration import MODEL_TYPES, read_configuration_json
+from modelscope_plugin.model_dirs.fastinst import is_fastinst_state_dict, load_fastinst_checkpoint, load_fastinst_dir
+from modelscope_plugin.model_dirs.hf import load_hf_model_dir
+from modelscope_plugin.model_dirs.mask2former import load_easycv_export, load_mask2former_dir
+
+LoadedModel = Tuple[Union[Mask2FormerConfig, FastInstConfig], torch.nn.Module]
+
+
+def load_model_dir(model_dir, task: Optional[str] = None) -> LoadedModel:
+    """Builds the network a hub-layout model directory describes and loads its weights strictly."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ModelDirError(f"model directory {model_dir} does not exist")
+    configuration = read_configuration_json(model_dir)
+    model_type = configuration.get("model", {}).get("type")
+    if model_type not in MODEL_TYPES:
+        raise ModelDirError(f"{model_dir}: model type {model_type!r} is not a model this package runs "
+                            f"(supported: {', '.join(sorted(MODEL_TYPES))})")
+    if model_type == "fastinst":
+        return load_fastinst_dir(model_dir, configuration, task=task)
+    return load_mask2former_dir(model_dir, configuration, MODEL_TYPES[model_type](), task=task)
+
+
+def load_model(path, task: Optional[str] = None) -> LoadedModel:
+    """Any supported layout: a hub-layout directory (Mask2Former or FastInst), a Hugging Face folder, an EasyCV
+    export file or an official FastInst release file."""
+    path = Path(path)
+    if path.is_dir() and (path / "configuration.json").is_file():
+        return load_model_dir(path, task=task)
+    if path.is_dir() and (path / "config.json").is_file():
+        config, network = load_hf_model_dir(path)
+        return (replace(config, task=task) if task else config), network
+    if path.is_file():
+        checkpoint = read_checkpoint(path)
+        if is_fastinst_state_dict(checkpoint):
+            return load_fastinst_checkpoint(path, checkpoint, task=task)
+        return load_easycv_export(path, task=task, checkpoint=checkpoint)
+    raise ModelDirError(f"{path} is neither a model directory (configuration.json or config.json) nor a checkpoint file")
