@@ -39,9 +39,10 @@ def tiny_config():
 
 
 def shape_random_weights(network, seed: int = 0) -> None:
-    """Random weights with non-degenerate outputs (DESIGN.md's advice): distinct queries with confident, different
-    classes (spread query features and class head, small decoder residual branches) and sparse masks (a constant
-    mask-feature channel whose coefficient is a negative offset)."""
+    """Random weights with non-degenerate outputs (plain random weights make every query alike and every mask cover
+    the image): distinct queries with confident, different classes (spread query features and class head, small
+    decoder residual branches) and sparse masks (a constant mask-feature channel whose coefficient is a negative
+    offset)."""
     generator = torch.Generator().manual_seed(seed)
     decoder = network.transformer_decoder
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Raw segments -> the output contract shared by every task (see DESIGN.md, "Output contract").
+"""Raw segments -> the output contract shared by every task (README, "Output (every task)").
 
 Huge inputs: post-processing runs at ``postprocess_size`` (at most ``DEFAULT_MAX_POSTPROCESS_PIXELS`` pixels, same
 aspect ratio) and ``build_outputs`` brings the integer results to the full input size by nearest-neighbour

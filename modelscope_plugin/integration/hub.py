@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from modelscope_plugin.errors import ModelNotAvailableError
+from modelscope_plugin.model_dirs.configuration import read_configuration_json
 
 SUPPORTED_MODEL_NAMES = (
     "cv_swinL_panoptic-segmentation_cocopan",
@@ -79,8 +80,6 @@ def wrap_is_official_hub_path(original):
             return True
         if (isinstance(path, (str, Path)) and os.path.isdir(path)
                 and not any(os.path.isfile(os.path.join(path, name)) for name in ("configuration.json", "config.json"))):
-            from modelscope_plugin.model_dirs.configuration import read_configuration_json
-
             # neither ModelScope's nor a transformers config: ModelScope's builder would go on to a TypeError
             # ('NoneType' object does not support item assignment); one ModelDirError naming the directory instead
             read_configuration_json(Path(path))
@@ -94,8 +93,6 @@ def wrap_read_config(original):
         if is_supported_id(model_id_or_path):
             model_id_or_path = resolve_model_dir(model_id_or_path, revision)
         elif isinstance(model_id_or_path, (str, Path)) and os.path.isdir(model_id_or_path):
-            from modelscope_plugin.model_dirs.configuration import read_configuration_json
-
             # a local directory without a readable configuration.json: one clear ModelDirError naming it and the
             # reason, instead of the TypeError / JSONDecodeError ModelScope's builder would raise
             read_configuration_json(Path(model_id_or_path))

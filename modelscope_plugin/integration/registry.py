@@ -10,6 +10,8 @@ from modelscope.utils.constant import Tasks
 from modelscope.utils.import_utils import LazyImportModule
 
 from modelscope_plugin.integration import hub
+from modelscope_plugin.integration import model as model_module
+from modelscope_plugin.integration import pipeline as pipeline_module
 from modelscope_plugin.integration.model import SegmentationModel
 from modelscope_plugin.integration.pipeline import SegmentationPipeline
 from modelscope_plugin.model_dirs.configuration import MODEL_TYPES
@@ -40,8 +42,6 @@ def install() -> None:
     import modelscope.models.base.base_model as base_model
     import modelscope.pipelines.builder as pipeline_builder
 
-    from modelscope_plugin.integration import model as model_module
-    from modelscope_plugin.integration import pipeline as pipeline_module
 
     for type_name in MODEL_TYPES:
         MODELS.register_module(Tasks.image_segmentation, module_name=type_name, module_cls=SegmentationModel, force=True)
@@ -67,7 +67,7 @@ def install() -> None:
         trainer_builder.is_official_hub_path = hub.wrap_is_official_hub_path(trainer_builder.is_official_hub_path)
         trainer_builder.read_config = hub.wrap_read_config(trainer_builder.read_config)
         trainer_builder.normalize_model_input = hub.wrap_normalize_model_input(trainer_builder.normalize_model_input)
-        from modelscope_plugin.integration import trainer  # noqa: F401  (registers the Mask2Former trainer with TRAINERS; its errors surface)
+        from modelscope_plugin.integration import trainer  # noqa: F401  (registers the trainer with TRAINERS)
     from modelscope_plugin import evaluation  # noqa: F401  (registers the PQ / COCO AP / mIoU metrics with METRICS)
 
     try:  # the cards' drawing helpers need mmdet in ModelScope; ours draw the same without it

@@ -258,9 +258,7 @@ class SegmentationTrainer(EpochBasedTrainer):
             self.register_hook(SegmentationLoadCheckpointHook(checkpoint_path, load_all_state, True))
 
     def to_parallel(self, model):
-        from modelscope_plugin.training.distributed import wrap_data_parallel
-
-        return wrap_data_parallel(model, self.device)
+        return distributed.wrap_data_parallel(model, self.device)
 
     # ------------------------------------------------------------------ loop
     def train_step(self, model, inputs: TrainingBatch):

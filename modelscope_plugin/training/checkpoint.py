@@ -27,6 +27,7 @@ from modelscope.trainers.hooks.priority import Priority
 
 from modelscope_plugin.checkpoints import io as checkpoint_io
 from modelscope_plugin.config import FastInstConfig
+from modelscope_plugin.model_dirs.fastinst import write_hub_dir
 from modelscope_plugin.model_dirs.native import write_model_dir
 
 TRAINER_STATE_SUFFIX = CheckpointProcessor.TRAINER_STATE_SUFFIX
@@ -89,8 +90,6 @@ def write_output_dir(directory: Path, config, network: torch.nn.Module) -> Path:
     """The trained network as a model directory ``pipeline()`` loads: Mask2Former in the native layout, FastInst in
     the hub layout (with its category ids and test-time preprocessing)."""
     if isinstance(config, FastInstConfig):
-        from modelscope_plugin.model_dirs.fastinst import write_hub_dir
-
         return write_hub_dir(directory, config, network, finetuned=True)
     return write_model_dir(directory, config, network)
 
