@@ -6,7 +6,7 @@ ORACLE := .venv-oracle
 # torch is pinned here only to take the build this machine holds locally; setup.cfg declares ranges.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-fast clean
+.PHONY: demo test test-fast lint clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,10 @@ $(ORACLE)/.installed: $(VENV)/.installed tests/oracles/setup_oracle_env.sh
 demo: $(VENV)/.installed
 	$(VENV)/bin/python -m modelscope_plugin.apps.demo --output outputs/demo
 
-test: $(VENV)/.installed $(ORACLE)/.installed
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check modelscope_plugin benchmarks
+
+test: $(VENV)/.installed $(ORACLE)/.installed lint
 	$(VENV)/bin/python -m pytest -q -m "not slow" tests
 
 test-fast: $(VENV)/.installed

@@ -62,7 +62,8 @@ def main() -> None:
     completed = subprocess.run(
         [sys.executable, *script, "--seed", "0", "--model-dir", str(model_dir), "--images",
          *[str(IMAGE)] * arguments.runs, "--result", str(model_dir) + ".npz"],
-        cwd=REPO, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO), PIP_REQUIRE_VIRTUALENV="1"))
+        cwd=REPO, capture_output=True, text=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO), PIP_REQUIRE_VIRTUALENV="1"))
     if completed.returncode != 0:
         raise SystemExit(f"oracle failed:\n{completed.stderr[-4000:]}")
     builtin = [float(match.group(1)) for line in completed.stdout.splitlines() if (match := pattern.search(line))]

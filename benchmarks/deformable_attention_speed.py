@@ -35,7 +35,8 @@ def main() -> None:
     locations = torch.rand(1, tokens, heads, len(shapes), points, 2, generator=generator) * 1.2 - 0.1
     weights = torch.rand(1, tokens, heads, len(shapes), points, generator=generator).softmax(-1)
     timings = {"grid_sample per level": [], "this package (embedding_bag)": []}
-    functions = {"grid_sample per level": grid_sample_reference, "this package (embedding_bag)": multi_scale_deformable_attention}
+    functions = {"grid_sample per level": grid_sample_reference,
+                 "this package (embedding_bag)": multi_scale_deformable_attention}
     with torch.inference_mode():
         outputs = {name: function(value, shapes, locations, weights) for name, function in functions.items()}
         for _ in range(arguments.runs):
@@ -44,11 +45,13 @@ def main() -> None:
                 function(value, shapes, locations, weights)
                 timings[name].append(time.perf_counter() - start)
     difference = (outputs["grid_sample per level"] - outputs["this package (embedding_bag)"]).abs().max().item()
-    print(f"{tokens} queries, {arguments.threads} threads, median of {arguments.runs}; max |difference| {difference:.1e}")
+    print(f"{tokens} queries, {arguments.threads} threads, median of {arguments.runs}; "
+          f"max |difference| {difference:.1e}")
     medians = {name: statistics.median(values) for name, values in timings.items()}
     for name, median in medians.items():
         print(f"  {name:30s} {median * 1000:8.1f} ms")
-    print(f"  ratio ours / grid_sample: {medians['this package (embedding_bag)'] / medians['grid_sample per level']:.3f}")
+    print("  ratio ours / grid_sample: "
+          f"{medians['this package (embedding_bag)'] / medians['grid_sample per level']:.3f}")
 
 
 if __name__ == "__main__":

@@ -84,12 +84,15 @@ def main(argv=None) -> None:
             "fastinst_equal": network_flops(fastinst.model.network, *mask2former_prepared.padded_size),
         }
     fastinst_median, mask2former_median = statistics.median(times["fastinst"]), statistics.median(times["mask2former"])
-    print(f"image {IMAGE.name}; FastInst input {fastinst_prepared.padded_size}, Mask2Former input {mask2former_prepared.padded_size}; "
+    print(f"image {IMAGE.name}; FastInst input {fastinst_prepared.padded_size}, "
+          f"Mask2Former input {mask2former_prepared.padded_size}; "
           f"{arguments.threads} threads, {arguments.runs} interleaved runs; FastInst score_thr {arguments.score_thr} "
           f"keeps {fastinst_instances} instances")
-    print(f"whole pipeline, median seconds: FastInst R50-D3 {fastinst_median:.2f}, Mask2Former R50 {mask2former_median:.2f}, "
+    print(f"whole pipeline, median seconds: FastInst R50-D3 {fastinst_median:.2f}, "
+          f"Mask2Former R50 {mask2former_median:.2f}, "
           f"ratio {mask2former_median / fastinst_median:.2f}x")
-    print(f"GFLOPs at the cards' inputs: FastInst {flops['fastinst_card'] / 1e9:.1f}, Mask2Former {flops['mask2former_card'] / 1e9:.1f}, "
+    print(f"GFLOPs at the cards' inputs: FastInst {flops['fastinst_card'] / 1e9:.1f}, "
+          f"Mask2Former {flops['mask2former_card'] / 1e9:.1f}, "
           f"ratio {flops['mask2former_card'] / flops['fastinst_card']:.2f}x")
     print(f"GFLOPs at an equal input {mask2former_prepared.padded_size}: FastInst {flops['fastinst_equal'] / 1e9:.1f}, "
           f"ratio {flops['mask2former_card'] / flops['fastinst_equal']:.2f}x")

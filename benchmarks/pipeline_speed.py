@@ -103,7 +103,8 @@ def main() -> None:
         if arguments.child == "transformers":
             phases = time_transformers(arguments.model_dir, runs=2)
         else:
-            phases = time_ours(arguments.model_dir, runs=2, precision="bf16" if arguments.child == "ours-bf16" else "fp32")
+            phases = time_ours(arguments.model_dir, runs=2,
+                               precision="bf16" if arguments.child == "ours-bf16" else "fp32")
         peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
         print(json.dumps({"phases": phases[-1], "peak_rss_gib": peak_gib}))
         return

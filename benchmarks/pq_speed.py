@@ -76,7 +76,8 @@ def main() -> None:
         import hotcoco.panoptic
 
         start = time.perf_counter()
-        reference = hotcoco.panoptic.pq_compute(str(scratch / "gt.json"), str(scratch / "pred.json"), str(scratch / "gt"), str(scratch / "pred"))
+        reference = hotcoco.panoptic.pq_compute(str(scratch / "gt.json"), str(scratch / "pred.json"),
+                                                str(scratch / "gt"), str(scratch / "pred"))
         hotcoco_seconds = time.perf_counter() - start
 
         folders = (str(scratch / "gt.json"), str(scratch / "pred.json"), str(scratch / "gt"), str(scratch / "pred"))
@@ -102,8 +103,10 @@ def main() -> None:
 
     print(f"{arguments.pairs} pairs of {WIDTH}x{HEIGHT}")
     print(f"hotcoco pq_compute (reads PNGs):        {hotcoco_seconds:.2f} s, PQ {reference['All']['pq'] * 100:.4f}")
-    print(f"modelscope_plugin accumulate_folders:   {ours_seconds:.2f} s, PQ {ours['PQ']:.4f}, ratio to hotcoco {ours_seconds / hotcoco_seconds:.2f}")
-    print(f"  streamed matcher (use_hotcoco=False): {streamed_seconds:.2f} s, PQ {streamed['PQ']:.4f}, ratio to hotcoco {streamed_seconds / hotcoco_seconds:.2f}")
+    print(f"modelscope_plugin accumulate_folders:   {ours_seconds:.2f} s, PQ {ours['PQ']:.4f}, "
+          f"ratio to hotcoco {ours_seconds / hotcoco_seconds:.2f}")
+    print(f"  streamed matcher (use_hotcoco=False): {streamed_seconds:.2f} s, PQ {streamed['PQ']:.4f}, "
+          f"ratio to hotcoco {streamed_seconds / hotcoco_seconds:.2f}")
     for results in (ours, streamed):
         assert abs(results["PQ"] - reference["All"]["pq"] * 100) < 1e-9, (results["PQ"], reference["All"]["pq"])
     print(f"modelscope_plugin mIoU confusion matrix (in-memory maps): {miou_seconds:.2f} s")

@@ -13,8 +13,9 @@ from modelscope_plugin.modeling.mask2former.transformer_decoder import MultiScal
 def build_backbone(config):
     if isinstance(config, SwinConfig):
         return SwinTransformer(
-            embed_dim=config.embed_dim, depths=config.depths, num_heads=config.num_heads, window_size=config.window_size,
-            patch_size=config.patch_size, mlp_ratio=config.mlp_ratio, drop_path_rate=config.drop_path_rate,
+            embed_dim=config.embed_dim, depths=config.depths, num_heads=config.num_heads,
+            window_size=config.window_size, patch_size=config.patch_size, mlp_ratio=config.mlp_ratio,
+            drop_path_rate=config.drop_path_rate,
         )
     if isinstance(config, ResNetConfig):
         return ResNet(depth=config.depth, width=config.width)

@@ -19,7 +19,8 @@ def draw_overlay(rgb: np.ndarray, result: Dict[str, Any], alpha: float = 0.55, l
         region = mask.astype(bool)
         canvas[region] = (1 - alpha) * canvas[region] + alpha * np.asarray(class_color(label_id), dtype=np.float32)
         # outline: mask pixels with a non-mask 4-neighbour
-        border = region & ~(np.roll(region, 1, 0) & np.roll(region, -1, 0) & np.roll(region, 1, 1) & np.roll(region, -1, 1))
+        border = region & ~(np.roll(region, 1, 0) & np.roll(region, -1, 0) & np.roll(region, 1, 1)
+                            & np.roll(region, -1, 1))
         canvas[border] = 255
     overlay = Image.fromarray(canvas.clip(0, 255).astype(np.uint8))
     if not legend:
@@ -65,8 +66,8 @@ def _empty_canvas(masks: Sequence[np.ndarray]) -> np.ndarray:
 def panoptic_seg_masks_to_image(masks: Sequence[np.ndarray]) -> np.ndarray:
     """Same drawing as ``modelscope.utils.cv.image_utils.panoptic_seg_masks_to_image`` without mmdet: mask i gets
     mmdet's 133-colour COCO panoptic palette entry i; a colour already used is jittered by up to ±30 per channel
-    with NumPy's global RNG, as mmdet's ``_get_bias_color``. Float64 (H, W, 3), RGB values written as cv2 will read them.
-    More than 133 masks wrap around the palette (and get jittered) instead of raising."""
+    with NumPy's global RNG, as mmdet's ``_get_bias_color``. Float64 (H, W, 3), RGB values written as cv2 will read
+    them. More than 133 masks wrap around the palette (and get jittered) instead of raising."""
     canvas = _empty_canvas(masks)
     taken = {0}  # ModelScope initialises its set with set([0, 0, 0]) == {0}; kept for identical jitter draws
     for index, mask in enumerate(masks):

@@ -169,7 +169,8 @@ def convert_hf_to_detectron2(state_dict: dict[str, Tensor], config, *,
     ``attn.relative_position_index`` buffers that detectron2 checkpoints carry."""
     source_backbone_type, backbone_config = backbone_type(config)
     rules = [(re.compile(pattern), action)
-             for pattern, action in (_swin_rules() if source_backbone_type == 'swin' else _resnet_rules()) + _head_rules()]
+             for pattern, action in ((_swin_rules() if source_backbone_type == 'swin' else _resnet_rules())
+                                     + _head_rules())]
     report = KeymapReport()
     converted: dict[str, Tensor] = {}
     fused: dict[str, dict[int, tuple[str, Tensor]]] = {}

@@ -44,11 +44,16 @@ MMDET_SWIN_RULES: List[Rule] = [
 MMDET_HEAD_RULES: List[Rule] = [
     (r"^panoptic_head\.pixel_decoder\.input_convs\.(\d+)\.conv\.", r"pixel_decoder.input_proj.\1.0."),
     (r"^panoptic_head\.pixel_decoder\.input_convs\.(\d+)\.gn\.", r"pixel_decoder.input_proj.\1.1."),
-    (r"^panoptic_head\.pixel_decoder\.encoder\.layers\.(\d+)\.attentions\.0\.", r"pixel_decoder.transformer.encoder.layers.\1.self_attn."),
-    (r"^panoptic_head\.pixel_decoder\.encoder\.layers\.(\d+)\.ffns\.0\.layers\.0\.0\.", r"pixel_decoder.transformer.encoder.layers.\1.linear1."),
-    (r"^panoptic_head\.pixel_decoder\.encoder\.layers\.(\d+)\.ffns\.0\.layers\.1\.", r"pixel_decoder.transformer.encoder.layers.\1.linear2."),
-    (r"^panoptic_head\.pixel_decoder\.encoder\.layers\.(\d+)\.norms\.0\.", r"pixel_decoder.transformer.encoder.layers.\1.norm1."),
-    (r"^panoptic_head\.pixel_decoder\.encoder\.layers\.(\d+)\.norms\.1\.", r"pixel_decoder.transformer.encoder.layers.\1.norm2."),
+    (r"^panoptic_head\.pixel_decoder\.encoder\.layers\.(\d+)\.attentions\.0\.",
+     r"pixel_decoder.transformer.encoder.layers.\1.self_attn."),
+    (r"^panoptic_head\.pixel_decoder\.encoder\.layers\.(\d+)\.ffns\.0\.layers\.0\.0\.",
+     r"pixel_decoder.transformer.encoder.layers.\1.linear1."),
+    (r"^panoptic_head\.pixel_decoder\.encoder\.layers\.(\d+)\.ffns\.0\.layers\.1\.",
+     r"pixel_decoder.transformer.encoder.layers.\1.linear2."),
+    (r"^panoptic_head\.pixel_decoder\.encoder\.layers\.(\d+)\.norms\.0\.",
+     r"pixel_decoder.transformer.encoder.layers.\1.norm1."),
+    (r"^panoptic_head\.pixel_decoder\.encoder\.layers\.(\d+)\.norms\.1\.",
+     r"pixel_decoder.transformer.encoder.layers.\1.norm2."),
     (r"^panoptic_head\.pixel_decoder\.level_encoding\.weight$", r"pixel_decoder.transformer.level_embed"),
     # mmdet builds its FPN convs coarse to fine, detectron2 names them fine to coarse from 1; the releases have one
     (r"^panoptic_head\.pixel_decoder\.lateral_convs\.0\.conv\.", r"pixel_decoder.adapter_1."),
@@ -57,13 +62,20 @@ MMDET_HEAD_RULES: List[Rule] = [
     (r"^panoptic_head\.pixel_decoder\.output_convs\.0\.gn\.", r"pixel_decoder.layer_1.norm."),
     (r"^panoptic_head\.pixel_decoder\.mask_feature\.", r"pixel_decoder.mask_features."),
     # decoder layer operation order: cross_attn, norm, self_attn, norm, ffn, norm
-    (r"^panoptic_head\.transformer_decoder\.layers\.(\d+)\.attentions\.0\.attn\.", r"transformer_decoder.transformer_cross_attention_layers.\1.multihead_attn."),
-    (r"^panoptic_head\.transformer_decoder\.layers\.(\d+)\.attentions\.1\.attn\.", r"transformer_decoder.transformer_self_attention_layers.\1.self_attn."),
-    (r"^panoptic_head\.transformer_decoder\.layers\.(\d+)\.norms\.0\.", r"transformer_decoder.transformer_cross_attention_layers.\1.norm."),
-    (r"^panoptic_head\.transformer_decoder\.layers\.(\d+)\.norms\.1\.", r"transformer_decoder.transformer_self_attention_layers.\1.norm."),
-    (r"^panoptic_head\.transformer_decoder\.layers\.(\d+)\.norms\.2\.", r"transformer_decoder.transformer_ffn_layers.\1.norm."),
-    (r"^panoptic_head\.transformer_decoder\.layers\.(\d+)\.ffns\.0\.layers\.0\.0\.", r"transformer_decoder.transformer_ffn_layers.\1.linear1."),
-    (r"^panoptic_head\.transformer_decoder\.layers\.(\d+)\.ffns\.0\.layers\.1\.", r"transformer_decoder.transformer_ffn_layers.\1.linear2."),
+    (r"^panoptic_head\.transformer_decoder\.layers\.(\d+)\.attentions\.0\.attn\.",
+     r"transformer_decoder.transformer_cross_attention_layers.\1.multihead_attn."),
+    (r"^panoptic_head\.transformer_decoder\.layers\.(\d+)\.attentions\.1\.attn\.",
+     r"transformer_decoder.transformer_self_attention_layers.\1.self_attn."),
+    (r"^panoptic_head\.transformer_decoder\.layers\.(\d+)\.norms\.0\.",
+     r"transformer_decoder.transformer_cross_attention_layers.\1.norm."),
+    (r"^panoptic_head\.transformer_decoder\.layers\.(\d+)\.norms\.1\.",
+     r"transformer_decoder.transformer_self_attention_layers.\1.norm."),
+    (r"^panoptic_head\.transformer_decoder\.layers\.(\d+)\.norms\.2\.",
+     r"transformer_decoder.transformer_ffn_layers.\1.norm."),
+    (r"^panoptic_head\.transformer_decoder\.layers\.(\d+)\.ffns\.0\.layers\.0\.0\.",
+     r"transformer_decoder.transformer_ffn_layers.\1.linear1."),
+    (r"^panoptic_head\.transformer_decoder\.layers\.(\d+)\.ffns\.0\.layers\.1\.",
+     r"transformer_decoder.transformer_ffn_layers.\1.linear2."),
     (r"^panoptic_head\.transformer_decoder\.post_norm\.", r"transformer_decoder.decoder_norm."),
     (r"^panoptic_head\.decoder_input_projs\.", r"transformer_decoder.input_proj."),
     (r"^panoptic_head\.cls_embed\.", r"transformer_decoder.class_embed."),
@@ -84,20 +96,28 @@ DETECTRON2_RULES: List[Rule] = [
     # detectron2 ResNet -> torchvision ResNet
     (r"^backbone\.stem\.conv1\.norm\.", r"backbone.bn1."),
     (r"^backbone\.stem\.conv1\.", r"backbone.conv1."),
-    (r"^backbone\.res(\d)\.(\d+)\.shortcut\.norm\.", lambda match: f"backbone.layer{int(match.group(1)) - 1}.{match.group(2)}.downsample.1."),
-    (r"^backbone\.res(\d)\.(\d+)\.shortcut\.", lambda match: f"backbone.layer{int(match.group(1)) - 1}.{match.group(2)}.downsample.0."),
-    (r"^backbone\.res(\d)\.(\d+)\.conv(\d)\.norm\.", lambda match: f"backbone.layer{int(match.group(1)) - 1}.{match.group(2)}.bn{match.group(3)}."),
-    (r"^backbone\.res(\d)\.(\d+)\.conv(\d)\.", lambda match: f"backbone.layer{int(match.group(1)) - 1}.{match.group(2)}.conv{match.group(3)}."),
+    (r"^backbone\.res(\d)\.(\d+)\.shortcut\.norm\.",
+     lambda match: f"backbone.layer{int(match.group(1)) - 1}.{match.group(2)}.downsample.1."),
+    (r"^backbone\.res(\d)\.(\d+)\.shortcut\.",
+     lambda match: f"backbone.layer{int(match.group(1)) - 1}.{match.group(2)}.downsample.0."),
+    (r"^backbone\.res(\d)\.(\d+)\.conv(\d)\.norm\.",
+     lambda match: f"backbone.layer{int(match.group(1)) - 1}.{match.group(2)}.bn{match.group(3)}."),
+    (r"^backbone\.res(\d)\.(\d+)\.conv(\d)\.",
+     lambda match: f"backbone.layer{int(match.group(1)) - 1}.{match.group(2)}.conv{match.group(3)}."),
 ]
 
 # this package's names -> detectron2's (the inverse of DETECTRON2_RULES), for writing hub-layout directories
 NATIVE_TO_DETECTRON2_RULES = [
     (r"^backbone\.conv1\.", r"backbone.stem.conv1."),
     (r"^backbone\.bn1\.", r"backbone.stem.conv1.norm."),
-    (r"^backbone\.layer(\d)\.(\d+)\.downsample\.0\.", lambda match: f"backbone.res{int(match.group(1)) + 1}.{match.group(2)}.shortcut."),
-    (r"^backbone\.layer(\d)\.(\d+)\.downsample\.1\.", lambda match: f"backbone.res{int(match.group(1)) + 1}.{match.group(2)}.shortcut.norm."),
-    (r"^backbone\.layer(\d)\.(\d+)\.conv(\d)\.", lambda match: f"backbone.res{int(match.group(1)) + 1}.{match.group(2)}.conv{match.group(3)}."),
-    (r"^backbone\.layer(\d)\.(\d+)\.bn(\d)\.", lambda match: f"backbone.res{int(match.group(1)) + 1}.{match.group(2)}.conv{match.group(3)}.norm."),
+    (r"^backbone\.layer(\d)\.(\d+)\.downsample\.0\.",
+     lambda match: f"backbone.res{int(match.group(1)) + 1}.{match.group(2)}.shortcut."),
+    (r"^backbone\.layer(\d)\.(\d+)\.downsample\.1\.",
+     lambda match: f"backbone.res{int(match.group(1)) + 1}.{match.group(2)}.shortcut.norm."),
+    (r"^backbone\.layer(\d)\.(\d+)\.conv(\d)\.",
+     lambda match: f"backbone.res{int(match.group(1)) + 1}.{match.group(2)}.conv{match.group(3)}."),
+    (r"^backbone\.layer(\d)\.(\d+)\.bn(\d)\.",
+     lambda match: f"backbone.res{int(match.group(1)) + 1}.{match.group(2)}.conv{match.group(3)}.norm."),
     (r"^pixel_decoder\.", r"sem_seg_head.pixel_decoder."),
     (r"^transformer_decoder\.", r"sem_seg_head.predictor."),
 ]
@@ -110,8 +130,8 @@ _NON_WEIGHT_KEYS = re.compile(
 
 def unfold_to_swin_order(weight: torch.Tensor, dim: int) -> torch.Tensor:
     """mmdet's ``nn.Unfold`` patch merging orders the 4C input channels channel-major (c*4 + k, k over
-    (0,0), (0,1), (1,0), (1,1)); the original Swin concatenates neighbour-major (k*C + c, k over (0,0), (1,0), (0,1), (1,1)).
-    ``dim`` is the axis of size 4C."""
+    (0,0), (0,1), (1,0), (1,1)); the original Swin concatenates neighbour-major (k*C + c, k over (0,0), (1,0), (0,1),
+    (1,1)). ``dim`` is the axis of size 4C."""
     channels = weight.shape[dim] // 4
     moved = weight.movedim(dim, 0)
     # (C, 4 unfold positions, ...) -> (4 swin positions, C, ...)
@@ -148,7 +168,8 @@ def convert_mmdet(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Ten
 
 
 def convert_easycv(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """EasyCV ``Mask2Former`` (``backbone.*`` torchvision-style ResNet, ``head.pixel_decoder.*``, ``head.predictor.*``)."""
+    """EasyCV ``Mask2Former`` (``backbone.*`` torchvision-style ResNet, ``head.pixel_decoder.*``,
+    ``head.predictor.*``)."""
     return rename_keys(state_dict, EASYCV_RULES)
 
 
@@ -169,7 +190,8 @@ def detect_source(state_dict: Mapping[str, torch.Tensor]) -> str:
         return "hf"
     if any(key.startswith("transformer_decoder.") for key in keys):
         return "native"
-    raise CheckpointError("unrecognised checkpoint layout (expected mmdet, EasyCV, detectron2, Hugging Face or native keys)")
+    raise CheckpointError("unrecognised checkpoint layout (expected mmdet, EasyCV, detectron2, Hugging Face "
+                          "or native keys)")
 
 
 CONVERTERS: Dict[str, Callable[[Mapping[str, torch.Tensor]], Dict[str, torch.Tensor]]] = {

@@ -150,7 +150,8 @@ COCO_PANOPTIC_CATEGORIES: List[Category] = [
 ]
 
 # mmdet 2.28 ``CocoPanopticDataset.CLASSES`` spells one name differently; checkpoints trained there carry it verbatim.
-MMDET_COCO_PANOPTIC_CLASSES: Tuple[str, ...] = tuple(" truck" if c.name == "truck" else c.name for c in COCO_PANOPTIC_CATEGORIES)
+MMDET_COCO_PANOPTIC_CLASSES: Tuple[str, ...] = tuple(" truck" if c.name == "truck" else c.name
+                                                     for c in COCO_PANOPTIC_CATEGORIES)
 COCO_PANOPTIC_PALETTE: List[Tuple[int, int, int]] = [c.color for c in COCO_PANOPTIC_CATEGORIES]
 COCO_THING_CATEGORIES: List[Category] = [c for c in COCO_PANOPTIC_CATEGORIES if c.isthing]
 

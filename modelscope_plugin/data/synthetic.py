@@ -205,7 +205,8 @@ def _shape_polygon(name: str, center: Tuple[float, float], size: float, rotation
     return np.stack([center[0] + radii * np.cos(angles), center[1] + radii * np.sin(angles)], 1)
 
 
-def rasterize_shape(name: str, center: Tuple[float, float], size: float, rotation: float, image_size: int) -> np.ndarray:
+def rasterize_shape(name: str, center: Tuple[float, float], size: float, rotation: float,
+                    image_size: int) -> np.ndarray:
     """(H, W) bool mask of one shape: the pixels whose centre (column + 0.5, row + 0.5) lies inside it."""
     radius = size / 2
     # only the pixels of the shape's bounding square are tested
@@ -270,14 +271,16 @@ def generate_scene(rng: np.random.Generator, config: SceneConfig = SceneConfig()
         image[mask] = fill[mask]
         for thing in things:
             thing.visible_mask &= ~mask
-        things.append(Thing(category.id, center, float(shape_size), float(rotation), fill_description, mask, mask.copy()))
+        things.append(Thing(category.id, center, float(shape_size), float(rotation), fill_description, mask,
+                            mask.copy()))
     return Scene(np.clip(np.round(image), 0, 255).astype(np.uint8), stuff_class, things, polylines)
 
 
 def _bbox(mask: np.ndarray) -> List[int]:
     """COCO [x, y, w, h] of a non-empty mask."""
     rows, columns = np.nonzero(mask)
-    return [int(columns.min()), int(rows.min()), int(columns.max() - columns.min() + 1), int(rows.max() - rows.min() + 1)]
+    return [int(columns.min()), int(rows.min()), int(columns.max() - columns.min() + 1),
+            int(rows.max() - rows.min() + 1)]
 
 
 def scene_segments(scene: Scene) -> Tuple[np.ndarray, List[Dict[str, Any]]]:
@@ -330,13 +333,15 @@ class SyntheticSplit:
         return self.root / "annotations" / f"semantic_{self.split}"
 
     def panoptic_rows(self, on_error: str = "raise"):
-        return read_coco_panoptic(str(self.panoptic_json), str(self.panoptic_folder), str(self.image_folder), on_error)[0]
+        return read_coco_panoptic(str(self.panoptic_json), str(self.panoptic_folder), str(self.image_folder),
+                                  on_error)[0]
 
     def instance_rows(self, on_error: str = "raise"):
         return read_coco_instances(str(self.instances_json), str(self.image_folder), on_error)[0]
 
     def semantic_rows(self, on_error: str = "raise"):
-        return read_label_folders(str(self.image_folder), str(self.semantic_folder), len(SYNTHETIC_CATEGORIES), on_error)[0]
+        return read_label_folders(str(self.image_folder), str(self.semantic_folder), len(SYNTHETIC_CATEGORIES),
+                                  on_error)[0]
 
 
 def _category_dicts(categories: List[Category]) -> List[Dict[str, Any]]:
@@ -379,7 +384,8 @@ def write_dataset(root, split: str, num_images: int, seed: int, config: SceneCon
                 "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
                 "area": segment["area"], "bbox": segment["bbox"], "iscrowd": 0,
                 "amodal_area": int(thing.amodal_mask.sum()),
-                "shape": {"center": list(thing.center), "size": thing.size, "rotation": thing.rotation, "fill": thing.fill},
+                "shape": {"center": list(thing.center), "size": thing.size, "rotation": thing.rotation,
+                          "fill": thing.fill},
             })
     info = {"description": "modelscope_plugin synthetic shapes", "seed": seed, "split": split,
             "scene_config": asdict(config)}

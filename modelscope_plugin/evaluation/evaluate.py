@@ -48,7 +48,8 @@ def _format_table(per_class: Mapping[str, Mapping[str, Any]]) -> str:
         cells = []
         for column in columns:
             value = values[column]
-            cells.append(("-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)).rjust(12))
+            cells.append(("-" if value is None else f"{value:.4f}" if isinstance(value, float)
+                          else str(value)).rjust(12))
         lines.append(name.ljust(width) + "".join(cells))
     return "\n".join(lines) + "\n"
 
@@ -96,7 +97,8 @@ def evaluate(model_or_pipeline: Any, dataset: Iterable[Mapping[str, Any]], task:
         total = min(total, limit)
     if total is not None:
         total = len(range(rank, total, world_size))
-    progress_bar = tqdm(total=total, desc=f"evaluating {task}" + (f" (rank {rank}/{world_size})" if world_size > 1 else ""),
+    progress_bar = tqdm(total=total,
+                        desc=f"evaluating {task}" + (f" (rank {rank}/{world_size})" if world_size > 1 else ""),
                         disable=not progress)
     for index, row in enumerate(dataset):
         if limit is not None and index >= limit:

@@ -30,7 +30,8 @@ def detections_from_outputs(outputs: Mapping[str, Any], image_id: Any) -> List[D
     column + 1) -> COCO result dicts: ``image_id, category_id, score, segmentation`` (RLE), ``bbox`` [x, y, w, h]."""
     detections = []
     boxes = outputs.get("boxes")
-    for index, (mask, score, category_id) in enumerate(zip(outputs["masks"], outputs["scores"], outputs["category_ids"])):
+    for index, (mask, score, category_id) in enumerate(zip(outputs["masks"], outputs["scores"],
+                                                           outputs["category_ids"])):
         rle = encode_mask(np.asarray(mask))
         if boxes is not None and len(boxes) > index and boxes[index] is not None:
             x1, y1, x2, y2 = (float(value) for value in boxes[index])
@@ -58,7 +59,8 @@ def run_cocoeval(ground_truth: COCO, detections: Sequence[Dict[str, Any]], iou_t
     with contextlib.redirect_stdout(io.StringIO()):
         prediction = ground_truth.loadRes(results) if results else COCO()
         if not results:
-            prediction.dataset = {"images": ground_truth.dataset["images"], "annotations": [], "categories": ground_truth.dataset["categories"]}
+            prediction.dataset = {"images": ground_truth.dataset["images"], "annotations": [],
+                                  "categories": ground_truth.dataset["categories"]}
             prediction.createIndex()
         evaluator = COCOeval(ground_truth, prediction, iou_type)
         if image_ids is not None:

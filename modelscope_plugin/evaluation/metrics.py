@@ -112,3 +112,6 @@ def register_metrics() -> None:
                                (COCO_INSTANCE_METRIC, CocoInstanceMetric),
                                (SEMANTIC_METRIC, SemanticSegmentationMetric)):
         METRICS.register_module(group_key=default_group, module_name=name, module_cls=metric_class, force=True)
+
+
+register_metrics()

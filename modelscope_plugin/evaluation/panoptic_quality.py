@@ -48,7 +48,8 @@ def _compact_indices(id_map: np.ndarray, known_ids: np.ndarray, what: str, image
     A lookup table (or, for larger ids, a binary search over the few listed ids) replaces the sort of every pixel
     that ``np.unique`` would do."""
     flat = id_map.ravel()
-    if flat.size and 0 <= known_ids[0] and known_ids[-1] < LOOKUP_TABLE_IDS and 0 <= flat.min() and flat.max() < LOOKUP_TABLE_IDS:
+    if (flat.size and 0 <= known_ids[0] and known_ids[-1] < LOOKUP_TABLE_IDS and 0 <= flat.min()
+            and flat.max() < LOOKUP_TABLE_IDS):
         # position + 1, so that 0 marks an id that is not listed
         table = np.zeros(LOOKUP_TABLE_IDS, dtype=np.int32)
         table[known_ids] = np.arange(1, len(known_ids) + 1, dtype=np.int32)
@@ -89,7 +90,8 @@ def match_image(ground_truth_ids: np.ndarray, ground_truth_segments: Sequence[Ma
                           in zip(ground_truth_known, intersection_matrix.sum(1)) if area > 0}
     prediction_areas = {int(segment_id): int(area) for segment_id, area
                         in zip(prediction_known, intersection_matrix.sum(0)) if area > 0}
-    prediction = {segment_id: segment for segment_id, segment in listed_prediction.items() if prediction_areas.get(segment_id, 0) > 0}
+    prediction = {segment_id: segment for segment_id, segment in listed_prediction.items()
+                  if prediction_areas.get(segment_id, 0) > 0}
     rows, columns = np.nonzero(intersection_matrix)
     intersections: Dict[Tuple[int, int], int] = {
         (int(ground_truth_known[row]), int(prediction_known[column])): int(intersection_matrix[row, column])
@@ -202,8 +204,9 @@ class PanopticQualityAccumulator:
                 for category in self.categories:
                     statistics = self.per_class.get(int(category["id"]), ClassStatistics())
                     results["per_class"][category["name"]] = dict(
-                        per_class[int(category["id"])], category_id=int(category["id"]), isthing=bool(category["isthing"]),
-                        tp=statistics.true_positives, fp=statistics.false_positives, fn=statistics.false_negatives)
+                        per_class[int(category["id"])], category_id=int(category["id"]),
+                        isthing=bool(category["isthing"]), tp=statistics.true_positives,
+                        fp=statistics.false_positives, fn=statistics.false_negatives)
         return results
 
 

@@ -54,7 +54,8 @@ class ConfusionMatrix:
             iou = true_positive / union
             accuracy = true_positive / ground_truth_area
         total = ground_truth_area.sum()
-        names = list(class_names) if class_names is not None else [str(index) for index in range(self.number_of_classes)]
+        names = (list(class_names) if class_names is not None
+                 else [str(index) for index in range(self.number_of_classes)])
         return {
             "aAcc": 100 * float(true_positive.sum() / total) if total > 0 else 0.0,
             "mIoU": 100 * float(np.nanmean(iou)) if np.isfinite(iou).any() else 0.0,

@@ -3,7 +3,10 @@ from typing import Optional, Union
 
 import torch
 from modelscope.models.base import TorchModel
+from modelscope.models.builder import MODELS
+from modelscope.utils.constant import Tasks
 
+from modelscope_plugin.model_dirs.configuration import MODEL_TYPES
 from modelscope_plugin.model_dirs.load import load_model_dir
 from modelscope_plugin.modeling.fastinst.model import FastInstOutput
 from modelscope_plugin.modeling.mask2former.model import Mask2FormerOutput
@@ -19,3 +22,7 @@ class SegmentationModel(TorchModel):
 
     def forward(self, images: torch.Tensor) -> Union[Mask2FormerOutput, FastInstOutput]:
         return self.network(images)
+
+
+for _type_name in MODEL_TYPES:
+    MODELS.register_module(Tasks.image_segmentation, module_name=_type_name, module_cls=SegmentationModel, force=True)

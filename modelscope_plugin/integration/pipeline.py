@@ -7,10 +7,12 @@ from modelscope.pipelines.base import Pipeline
 from modelscope.pipelines.builder import PIPELINES
 from modelscope.utils.constant import Tasks
 
+from modelscope_plugin import visualization
 from modelscope_plugin.errors import USER_ERRORS, CommandError
 from modelscope_plugin.inference.predictor import PostprocessParameters, Predictor
 from modelscope_plugin.inference.preprocess import PreparedImage
 from modelscope_plugin.integration.model import SegmentationModel
+from modelscope_plugin.integration.registry import PIPELINE_TYPES
 from modelscope_plugin.model_dirs.configuration import MODEL_TYPES, read_configuration_json
 
 # ModelScope's own pipeline class for each type name this package registers over, for model types it does not run
@@ -109,3 +111,25 @@ def build_pipeline(model: str, device: str):
         raise
     except Exception as error:  # ModelScope raises ValueError/RuntimeError/KeyError flavours for unusable models
         raise CommandError(f"cannot build a segmentation pipeline for {model}: {type(error).__name__}: {error}") from error
+
+
+def pipeline_class(type_name: str):
+    """One subclass per type name, so a model this package does not run can be handed to the right built-in."""
+    return type(f"SegmentationPipeline_{type_name.replace('-', '_')}", (SegmentationPipeline,),
+                {"pipeline_type": type_name, "__module__": SegmentationPipeline.__module__})
+
+
+def use_package_drawing_helpers() -> None:
+    """ModelScope's panoptic / semantic drawing helpers need mmdet; this package's draw the same without it."""
+    try:
+        import modelscope.utils.cv.image_utils as image_utils
+    except ImportError:  # image_utils needs matplotlib and cv2, both declared dependencies
+        return
+    image_utils.panoptic_seg_masks_to_image = visualization.panoptic_seg_masks_to_image
+    image_utils.semantic_seg_masks_to_image = visualization.semantic_seg_masks_to_image
+
+
+for _type_name in PIPELINE_TYPES:
+    PIPELINES.register_module(Tasks.image_segmentation, module_name=_type_name, module_cls=pipeline_class(_type_name),
+                              force=True)
+use_package_drawing_helpers()

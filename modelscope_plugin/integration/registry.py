@@ -1,82 +1,72 @@
-"""Registers this package's classes in ModelScope's registries (the package's only import side effect).
+"""Makes ModelScope find this package's classes (the package's only import side effect), without importing them.
 
-ModelScope's ``build_from_cfg`` imports the module its AST index names for a type *before* looking in the
-registry; for the built-in type names that would import ModelScope's mmcv/mmdet-based modules. So the index
-entries of the names registered here are pointed at this package's modules as well.
+ModelScope's ``build_from_cfg`` imports the module its AST index names for a (registry, group, type) signature
+*before* looking in the registry. So registration here only points the index entries of this package's type names
+(and of the built-in names it serves: otherwise ModelScope would import its own mmcv/mmdet-based modules) at this
+package's modules; each of those modules registers its classes when it is imported, which happens when ModelScope
+first builds one of them. ``import modelscope_plugin`` therefore imports neither the networks (torchvision), nor
+the trainer, metrics or datasets. The functions ModelScope's builders call to resolve ids and install plugins are
+wrapped here, since a user may call ``pipeline()``, ``Model.from_pretrained`` or ``build_trainer`` at once.
 """
-from modelscope.models.builder import MODELS
-from modelscope.pipelines.builder import PIPELINES
+from pathlib import Path
+
+import modelscope.models.base.base_model as base_model
+import modelscope.pipelines.builder as pipeline_builder
 from modelscope.utils.constant import Tasks
 from modelscope.utils.import_utils import LazyImportModule
+from modelscope.utils.registry import default_group
 
 from modelscope_plugin.integration import hub
-from modelscope_plugin.integration import model as model_module
-from modelscope_plugin.integration import pipeline as pipeline_module
-from modelscope_plugin.integration.model import SegmentationModel
-from modelscope_plugin.integration.pipeline import SegmentationPipeline
 from modelscope_plugin.model_dirs.configuration import MODEL_TYPES
 
 PIPELINE_TYPES = ("image-panoptic-segmentation", "image-semantic-segmentation", "image-panoptic-segmentation-easycv",
                   "mask2former-segmentation", "fast-instance-segmentation")
+TRAINER_TYPES = ("mask2former-segmentation",)
+METRIC_TYPES = ("segmentation-panoptic-quality", "segmentation-coco-instance-ap", "segmentation-semantic-miou")
+PACKAGE = Path(__file__).resolve().parents[1]
+
+# (ModelScope registry, group, type names, the module of this package that registers them when imported)
+LAZY_ENTRIES = (
+    ("MODELS", Tasks.image_segmentation, tuple(MODEL_TYPES), "modelscope_plugin.integration.model"),
+    ("PIPELINES", Tasks.image_segmentation, PIPELINE_TYPES, "modelscope_plugin.integration.pipeline"),
+    ("TRAINERS", default_group, TRAINER_TYPES, "modelscope_plugin.integration.trainer"),
+    ("METRICS", default_group, METRIC_TYPES, "modelscope_plugin.evaluation.metrics"),
+)
 _installed = False
 
 
-def _point_index_at(registry_name: str, type_name: str, module) -> None:
+def point_index_at(registry_name: str, group: str, type_name: str, module_name: str) -> None:
+    """ModelScope imports ``module_name`` before it builds ``type_name`` from ``registry_name``'s ``group``."""
     index = LazyImportModule.get_ast_index()
-    index["index"][(registry_name, Tasks.image_segmentation, type_name)] = {
-        "filepath": module.__file__, "imports": [], "module": module.__name__,
-    }
-    index["requirements"][module.__name__] = []
-
-
-def _pipeline_class(type_name: str):
-    """One subclass per type name, so a non-Mask2Former model can be handed to the right built-in."""
-    return type(f"SegmentationPipeline_{type_name.replace('-', '_')}", (SegmentationPipeline,),
-                {"pipeline_type": type_name, "__module__": SegmentationPipeline.__module__})
+    path = PACKAGE.joinpath(*module_name.split(".")[1:]).with_suffix(".py")
+    index["index"][(registry_name, group, type_name)] = {"filepath": str(path), "imports": [], "module": module_name}
+    index["requirements"][module_name] = []
 
 
 def install() -> None:
     global _installed
     if _installed:
         return
-    import modelscope.models.base.base_model as base_model
-    import modelscope.pipelines.builder as pipeline_builder
+    for registry_name, group, type_names, module_name in LAZY_ENTRIES:
+        for type_name in type_names:
+            point_index_at(registry_name, group, type_name, module_name)
 
-
-    for type_name in MODEL_TYPES:
-        MODELS.register_module(Tasks.image_segmentation, module_name=type_name, module_cls=SegmentationModel, force=True)
-        _point_index_at("MODELS", type_name, model_module)
-    for type_name in PIPELINE_TYPES:
-        PIPELINES.register_module(Tasks.image_segmentation, module_name=type_name, module_cls=_pipeline_class(type_name), force=True)
-        _point_index_at("PIPELINES", type_name, pipeline_module)
-
-    pipeline_builder.is_model_from_trusted_source = hub.wrap_is_model_from_trusted_source(pipeline_builder.is_model_from_trusted_source)
-    pipeline_builder.is_official_hub_path = hub.wrap_is_official_hub_path(pipeline_builder.is_official_hub_path)
-    pipeline_builder.read_config = hub.wrap_read_config(pipeline_builder.read_config)
-    pipeline_builder.normalize_model_input = hub.wrap_normalize_model_input(pipeline_builder.normalize_model_input)
-    pipeline_builder.register_plugins_repo = hub.wrap_register_plugins_repo(pipeline_builder.register_plugins_repo)
+    for builder in (pipeline_builder, _trainer_builder()):
+        if builder is None:
+            continue
+        # hub ids resolve to the local cache first, no plugin pip runs
+        builder.is_model_from_trusted_source = hub.wrap_is_model_from_trusted_source(builder.is_model_from_trusted_source)
+        builder.is_official_hub_path = hub.wrap_is_official_hub_path(builder.is_official_hub_path)
+        builder.read_config = hub.wrap_read_config(builder.read_config)
+        builder.normalize_model_input = hub.wrap_normalize_model_input(builder.normalize_model_input)
+        builder.register_plugins_repo = hub.wrap_register_plugins_repo(builder.register_plugins_repo)
     base_model.register_plugins_repo = hub.wrap_register_plugins_repo(base_model.register_plugins_repo)
+    _installed = True
+
+
+def _trainer_builder():
     try:
         import modelscope.trainers.builder as trainer_builder
-    except ImportError:  # trainers need optional packages; nothing to patch or register without them
-        trainer_builder = None
-    if trainer_builder is not None:
-        trainer_builder.register_plugins_repo = hub.wrap_register_plugins_repo(trainer_builder.register_plugins_repo)
-        # build_trainer resolves hub ids like pipeline(): the local cache first, no plugin pip runs
-        trainer_builder.is_model_from_trusted_source = hub.wrap_is_model_from_trusted_source(trainer_builder.is_model_from_trusted_source)
-        trainer_builder.is_official_hub_path = hub.wrap_is_official_hub_path(trainer_builder.is_official_hub_path)
-        trainer_builder.read_config = hub.wrap_read_config(trainer_builder.read_config)
-        trainer_builder.normalize_model_input = hub.wrap_normalize_model_input(trainer_builder.normalize_model_input)
-        from modelscope_plugin.integration import trainer  # noqa: F401  (registers the trainer with TRAINERS)
-    from modelscope_plugin import evaluation  # noqa: F401  (registers the PQ / COCO AP / mIoU metrics with METRICS)
-
-    try:  # the cards' drawing helpers need mmdet in ModelScope; ours draw the same without it
-        import modelscope.utils.cv.image_utils as image_utils
-
-        from modelscope_plugin import visualization
-
-        image_utils.panoptic_seg_masks_to_image = visualization.panoptic_seg_masks_to_image
-        image_utils.semantic_seg_masks_to_image = visualization.semantic_seg_masks_to_image
-    except ImportError:  # image_utils needs matplotlib and cv2, both declared dependencies
-        pass
-    _installed = True
+    except ImportError:  # trainers need optional packages; nothing to patch without them
+        return None
+    return trainer_builder

@@ -88,7 +88,8 @@ class SegmentationAMPOptimizerHook(Hook):
         device_type = trainer.device.type
         name = self.dtype_name or ("fp16" if device_type == "cuda" else "bf16")
         if name == "fp16" and device_type != "cuda":
-            raise ValueError(f"float16 training needs a CUDA device (the trainer runs on {trainer.device}); use dtype='bf16'")
+            raise ValueError(f"float16 training needs a CUDA device (the trainer runs on {trainer.device}); "
+                             "use dtype='bf16'")
         scaler = None
         if name == "fp16":
             arguments = self.loss_scale if isinstance(self.loss_scale, dict) else {"init_scale": float(self.loss_scale)}

@@ -18,7 +18,8 @@ def class_head_layers(network: Union[Mask2Former, FastInst]) -> List[str]:
         decoder = network.transformer_decoder
         names = [f"transformer_decoder.class_embed_layers.{stage}.layers.{len(mlp.layers) - 1}"
                  for stage, mlp in enumerate(decoder.class_embed_layers)]
-        return names + [f"transformer_decoder.query_proposal.conv_proposal_cls_logits.{len(decoder.query_proposal.conv_proposal_cls_logits) - 1}"]
+        return names + ["transformer_decoder.query_proposal.conv_proposal_cls_logits."
+                        f"{len(decoder.query_proposal.conv_proposal_cls_logits) - 1}"]
     return ["transformer_decoder.class_embed"]
 
 
@@ -31,7 +32,8 @@ def _resized_layer(layer: nn.Module, num_outputs: int) -> nn.Module:
 
 
 def adapt_class_head(config: Union[Mask2FormerConfig, FastInstConfig], network: Union[Mask2Former, FastInst],
-                     categories: Sequence[TrainingCategory], seed: int) -> Tuple[Union[Mask2FormerConfig, FastInstConfig], Optional[str]]:
+                     categories: Sequence[TrainingCategory],
+                     seed: int) -> Tuple[Union[Mask2FormerConfig, FastInstConfig], Optional[str]]:
     """Gives ``network`` class heads for ``categories`` (things first) if they differ from ``config``'s classes.
 
     Each new layer (``class_head_layers``) gets PyTorch's default initialisation (as every reference builds its
@@ -40,7 +42,8 @@ def adapt_class_head(config: Union[Mask2FormerConfig, FastInstConfig], network: 
     names = tuple(category.name for category in categories)
     ids = tuple(category.id for category in categories)
     num_things = sum(category.isthing for category in categories)
-    if names == tuple(config.class_names) and ids == tuple(config.category_ids) and num_things == config.num_things_classes:
+    if (names == tuple(config.class_names) and ids == tuple(config.category_ids)
+            and num_things == config.num_things_classes):
         return config, None
     if isinstance(config, FastInstConfig) and num_things != len(categories):
         raise ValueError(f"FastInst segments instances only; the training class set has stuff classes "
@@ -56,7 +59,8 @@ def adapt_class_head(config: Union[Mask2FormerConfig, FastInstConfig], network: 
             setattr(parent, child_name, new_layer)
             changes.append(f"{name} {tuple(old_layer.weight.shape)} -> {tuple(new_layer.weight.shape)}")
     if isinstance(config, FastInstConfig):
-        network.transformer_decoder.num_classes = network.transformer_decoder.query_proposal.num_classes = len(categories)
+        network.transformer_decoder.num_classes = \
+            network.transformer_decoder.query_proposal.num_classes = len(categories)
         new_config = replace(config, num_classes=len(categories), class_names=names, category_ids=ids)
     else:
         new_config = replace(config, num_things_classes=num_things, num_stuff_classes=len(categories) - num_things,

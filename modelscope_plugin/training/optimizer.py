@@ -42,7 +42,8 @@ def parameter_groups(network: nn.Module, lr: float, weight_decay: float,
     return sorted(groups.values(), key=lambda group: (group["lr"] != lr, -group["weight_decay"]))
 
 
-def build_optimizer(network: nn.Module, optimizer_config: Mapping[str, Any], rules: ParameterGroupConfig) -> torch.optim.Optimizer:
+def build_optimizer(network: nn.Module, optimizer_config: Mapping[str, Any],
+                    rules: ParameterGroupConfig) -> torch.optim.Optimizer:
     """``train.optimizer`` = {type: a torch.optim class name, lr, weight_decay, ...other constructor arguments}."""
     values = dict(optimizer_config)
     type_name = values.pop("type", None)

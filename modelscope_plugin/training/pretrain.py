@@ -11,12 +11,12 @@ image) take thousands; the query-based training then starts from discriminative 
 
 Per-pixel labels barely teach shape, though: a linear probe on the pixel decoder's features mean-pooled over each
 held-out thing told its shape (disc / triangle / square / star) little better than chance after dense pretraining
-(issue 5's note). ``pretrain_classification`` comes first and is the closer stand-in for ImageNet: the backbone
-classifies every training thing from its features average-pooled over its mask (the pooling Mask2Former's masked
-attention does) on the strides 8, 16 and 32, computed on the whole image at its own scale, as the segmenter will
-see it. A ResNet trains its batch norm there (and keeps it frozen afterwards, as the recipes do with pretrained
-backbones). Windows centred on each thing learn faster but do not transfer: a classifier at 80 % on held-out
-windows told the same things, pooled from their whole images, 32 % of the time (chance: 25 %; issue 5's note).
+(measured while training the demo models). ``pretrain_classification`` comes first and is the closer stand-in for
+ImageNet: the backbone classifies every training thing from its features average-pooled over its mask (the pooling
+Mask2Former's masked attention does) on the strides 8, 16 and 32, computed on the whole image at its own scale, as
+the segmenter will see it. A ResNet trains its batch norm there (and keeps it frozen afterwards, as the recipes do
+with pretrained backbones). Windows centred on each thing learn faster but do not transfer: a classifier at 80 % on
+held-out windows told the same things, pooled from their whole images, 32 % of the time (chance: 25 %).
 """
 import time
 from dataclasses import dataclass
@@ -60,7 +60,8 @@ def pretrain_dense(network: nn.Module, preprocess, rows: Sequence[Mapping[str, A
     """Trains ``network``'s backbone and pixel decoder in place (AdamW, weight decay 0.05, constant ``lr``) for
     ``epochs`` passes over ``rows``; returns the loss of every step."""
     classes = contiguous_categories(categories)
-    dataset = SegmentationTrainingDataset(rows, classes, "semantic", preprocess, AugmentationConfig(**augmentation), seed)
+    dataset = SegmentationTrainingDataset(rows, classes, "semantic", preprocess, AugmentationConfig(**augmentation),
+                                          seed)
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, generator=generator,
                         collate_fn=lambda samples: samples)

@@ -106,7 +106,8 @@ class ResNet(nn.Module):
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
         names = ("res2", "res3", "res4", "res5")
-        self.out_channels: Dict[str, int] = {name: width * 2 ** index * block.expansion for index, name in enumerate(names)}
+        self.out_channels: Dict[str, int] = {name: width * 2 ** index * block.expansion
+                                             for index, name in enumerate(names)}
         self.out_strides: Dict[str, int] = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
         self.set_batch_norm_frozen(freeze_batch_norm)
         # loading a checkpoint copies into these parameters and keeps their layout

@@ -33,7 +33,8 @@ def relative_position_index(window_size: int) -> torch.Tensor:
 def window_partition(features: torch.Tensor, window_size: int) -> torch.Tensor:
     """(batch, H, W, C) -> (batch * num_windows, window_size * window_size, C); H and W are multiples of the window."""
     batch_size, height, width, channels = features.shape
-    features = features.view(batch_size, height // window_size, window_size, width // window_size, window_size, channels)
+    features = features.view(batch_size, height // window_size, window_size, width // window_size, window_size,
+                             channels)
     return features.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size * window_size, channels)
 
 
@@ -62,7 +63,8 @@ def shifted_window_attention_mask(height: int, width: int, window_size: int, shi
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside a window, with a learned relative position bias."""
 
-    def __init__(self, dim: int, num_heads: int, window_size: int, qkv_bias: bool = True, attention_dropout: float = 0.0, dropout: float = 0.0):
+    def __init__(self, dim: int, num_heads: int, window_size: int, qkv_bias: bool = True,
+                 attention_dropout: float = 0.0, dropout: float = 0.0):
         super().__init__()
         self.num_heads = num_heads
         self.window_size = window_size
@@ -78,7 +80,8 @@ class WindowAttention(nn.Module):
         """windows: (batch * num_windows, N, C); mask: (num_windows, N, N) additive or None."""
         num_windows_total, tokens, channels = windows.shape
         # (3, batch * num_windows, heads, N, head_dim)
-        qkv = self.qkv(windows).reshape(num_windows_total, tokens, 3, self.num_heads, channels // self.num_heads).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(windows).reshape(
+            num_windows_total, tokens, 3, self.num_heads, channels // self.num_heads).permute(2, 0, 3, 1, 4)
         query, key, value = qkv.unbind(0)
         # (heads, N, N)
         bias = self.relative_position_bias_table[self.relative_position_index.reshape(-1)]
@@ -91,7 +94,8 @@ class WindowAttention(nn.Module):
         else:
             bias = bias[None]
         attended = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=bias.to(query.dtype), dropout_p=self.attention_dropout if self.training else 0.0
+            query, key, value, attn_mask=bias.to(query.dtype),
+            dropout_p=self.attention_dropout if self.training else 0.0
         )
         attended = attended.transpose(1, 2).reshape(num_windows_total, tokens, channels)
         return self.proj_drop(self.proj(attended))
@@ -123,7 +127,8 @@ class SwinBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, tokens: torch.Tensor, height: int, width: int, shifted_window_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, height: int, width: int,
+                shifted_window_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """tokens: (batch, height * width, C); shifted_window_mask: the stage's (num_windows, N, N) additive mask,
         used by shifted blocks."""
         batch_size, _, channels = tokens.shape
@@ -138,8 +143,10 @@ class SwinBlock(nn.Module):
         if shift_size > 0:
             features = torch.roll(features, shifts=(-shift_size, -shift_size), dims=(1, 2))
             if shifted_window_mask is None:
-                shifted_window_mask = shifted_window_attention_mask(padded_height, padded_width, window_size, shift_size, tokens.device)
-        windows = self.attn(window_partition(features, window_size), mask=shifted_window_mask if shift_size > 0 else None)
+                shifted_window_mask = shifted_window_attention_mask(padded_height, padded_width, window_size,
+                                                                    shift_size, tokens.device)
+        windows = self.attn(window_partition(features, window_size),
+                            mask=shifted_window_mask if shift_size > 0 else None)
         features = window_reverse(windows, window_size, padded_height, padded_width)
         if shift_size > 0:
             features = torch.roll(features, shifts=(shift_size, shift_size), dims=(1, 2))
@@ -213,9 +220,9 @@ class PatchEmbed(nn.Module):
 class SwinTransformer(nn.Module):
     """Swin backbone. ``forward`` returns {"res2": (B, C, H/4, W/4), ..., "res5": (B, 8C, H/32, W/32)}."""
 
-    def __init__(self, embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2), num_heads: Sequence[int] = (3, 6, 12, 24),
-                 window_size: int = 7, patch_size: int = 4, in_channels: int = 3, mlp_ratio: float = 4.0,
-                 qkv_bias: bool = True, drop_path_rate: float = 0.3):
+    def __init__(self, embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2),
+                 num_heads: Sequence[int] = (3, 6, 12, 24), window_size: int = 7, patch_size: int = 4,
+                 in_channels: int = 3, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path_rate: float = 0.3):
         super().__init__()
         self.patch_embed = PatchEmbed(patch_size, in_channels, embed_dim)
         drop_paths = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
@@ -223,9 +230,9 @@ class SwinTransformer(nn.Module):
         for stage_index, depth in enumerate(depths):
             first_block = sum(depths[:stage_index])
             self.layers.append(SwinStage(
-                dim=embed_dim * 2 ** stage_index, depth=depth, num_heads=num_heads[stage_index], window_size=window_size,
-                mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_paths=drop_paths[first_block:first_block + depth],
-                downsample=stage_index < len(depths) - 1,
+                dim=embed_dim * 2 ** stage_index, depth=depth, num_heads=num_heads[stage_index],
+                window_size=window_size, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                drop_paths=drop_paths[first_block:first_block + depth], downsample=stage_index < len(depths) - 1,
             ))
         self.out_channels: Dict[str, int] = {f"res{index + 2}": embed_dim * 2 ** index for index in range(len(depths))}
         self.out_strides: Dict[str, int] = {f"res{index + 2}": patch_size * 2 ** index for index in range(len(depths))}
@@ -250,7 +257,8 @@ class SwinTransformer(nn.Module):
             tokens = stage(tokens, height, width)
             stage_output = getattr(self, f"norm{stage_index}")(tokens)
             # (B, H*W, C) -> (B, C, H, W)
-            outputs[f"res{stage_index + 2}"] = stage_output.view(tokens.shape[0], height, width, -1).permute(0, 3, 1, 2).contiguous()
+            outputs[f"res{stage_index + 2}"] = stage_output.view(
+                tokens.shape[0], height, width, -1).permute(0, 3, 1, 2).contiguous()
             if stage.downsample is not None:
                 tokens, height, width = stage.downsample(tokens, height, width)
         return outputs

@@ -1,4 +1,5 @@
-"""FastInst's training loss (official ``fastinst/modeling/criterion.py``, ``matcher.py`` and the decoder's training path).
+"""FastInst's training loss (official ``fastinst/modeling/criterion.py``, ``matcher.py`` and the decoder's training
+path).
 
 On top of Mask2Former's set loss (``modeling.criterion``: cross-entropy with "no object" weighted 0.1, point-sampled
 BCE and dice on uncertain points, masks counted across ranks), FastInst adds:
@@ -85,7 +86,8 @@ class FastInstCriterion(Mask2FormerCriterion):
                 target.labels[target_indices.to(target.labels.device)].to(logits.device)
         return F.cross_entropy(logits, target_classes)
 
-    def location_costs(self, query_locations: torch.Tensor, targets: Sequence[SegmentationTarget]) -> List[torch.Tensor]:
+    def location_costs(self, query_locations: torch.Tensor,
+                       targets: Sequence[SegmentationTarget]) -> List[torch.Tensor]:
         """Per image the weighted (Q, T) location cost (the same query locations at every stage)."""
         return [self.location_weight * query_location_cost(locations.float(), target.masks.float())
                 for locations, target in zip(query_locations, targets)]
@@ -121,7 +123,8 @@ class FastInstCriterion(Mask2FormerCriterion):
                                             decoder.num_aux_queries, output.decoder_state.pixel_size)
         guided_class_logits, guided_mask_logits = decoder.guided_forward(output.decoder_state, guide)
         stages: List[Tuple[torch.Tensor, torch.Tensor, bool]] = \
-            [(class_logits, mask_logits, True) for class_logits, mask_logits in zip(guided_class_logits, guided_mask_logits)]
+            [(class_logits, mask_logits, True) for class_logits, mask_logits
+             in zip(guided_class_logits, guided_mask_logits)]
         stages += [(class_logits, mask_logits, False) for class_logits, mask_logits
                    in zip(output.auxiliary_class_logits, output.auxiliary_mask_logits)]
         for stage, (class_logits, mask_logits, guided) in enumerate(stages):

@@ -33,8 +33,9 @@ def proposal_location_cost(proposal_size: Tuple[int, int], target_masks: torch.T
     return -(pooled > 0).float().flatten(1).transpose(0, 1)
 
 
-def ground_truth_attention_mask(target_masks: Sequence[torch.Tensor], matches: Sequence[Tuple[torch.Tensor, torch.Tensor]],
-                                num_queries: int, num_aux_queries: int, pixel_size: Tuple[int, int]) -> torch.Tensor:
+def ground_truth_attention_mask(target_masks: Sequence[torch.Tensor],
+                                matches: Sequence[Tuple[torch.Tensor, torch.Tensor]], num_queries: int,
+                                num_aux_queries: int, pixel_size: Tuple[int, int]) -> torch.Tensor:
     """Mask-guided learning's attention mask: (B, Q + aux, h*w) bool, True = not attended (by any head).
 
     target_masks: per image (N, H, W) masks padded like the input; matches: per image (query indices, target

@@ -16,7 +16,8 @@ class FastInstOutput:
     mask_logits: torch.Tensor
     """(B, Q, H/8, W/8) of the last decoder layer, at the padded input's stride-8 resolution."""
     proposal_class_logits: torch.Tensor
-    """(B, num_classes + 1, H/16, W/16): the auxiliary class head that selects the queries (its own loss in training)."""
+    """(B, num_classes + 1, H/16, W/16): the auxiliary class head that selects the queries (its own loss in
+    training)."""
     query_indices: torch.Tensor
     """(B, Q) flat indices of the stride-16 pixels the queries were taken from."""
     auxiliary_class_logits: List[torch.Tensor] = field(default_factory=list)
@@ -30,7 +31,8 @@ class FastInstOutput:
 
 
 class FastInst(nn.Module):
-    def __init__(self, backbone: nn.Module, pixel_decoder: PyramidPoolingModuleFPN, transformer_decoder: FastInstDecoder):
+    def __init__(self, backbone: nn.Module, pixel_decoder: PyramidPoolingModuleFPN,
+                 transformer_decoder: FastInstDecoder):
         super().__init__()
         self.backbone = backbone
         self.pixel_decoder = pixel_decoder

@@ -42,7 +42,8 @@ class PyramidPoolingModule(nn.Module):
         super().__init__()
         self.bin_sizes = tuple(bin_sizes)
         self.stages = nn.ModuleList(
-            nn.Sequential(nn.AdaptiveAvgPool2d(output_size=(size, size)), nn.Conv2d(in_channels, channels, kernel_size=1))
+            nn.Sequential(nn.AdaptiveAvgPool2d(output_size=(size, size)),
+                          nn.Conv2d(in_channels, channels, kernel_size=1))
             for size in bin_sizes
         )
         self.bottleneck = nn.Conv2d(in_channels + len(bin_sizes) * channels, in_channels, kernel_size=1)
@@ -60,13 +61,14 @@ class PyramidPoolingModule(nn.Module):
 class PyramidPoolingModuleFPN(nn.Module):
     """Backbone features -> [stride 32, stride 16, stride 8] features of width ``conv_dim``."""
 
-    def __init__(self, in_channels: Dict[str, int], in_strides: Dict[str, int], conv_dim: int = 256, num_groups: int = 32,
-                 in_features: Sequence[str] = ("res3", "res4", "res5")):
+    def __init__(self, in_channels: Dict[str, int], in_strides: Dict[str, int], conv_dim: int = 256,
+                 num_groups: int = 32, in_features: Sequence[str] = ("res3", "res4", "res5")):
         super().__init__()
         # fine to coarse, as detectron2 numbers the adapters
         self.in_features = sorted(in_features, key=lambda name: in_strides[name])
         for index, name in enumerate(self.in_features):
-            self.add_module(f"adapter_{index + 1}", ConvNormActivation(in_channels[name], conv_dim, 1, num_groups, relu=False))
+            self.add_module(f"adapter_{index + 1}",
+                            ConvNormActivation(in_channels[name], conv_dim, 1, num_groups, relu=False))
             self.add_module(f"layer_{index + 1}", ConvNormActivation(conv_dim, conv_dim, 3, num_groups, relu=True))
         self.ppm = PyramidPoolingModule(conv_dim, conv_dim // 4)
         for module in self.modules():
@@ -83,6 +85,7 @@ class PyramidPoolingModuleFPN(nn.Module):
             if not outputs:
                 merged = self.ppm(lateral)
             else:
-                merged = lateral + F.interpolate(outputs[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False)
+                merged = lateral + F.interpolate(outputs[-1], size=lateral.shape[-2:], mode="bilinear",
+                                                 align_corners=False)
             outputs.append(getattr(self, f"layer_{index + 1}")(merged))
         return outputs

@@ -58,7 +58,8 @@ def instance_activation_scores(proposal_class_logits: torch.Tensor) -> torch.Ten
 
 def pixel_locations(height: int, width: int, device=None) -> torch.Tensor:
     """(2, h*w) normalised (x, y) of each pixel: 0 at the first row/column, 1 at the last (FastInst's convention)."""
-    y, x = torch.meshgrid(torch.linspace(0, 1, height, device=device), torch.linspace(0, 1, width, device=device), indexing="ij")
+    y, x = torch.meshgrid(torch.linspace(0, 1, height, device=device), torch.linspace(0, 1, width, device=device),
+                          indexing="ij")
     return torch.stack([x, y], 0).flatten(1)
 
 
@@ -82,8 +83,8 @@ class QueryProposal(nn.Module):
         auxiliary class logits (B, num_classes + 1, h, w)."""
         batch_size, channels, height, width = features.shape
         if not torch.jit.is_tracing() and height * width < self.num_queries:
-            raise ValueError(f"FastInst selects {self.num_queries} queries from the stride-16 feature map, which has only "
-                             f"{height}x{width} pixels here; the input image is too small")
+            raise ValueError(f"FastInst selects {self.num_queries} queries from the stride-16 feature map, "
+                             f"which has only {height}x{width} pixels here; the input image is too small")
         proposal_class_logits = self.conv_proposal_cls_logits(features)
         indices = instance_activation_scores(proposal_class_logits).topk(self.num_queries, dim=1).indices
         # (B, Q) -> (B, C, Q) to gather channels at the selected pixels
@@ -127,14 +128,15 @@ class FastInstDecoder(nn.Module):
                  mask_dim: int = 256, dropout: float = 0.0):
         super().__init__()
         if in_channels != hidden_dim:
-            raise ValueError(f"FastInst's queries are pixel features: the pixel decoder width ({in_channels}) must equal "
-                             f"the decoder width ({hidden_dim})")
+            raise ValueError(f"FastInst's queries are pixel features: the pixel decoder width ({in_channels}) "
+                             f"must equal the decoder width ({hidden_dim})")
         self.num_heads = num_heads
         self.num_layers = num_layers
         self.num_queries = num_queries
         self.num_aux_queries = num_aux_queries
         self.num_classes = num_classes
-        # a learned position map, resized to each feature level (detectron2 leaves it uninitialised; weights load over it)
+        # a learned position map, resized to each feature level (detectron2 leaves it uninitialised; weights load
+        # over it)
         meta_position_size = int(round(math.sqrt(num_queries)))
         self.meta_pos_embed = nn.Parameter(torch.empty(1, hidden_dim, meta_position_size, meta_position_size))
         nn.init.normal_(self.meta_pos_embed, std=0.02)
@@ -142,19 +144,26 @@ class FastInstDecoder(nn.Module):
             self.empty_query_features = nn.Embedding(num_aux_queries, hidden_dim)
             self.empty_query_pos_embed = nn.Embedding(num_aux_queries, hidden_dim)
         self.query_proposal = QueryProposal(hidden_dim, num_queries, num_classes)
-        self.transformer_query_cross_attention_layers = nn.ModuleList(CrossAttentionLayer(hidden_dim, num_heads, dropout) for _ in range(num_layers))
-        self.transformer_query_self_attention_layers = nn.ModuleList(SelfAttentionLayer(hidden_dim, num_heads, dropout) for _ in range(num_layers))
-        self.transformer_query_ffn_layers = nn.ModuleList(FeedForwardLayer(hidden_dim, feedforward_dim, dropout) for _ in range(num_layers))
-        self.transformer_mask_cross_attention_layers = nn.ModuleList(CrossAttentionLayer(hidden_dim, num_heads, dropout) for _ in range(num_layers))
-        self.transformer_mask_ffn_layers = nn.ModuleList(FeedForwardLayer(hidden_dim, feedforward_dim, dropout) for _ in range(num_layers))
+        self.transformer_query_cross_attention_layers = nn.ModuleList(
+            CrossAttentionLayer(hidden_dim, num_heads, dropout) for _ in range(num_layers))
+        self.transformer_query_self_attention_layers = nn.ModuleList(
+            SelfAttentionLayer(hidden_dim, num_heads, dropout) for _ in range(num_layers))
+        self.transformer_query_ffn_layers = nn.ModuleList(
+            FeedForwardLayer(hidden_dim, feedforward_dim, dropout) for _ in range(num_layers))
+        self.transformer_mask_cross_attention_layers = nn.ModuleList(
+            CrossAttentionLayer(hidden_dim, num_heads, dropout) for _ in range(num_layers))
+        self.transformer_mask_ffn_layers = nn.ModuleList(
+            FeedForwardLayer(hidden_dim, feedforward_dim, dropout) for _ in range(num_layers))
         for layers in (self.transformer_query_cross_attention_layers, self.transformer_query_self_attention_layers,
-                       self.transformer_query_ffn_layers, self.transformer_mask_cross_attention_layers, self.transformer_mask_ffn_layers):
+                       self.transformer_query_ffn_layers, self.transformer_mask_cross_attention_layers,
+                       self.transformer_mask_ffn_layers):
             for parameter in layers.parameters():
                 if parameter.dim() > 1:
                     nn.init.xavier_uniform_(parameter)
         # one prediction head per stage: before the first layer and after each
         self.decoder_query_norm_layers = nn.ModuleList(nn.LayerNorm(hidden_dim) for _ in range(num_layers + 1))
-        self.class_embed_layers = nn.ModuleList(MLP(hidden_dim, hidden_dim, num_classes + 1, 3) for _ in range(num_layers + 1))
+        self.class_embed_layers = nn.ModuleList(MLP(hidden_dim, hidden_dim, num_classes + 1, 3)
+                                                for _ in range(num_layers + 1))
         self.mask_embed_layers = nn.ModuleList(MLP(hidden_dim, hidden_dim, mask_dim, 3) for _ in range(num_layers + 1))
         self.mask_features_layers = nn.ModuleList(nn.Linear(hidden_dim, mask_dim) for _ in range(num_layers + 1))
 
@@ -175,8 +184,8 @@ class FastInstDecoder(nn.Module):
         query_features = self.transformer_query_ffn_layers[layer_index](query_features)
         return query_features, pixel_features
 
-    def predict(self, stage: int, query_features: torch.Tensor, pixel_features: torch.Tensor, pixel_size: Tuple[int, int],
-                with_class: bool) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+    def predict(self, stage: int, query_features: torch.Tensor, pixel_features: torch.Tensor,
+                pixel_size: Tuple[int, int], with_class: bool) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
         """Stage ``stage``'s heads on the instance queries (auxiliary ones predict nothing): class logits
         (B, Q, num_classes + 1) if ``with_class``, and mask logits (B, Q, h, w)."""
         # (Q, B, C) -> (B, Q, C)
@@ -204,26 +213,32 @@ class FastInstDecoder(nn.Module):
         proposal_features, pixel_map = multi_scale_features[1], multi_scale_features[2]
         pixel_size = (pixel_map.shape[-2], pixel_map.shape[-1])
         pixel_positions = F.interpolate(self.meta_pos_embed, size=pixel_size, mode="bilinear", align_corners=False)
-        proposal_positions = F.interpolate(self.meta_pos_embed, size=proposal_features.shape[-2:], mode="bilinear", align_corners=False)
+        proposal_positions = F.interpolate(self.meta_pos_embed, size=proposal_features.shape[-2:], mode="bilinear",
+                                           align_corners=False)
         # (B, C, h, w) -> (h*w, B, C)
         pixel_features = pixel_map.flatten(2).permute(2, 0, 1)
         pixel_positions = pixel_positions.flatten(2).permute(2, 0, 1)
 
-        query_features, query_positions, query_indices, proposal_class_logits = self.query_proposal(proposal_features, proposal_positions)
+        query_features, query_positions, query_indices, proposal_class_logits = self.query_proposal(
+            proposal_features, proposal_positions)
         # (B, C, Q) -> (Q, B, C)
         query_features = query_features.permute(2, 0, 1)
         query_positions = query_positions.permute(2, 0, 1)
         if self.num_aux_queries > 0:
             # (aux, C) -> (aux, B, C)
-            query_features = torch.cat([query_features, self.empty_query_features.weight.unsqueeze(1).repeat(1, batch_size, 1)], 0)
-            query_positions = torch.cat([query_positions, self.empty_query_pos_embed.weight.unsqueeze(1).repeat(1, batch_size, 1)], 0)
+            query_features = torch.cat(
+                [query_features, self.empty_query_features.weight.unsqueeze(1).repeat(1, batch_size, 1)], 0)
+            query_positions = torch.cat(
+                [query_positions, self.empty_query_pos_embed.weight.unsqueeze(1).repeat(1, batch_size, 1)], 0)
 
-        class_logits, mask_logits = self.predict(0, query_features, pixel_features, pixel_size, with_class=self.training or self.num_layers == 0)
+        class_logits, mask_logits = self.predict(0, query_features, pixel_features, pixel_size,
+                                                 with_class=self.training or self.num_layers == 0)
         predictions_class, predictions_mask = [class_logits], [mask_logits]
         query_memory, pixel_memory = [query_features], [pixel_features]
         for layer_index in range(self.num_layers):
             query_features, pixel_features = self.dual_path_layer(
-                layer_index, query_features, pixel_features, query_positions, pixel_positions, self.attention_mask(mask_logits))
+                layer_index, query_features, pixel_features, query_positions, pixel_positions,
+                self.attention_mask(mask_logits))
             is_last = layer_index == self.num_layers - 1
             class_logits, mask_logits = self.predict(layer_index + 1, query_features, pixel_features, pixel_size,
                                                      with_class=self.training or is_last)
@@ -241,7 +256,8 @@ class FastInstDecoder(nn.Module):
             predictions.state = DecoderState(query_memory, pixel_memory, query_positions, pixel_positions, pixel_size)
         return predictions
 
-    def guided_forward(self, state: DecoderState, guide_attention_mask: torch.Tensor) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    def guided_forward(self, state: DecoderState,
+                       guide_attention_mask: torch.Tensor) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         """Ground-truth mask-guided learning (training only, as official FastInst): each layer ``i`` runs again on the
         features stage ``i + 1`` produced, attending through ``guide_attention_mask`` (see
         ``location_cost.ground_truth_attention_mask``) instead of the predicted masks; returns per layer the class
@@ -251,7 +267,8 @@ class FastInstDecoder(nn.Module):
             query_features, pixel_features = self.dual_path_layer(
                 layer_index, state.query_memory[layer_index + 1], state.pixel_memory[layer_index + 1],
                 state.query_positions, state.pixel_positions, guide_attention_mask)
-            guided_class, guided_mask = self.predict(layer_index + 1, query_features, pixel_features, state.pixel_size, with_class=True)
+            guided_class, guided_mask = self.predict(layer_index + 1, query_features, pixel_features, state.pixel_size,
+                                                     with_class=True)
             class_logits.append(guided_class)
             mask_logits.append(guided_mask)
         return class_logits, mask_logits

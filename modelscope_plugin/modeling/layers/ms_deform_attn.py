@@ -8,8 +8,8 @@ attention weights are folded into the bilinear weights, with no (queries × leve
 intermediate. On CPU its forward is several times faster than ``grid_sample`` (benchmarks/README.md); its backward
 (a scatter into the value table) is about 4x slower than ``grid_sample``'s, so when gradients are recorded the layer
 uses the one-``grid_sample``-per-level formulation (``multi_scale_deformable_attention_grid_sample``, the same
-function and gradients to float rounding). Parameter names follow Deformable DETR (``sampling_offsets``, ``attention_weights``, ``value_proj``,
-``output_proj``), which mmcv, EasyCV and detectron2 all share.
+function and gradients to float rounding). Parameter names follow Deformable DETR (``sampling_offsets``,
+``attention_weights``, ``value_proj``, ``output_proj``), which mmcv, EasyCV and detectron2 all share.
 """
 from typing import List, Tuple
 
@@ -62,7 +62,8 @@ def multi_scale_deformable_attention(
     heights = torch.tensor([height for height, _ in spatial_shapes], dtype=dtype, device=device).view(num_levels, 1)
     widths = torch.tensor([width for _, width in spatial_shapes], dtype=dtype, device=device).view(num_levels, 1)
     bordered_widths = torch.tensor([width + border for _, width in spatial_shapes], device=device).view(num_levels, 1)
-    bordered_sizes = torch.tensor([(height + border) * (width + border) for height, width in spatial_shapes], device=device)
+    bordered_sizes = torch.tensor([(height + border) * (width + border) for height, width in spatial_shapes],
+                                  device=device)
     level_starts = (bordered_sizes.cumsum(0) - bordered_sizes).view(num_levels, 1)
     # pixel coordinates (align_corners=False: pixel centres at i + 0.5), clamped, then shifted into the bordered map;
     # each (batch, queries, heads, levels, points)
@@ -173,7 +174,8 @@ class MultiScaleDeformableAttention(nn.Module):
         in half precision would be off by a fraction of a pixel.
         """
         with torch.autocast(device_type=query.device.type, enabled=False):
-            return self._forward(upcast_half(query), reference_points.to(upcast_half(query).dtype), upcast_half(value_input), spatial_shapes)
+            return self._forward(upcast_half(query), reference_points.to(upcast_half(query).dtype),
+                                 upcast_half(value_input), spatial_shapes)
 
     def _forward(self, query: torch.Tensor, reference_points: torch.Tensor, value_input: torch.Tensor,
                  spatial_shapes: List[Tuple[int, int]]) -> torch.Tensor:

@@ -30,7 +30,8 @@ class SinePositionEncoding(nn.Module):
         x_position = x_position / (x_position[:, :, -1:] + self.epsilon) * self.scale
 
         feature_index = torch.arange(self.num_position_features, dtype=torch.float32, device=feature_map.device)
-        frequencies = self.temperature ** (2 * torch.div(feature_index, 2, rounding_mode="floor") / self.num_position_features)
+        frequencies = self.temperature ** (2 * torch.div(feature_index, 2, rounding_mode="floor")
+                                           / self.num_position_features)
         # (batch, height, width, num_position_features), sin on even features and cos on odd ones, interleaved
         x_phase = x_position[:, :, :, None] / frequencies
         y_phase = y_position[:, :, :, None] / frequencies

@@ -22,7 +22,8 @@ class Mask2FormerOutput:
 
 
 class Mask2Former(nn.Module):
-    def __init__(self, backbone: nn.Module, pixel_decoder: MSDeformAttnPixelDecoder, transformer_decoder: MultiScaleMaskedTransformerDecoder):
+    def __init__(self, backbone: nn.Module, pixel_decoder: MSDeformAttnPixelDecoder,
+                 transformer_decoder: MultiScaleMaskedTransformerDecoder):
         super().__init__()
         self.backbone = backbone
         self.pixel_decoder = pixel_decoder

@@ -29,7 +29,8 @@ class ConvNormActivation(nn.Conv2d):
 class DeformableEncoderLayer(nn.Module):
     """Post-norm layer: deformable self-attention then a ReLU feed-forward block."""
 
-    def __init__(self, embed_dim: int, num_heads: int, feedforward_dim: int, num_levels: int, num_points: int, dropout: float):
+    def __init__(self, embed_dim: int, num_heads: int, feedforward_dim: int, num_levels: int, num_points: int,
+                 dropout: float):
         super().__init__()
         self.self_attn = MultiScaleDeformableAttention(embed_dim, num_levels, num_heads, num_points)
         self.dropout1 = nn.Dropout(dropout)
@@ -62,7 +63,8 @@ class DeformableTransformer(nn.Module):
         self.level_embed = nn.Parameter(torch.empty(num_levels, embed_dim))
         nn.init.normal_(self.level_embed)
         self.encoder = DeformableEncoder(
-            [DeformableEncoderLayer(embed_dim, num_heads, feedforward_dim, num_levels, num_points, dropout) for _ in range(num_layers)]
+            [DeformableEncoderLayer(embed_dim, num_heads, feedforward_dim, num_levels, num_points, dropout)
+             for _ in range(num_layers)]
         )
         for parameter in self.encoder.parameters():
             if parameter.dim() > 1:
@@ -71,7 +73,8 @@ class DeformableTransformer(nn.Module):
             layer.self_attn.reset_parameters()
 
     @staticmethod
-    def reference_points(spatial_shapes: Sequence[Tuple[int, int]], batch_size: int, num_levels: int, device) -> torch.Tensor:
+    def reference_points(spatial_shapes: Sequence[Tuple[int, int]], batch_size: int, num_levels: int,
+                         device) -> torch.Tensor:
         """Pixel centres of every level, normalised to [0, 1]: (batch, sum H*W, num_levels, 2)."""
         points = []
         for height, width in spatial_shapes:
@@ -81,7 +84,8 @@ class DeformableTransformer(nn.Module):
                 indexing="ij",
             )
             points.append(torch.stack((x.reshape(-1), y.reshape(-1)), -1))
-        # every image is unpadded inside its own tensor, so valid ratios are 1 and each query uses the same point on all levels
+        # every image is unpadded inside its own tensor, so valid ratios are 1 and each query uses the same point on
+        # all levels
         return torch.cat(points, 0)[None, :, None, :].expand(batch_size, -1, num_levels, -1)
 
     def forward(self, sources: List[torch.Tensor], positions: List[torch.Tensor]) -> torch.Tensor:
@@ -90,7 +94,8 @@ class DeformableTransformer(nn.Module):
         # (B, C, H, W) -> (B, H*W, C), level embedding added to the position
         tokens = torch.cat([source.flatten(2).transpose(1, 2) for source in sources], 1)
         position = torch.cat(
-            [position.flatten(2).transpose(1, 2) + self.level_embed[level].view(1, 1, -1) for level, position in enumerate(positions)], 1
+            [position.flatten(2).transpose(1, 2) + self.level_embed[level].view(1, 1, -1)
+             for level, position in enumerate(positions)], 1
         )
         reference_points = self.reference_points(spatial_shapes, tokens.shape[0], len(sources), tokens.device)
         for layer in self.encoder.layers:
@@ -101,10 +106,10 @@ class DeformableTransformer(nn.Module):
 class MSDeformAttnPixelDecoder(nn.Module):
     """Backbone features -> (mask features at stride 4, three multi-scale features coarsest first)."""
 
-    def __init__(self, in_channels: Dict[str, int], in_strides: Dict[str, int], conv_dim: int = 256, mask_dim: int = 256,
-                 num_heads: int = 8, feedforward_dim: int = 1024, num_encoder_layers: int = 6, num_points: int = 4,
-                 transformer_in_features: Sequence[str] = ("res3", "res4", "res5"), common_stride: int = 4,
-                 num_groups: int = 32, dropout: float = 0.0):
+    def __init__(self, in_channels: Dict[str, int], in_strides: Dict[str, int], conv_dim: int = 256,
+                 mask_dim: int = 256, num_heads: int = 8, feedforward_dim: int = 1024, num_encoder_layers: int = 6,
+                 num_points: int = 4, transformer_in_features: Sequence[str] = ("res3", "res4", "res5"),
+                 common_stride: int = 4, num_groups: int = 32, dropout: float = 0.0):
         super().__init__()
         # feature names sorted from fine to coarse
         self.in_features = sorted(in_channels, key=lambda name: in_strides[name])
@@ -118,7 +123,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
             nn.init.xavier_uniform_(projection[0].weight, gain=1)
             nn.init.constant_(projection[0].bias, 0)
         self.transformer = DeformableTransformer(
-            conv_dim, num_heads, feedforward_dim, num_encoder_layers, len(self.transformer_in_features), num_points, dropout
+            conv_dim, num_heads, feedforward_dim, num_encoder_layers, len(self.transformer_in_features), num_points,
+            dropout
         )
         self.position_encoding = SinePositionEncoding(conv_dim // 2)
         self.mask_features = nn.Conv2d(conv_dim, mask_dim, kernel_size=1)
@@ -127,9 +133,11 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self.num_multi_scale_features = 3
         # FPN levels finer than the encoder's finest, down to common_stride
         finest_encoder_stride = min(in_strides[name] for name in self.transformer_in_features)
-        self.fpn_features = [name for name in self.in_features if common_stride <= in_strides[name] < finest_encoder_stride]
+        self.fpn_features = [name for name in self.in_features
+                             if common_stride <= in_strides[name] < finest_encoder_stride]
         for index, name in enumerate(self.fpn_features):
-            self.add_module(f"adapter_{index + 1}", ConvNormActivation(in_channels[name], conv_dim, 1, num_groups, relu=False))
+            self.add_module(f"adapter_{index + 1}",
+                            ConvNormActivation(in_channels[name], conv_dim, 1, num_groups, relu=False))
             self.add_module(f"layer_{index + 1}", ConvNormActivation(conv_dim, conv_dim, 3, num_groups, relu=True))
         for module in self.modules():
             if isinstance(module, ConvNormActivation):

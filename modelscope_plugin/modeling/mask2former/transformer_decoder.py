@@ -89,8 +89,10 @@ class FeedForwardLayer(nn.Module):
         def block(rows: torch.Tensor) -> torch.Tensor:
             return self.linear2(self.dropout(F.relu(self.linear1(rows), inplace=True)))
 
-        rows_per_chunk = max(1, FEEDFORWARD_CHUNK_ELEMENTS // max(1, queries[0].numel() // queries.shape[-1] * self.linear1.out_features))
-        if (torch.is_grad_enabled() and queries.requires_grad) or torch.jit.is_tracing() or queries.shape[0] <= rows_per_chunk:
+        rows_per_chunk = max(1, FEEDFORWARD_CHUNK_ELEMENTS
+                             // max(1, queries[0].numel() // queries.shape[-1] * self.linear1.out_features))
+        if ((torch.is_grad_enabled() and queries.requires_grad) or torch.jit.is_tracing()
+                or queries.shape[0] <= rows_per_chunk):
             return block(queries)
         transformed = torch.empty_like(queries)
         for start in range(0, queries.shape[0], rows_per_chunk):
@@ -141,9 +143,12 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         self.num_layers = num_layers
         self.num_feature_levels = num_feature_levels
         self.position_encoding = SinePositionEncoding(hidden_dim // 2)
-        self.transformer_self_attention_layers = nn.ModuleList(SelfAttentionLayer(hidden_dim, num_heads, dropout) for _ in range(num_layers))
-        self.transformer_cross_attention_layers = nn.ModuleList(CrossAttentionLayer(hidden_dim, num_heads, dropout) for _ in range(num_layers))
-        self.transformer_ffn_layers = nn.ModuleList(FeedForwardLayer(hidden_dim, feedforward_dim, dropout) for _ in range(num_layers))
+        self.transformer_self_attention_layers = nn.ModuleList(
+            SelfAttentionLayer(hidden_dim, num_heads, dropout) for _ in range(num_layers))
+        self.transformer_cross_attention_layers = nn.ModuleList(
+            CrossAttentionLayer(hidden_dim, num_heads, dropout) for _ in range(num_layers))
+        self.transformer_ffn_layers = nn.ModuleList(
+            FeedForwardLayer(hidden_dim, feedforward_dim, dropout) for _ in range(num_layers))
         self.decoder_norm = nn.LayerNorm(hidden_dim)
         self.query_feat = nn.Embedding(num_queries, hidden_dim)
         self.query_embed = nn.Embedding(num_queries, hidden_dim)
@@ -155,7 +160,8 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         )
         self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
         self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
-        for layers in (self.transformer_self_attention_layers, self.transformer_cross_attention_layers, self.transformer_ffn_layers):
+        for layers in (self.transformer_self_attention_layers, self.transformer_cross_attention_layers,
+                       self.transformer_ffn_layers):
             for parameter in layers.parameters():
                 if parameter.dim() > 1:
                     nn.init.xavier_uniform_(parameter)
@@ -173,7 +179,8 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         decoded = self.decoder_norm(queries).transpose(0, 1)
         mask_embedding = self.mask_embed(decoded)
         mask_logits = None if mask_features is None else torch.einsum("bqc,bchw->bqhw", mask_embedding, mask_features)
-        attention_logits = None if attention_features is None else torch.einsum("bqc,bchw->bqhw", mask_embedding, attention_features)
+        attention_logits = (None if attention_features is None
+                            else torch.einsum("bqc,bchw->bqhw", mask_embedding, attention_features))
         return StagePrediction(self.class_embed(decoded), mask_logits, attention_logits)
 
     def attention_mask(self, attention_logits: torch.Tensor) -> torch.Tensor:
@@ -200,7 +207,8 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             memory = self.input_proj[level](feature).flatten(2) + self.level_embed.weight[level][None, :, None]
             memories.append(memory.permute(2, 0, 1))
         # the mask features at each level's size, for the attention masks
-        attention_features = [F.interpolate(mask_features, size=size, mode="bilinear", align_corners=False) for size in sizes]
+        attention_features = [F.interpolate(mask_features, size=size, mode="bilinear", align_corners=False)
+                              for size in sizes]
         batch_size = mask_features.shape[0]
         # (Q, C) -> (Q, B, C)
         query_position = self.query_embed.weight.unsqueeze(1).repeat(1, batch_size, 1)
@@ -218,7 +226,8 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
                 break
             level = stage % self.num_feature_levels
             queries = self.transformer_cross_attention_layers[stage](
-                queries, memories[level], self.attention_mask(prediction.attention_logits), memory_positions[level], query_position
+                queries, memories[level], self.attention_mask(prediction.attention_logits), memory_positions[level],
+                query_position
             )
             queries = self.transformer_self_attention_layers[stage](queries, query_position)
             queries = self.transformer_ffn_layers[stage](queries)
