@@ -106,3 +106,22 @@ def test_no_module_is_imported_through_a_computed_name():
 
 def test_errors_imports_nothing_of_the_package():
     assert import_graph()["modelscope_plugin.errors"] == set()
+
+
+def test_import_registers_without_importing_networks_trainer_or_metrics():
+    """``import modelscope_plugin`` only points ModelScope's index at the package's modules; they are imported (and
+    register their classes) when ModelScope first builds one of them."""
+    import subprocess
+    import sys
+
+    code = ("import sys, modelscope_plugin\n"
+            "from modelscope.utils.import_utils import LazyImportModule\n"
+            "index = LazyImportModule.get_ast_index()['index']\n"
+            "print(sorted(name for name in ('torchvision', 'modelscope_plugin.integration.model', "
+            "'modelscope_plugin.integration.pipeline', 'modelscope_plugin.integration.trainer', "
+            "'modelscope_plugin.evaluation', 'modelscope_plugin.data.datasets') if name in sys.modules))\n"
+            "print(index[('PIPELINES', 'image-segmentation', 'fast-instance-segmentation')]['module'])\n"
+            "print(index[('METRICS', 'default', 'segmentation-panoptic-quality')]['module'])\n")
+    lines = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           cwd=PACKAGE.parent).stdout.strip().splitlines()
+    assert lines[-3:] == ["[]", "modelscope_plugin.integration.pipeline", "modelscope_plugin.evaluation.metrics"]
