@@ -1,6 +1,9 @@
-"""Which process this is under ``torchrun``, and merging per-rank results: shared by evaluation and training."""
+"""Which process this is under ``torchrun``, and merging per-rank results: shared by evaluation, training and the
+command line."""
+import os
 from typing import Any, List, Sequence, Tuple
 
+import torch
 import torch.distributed as distributed
 
 
@@ -30,3 +33,22 @@ def merge_metrics(metrics: Sequence[Any]) -> List[Any]:
         for metric, other_metric in zip(merged, other):
             metric.merge(other_metric)
     return merged
+
+
+def join_torchrun_group() -> Tuple[int, int]:
+    """(rank, world size) when started by ``torchrun`` with several processes, after joining its process group
+    (gloo: only small integers cross it); (0, 1) otherwise."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1
+    if not distributed.is_initialized():
+        distributed.init_process_group("gloo")
+    return rank_and_world_size()
+
+
+def sum_over_ranks(values: Sequence[int]) -> List[int]:
+    """Element-wise sums of every rank's ``values``; ``values`` itself without a process group."""
+    if rank_and_world_size()[1] == 1:
+        return list(values)
+    totals = torch.tensor(list(values), dtype=torch.long)
+    distributed.all_reduce(totals)
+    return totals.tolist()

@@ -1,5 +1,6 @@
 """``modelscope-seg``: run in-process through ``main(argv)`` (and once as the installed console script)."""
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -114,6 +115,68 @@ def test_segment_bad_inputs_exit_1_and_the_rest_are_written(tiny_model_dir, imag
         (tmp_path / "empty").mkdir(exist_ok=True)
         assert main(["segment", *argv, "--model", str(tiny_model_dir), "--output", str(tmp_path / "o2")]) == 1
         assert reason in capsys.readouterr().err
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def written_files(folder: Path):
+    """{relative path: bytes} of everything in ``folder``."""
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            files[str(path.relative_to(folder))] = path.read_bytes()
+    return files
+
+
+def test_segment_under_torchrun_shards_the_images_and_writes_what_one_process_writes(tiny_model_dir, image_folder,
+                                                                                      tmp_path):
+    for index in range(3):  # five images: the ranks get three and two
+        Image.open(sorted(image_folder.glob("*.png"))[index % 2]).rotate(90 * (index + 1), expand=True).save(
+            image_folder / f"rotated_{index}.png")
+    def run(launcher, output):
+        """The command in fresh processes at one thread each, so both sides compute alike."""
+        return subprocess.run([sys.executable, *launcher, "-m", "modelscope_plugin.apps.cli", "segment",
+                               str(image_folder), "--model", str(tiny_model_dir), "--output", str(output), "--quiet"],
+                              capture_output=True, text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                              timeout=600)
+
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    one_process = run([], single)
+    assert one_process.returncode == 0, one_process.stderr[-3000:]
+    two_ranks = run(["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"], sharded)
+    assert two_ranks.returncode == 0, two_ranks.stderr[-3000:]
+    assert one_process.stdout.count("images segmented") == 1 and "5 of 5 images segmented" in one_process.stdout
+    assert two_ranks.stdout.count("images segmented") == 1 and "5 of 5 images segmented" in two_ranks.stdout
+    single_files, sharded_files = written_files(single), written_files(sharded)
+    assert len(single_files) > 10 and sorted(single_files) == sorted(sharded_files)
+    for name, content in single_files.items():
+        if name.endswith(".json"):
+            assert json.loads(content) == json.loads(sharded_files[name]), name
+        else:
+            assert content == sharded_files[name], name
+
+
+def test_segment_resume_segments_only_the_images_without_json_and_touches_nothing_else(tiny_model_dir, image_folder,
+                                                                                        tmp_path, capsys):
+    output = tmp_path / "out"
+    arguments = ["segment", str(image_folder), "--model", str(tiny_model_dir), "--output", str(output), "--quiet"]
+    assert main(arguments) == 0
+    first, second = sorted(image_folder.glob("*.png"))
+    (output / f"{second.stem}.json").unlink()  # as if the run had stopped while writing the second image
+    (output / f"{second.stem}_overlay.png").write_bytes(b"half written")
+    kept = {path: (path.stat().st_mtime_ns, path.read_bytes()) for path in output.rglob("*")
+            if path.is_file() and path.name.startswith(first.stem)}
+    capsys.readouterr()
+    assert main(arguments + ["--resume"]) == 0
+    assert "1 of 2 images segmented" in capsys.readouterr().out
+    assert {path: (path.stat().st_mtime_ns, path.read_bytes()) for path in kept} == kept
+    assert json.loads((output / f"{second.stem}.json").read_text())["image"] == str(second)
+    assert (output / f"{second.stem}_overlay.png").read_bytes().startswith(b"\x89PNG")
+    assert main(arguments + ["--resume"]) == 0 and "0 of 2 images segmented" in capsys.readouterr().out
 
 
 def test_segment_bad_model_exits_1_naming_it(tmp_path, image_folder, capsys):

@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from modelscope_plugin.errors import CommandError
 from modelscope_plugin.integration.pipeline import build_pipeline
+from modelscope_plugin.ranks import join_torchrun_group, sum_over_ranks
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -58,60 +59,100 @@ def check_outputs_free(images: Sequence[Path], output: Path, overwrite: bool) ->
     existing = [str(path) for image in images for path in output_paths(image, output).values() if path.exists()]
     if existing:
         shown = ", ".join(existing[:5]) + (f" and {len(existing) - 5} more" if len(existing) > 5 else "")
-        raise CommandError(f"outputs already exist: {shown}; pass --overwrite to replace them (nothing was written)")
+        raise CommandError(f"outputs already exist: {shown}; pass --overwrite to replace them or --resume to segment "
+                           "only the images without them (nothing was written)")
 
 
-def write_outputs(image: Path, result: Dict[str, Any], output: Path, task: Optional[str], model: str) -> None:
-    """Overlay PNG with legend, one 0/255 PNG per mask, and JSON (COCO RLE masks, labels, scores, boxes)."""
+def write_outputs(image: Path, rgb, result: Dict[str, Any], output: Path, task: Optional[str], model: str) -> None:
+    """Overlay PNG with legend, one 0/255 PNG per mask, and JSON (COCO RLE masks, labels, scores, boxes). The JSON is
+    written last, under a temporary name renamed into place: it marks the image as done (``--resume``)."""
     import shutil
 
     from PIL import Image
 
     from modelscope_plugin import visualization
-    from modelscope_plugin.inference.preprocess import load_image
 
     paths = output_paths(image, output)
-    visualization.draw_overlay(load_image(str(image)), result).save(paths["overlay"])
+    visualization.draw_overlay(rgb, result).save(paths["overlay"])
     if paths["masks"].exists():
-        shutil.rmtree(paths["masks"])  # only reached with --overwrite (check_outputs_free)
+        shutil.rmtree(paths["masks"])  # only reached with --overwrite or --resume (check_outputs_free)
     paths["masks"].mkdir()
     document = visualization.segments_to_json(result)
     for index, (mask, segment) in enumerate(zip(result["masks"], document["segments"])):
         mask_path = paths["masks"] / f"{index:03d}.png"
         Image.fromarray(mask.astype("uint8") * 255).save(mask_path)
         segment["mask_png"] = str(mask_path.relative_to(output))
-    document = {"image": str(image), "model": model, "task": task, "height": int(result["masks"][0].shape[0]) if result["masks"] else None,
-                "width": int(result["masks"][0].shape[1]) if result["masks"] else None, **document}
-    paths["json"].write_text(json.dumps(document, indent=1))
+    height, width = rgb.shape[:2]
+    document = {"image": str(image), "model": model, "task": task, "height": int(height), "width": int(width),
+                **document}
+    partial = paths["json"].with_name(paths["json"].name + ".partial")
+    partial.write_text(json.dumps(document, indent=1))
+    os.replace(partial, paths["json"])
+
+
+def shard(images: Sequence[Path], rank: int, world_size: int) -> List[Path]:
+    """This rank's images: every ``world_size``-th from ``rank`` on, so each image is read by one rank only."""
+    return list(images[rank::world_size])
 
 
 def segment(arguments) -> int:
+    """Segments the inputs; under ``torchrun`` each rank takes its share (``shard``) and rank 0 prints the total."""
+    from PIL import Image
     from tqdm import tqdm
+
+    from modelscope_plugin.errors import ImageInputError
+    from modelscope_plugin.inference.preprocess import load_image
 
     images = expand_inputs(arguments.inputs)
     output = Path(arguments.output)
-    check_outputs_free(images, output, arguments.overwrite)
-    segmenter = build_pipeline(arguments.model, arguments.device)
+    check_outputs_free(images, output, arguments.overwrite or arguments.resume)
+    rank, world_size = join_torchrun_group()
+    own_images = shard(images, rank, world_size)
+    if arguments.resume:
+        own_images = [image for image in own_images if not output_paths(image, output)["json"].is_file()]
+    segmenter = build_pipeline(arguments.model, rank_device(arguments.device))
     parameters = {name: value for name, value in (
         ("task", arguments.task), ("object_mask_threshold", arguments.object_mask_threshold),
         ("overlap_threshold", arguments.overlap_threshold), ("score_thr", arguments.score_threshold),
         ("max_per_image", arguments.max_per_image)) if value is not None}
     output.mkdir(parents=True, exist_ok=True)
     failures = 0
-    progress = tqdm(total=len(images), desc="segmenting", unit="image", disable=arguments.quiet, file=sys.stderr)
-    for start in range(0, len(images), arguments.batch_size):
-        chunk = images[start:start + arguments.batch_size]
-        results = segmenter([str(image) for image in chunk], batch_size=arguments.batch_size, on_error="return", **parameters)
-        for image, result in zip(chunk, results):
+    progress = tqdm(total=len(own_images), desc=f"rank {rank} segmenting" if world_size > 1 else "segmenting",
+                    unit="image", disable=arguments.quiet, file=sys.stderr, position=rank)
+    for start in range(0, len(own_images), arguments.batch_size):
+        decoded: Dict[Path, Any] = {}
+        for image in own_images[start:start + arguments.batch_size]:
+            try:
+                decoded[image] = load_image(str(image))  # decoded once: the pipeline gets the pixels, the overlay too
+            except ImageInputError as error:
+                failures += 1
+                print(f"error: {error}", file=sys.stderr)
+                progress.update(1)
+        results = segmenter([Image.fromarray(rgb) for rgb in decoded.values()], batch_size=arguments.batch_size,
+                            on_error="return", **parameters) if decoded else []
+        for (image, rgb), result in zip(decoded.items(), results):
             if "error" in result:
                 failures += 1
-                print(f"error: {result['error']['message']}", file=sys.stderr)
+                print(f"error: {image}: {result['error']['message']}", file=sys.stderr)
             else:
-                write_outputs(image, result, output, arguments.task, arguments.model)
+                write_outputs(image, rgb, result, output, arguments.task, arguments.model)
             progress.update(1)
     progress.close()
-    print(f"{len(images) - failures} of {len(images)} images segmented into {output}")
+    skipped = len(shard(images, rank, world_size)) - len(own_images)
+    totals = sum_over_ranks([len(own_images) - failures, failures, skipped])
+    if rank == 0:
+        done, failed, already = totals
+        print(f"{done} of {len(images)} images segmented into {output}"
+              + (f", {already} already done (--resume)" if arguments.resume else "")
+              + (f", {failed} failed" if failed else ""))
     return EXIT_FAILED if failures else EXIT_OK
+
+
+def rank_device(device: str) -> str:
+    """A GPU device name without an index means this rank's own GPU (``LOCAL_RANK``) under ``torchrun``."""
+    if device in ("gpu", "cuda") and "LOCAL_RANK" in os.environ:
+        return f"cuda:{os.environ['LOCAL_RANK']}"
+    return device
 
 
 def evaluate(arguments) -> int:
@@ -240,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     segment_parser.add_argument("--batch-size", type=positive_int, default=1, help="images per forward pass (default 1)")
     segment_parser.add_argument("--output", default="outputs/segment", help="output folder (default outputs/segment)")
     segment_parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    segment_parser.add_argument("--resume", action="store_true",
+                                help="segment only the images whose JSON is missing; leave the others untouched")
     segment_parser.add_argument("--quiet", action="store_true", help="no progress bar")
     segment_parser.set_defaults(handler=segment)
 
