@@ -1,0 +1,1 @@
+"""Applications built on the package: command line, browser demo, demo run, model cards, ONNX export."""
