@@ -120,6 +120,15 @@ def test_bad_uploads_get_the_package_message(pipelines, not_an_image, tmp_path):
             click_segment(pipelines, tmp_path, upload, model, task)
 
 
+def test_app_py_builds_the_demo_with_the_shipped_models():
+    import runpy
+
+    app = runpy.run_path(str(REPO / "app.py"))["demo"]  # not as __main__: built, not launched
+    assert isinstance(app, gr.Blocks)
+    choices = [component.choices for component in app.blocks.values() if isinstance(component, gr.Dropdown)]
+    assert choices == [[("mask2former_synthetic-shapes", MASK2FORMER), ("fastinst_synthetic-shapes", FASTINST)]]
+
+
 def test_serve_without_gradio_fails_with_one_line(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio raises ImportError
     assert main(["serve", "--model", MASK2FORMER]) == 1
