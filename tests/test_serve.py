@@ -78,8 +78,8 @@ def click_segment(pipelines, folder: Path, upload, model: str = MASK2FORMER, tas
         config.inference.filter_low_score, browser_demo.SCORE_THRESHOLD, config.inference.max_per_image)
 
 
-@pytest.mark.parametrize("model, task", [(MASK2FORMER, "panoptic"), (FASTINST, "instance")],
-                         ids=["mask2former-panoptic", "fastinst-instance"])
+@pytest.mark.parametrize("model, task", [(MASK2FORMER, "panoptic"), (MASK2FORMER, "semantic"), (FASTINST, "instance")],
+                         ids=["mask2former-panoptic", "mask2former-semantic", "fastinst-instance"])
 def test_segment_handler_shows_the_pipeline_result(pipelines, scene, tmp_path, model, task):
     overlay, table, document, json_path, summary = click_segment(
         pipelines, tmp_path, {"path": str(scene), "orig_name": "scene.png"}, model, task)
@@ -257,6 +257,23 @@ def test_uploads_are_capped(served):
     assert raw_request(served.port, negative_length).startswith("HTTP/1.1 400")
 
 
+def test_concurrent_clients_are_queued_and_all_answered(served, pipelines, scene):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gradio_client import Client, handle_file
+
+    config = pipelines[FASTINST].config
+    arguments = (handle_file(str(scene)), FASTINST, "instance", config.inference.object_mask_threshold,
+                 config.inference.overlap_threshold, config.inference.filter_low_score, browser_demo.SCORE_THRESHOLD,
+                 config.inference.max_per_image)
+    clients = [Client(served.url, verbose=False) for _ in range(3)]
+    with ThreadPoolExecutor(len(clients)) as pool:
+        answers = list(pool.map(lambda client: client.predict(*arguments, api_name="/segment"), clients))
+    expected = visualization.segments_to_json(expected_result(pipelines, FASTINST, scene, "instance"))["segments"]
+    for _, _, document, _, _ in answers:
+        assert document["segments"] == json.loads(json.dumps(expected))
+
+
 def test_page_end_to_end_in_headless_chromium(served, idle_connection, browser, pipelines, scene, not_an_image):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -304,4 +321,6 @@ def test_page_end_to_end_in_headless_chromium(served, idle_connection, browser, 
     assert "holiday.png is not a readable image" in toast
     assert "Traceback" not in browser.find_element(By.TAG_NAME, "body").text
     assert "Traceback" not in served.log.read_text()  # the server's console too
+    resources = browser.execute_script("return performance.getEntriesByType('resource').map(entry => entry.name)")
+    assert resources and all(name.startswith((served.url, "data:", "blob:")) for name in resources)  # nothing external
     assert idle_connection.fileno() != -1  # the idle client is still there (or was let go by the server's timeout)
