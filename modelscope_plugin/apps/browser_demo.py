@@ -103,20 +103,24 @@ def segment_upload(pipelines: Dict[str, Any], output_folder: Path, upload: Optio
         raise gr.Error(f"unknown model {model!r}; this demo serves {', '.join(pipelines)}", print_exception=False)
     if task not in TASKS:
         raise gr.Error(f"task must be one of {', '.join(TASKS)}, not {task!r}", print_exception=False)
+    try:  # the sliders send numbers; a client of the API may send anything
+        parameters = dict(task=task, object_mask_threshold=float(object_mask_threshold),
+                          overlap_threshold=float(overlap_threshold), filter_low_score=bool(filter_low_score),
+                          score_thr=float(score_threshold), max_per_image=int(max_per_image))
+    except (TypeError, ValueError) as error:
+        raise gr.Error(f"the thresholds must be numbers: {error}", print_exception=False) from error
     path = upload["path"]
     file_name = upload.get("orig_name") or Path(path).name
     started = time.perf_counter()
     try:
         rgb = load_image(path)
-        result = pipelines[model](Image.fromarray(rgb), task=task, object_mask_threshold=float(object_mask_threshold),
-                                  overlap_threshold=float(overlap_threshold), filter_low_score=bool(filter_low_score),
-                                  score_thr=float(score_threshold), max_per_image=int(max_per_image))
+        result = pipelines[model](Image.fromarray(rgb), **parameters)
     except USER_ERRORS as error:
         # the name the user knows, not the path of Gradio's copy; the console stays free of tracebacks
         raise gr.Error(str(error).replace(path, file_name), print_exception=False) from error
     seconds = time.perf_counter() - started
-    document = {"image": file_name, "model": model, "task": task, "height": int(rgb.shape[0]), "width": int(rgb.shape[1]),
-                **visualization.segments_to_json(result)}
+    document = {"image": file_name, "model": model, "task": task, "height": int(rgb.shape[0]),
+                "width": int(rgb.shape[1]), **visualization.segments_to_json(result)}
     json_path = Path(tempfile.mkdtemp(dir=output_folder)) / f"{Path(file_name).stem}_segments.json"
     json_path.write_text(json.dumps(document, indent=1))
     summary = (f"**{len(result['masks'])} segments** ({task}) from {model_name(model)} on {file_name}, "
@@ -157,13 +161,14 @@ def build_app(pipelines: Dict[str, Any], scenes: Sequence[Path] = (), photos: Se
                 with gr.Accordion("Thresholds", open=True):
                     with gr.Column(visible=config.task == "panoptic") as panoptic_settings:
                         object_mask_threshold = gr.Slider(
-                            0, 1, value=config.inference.object_mask_threshold, step=0.01, label="object_mask_threshold",
-                            info="keep a query whose best class probability exceeds this")
+                            0, 1, value=config.inference.object_mask_threshold, step=0.01,
+                            label="object_mask_threshold", info="keep a query whose best class probability exceeds this")
                         overlap_threshold = gr.Slider(
                             0, 1, value=config.inference.overlap_threshold, step=0.01, label="overlap_threshold",
                             info="drop a segment left with less than this share of its own mask")
-                        filter_low_score = gr.Checkbox(value=config.inference.filter_low_score, label="filter_low_score",
-                                                       info="a segment keeps only pixels where its mask probability is at least 0.5")
+                        filter_low_score = gr.Checkbox(
+                            value=config.inference.filter_low_score, label="filter_low_score",
+                            info="a segment keeps only pixels where its mask probability is at least 0.5")
                     with gr.Column(visible=config.task == "instance") as instance_settings:
                         score_threshold = gr.Slider(0, 1, value=SCORE_THRESHOLD, step=0.01, label="score_thr",
                                                     info="drop detections scoring below this")
