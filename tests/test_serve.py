@@ -1,10 +1,10 @@
 """``modelscope-seg serve``, the Gradio browser demo, with the shipped demo models.
 
-The "Segment" handler against the pipeline's own result and with bad uploads; the command's one-line failures (no
-Gradio, a port in use); then the command end to end in headless Chromium (Debian's chromium and chromium-driver,
-installed by .ci/run): page load, an upload, the overlay, the table and the JSON (shown and downloaded) against the
-pipeline, and a bad upload's message in the page, all while another client holds an idle connection open. Only
-127.0.0.1 listens; Ctrl-C stops the server.
+The "Segment" handler against the pipeline's own result and with bad uploads; app.py; the command's one-line
+failures (no Gradio, a port in use); then the command as a user runs it: the upload cap, concurrent API clients, and
+the page end to end in headless Chromium (Debian's chromium and chromium-driver, installed by .ci/run): page load, an
+upload, the overlay, the table and the JSON (shown and downloaded) against the pipeline, and a bad upload's message in
+the page, all while another client holds an idle connection open. Only 127.0.0.1 listens; Ctrl-C stops the server.
 """
 import json
 import os
@@ -19,7 +19,6 @@ import urllib.request
 from pathlib import Path
 from typing import List, Tuple
 
-import numpy as np
 import pytest
 from PIL import Image
 
