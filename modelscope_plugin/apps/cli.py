@@ -254,9 +254,18 @@ def train(finetune_arguments: Sequence[str]) -> int:
 
 
 def serve(arguments) -> int:
-    from modelscope_plugin.apps.server import serve_forever
+    try:
+        import gradio  # noqa: F401  (the optional [demo] extra)
+    except ImportError:
+        raise CommandError("the browser demo needs Gradio: pip install modelscope-plugin-seg[demo]") from None
+    from modelscope_plugin.apps.browser_demo import serve as serve_app
+    from modelscope_plugin.apps.demo import REPOSITORY, shipped_demo_models
 
-    serve_forever(arguments.model, port=arguments.port, device=arguments.device, max_requests=arguments.max_requests)
+    models = arguments.model or [str(directory) for directory, _ in shipped_demo_models().values()]
+    if not models:
+        raise CommandError("no --model given and no trained demo model in model_cards/demo")
+    serve_app(models, host=arguments.host, port=arguments.port, device=arguments.device,
+              data_folder=Path(arguments.data) if arguments.data else REPOSITORY.parent / "shared" / "data")
     return EXIT_OK
 
 
@@ -345,13 +354,20 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("train", help="finetune on a COCO-format dataset (options: modelscope-seg train --help)",
                         add_help=False)
 
-    serve_parser = commands.add_parser("serve", help="browser demo on http://127.0.0.1:PORT",
-                                       description="Serves an upload page: choose model and task, see the overlay, "
-                                                   "legend and scores, download the JSON. Listens on 127.0.0.1 only.")
-    serve_parser.add_argument("--model", action="append", required=True, help="hub id or model directory (repeatable)")
+    serve_parser = commands.add_parser(
+        "serve", help="browser demo (Gradio) on http://127.0.0.1:PORT",
+        description="Serves a Gradio page: upload an image or use the webcam, choose model, task and thresholds, see "
+                    "the overlay with a legend of labels and scores, the segments table and the JSON (also as a "
+                    "download). Requests are queued and run one at a time; uploads are capped at 20 MB. Needs the "
+                    "[demo] extra (Gradio). Ctrl-C stops.")
+    serve_parser.add_argument("--model", action="append",
+                              help="hub id or model directory (repeatable; default: the demo models in model_cards/demo)")
+    serve_parser.add_argument("--host", default="127.0.0.1",
+                              help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
     serve_parser.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 picks a free one)")
-    serve_parser.add_argument("--device", default="cpu")
-    serve_parser.add_argument("--max-requests", type=positive_int, help="stop after this many requests")
+    serve_parser.add_argument("--device", default="cpu", help="cpu, gpu, cuda:0 ... (default cpu)")
+    serve_parser.add_argument("--data", help="folder of the example photos, as for `make demo` (default: shared/data "
+                                             "beside the repository; missing photos are left out)")
     serve_parser.set_defaults(handler=serve)
     return parser
 
