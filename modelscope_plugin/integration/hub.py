@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from modelscope_plugin.errors import ModelNotAvailableError
-from modelscope_plugin.model_dirs.configuration import read_configuration_json
+from modelscope_plugin.model_dirs.configuration import read_configuration_json, synthesized_configuration
 
 SUPPORTED_MODEL_NAMES = (
     "cv_swinL_panoptic-segmentation_cocopan",
@@ -78,6 +78,8 @@ def wrap_is_official_hub_path(original):
         if is_supported_id(path):
             resolve_model_dir(path, revision)
             return True
+        if isinstance(path, (str, Path)) and synthesized_configuration(path) is not None:
+            return True
         if (isinstance(path, (str, Path)) and os.path.isdir(path)
                 and not any(os.path.isfile(os.path.join(path, name)) for name in ("configuration.json", "config.json"))):
             # neither ModelScope's nor a transformers config: ModelScope's builder would go on to a TypeError
@@ -90,6 +92,12 @@ def wrap_is_official_hub_path(original):
 
 def wrap_read_config(original):
     def read_config(model_id_or_path, revision=None, *args, **kwargs):
+        if isinstance(model_id_or_path, (str, Path)):
+            synthesized = synthesized_configuration(model_id_or_path)
+            if synthesized is not None:
+                from modelscope.utils.config import Config
+
+                return Config(synthesized)
         if is_supported_id(model_id_or_path):
             model_id_or_path = resolve_model_dir(model_id_or_path, revision)
         elif isinstance(model_id_or_path, (str, Path)) and os.path.isdir(model_id_or_path):

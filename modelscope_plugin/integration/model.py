@@ -7,18 +7,19 @@ from modelscope.models.builder import MODELS
 from modelscope.utils.constant import Tasks
 
 from modelscope_plugin.model_dirs.configuration import MODEL_TYPES
-from modelscope_plugin.model_dirs.load import load_model_dir
+from modelscope_plugin.model_dirs.load import load_model
 from modelscope_plugin.modeling.fastinst.model import FastInstOutput
 from modelscope_plugin.modeling.mask2former.model import Mask2FormerOutput
 
 
 class SegmentationModel(TorchModel):
     """Every ``configuration.json`` model type in ``model_dirs.configuration.MODEL_TYPES`` (the Swin-L, R50 and
-    FastInst hub ids, and this package's own ``mask2former``); ``load_model_dir`` reads the layout."""
+    FastInst hub ids, and this package's own ``mask2former``), and every layout ``load_model`` reads without one (a
+    Hugging Face folder, an EasyCV export, a FastInst release file)."""
 
     def __init__(self, model_dir: str, *args, task: Optional[str] = None, **kwargs):
         super().__init__(model_dir, *args, **kwargs)
-        self.config, self.network = load_model_dir(model_dir, task=task)
+        self.config, self.network = load_model(model_dir, task=task)
 
     def forward(self, images: torch.Tensor) -> Union[Mask2FormerOutput, FastInstOutput]:
         return self.network(images)

@@ -5,7 +5,8 @@ from typing import Any, Dict
 
 from modelscope.pipelines.base import Pipeline
 from modelscope.pipelines.builder import PIPELINES
-from modelscope.utils.constant import Tasks
+from modelscope.preprocessors import Preprocessor
+from modelscope.utils.constant import Frameworks, Tasks
 
 from modelscope_plugin import visualization
 from modelscope_plugin.errors import USER_ERRORS, CommandError
@@ -13,7 +14,7 @@ from modelscope_plugin.inference.predictor import PostprocessParameters, Predict
 from modelscope_plugin.inference.preprocess import PreparedImage
 from modelscope_plugin.integration.model import SegmentationModel
 from modelscope_plugin.integration.registry import PIPELINE_TYPES
-from modelscope_plugin.model_dirs.configuration import MODEL_TYPES, read_configuration_json
+from modelscope_plugin.model_dirs.configuration import MODEL_TYPES, read_configuration_json, synthesized_configuration
 
 # ModelScope's own pipeline class for each type name this package registers over, for model types it does not run
 BUILTIN_PIPELINE_MODULES = {
@@ -32,6 +33,15 @@ def builtin_pipeline_class(type_name: str):
         return group[type_name]
     finally:
         group[type_name] = ours
+
+
+class PreparedByPredictor(Preprocessor):
+    """Stands in for a ModelScope preprocessor: ``SegmentationPipeline.preprocess`` prepares images with its
+    ``Predictor``, so ModelScope need not look for a preprocessor section in configuration.json (which these models
+    do not have; it logged four warnings per pipeline looking for one)."""
+
+    def __call__(self, data):
+        raise RuntimeError("SegmentationPipeline prepares images with its Predictor")
 
 
 class SegmentationPipeline(Pipeline):
@@ -54,7 +64,7 @@ class SegmentationPipeline(Pipeline):
     def _instantiate(cls, **kwargs):
         """Model types this package does not run go to ModelScope's own pipeline (or fail saying why)."""
         model = kwargs.get("model")
-        if isinstance(model, str):
+        if isinstance(model, str) and synthesized_configuration(model) is None:
             model_type = read_configuration_json(Path(model)).get("model", {}).get("type")
             if model_type not in MODEL_TYPES:
                 try:
@@ -71,9 +81,13 @@ class SegmentationPipeline(Pipeline):
     def __init__(self, model, preprocessor=None, precision: str = "fp32", **kwargs):
         if isinstance(model, str):
             model = SegmentationModel(model, device=kwargs.get("device"))
-        super().__init__(model=model, preprocessor=preprocessor, auto_collate=False, **kwargs)
+        super().__init__(model=model, preprocessor=preprocessor or PreparedByPredictor(), auto_collate=False, **kwargs)
         self.config = self.model.config
         self.predictor = Predictor(self.model.network, self.config, device=self.device, precision=precision)
+
+    def _get_framework(self) -> str:
+        """Always PyTorch (ModelScope reads it from configuration.json, which not every supported layout has)."""
+        return Frameworks.torch
 
     def __call__(self, input, *args, on_error: str = "raise", batch_size: int = None, **kwargs):
         if not isinstance(input, list):

@@ -11,6 +11,7 @@ wrapped here, since a user may call ``pipeline()``, ``Model.from_pretrained`` or
 from pathlib import Path
 
 import modelscope.models.base.base_model as base_model
+import modelscope.pipelines.base as pipeline_base
 import modelscope.pipelines.builder as pipeline_builder
 from modelscope.utils.constant import Tasks
 from modelscope.utils.import_utils import LazyImportModule
@@ -61,6 +62,8 @@ def install() -> None:
         builder.normalize_model_input = hub.wrap_normalize_model_input(builder.normalize_model_input)
         builder.register_plugins_repo = hub.wrap_register_plugins_repo(builder.register_plugins_repo)
     base_model.register_plugins_repo = hub.wrap_register_plugins_repo(base_model.register_plugins_repo)
+    # a pipeline reads its model's configuration again: layouts without configuration.json get the synthesized one
+    pipeline_base.read_config = hub.wrap_read_config(pipeline_base.read_config)
     _installed = True
 
 

@@ -1,4 +1,5 @@
-"""Hugging Face ``Mask2FormerForUniversalSegmentation`` folders (``config.json`` + ``model.safetensors``) ->
+"""Hugging Face ``Mask2FormerForUniversalSegmentation`` folders (``config.json`` + ``model.safetensors`` or
+``pytorch_model.bin``, read with ``weights_only``) ->
 (Mask2FormerConfig, network with strictly loaded weights); the key table is ``checkpoints/hf.py``."""
 import json
 from pathlib import Path
@@ -9,6 +10,8 @@ from modelscope_plugin.checkpoints.io import load_strict, read_checkpoint
 from modelscope_plugin.checkpoints.keymaps import convert_detectron2
 from modelscope_plugin.config import Mask2FormerConfig, PreprocessConfig, ResNetConfig, SwinConfig
 from modelscope_plugin.errors import CheckpointError
+
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 def config_from_hf(values: dict):
@@ -43,9 +46,9 @@ def load_hf_model_dir(model_dir):
     """(config, network) from a ``save_pretrained`` folder; weights strictly loaded."""
     model_dir = Path(model_dir)
     values = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    weights = model_dir / "model.safetensors"
-    if not weights.is_file():
-        raise CheckpointError(f"{model_dir} has no model.safetensors")
+    weights = next((model_dir / name for name in HF_WEIGHT_FILES if (model_dir / name).is_file()), None)
+    if weights is None:
+        raise CheckpointError(f"{model_dir} has neither {' nor '.join(HF_WEIGHT_FILES)}")
     state_dict = convert_detectron2(hf_to_detectron2(read_checkpoint(weights), values))
     config = config_from_hf(values)
     network = build_mask2former(config)
