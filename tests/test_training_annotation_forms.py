@@ -234,3 +234,70 @@ def test_rows_that_cannot_train_the_task_are_refused_at_once(split):
     with pytest.raises(TrainingDataError, match="mix annotation kinds"):
         SegmentationTrainingDataset(split.semantic_rows()[:1] + split.instance_rows()[:1], CATEGORIES, "semantic",
                                     PreprocessConfig(), IDENTITY)
+
+
+# ------------------------------------------------------------------------------------ through build_trainer
+
+TRAINER_OPTIONS = {
+    "train.max_epochs": 1, "train.train_iters_per_epoch": 1, "train.dataloader.batch_size_per_gpu": 2,
+    "train.augmentation": {"image_size": 64, "min_scale": 0.5, "max_scale": 1.5},
+    "train.preprocess": {"short_side": 64, "long_side_max": 64},
+    "train.loss": {"num_points": 256}, "train.logging": {"interval": 1},
+    "train.checkpoint.period": {"interval": 1, "by_epoch": False},
+}
+CATEGORY_DICTS = [{"id": c.id, "name": c.name, "isthing": c.isthing} for c in SYNTHETIC_CATEGORIES]
+
+
+@pytest.fixture(scope="module")
+def small_scenes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trainer_forms")
+    scenes = SceneConfig(image_size=64, min_thing_size=10, max_thing_size=30, max_things=5)
+    return write_dataset(root, "train", 2, seed=0, config=scenes), write_dataset(root, "val", 2, seed=1, config=scenes)
+
+
+def build(model_dir, train_rows, eval_rows, work_dir, task, options=TRAINER_OPTIONS, categories=CATEGORY_DICTS):
+    from modelscope.trainers import build_trainer
+
+    from modelscope_plugin.data.datasets import as_ms_dataset
+
+    return build_trainer("mask2former-segmentation", dict(
+        model=str(model_dir), train_dataset=as_ms_dataset(train_rows), eval_dataset=as_ms_dataset(eval_rows),
+        work_dir=str(work_dir), categories=categories, cfg_options=dict(options, **{"train.task": task}), seed=7))
+
+
+@pytest.mark.parametrize("task", ["instance", "semantic"])
+def test_mask2former_trains_and_evaluates_from_instance_and_label_rows(tiny_model_dir, small_scenes, tmp_path, task):
+    train, val = small_scenes
+    # instance task: read_coco_instances rows; semantic: read_label_folders rows
+    trainer = build(tiny_model_dir, getattr(train, f"{task}_rows")(), getattr(val, f"{task}_rows")(),
+                    tmp_path / "work", task)
+    trainer.train()
+    assert trainer.iter == 1 and np.isfinite(trainer.train_outputs["loss"].item())
+    values = trainer.evaluate()
+    assert ({"segm/AP", "bbox/AP"} if task == "instance" else {"mIoU"}) <= set(values), values
+
+
+def test_fastinst_trains_from_instance_rows(small_scenes, tmp_path):
+    from modelscope_plugin.builders import build_fastinst
+    from modelscope_plugin.config import FastInstConfig
+    from modelscope_plugin.model_dir_fastinst import write_hub_dir
+
+    train, val = small_scenes
+    config = FastInstConfig(num_classes=5, num_queries=12, num_aux_queries=3, hidden_dim=32, mask_dim=24, num_heads=4,
+                            feedforward_dim=48, decoder_layers=2, class_names=tuple(f"thing_{i}" for i in range(5)))
+    torch.manual_seed(0)
+    model_dir = write_hub_dir(tmp_path / "model", config, build_fastinst(config).eval())
+    options = dict(TRAINER_OPTIONS, **{"train.augmentation": {
+        "kind": "fastinst", "image_size": 64, "short_sides": [64], "long_side_max": 64, "crop_size_range": [32, 64],
+        "crop_short_sides": [64]}})
+    trainer = build(model_dir, train.instance_rows(), val.instance_rows(), tmp_path / "work", "instance", options)
+    trainer.train()
+    assert trainer.iter == 1 and np.isfinite(trainer.train_outputs["loss"].item())
+    assert {"segm/AP"} <= set(trainer.evaluate())
+
+
+def test_build_trainer_refuses_rows_that_cannot_train_the_task(tiny_model_dir, small_scenes, tmp_path):
+    train, val = small_scenes
+    with pytest.raises(TrainingDataError, match="rows of kind 'semantic' cannot train the instance task"):
+        build(tiny_model_dir, train.semantic_rows(), val.semantic_rows(), tmp_path / "work", "instance")
+
