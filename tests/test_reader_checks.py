@@ -110,3 +110,22 @@ def test_label_folders_check_sizes_values_and_accept_the_ignore_value(split):
     rows, problems = read_label_folders(str(split.image_folder), str(labels), 8, reduce_zero_label=False, ignore_value=8)
     assert [row["image_id"] for row in rows] == ["000003"]
     assert "label value 255 is beyond the 8 classes" in {p.image_id: p.reason for p in problems}["000001"]
+
+
+def test_segmentation_forms_become_one_compressed_rle():
+    from pycocotools import mask as mask_utils
+
+    from modelscope_plugin.data.datasets import compressed_rle
+
+    square = [2.0, 2.0, 8.0, 2.0, 8.0, 8.0, 2.0, 8.0]
+    nested = compressed_rle([square], 10, 12)
+    assert compressed_rle(square, 10, 12) == nested  # a flat polygon, as some exporters write it
+    decoded = mask_utils.decode(dict(nested, counts=nested["counts"].encode("ascii")))
+    assert decoded.shape == (10, 12) and 30 <= decoded.sum() <= 50  # the 6 x 6 square, up to its boundary
+    # uncompressed RLE: column-major runs, zeros first; here rows 0-1 of column 0 and rows 0-1 of column 1
+    uncompressed = compressed_rle({"size": [10, 12], "counts": [0, 2, 8, 2, 108]}, 10, 12)
+    expected = np.zeros((10, 12), np.uint8)
+    expected[:2, :2] = 1
+    np.testing.assert_array_equal(mask_utils.decode(dict(uncompressed, counts=uncompressed["counts"].encode())), expected)
+    with pytest.raises(ValueError, match="neither polygons nor RLE"):
+        compressed_rle({"points": []}, 10, 12)

@@ -177,6 +177,8 @@ def compressed_rle(segmentation: Any, height: int, width: int) -> Dict[str, Any]
     from pycocotools import mask as mask_utils
 
     if isinstance(segmentation, list):
+        if segmentation and not isinstance(segmentation[0], (list, tuple)):  # one flat polygon, not nested
+            segmentation = [segmentation]
         polygons = [[float(value) for value in polygon] for polygon in segmentation
                     if len(polygon) >= 6 and len(polygon) % 2 == 0]
         if not polygons:
