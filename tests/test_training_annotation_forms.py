@@ -229,7 +229,8 @@ def test_rows_that_cannot_train_the_task_are_refused_at_once(split):
                              (split.semantic_rows(), "panoptic", "semantic"),
                              (split.instance_rows(), "panoptic", "instance"),
                              (split.instance_rows(), "semantic", "instance")):
-        with pytest.raises(TrainingDataError, match=f"training rows of kind '{kind}' cannot train the {task} task"):
+        refused = f"training rows of kind '{kind}' \\(4 rows, the first .*\\) cannot train the {task} task"
+        with pytest.raises(TrainingDataError, match=refused):
             SegmentationTrainingDataset(rows, CATEGORIES, task, PreprocessConfig(), IDENTITY)
     with pytest.raises(TrainingDataError, match="mix annotation kinds"):
         SegmentationTrainingDataset(split.semantic_rows()[:1] + split.instance_rows()[:1], CATEGORIES, "semantic",
@@ -298,6 +299,7 @@ def test_fastinst_trains_from_instance_rows(small_scenes, tmp_path):
 
 def test_build_trainer_refuses_rows_that_cannot_train_the_task(tiny_model_dir, small_scenes, tmp_path):
     train, val = small_scenes
-    with pytest.raises(TrainingDataError, match="rows of kind 'semantic' cannot train the instance task"):
+    refused = r"rows of kind 'semantic' \(2 rows, the first .*semantic_train/000001.png\) cannot train the instance task"
+    with pytest.raises(TrainingDataError, match=refused):
         build(tiny_model_dir, train.semantic_rows(), val.semantic_rows(), tmp_path / "work", "instance")
 

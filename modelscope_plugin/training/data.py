@@ -67,7 +67,8 @@ def check_rows_support_task(rows, task: str) -> str:
     cannot train ``task``. Reads every row's fields once (a Hugging Face dataset: its column names)."""
     column_names = getattr(rows, "column_names", None)
     if column_names is not None:  # one schema for all rows: the first row with its None columns dropped
-        kinds = {row_kind({key: value for key, value in dict(rows[0]).items() if value is not None})} if len(rows) else set()
+        first = {key: value for key, value in dict(rows[0]).items() if value is not None} if len(rows) else None
+        kinds = {row_kind(first)} if first is not None else set()
     else:
         kinds = {row_kind(row) for row in rows}
     if len(kinds) > 1:
@@ -77,8 +78,10 @@ def check_rows_support_task(rows, task: str) -> str:
     kind = kinds.pop()
     supported, reason = TASKS_OF_ROW_KIND[kind]
     if task not in supported:
-        raise TrainingDataError(f"training rows of kind {kind!r} cannot train the {task} task ({reason}); they can "
-                                f"train: {', '.join(supported)}")
+        first = dict(rows[0])
+        named = first.get("label_path") or first.get("image_path") or first.get("image_id")
+        raise TrainingDataError(f"training rows of kind {kind!r} ({len(rows)} rows, the first {named}) cannot "
+                                f"train the {task} task ({reason}); they can train: {', '.join(supported)}")
     return kind
 
 

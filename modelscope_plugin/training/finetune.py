@@ -229,7 +229,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if (arguments.pretrain_epochs or arguments.classification_pretrain_epochs) and layout.format != "coco-panoptic":
         raise DatasetLayoutError("--pretrain-epochs and --classification-pretrain-epochs need COCO panoptic data")
     categories = layout.categories
-    train_rows = layout.rows(layout.train, filter_empty=arguments.task == "instance" and not arguments.keep_empty_images)
+    filter_empty = arguments.task == "instance" and not arguments.keep_empty_images
+    train_rows = layout.rows(layout.train, filter_empty=filter_empty)
     # COCO AP scores instance rows (their RLE annotations); PQ and mIoU read the panoptic or label PNGs
     evaluation_rows = (layout.instance_evaluation_rows(layout.val) if arguments.task == "instance"
                        else layout.rows(layout.val))
