@@ -2,13 +2,13 @@
 
 Rows are those of the ``modelscope_plugin.data.datasets`` readers (or their ``MsDataset``), of three kinds:
 
-==============  =============================================  ====================================================
-row kind        reader                                         tasks it can train
-==============  =============================================  ====================================================
+==============  ===============================================  ================================================
+row kind        reader                                           tasks it can train
+==============  ===============================================  ================================================
 ``panoptic``    ``read_coco_panoptic``: PNG + ``segments_info``  panoptic, instance, semantic
 ``instance``    ``read_coco_instances``: ``annotations_json``    instance (no stuff, so no panoptic or semantic)
 ``semantic``    ``read_label_folders``: ``label_path``           semantic (no instances)
-==============  =============================================  ====================================================
+==============  ===============================================  ================================================
 
 Every kind is decoded to an id map (0 = void) and its segments, so that augmentation and targets are shared:
 instance masks (compressed RLE, decoded per item, never cached) are painted into as few id-map layers as keep
@@ -64,7 +64,8 @@ def row_kind(row: Mapping[str, Any]) -> str:
 
 def check_rows_support_task(rows, task: str) -> str:
     """The rows' one kind; raises ``TrainingDataError`` naming the kind and the reason when the rows mix kinds or
-    cannot train ``task``. Reads every row's fields once (a Hugging Face dataset: its column names)."""
+    cannot train ``task``. Reads every row's fields once (a Hugging Face dataset, one schema for all rows: the first
+    row's non-empty fields)."""
     column_names = getattr(rows, "column_names", None)
     if column_names is not None:  # one schema for all rows: the first row with its None columns dropped
         first = {key: value for key, value in dict(rows[0]).items() if value is not None} if len(rows) else None
