@@ -1,8 +1,8 @@
 """Learning check, cheap version (slow): the shipped demo FastInst, finetuned for 48 steps on relabelled synthetic
 scenes in the COCO-instances layout (classes "round" and "angular", unlike its own four shapes, so its class head is
 learned afresh), scores far higher mask AP on held-out scenes of another seed than the same run on a copy whose
-training masks are transposed. ``benchmarks/finetune_learning_check.py`` writes the data; its docstring and the
-README give the 100-step numbers."""
+training masks are transposed. ``benchmarks/finetune_learning_check.py`` writes the data; the
+README gives the 100-step numbers."""
 import sys
 
 import pytest
