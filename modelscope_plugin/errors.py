@@ -11,6 +11,7 @@ Each bad input raises exactly one of these, with a message naming the input and 
                            no or several weights files, class names not matching the classes
 ``ModelNotAvailableError`` a supported hub id that is neither cached nor downloadable
 ``DatasetProblemsError``   dataset rows that a reader rejected (with ``on_error="raise"``)
+``DatasetLayoutError``     a dataset folder in no known layout, or with a part missing or ambiguous
 ``TrainingDataError``      a training row that cannot be turned into targets
 ``TrainingConfigError``    a trainer configuration or dataset the trainer cannot use
 ``CardError``              a model card that cannot be validated, assembled or published
@@ -57,8 +58,13 @@ class DatasetProblemsError(ValueError):
         super().__init__(f"{len(problems)} dataset rows rejected: {listed}{more}")
 
 
+class DatasetLayoutError(ValueError):
+    """A dataset folder matches no known layout, or a part of its layout is missing or ambiguous."""
+
+
 class TrainingDataError(ValueError):
-    """A training row cannot be turned into targets (unknown category, unreadable files)."""
+    """Training rows cannot be turned into targets (unknown category, unreadable files, a task the annotations do
+    not support)."""
 
 
 class TrainingConfigError(ValueError):

@@ -351,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     push_parser.set_defaults(handler=card_push)
 
     # listed here for --help; main() hands everything after "train" to the finetune script's own parser
-    commands.add_parser("train", help="finetune on a COCO-format dataset (options: modelscope-seg train --help)",
+    commands.add_parser("train", help="finetune on a COCO panoptic / COCO instances / semantic-folders dataset "
+                        "(options: modelscope-seg train --help)",
                         add_help=False)
 
     serve_parser = commands.add_parser(
@@ -391,7 +392,13 @@ def positive_int(text: str) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Runs one command; returns its exit code (``--help``: 0, usage errors: 2)."""
-    from modelscope_plugin.errors import USER_ERRORS, CardError
+    from modelscope_plugin.errors import (
+        USER_ERRORS,
+        CardError,
+        DatasetLayoutError,
+        DatasetProblemsError,
+        TrainingDataError,
+    )
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train"]:
@@ -404,7 +411,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         command, run = arguments.command, lambda: arguments.handler(arguments)
     try:
         return run()
-    except (CommandError, CardError, *USER_ERRORS, FileExistsError) as error:
+    except (CommandError, CardError, *USER_ERRORS, FileExistsError, DatasetLayoutError, DatasetProblemsError,
+            TrainingDataError) as error:
         print(f"modelscope-seg {command}: error: {error}", file=sys.stderr)
         return EXIT_FAILED
 

@@ -2,7 +2,14 @@
 
 Rows hold paths and small annotation records only; images and label maps are decoded when evaluated. Rows whose
 files are missing or unreadable, or whose annotations name unknown categories, are reported by image id and then
-skipped (``on_error="skip"``) or raise one error listing them all (``on_error="raise"``).
+skipped (``on_error="skip"``) or raise one error listing them all (``on_error="raise"``). With ``check_images``
+(the default) the readers also decode every image and annotation PNG and compare their sizes, so that a label map
+of the wrong size is found here rather than during training.
+
+Checks per reader: unknown category ids; missing, unreadable or mis-sized files; COCO instances: polygons with fewer
+than 3 points are dropped (detectron2's rule) and an object left with no polygon rejects its image, RLE sizes must be
+the image's. Empty images (no non-crowd object) are kept, or left out with ``filter_empty=True``, as detectron2's
+``DATALOADER.FILTER_EMPTY_ANNOTATIONS`` does for training (left out silently, not listed as problems).
 
 ``as_ms_dataset`` wraps rows in ModelScope's ``MsDataset``: ``MsDataset.to_ms_dataset`` accepts a Hugging Face
 ``datasets.Dataset`` (modelscope/msdatasets/ms_dataset.py), built here with ``Dataset.from_list``. Nested fields
@@ -74,22 +81,49 @@ def _finish(rows: List[Dict[str, Any]], problems: List[RowProblem], on_error: st
 
 def _readable_image(path: str) -> Optional[str]:
     """None if the file exists and decodes, else the reason."""
+    return _decoded_size(path)[0]
+
+
+def _decoded_size(path: str) -> Tuple[Optional[str], Optional[Tuple[int, int]]]:
+    """(None, (height, width)) if the file exists and decodes, else (the reason, None)."""
     if not os.path.isfile(path):
-        return f"missing file {path}"
+        return f"missing file {path}", None
     try:
         with Image.open(path) as image:
             image.load()  # full decode: verify() misses truncated pixel data
+            width, height = image.size
     except Exception as error:  # PIL raises many types (OSError, SyntaxError, ValueError) for corrupt files
-        return f"unreadable file {path}: {type(error).__name__}: {error}"
+        return f"unreadable file {path}: {type(error).__name__}: {error}", None
+    return None, (height, width)
+
+
+def _readable_pair(image_path: str, label_path: str, what: str,
+                   declared_size: Optional[Tuple[int, int]] = None) -> Optional[str]:
+    """None if both files decode and have one size (and ``declared_size``, (height, width), if given), else why."""
+    reason, image_size = _decoded_size(image_path)
+    if reason:
+        return reason
+    reason, label_size = _decoded_size(label_path)
+    if reason:
+        return reason
+    if label_size != image_size:
+        return (f"{what} {label_path} is {label_size[1]}x{label_size[0]}, "
+                f"the image {image_path} {image_size[1]}x{image_size[0]}")
+    if declared_size is not None and tuple(declared_size) != image_size:
+        return (f"image {image_path} is {image_size[1]}x{image_size[0]}, the annotation file says "
+                f"{declared_size[1]}x{declared_size[0]}")
     return None
 
 
 def read_coco_panoptic(annotation_file: str, panoptic_folder: str, image_folder: str,
-                       on_error: str = "skip", check_images: bool = True) -> Tuple[List[Dict[str, Any]], List[RowProblem]]:
+                       on_error: str = "skip", check_images: bool = True,
+                       filter_empty: bool = False) -> Tuple[List[Dict[str, Any]], List[RowProblem]]:
     """COCO panoptic JSON + PNG folder -> (rows, problems).
 
     Row: ``image_id, file_name, image_path, height, width, panoptic_path, segments_info`` (``id, category_id,
-    iscrowd, area, bbox``). ``check_images`` decodes every image and PNG up front (catches corrupt files early).
+    iscrowd, area, bbox``). ``check_images`` decodes every image and PNG up front (catches corrupt files early)
+    and checks that image, PNG and the JSON's height / width agree. ``filter_empty``: leave out images without a
+    non-crowd segment.
     """
     with open(annotation_file) as handle:
         data = json.load(handle)
@@ -109,11 +143,14 @@ def read_coco_panoptic(annotation_file: str, panoptic_folder: str, image_folder:
         if unknown:
             reason = f"unknown category ids {unknown}"
         elif check_images:
-            reason = _readable_image(image_path) or _readable_image(panoptic_path)
+            reason = _readable_pair(image_path, panoptic_path, "panoptic PNG",
+                                    (int(image["height"]), int(image["width"])))
         elif not (os.path.isfile(image_path) and os.path.isfile(panoptic_path)):
             reason = f"missing file {image_path if not os.path.isfile(image_path) else panoptic_path}"
         if reason:
             problems.append(RowProblem(image_id, reason))
+            continue
+        if filter_empty and all(s.get("iscrowd", 0) for s in annotation["segments_info"]):
             continue
         rows.append({
             "image_id": int(image_id), "file_name": image["file_name"], "image_path": image_path,
@@ -125,10 +162,40 @@ def read_coco_panoptic(annotation_file: str, panoptic_folder: str, image_folder:
     return _finish(rows, problems, on_error)
 
 
+def compressed_rle(segmentation: Any, height: int, width: int) -> Dict[str, Any]:
+    """A COCO ``segmentation`` (polygons, uncompressed or compressed RLE) -> one compressed RLE ``{"size": [height,
+    width], "counts": str}``. Polygons with fewer than 3 points are dropped (detectron2's rule); raises
+    ``ValueError`` when none is left or an RLE's size is not (height, width)."""
+    from pycocotools import mask as mask_utils
+
+    if isinstance(segmentation, list):
+        if segmentation and not isinstance(segmentation[0], (list, tuple)):  # one flat polygon, not nested
+            segmentation = [segmentation]
+        polygons = [[float(value) for value in polygon] for polygon in segmentation
+                    if len(polygon) >= 6 and len(polygon) % 2 == 0]
+        if not polygons:
+            raise ValueError(f"no polygon with 3 points or more ({len(segmentation)} given)")
+        rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+    elif isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
+        if [int(side) for side in segmentation["size"]] != [height, width]:
+            raise ValueError(f"RLE size {list(segmentation['size'])} is not the image's [{height}, {width}]")
+        if isinstance(segmentation["counts"], list):  # uncompressed
+            rle = mask_utils.frPyObjects(segmentation, height, width)
+        else:
+            rle = {"size": [height, width], "counts": segmentation["counts"]}
+    else:
+        raise ValueError(f"segmentation is neither polygons nor RLE: {str(segmentation)[:80]}")
+    counts = rle["counts"]
+    return {"size": [height, width], "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
+
+
 def read_coco_instances(annotation_file: str, image_folder: str, on_error: str = "skip",
-                        check_images: bool = True) -> Tuple[List[Dict[str, Any]], List[RowProblem]]:
+                        check_images: bool = True,
+                        filter_empty: bool = False) -> Tuple[List[Dict[str, Any]], List[RowProblem]]:
     """COCO instances JSON -> (rows, problems). Row: ``image_id, file_name, image_path, height, width,
-    annotations_json`` (the image's annotations, JSON text). Images without annotations are kept."""
+    annotations_json`` (the image's annotations, JSON text, each ``segmentation`` converted once to compressed RLE
+    by ``compressed_rle``). ``check_images`` decodes every image and checks its size against the JSON's.
+    ``filter_empty``: leave out images without a non-crowd object (else they are kept)."""
     with open(annotation_file) as handle:
         data = json.load(handle)
     known_categories = {int(category["id"]) for category in data["categories"]}
@@ -138,29 +205,50 @@ def read_coco_instances(annotation_file: str, image_folder: str, on_error: str =
     rows, problems = [], []
     for image in data["images"]:
         image_id = int(image["id"])
+        height, width = int(image["height"]), int(image["width"])
         image_path = os.path.join(image_folder, image["file_name"])
         annotations = annotations_of.get(image_id, [])
         unknown = sorted({int(a["category_id"]) for a in annotations} - known_categories)
         if unknown:
             reason = f"unknown category ids {unknown}"
         elif check_images:
-            reason = _readable_image(image_path)
+            reason, size = _decoded_size(image_path)
+            if reason is None and size != (height, width):
+                reason = f"image {image_path} is {size[1]}x{size[0]}, the annotation file says {width}x{height}"
         else:
             reason = None if os.path.isfile(image_path) else f"missing file {image_path}"
+        converted = []
+        for annotation in annotations if reason is None else ():
+            if "segmentation" not in annotation:
+                reason = f"annotation {annotation.get('id')}: no segmentation"
+                break
+            try:
+                rle = compressed_rle(annotation["segmentation"], height, width)
+            except ValueError as error:
+                reason = f"annotation {annotation.get('id')}: {error}"
+                break
+            converted.append(dict(annotation, segmentation=rle))
         if reason:
             problems.append(RowProblem(image_id, reason))
             continue
+        if filter_empty and all(a.get("iscrowd", 0) for a in converted):
+            continue
         rows.append({"image_id": image_id, "file_name": image["file_name"], "image_path": image_path,
-                     "height": int(image["height"]), "width": int(image["width"]),
-                     "annotations_json": json.dumps(annotations)})
+                     "height": height, "width": width, "annotations_json": json.dumps(converted)})
     return _finish(rows, problems, on_error)
 
 
 def read_label_folders(image_folder: str, label_folder: str, number_of_classes: int, on_error: str = "skip",
-                       check_images: bool = True, label_suffix: str = ".png") -> Tuple[List[Dict[str, Any]], List[RowProblem]]:
+                       check_images: bool = True, label_suffix: str = ".png", reduce_zero_label: bool = True,
+                       ignore_value: int = IGNORE_LABEL) -> Tuple[List[Dict[str, Any]], List[RowProblem]]:
     """ADE20K-style image + label-PNG folders (paired by file stem) -> (rows, problems).
-    Row: ``image_id`` (stem), ``image_path``, ``label_path``. Label value = class index + 1, 0 = ignore."""
+
+    Row: ``image_id`` (stem), ``file_name``, ``image_path``, ``label_path``, ``reduce_zero_label``,
+    ``ignore_value``. Label values: ``ignore_value`` (255 unless declared) is ignored; with ``reduce_zero_label``
+    (ADE20K) 0 is ignored too and value v is class v - 1, else value v is class v. ``check_images`` decodes both
+    files, checks their sizes agree and that no value names a class beyond ``number_of_classes``."""
     rows, problems = [], []
+    largest_allowed = number_of_classes if reduce_zero_label else number_of_classes - 1
     for file_name in sorted(os.listdir(image_folder)):
         stem, extension = os.path.splitext(file_name)
         if extension.lower() not in (".jpg", ".jpeg", ".png", ".bmp", ".webp"):
@@ -168,18 +256,22 @@ def read_label_folders(image_folder: str, label_folder: str, number_of_classes: 
         image_path = os.path.join(image_folder, file_name)
         label_path = os.path.join(label_folder, stem + label_suffix)
         if check_images:
-            reason = _readable_image(image_path) or _readable_image(label_path)
+            reason = _readable_pair(image_path, label_path, "label map")
             if reason is None:
-                largest = int(np.asarray(Image.open(label_path)).max())
-                if largest > number_of_classes:
-                    reason = f"label value {largest} > number of classes {number_of_classes}"
+                with Image.open(label_path) as label_image:
+                    values = np.unique(np.asarray(label_image))
+                values = values[values != ignore_value]
+                if values.size and int(values.max()) > largest_allowed:
+                    reason = (f"label value {int(values.max())} is beyond the {number_of_classes} classes "
+                              f"(ignore value {ignore_value}, reduce_zero_label {reduce_zero_label})")
         else:
             missing = [p for p in (image_path, label_path) if not os.path.isfile(p)]
             reason = f"missing file {missing[0]}" if missing else None
         if reason:
             problems.append(RowProblem(stem, reason))
             continue
-        rows.append({"image_id": stem, "file_name": file_name, "image_path": image_path, "label_path": label_path})
+        rows.append({"image_id": stem, "file_name": file_name, "image_path": image_path, "label_path": label_path,
+                     "reduce_zero_label": bool(reduce_zero_label), "ignore_value": int(ignore_value)})
     return _finish(rows, problems, on_error)
 
 
@@ -213,11 +305,19 @@ def panoptic_to_semantic(ids: np.ndarray, segments: Sequence[Dict[str, Any]], cl
     return np.where(found, classes[order][positions], ignore_label)
 
 
+def label_values_to_classes(row: Dict[str, Any]) -> Tuple[int, int]:
+    """(offset, ignore value) of a label row: class = value - offset (1 with ``reduce_zero_label``, its default)."""
+    return (1 if row.get("reduce_zero_label", True) else 0), int(row.get("ignore_value", IGNORE_LABEL))
+
+
 def load_label_map(row: Dict[str, Any], ignore_label: int = IGNORE_LABEL) -> np.ndarray:
-    """ADE20K-style label PNG -> (H, W) class map: value - 1, 0 -> ``ignore_label``."""
+    """ADE20K-style label PNG -> (H, W) class map; the row's ignore value (and 0 with ``reduce_zero_label``) ->
+    ``ignore_label``; other values: value - 1 with ``reduce_zero_label``, else the value."""
     with Image.open(row["label_path"]) as image:
         labels = np.asarray(image).astype(np.int64)
-    return np.where(labels == 0, ignore_label, labels - 1)
+    offset, ignore_value = label_values_to_classes(row)
+    ignored = (labels == ignore_value) | (labels < offset)
+    return np.where(ignored, ignore_label, labels - offset)
 
 
 def load_instance_annotations(row: Dict[str, Any]) -> List[Dict[str, Any]]:

@@ -33,7 +33,9 @@ Configuration (``configuration.json`` of the model dir, then ``cfg_options``; de
 ``train.augmentation`` (``AugmentationConfig``), ``train.preprocess`` (``PreprocessConfig`` fields: test-time
 resize of the finetuned model), ``train.task`` (panoptic / instance / semantic),
 ``train.categories`` (COCO category dicts; default: the model's classes), ``evaluation.metrics``.
-Datasets: rows of ``modelscope_plugin.data.datasets.read_coco_panoptic`` (or an ``MsDataset`` of them).
+Datasets: rows of ``modelscope_plugin.data.datasets.read_coco_panoptic`` (any task), ``read_coco_instances``
+(instance) or ``read_label_folders`` (semantic), or an ``MsDataset`` of them; rows that cannot train ``train.task``
+raise ``TrainingDataError`` when the trainer is built.
 """
 import os
 from copy import deepcopy

@@ -1,13 +1,17 @@
-"""Finetune (or train from scratch) a Mask2Former or a FastInst on a COCO-panoptic folder: MsDataset -> trainer ->
+"""Finetune (or train from scratch) a Mask2Former or a FastInst on a dataset folder: MsDataset -> trainer ->
 evaluation.
 
     python -m modelscope_plugin.training.finetune --data data/synthetic --generate 2000 --architecture small \\
         --work-dir outputs/m2f_synthetic --epochs 50 --batch-size 8
     torchrun --nproc_per_node=2 -m modelscope_plugin.training.finetune ... --launcher pytorch
 
-``--data`` holds ``train`` and ``val`` splits in the layout of ``modelscope_plugin.data.synthetic`` (``--generate N``
-writes N synthetic training scenes with ``--seed`` and N // 5 validation scenes with ``--seed + 1``, the held-out
-split, unless they exist). ``--model`` starts from a model directory or hub id (the class head is re-initialised
+``--data`` is a dataset folder in one of the layouts of ``modelscope_plugin.data.layouts`` (COCO panoptic, COCO
+instances, ADE20K-style semantic folders with ``--classes FILE``; ``--format`` forces one, ``--train-split`` /
+``--val-split`` name the splits); the default ``--task`` follows the data (panoptic / instance / semantic; FastInst:
+instance). ``--generate N`` writes N synthetic training scenes with ``--seed`` and N // 5 validation scenes with
+``--seed + 1``, the held-out split, unless they exist (the synthetic layout is a COCO panoptic one). Instance
+training leaves out images without objects (detectron2's ``FILTER_EMPTY_ANNOTATIONS``) unless
+``--keep-empty-images``. ``--model`` starts from a model directory or hub id (the class head is re-initialised
 for the dataset's classes); without it a randomly initialised network of ``--architecture`` is the start
 (``fastinst-d1`` / ``fastinst-d3``: FastInst R50 with 1 / 3 decoder layers; ``fastinst-small``: FastInst-D3 on
 the small Mask2Former's backbone; instance task only). From random weights, ``--classification-pretrain-epochs N``
@@ -25,6 +29,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from modelscope_plugin.config import Mask2FormerConfig, ResNetConfig, SwinConfig
+from modelscope_plugin.data.layouts import FORMATS
 
 ARCHITECTURES = {
     # the unit tests' network (about 2 M parameters)
@@ -33,7 +38,7 @@ ARCHITECTURES = {
                  num_queries=20, hidden_dim=64, num_heads=4, encoder_layers=2, encoder_feedforward_dim=128,
                  decoder_layers=3, decoder_feedforward_dim=128),
     # the demo model's network: a half-width ResNet-18 (which learns shapes from random weights far faster than a
-    # small Swin: issue 5's note), 50 queries, 128 wide, 6 masked-attention layers (about 19 MB)
+    # small Swin), 50 queries, 128 wide, 6 masked-attention layers (about 19 MB)
     "small": dict(backbone=ResNetConfig(depth=18, width=32),
                   num_queries=50, hidden_dim=128, num_heads=8, encoder_layers=3, encoder_feedforward_dim=256,
                   decoder_layers=6, decoder_feedforward_dim=256),
@@ -138,14 +143,28 @@ def dataset_categories(panoptic_json: Path) -> List[Dict[str, Any]]:
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, help="folder with train/ and val/ splits (synthetic layout)")
+    parser.add_argument("--data", required=True, help="dataset folder: COCO panoptic, COCO instances or semantic "
+                        "folders (see modelscope_plugin.data.layouts)")
+    parser.add_argument("--format", choices=FORMATS, default=None, help="force a layout (default: detected; "
+                        "panoptic before instances when a folder holds both)")
+    parser.add_argument("--train-split", default=None, help="training split name (default: the *_train*.json "
+                        "annotation file, or 'training' for semantic folders)")
+    parser.add_argument("--val-split", default=None, help="held-out split name (default: *_val*.json, 'validation')")
+    parser.add_argument("--classes", default=None, help="semantic folders: class names, one per line, line i = "
+                        "label value i (from 1; value 0 is ignored, ADE20K's reduce-zero-label)")
+    parser.add_argument("--no-reduce-zero-label", action="store_true",
+                        help="semantic folders: label value 0 is a class (the first line of --classes)")
+    parser.add_argument("--ignore-value", type=int, default=255, help="semantic folders: ignored label value")
+    parser.add_argument("--keep-empty-images", action="store_true",
+                        help="instance training: keep images without objects (default: left out, as detectron2)")
     parser.add_argument("--generate", type=int, default=0, help="write this many synthetic training scenes first")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default=None, help="model directory or hub id to start from")
     parser.add_argument("--architecture", choices=sorted(ARCHITECTURES) + sorted(FASTINST_ARCHITECTURES), default="small")
     parser.add_argument("--work-dir", required=True)
     parser.add_argument("--task", choices=("panoptic", "instance", "semantic"), default=None,
-                        help="default: instance for the FastInst architectures, else panoptic")
+                        help="default: instance for the FastInst architectures, else what the data holds "
+                             "(COCO panoptic: panoptic, COCO instances: instance, semantic folders: semantic)")
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=8, help="images per process")
     parser.add_argument("--lr", type=float, default=1e-4)
@@ -176,28 +195,45 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--resume", default=None, help="checkpoint prefix (work_dir/iter_N) or 'latest'")
     parser.add_argument("--launcher", default=None, help="'pytorch' under torchrun")
     arguments = parser.parse_args(argv)
-    if arguments.task is None:
-        arguments.task = "instance" if arguments.architecture in FASTINST_ARCHITECTURES else "panoptic"
 
     from modelscope.trainers import build_trainer
 
     import modelscope_plugin  # noqa: F401  (registers the trainer and metrics)
     from modelscope_plugin.data.datasets import as_ms_dataset
+    from modelscope_plugin.data.layouts import ROW_KIND_OF_FORMAT, DatasetLayoutError, detect_layout
     from modelscope_plugin.data.synthetic import SceneConfig, SyntheticSplit, write_dataset
     from modelscope_plugin.ranks import rank_and_world_size
     from modelscope_plugin.training.checkpoint import latest_checkpoint
     from modelscope_plugin.training.config import ParameterGroupConfig
+    from modelscope_plugin.training.data import TASKS_OF_ROW_KIND, TrainingDataError
 
     data = Path(arguments.data)
-    train_split, val_split = SyntheticSplit(data, "train"), SyntheticSplit(data, "val")
     rank, _ = rank_and_world_size()
-    if arguments.generate and not train_split.panoptic_json.is_file():
+    if arguments.generate and not SyntheticSplit(data, "train").panoptic_json.is_file():
         if arguments.launcher:
             raise SystemExit("generate the dataset before starting torchrun (run once without --launcher)")
         scenes = SceneConfig.scaled(arguments.image_size)
         write_dataset(data, "train", arguments.generate, arguments.seed, scenes)
         write_dataset(data, "val", max(arguments.generate // 5, 1), arguments.seed + 1, scenes)
-    categories = dataset_categories(train_split.panoptic_json)
+    layout = detect_layout(data, arguments.format, arguments.train_split, arguments.val_split, arguments.classes,
+                           reduce_zero_label=not arguments.no_reduce_zero_label, ignore_value=arguments.ignore_value)
+    if layout.val is None:
+        raise DatasetLayoutError(f"{data}: {layout.format} training split {layout.train.name!r} found, but no "
+                                 "held-out split; name it with --val-split")
+    if arguments.task is None:
+        arguments.task = "instance" if arguments.architecture in FASTINST_ARCHITECTURES else layout.default_task
+    supported, reason = TASKS_OF_ROW_KIND[ROW_KIND_OF_FORMAT[layout.format]]
+    if arguments.task not in supported:
+        raise TrainingDataError(f"{data} ({layout.format}) cannot train the {arguments.task} task ({reason}); it "
+                                f"can train: {', '.join(supported)}")
+    if (arguments.pretrain_epochs or arguments.classification_pretrain_epochs) and layout.format != "coco-panoptic":
+        raise DatasetLayoutError("--pretrain-epochs and --classification-pretrain-epochs need COCO panoptic data")
+    categories = layout.categories
+    filter_empty = arguments.task == "instance" and not arguments.keep_empty_images
+    train_rows = layout.rows(layout.train, filter_empty=filter_empty)
+    # COCO AP scores instance rows (their RLE annotations); PQ and mIoU read the panoptic or label PNGs
+    evaluation_rows = (layout.instance_evaluation_rows(layout.val) if arguments.task == "instance"
+                       else layout.rows(layout.val))
     work_dir = Path(arguments.work_dir)
     if arguments.architecture in FASTINST_ARCHITECTURES and not arguments.crop_size:
         augmentation = fastinst_augmentation(arguments.image_size)
@@ -211,9 +247,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         if not Path(model, "configuration.json").is_file():
             initial_model_dir(Path(model), arguments.architecture, categories, arguments.image_size, arguments.seed)
         if arguments.pretrain_epochs or arguments.classification_pretrain_epochs:
-            model = str(pretrained_model_dir(work_dir / "pretrained_model", model, train_split.panoptic_rows(),
+            model = str(pretrained_model_dir(work_dir / "pretrained_model", model, train_rows,
                                              categories, augmentation, arguments,
-                                             evaluation_rows=val_split.panoptic_rows()[:100]))
+                                             evaluation_rows=layout.rows(layout.val)[:100]))
 
     backbone_lr_multiplier = arguments.backbone_lr_multiplier
     if backbone_lr_multiplier is None:
@@ -231,9 +267,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         "evaluation.period": {"interval": arguments.evaluate_every, "by_epoch": True},
     }
     arguments_of_trainer: Dict[str, Any] = dict(
-        model=model, train_dataset=as_ms_dataset(train_split.panoptic_rows()),
-        # COCO AP scores instance rows (their RLE annotations); PQ and mIoU read the panoptic PNGs
-        eval_dataset=as_ms_dataset(val_split.instance_rows() if arguments.task == "instance" else val_split.panoptic_rows()),
+        model=model, train_dataset=as_ms_dataset(train_rows), eval_dataset=as_ms_dataset(evaluation_rows),
         work_dir=str(work_dir), categories=categories,
         cfg_options=options, seed=arguments.seed)
     if arguments.launcher:
@@ -243,7 +277,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     trainer.train(checkpoint_path=checkpoint)
     results = trainer.evaluate()
     if rank == 0:
-        report = {"task": arguments.task, "held_out_split": str(val_split.panoptic_json), "metrics": results,
+        report = {"task": arguments.task, "data_format": layout.format, "held_out_split": layout.val.name,
+                  "metrics": results,
                   "per_class": trainer.evaluation_results.get("per_class"), "model_dir": str(work_dir / "output")}
         (work_dir / "metrics.json").write_text(json.dumps(report, indent=2))
         print(json.dumps(results, indent=1))

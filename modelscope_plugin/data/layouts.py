@@ -1,0 +1,212 @@
+"""Dataset folder layouts the finetune script recognises, and their rows.
+
+==================  ==========================================================================================
+format              layout under the root (``{train}`` / ``{val}``: the split names)
+==================  ==========================================================================================
+``coco-panoptic``   ``annotations/panoptic_{train}.json``; PNGs in ``annotations/panoptic_{train}/`` (beside the
+                    JSON) or ``panoptic_{train}/``; images in ``{train}/`` or ``images/{train}/``. The synthetic
+                    generator's layout (``modelscope_plugin.data.synthetic``) is this one.
+``coco-instances``  ``annotations/instances_{train}.json``; images in ``{train}/`` or ``images/{train}/``
+                    (ModelScope's ``ImageInstanceSegmentationCocoDataset`` layout).
+``semantic-folders`` ``images/{train}/`` and ``annotations/{train}/`` label PNGs paired by file stem (ADE20K's
+                    ``ADEChallengeData2016``); class names from a file, one per line.
+==================  ==========================================================================================
+
+Split names default to the JSON files matching ``*_train*.json`` / ``*_val*.json`` (COCO) and ``training`` /
+``validation`` (semantic folders). A root holding both panoptic and instance annotations (COCO itself) is read as
+``coco-panoptic``, whose rows carry instance and semantic targets too; ``forced_format`` forces one.
+"""
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+from modelscope_plugin.data.datasets import (
+    IGNORE_LABEL,
+    compressed_rle,
+    read_coco_instances,
+    read_coco_panoptic,
+    read_label_folders,
+    read_panoptic_png,
+)
+from modelscope_plugin.errors import DatasetLayoutError
+
+logger = logging.getLogger(__name__)
+FORMATS = ("coco-panoptic", "coco-instances", "semantic-folders")
+# the task a format trains by default
+DEFAULT_TASK = {"coco-panoptic": "panoptic", "coco-instances": "instance", "semantic-folders": "semantic"}
+# the kind of the rows a format's reader gives (``training.data.row_kind``)
+ROW_KIND_OF_FORMAT = {"coco-panoptic": "panoptic", "coco-instances": "instance", "semantic-folders": "semantic"}
+SEMANTIC_SPLITS = {"train": "training", "val": "validation"}
+
+
+
+@dataclass
+class LayoutSplit:
+    """Where one split of a layout lies."""
+
+    name: str
+    image_folder: Path
+    annotation_file: Optional[Path] = None
+    """The COCO JSON (COCO formats)."""
+    label_folder: Optional[Path] = None
+    """Panoptic PNGs (coco-panoptic) or label PNGs (semantic-folders)."""
+
+
+@dataclass
+class DatasetLayout:
+    root: Path
+    format: str
+    train: LayoutSplit
+    val: Optional[LayoutSplit]
+    categories: List[Dict[str, Any]]
+    """COCO category dicts (``id``, ``name``, ``isthing``); semantic folders: id = label value."""
+    reduce_zero_label: bool = True
+    ignore_value: int = IGNORE_LABEL
+    instances_val_file: Optional[Path] = field(default=None, repr=False)
+    """coco-panoptic: the instances JSON of the val split, when the root has one (COCO AP ground truth)."""
+
+    @property
+    def default_task(self) -> str:
+        return DEFAULT_TASK[self.format]
+
+    def rows(self, split: LayoutSplit, on_error: str = "skip", filter_empty: bool = False) -> List[Dict[str, Any]]:
+        """The split's rows (``modelscope_plugin.data.datasets`` readers); bad rows are listed once and skipped
+        (``on_error="raise"``: one error listing them)."""
+        if self.format == "coco-panoptic":
+            return read_coco_panoptic(str(split.annotation_file), str(split.label_folder), str(split.image_folder),
+                                      on_error=on_error, filter_empty=filter_empty)[0]
+        if self.format == "coco-instances":
+            return read_coco_instances(str(split.annotation_file), str(split.image_folder), on_error=on_error,
+                                       filter_empty=filter_empty)[0]
+        return read_label_folders(str(split.image_folder), str(split.label_folder), len(self.categories),
+                                  on_error=on_error, reduce_zero_label=self.reduce_zero_label,
+                                  ignore_value=self.ignore_value)[0]
+
+    def instance_evaluation_rows(self, split: LayoutSplit, on_error: str = "skip") -> List[Dict[str, Any]]:
+        """Rows with ``annotations_json`` (COCO AP's ground truth) for ``split``: coco-instances rows; coco-panoptic:
+        the instances JSON of the split when the root has one, else the panoptic thing segments as RLE."""
+        if self.format == "coco-instances":
+            return self.rows(split, on_error)
+        if self.format != "coco-panoptic":
+            raise DatasetLayoutError(f"{self.root}: {self.format} data holds no instances to score with COCO AP")
+        if split is self.val and self.instances_val_file is not None:
+            return read_coco_instances(str(self.instances_val_file), str(split.image_folder), on_error=on_error)[0]
+        return [panoptic_row_as_instance_row(row, self.categories) for row in self.rows(split, on_error)]
+
+
+def panoptic_row_as_instance_row(row: Dict[str, Any], categories: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """A panoptic row with its thing segments as COCO instance annotations (compressed RLE) in ``annotations_json``."""
+    from pycocotools import mask as mask_utils
+
+    things = {int(c["id"]) for c in categories if c.get("isthing", True)}
+    ids = read_panoptic_png(row["panoptic_path"])
+    annotations = []
+    for segment in row["segments_info"]:
+        if int(segment["category_id"]) not in things:
+            continue
+        rle = mask_utils.encode(np.asfortranarray((ids == int(segment["id"])).astype(np.uint8)))
+        annotations.append({"id": int(segment["id"]), "image_id": row["image_id"],
+                            "category_id": int(segment["category_id"]), "iscrowd": int(segment.get("iscrowd", 0)),
+                            "area": int(mask_utils.area(rle)), "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+                            "segmentation": compressed_rle(rle, ids.shape[0], ids.shape[1])})
+    instance_row = {key: row[key] for key in ("image_id", "file_name", "image_path", "height", "width")}
+    instance_row["annotations_json"] = json.dumps(annotations)
+    return instance_row
+
+
+def _coco_split(root: Path, kind: str, prefix: str, name: Optional[str]) -> Optional[LayoutSplit]:
+    """The ``annotations/{kind}_{name}.json`` split (``name`` None: the one JSON matching ``{kind}_{prefix}*``)."""
+    annotations = root / "annotations"
+    if name is None:
+        candidates = sorted(annotations.glob(f"{kind}_{prefix}*.json"))
+        if not candidates:
+            return None
+        if len(candidates) > 1:
+            raise DatasetLayoutError(f"{root}: several {kind} {prefix} annotation files "
+                                     f"({', '.join(c.name for c in candidates)}); name one with --{prefix}-split")
+        name = candidates[0].stem[len(kind) + 1:]
+    annotation_file = annotations / f"{kind}_{name}.json"
+    if not annotation_file.is_file():
+        return None
+    image_folder = next((folder for folder in (root / name, root / "images" / name) if folder.is_dir()), None)
+    if image_folder is None:
+        raise DatasetLayoutError(f"{root}: {annotation_file.name} found but no image folder {name}/ or images/{name}/")
+    split = LayoutSplit(name, image_folder, annotation_file)
+    if kind == "panoptic":
+        split.label_folder = next((folder for folder in (annotations / f"panoptic_{name}", root / f"panoptic_{name}")
+                                   if folder.is_dir()), None)
+        if split.label_folder is None:
+            raise DatasetLayoutError(f"{root}: {annotation_file.name} found but no PNG folder "
+                                     f"annotations/panoptic_{name}/ or panoptic_{name}/")
+    return split
+
+
+def _semantic_split(root: Path, prefix: str, name: Optional[str]) -> Optional[LayoutSplit]:
+    name = name or SEMANTIC_SPLITS[prefix]
+    image_folder, label_folder = root / "images" / name, root / "annotations" / name
+    if image_folder.is_dir() and label_folder.is_dir():
+        return LayoutSplit(name, image_folder, label_folder=label_folder)
+    return None
+
+
+def read_class_names(classes_file: str) -> List[str]:
+    """One class name per line (blank lines at the end ignored)."""
+    names = Path(classes_file).read_text().rstrip("\n").split("\n")
+    if not names or any(not name.strip() for name in names):
+        raise DatasetLayoutError(f"{classes_file}: expected one class name per line, with no blank line")
+    return [name.strip() for name in names]
+
+
+def detect_layout(root, forced_format: Optional[str] = None, train_split: Optional[str] = None,
+                  val_split: Optional[str] = None, classes_file: Optional[str] = None,
+                  reduce_zero_label: bool = True, ignore_value: int = IGNORE_LABEL) -> DatasetLayout:
+    """The layout of ``root`` (see the module docstring); ``forced_format`` forces one of ``FORMATS``.
+
+    ``classes_file`` (semantic folders, required there): line i names label value i, counted from 1 with
+    ``reduce_zero_label`` (ADE20K: value 0 is ignored), else from 0. Raises ``DatasetLayoutError`` naming what was
+    looked for when nothing matches."""
+    root = Path(root)
+    if forced_format is not None and forced_format not in FORMATS:
+        raise DatasetLayoutError(f"format must be one of {FORMATS}, not {forced_format!r}")
+    if not root.is_dir():
+        raise DatasetLayoutError(f"dataset folder {root} does not exist")
+    for candidate in ([forced_format] if forced_format else list(FORMATS)):
+        if candidate == "semantic-folders":
+            train = _semantic_split(root, "train", train_split)
+            val = _semantic_split(root, "val", val_split) if train else None
+        else:
+            kind = "panoptic" if candidate == "coco-panoptic" else "instances"
+            train = _coco_split(root, kind, "train", train_split)
+            val = _coco_split(root, kind, "val", val_split) if train else None
+        if train is None:
+            continue
+        layout = DatasetLayout(root, candidate, train, val, [], reduce_zero_label, ignore_value)
+        if candidate == "semantic-folders":
+            if classes_file is None:
+                raise DatasetLayoutError(f"{root}: semantic label folders need --classes FILE (one class name per "
+                                         "line, line i = label value i)")
+            first_value = 1 if reduce_zero_label else 0
+            layout.categories = [{"id": first_value + index, "name": name, "isthing": False}
+                                 for index, name in enumerate(read_class_names(classes_file))]
+        else:
+            with open(train.annotation_file) as handle:
+                categories = json.load(handle)["categories"]
+            layout.categories = [{"id": int(c["id"]), "name": c["name"], "isthing": bool(c.get("isthing", 1))}
+                                 for c in categories]
+            if candidate == "coco-panoptic" and val is not None:
+                instances = root / "annotations" / f"instances_{val.name}.json"
+                layout.instances_val_file = instances if instances.is_file() else None
+        logger.info("dataset %s: %s, train split %s, val split %s", root, candidate, train.name,
+                    val.name if val else None)
+        return layout
+    looked_for = {
+        "coco-panoptic": f"annotations/panoptic_{train_split or 'train*'}.json + PNG folder + images",
+        "coco-instances": f"annotations/instances_{train_split or 'train*'}.json + images",
+        "semantic-folders": f"images/{train_split or 'training'}/ + annotations/{train_split or 'training'}/",
+    }
+    expected = "; ".join(f"{name}: {looked_for[name]}" for name in ([forced_format] if forced_format else FORMATS))
+    raise DatasetLayoutError(f"no known dataset layout under {root} (looked for {expected})")
