@@ -162,7 +162,8 @@ def build_app(pipelines: Dict[str, Any], scenes: Sequence[Path] = (), photos: Se
                     with gr.Column(visible=config.task == "panoptic") as panoptic_settings:
                         object_mask_threshold = gr.Slider(
                             0, 1, value=config.inference.object_mask_threshold, step=0.01,
-                            label="object_mask_threshold", info="keep a query whose best class probability exceeds this")
+                            label="object_mask_threshold",
+                            info="keep a query whose best class probability exceeds this")
                         overlap_threshold = gr.Slider(
                             0, 1, value=config.inference.overlap_threshold, step=0.01, label="overlap_threshold",
                             info="drop a segment left with less than this share of its own mask")

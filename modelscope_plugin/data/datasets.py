@@ -69,7 +69,8 @@ class RowProblem:
     reason: str
 
 
-def _finish(rows: List[Dict[str, Any]], problems: List[RowProblem], on_error: str) -> Tuple[List[Dict[str, Any]], List[RowProblem]]:
+def _finish(rows: List[Dict[str, Any]], problems: List[RowProblem],
+            on_error: str) -> Tuple[List[Dict[str, Any]], List[RowProblem]]:
     if on_error not in ("skip", "raise"):
         raise ValueError(f"on_error must be 'skip' or 'raise', not {on_error!r}")
     if problems and on_error == "raise":
@@ -157,7 +158,8 @@ def read_coco_panoptic(annotation_file: str, panoptic_folder: str, image_folder:
             "height": int(image["height"]), "width": int(image["width"]), "panoptic_path": panoptic_path,
             "segments_info": [{"id": int(s["id"]), "category_id": int(s["category_id"]),
                                "iscrowd": int(s.get("iscrowd", 0)), "area": int(s.get("area", 0)),
-                               "bbox": [int(v) for v in s.get("bbox", [0, 0, 0, 0])]} for s in annotation["segments_info"]],
+                               "bbox": [int(v) for v in s.get("bbox", [0, 0, 0, 0])]}
+                              for s in annotation["segments_info"]],
         })
     return _finish(rows, problems, on_error)
 

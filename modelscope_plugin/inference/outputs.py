@@ -17,7 +17,8 @@ from modelscope_plugin.inference.postprocess import Segment, mask_to_box
 DEFAULT_MAX_POSTPROCESS_PIXELS = 2048 * 2048
 
 
-def postprocess_size(original_size: Tuple[int, int], max_pixels: Optional[int] = DEFAULT_MAX_POSTPROCESS_PIXELS) -> Tuple[int, int]:
+def postprocess_size(original_size: Tuple[int, int],
+                     max_pixels: Optional[int] = DEFAULT_MAX_POSTPROCESS_PIXELS) -> Tuple[int, int]:
     """The size post-processing works at: ``original_size``, or the largest size of its aspect ratio within
     ``max_pixels`` (None: no cap)."""
     height, width = original_size
@@ -45,7 +46,8 @@ def build_outputs(task: str, segments: Sequence[Segment], class_names: Sequence[
     """masks (uint8 0/1, input size), labels, real scores, label_ids, category_ids, boxes (x1, y1, x2+1, y2+1),
     plus ``panoptic_seg`` + ``segments_info`` (panoptic) or ``sem_seg`` (semantic).
 
-    Segment masks (and ``semantic_map``) may be at a smaller ``postprocess_size``; they are brought to ``original_size``."""
+    Segment masks (and ``semantic_map``) may be at a smaller ``postprocess_size``; they are brought to
+    ``original_size``."""
     masks = [upsample_nearest(segment.mask.cpu().numpy().astype(np.uint8), original_size) for segment in segments]
     boxes = [mask_to_box(mask) for mask in masks]
     outputs: Dict[str, Any] = {

@@ -81,7 +81,8 @@ def wrap_is_official_hub_path(original):
         if isinstance(path, (str, Path)) and synthesized_configuration(path) is not None:
             return True
         if (isinstance(path, (str, Path)) and os.path.isdir(path)
-                and not any(os.path.isfile(os.path.join(path, name)) for name in ("configuration.json", "config.json"))):
+                and not any(os.path.isfile(os.path.join(path, name))
+                            for name in ("configuration.json", "config.json"))):
             # neither ModelScope's nor a transformers config: ModelScope's builder would go on to a TypeError
             # ('NoneType' object does not support item assignment); one ModelDirError naming the directory instead
             read_configuration_json(Path(path))

@@ -72,7 +72,8 @@ class SegmentationPipeline(Pipeline):
                 except ImportError as error:
                     raise RuntimeError(
                         f"model type {model_type!r} in {model} is served by ModelScope's built-in "
-                        f"'{cls.pipeline_type}' pipeline, which could not be imported ({type(error).__name__}: {error}); "
+                        f"'{cls.pipeline_type}' pipeline, which could not be imported "
+                        f"({type(error).__name__}: {error}); "
                         "modelscope_plugin runs only the Mask2Former/FastInst ids. Install ModelScope's CV extras "
                         "(mmcv-full, mmdet) for that model."
                     ) from error
@@ -116,7 +117,8 @@ class SegmentationPipeline(Pipeline):
 
 
 def build_pipeline(model: str, device: str):
-    """ModelScope's pipeline for ``model``; this package's own errors pass through, others are reported as a failed model."""
+    """ModelScope's pipeline for ``model``; this package's own errors pass through, others are reported as a failed
+    model."""
     from modelscope.pipelines import pipeline
 
     try:
@@ -124,7 +126,8 @@ def build_pipeline(model: str, device: str):
     except USER_ERRORS:
         raise
     except Exception as error:  # ModelScope raises ValueError/RuntimeError/KeyError flavours for unusable models
-        raise CommandError(f"cannot build a segmentation pipeline for {model}: {type(error).__name__}: {error}") from error
+        raise CommandError(f"cannot build a segmentation pipeline for {model}: "
+                           f"{type(error).__name__}: {error}") from error
 
 
 def pipeline_class(type_name: str):

@@ -56,7 +56,8 @@ def install() -> None:
         if builder is None:
             continue
         # hub ids resolve to the local cache first, no plugin pip runs
-        builder.is_model_from_trusted_source = hub.wrap_is_model_from_trusted_source(builder.is_model_from_trusted_source)
+        builder.is_model_from_trusted_source = hub.wrap_is_model_from_trusted_source(
+            builder.is_model_from_trusted_source)
         builder.is_official_hub_path = hub.wrap_is_official_hub_path(builder.is_official_hub_path)
         builder.read_config = hub.wrap_read_config(builder.read_config)
         builder.normalize_model_input = hub.wrap_normalize_model_input(builder.normalize_model_input)

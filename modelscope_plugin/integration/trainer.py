@@ -16,7 +16,8 @@ local model dir: asks the hub      ``get_or_download_model_dir`` never queries t
 whether it is the latest           resolve through this package's cache-first resolver
 ``launcher='pytorch'`` = CUDA      ``SegmentationDDPHook``: gloo on CPU, NCCL on GPU; DDP without ``device_ids`` on CPU
 + NCCL (``DDPHook``)
-resume fails on torch >= 2.6       ``SegmentationCheckpointHook``: RNG state in ``weights_only``-loadable types, counters
+resume fails on torch >= 2.6       ``SegmentationCheckpointHook``: RNG state in ``weights_only``-loadable types,
+                                   counters
 (numpy RNG state vs weights_only)  that resume where the run stopped, native model dir in ``{work_dir}/output``
 one parameter group                ``train.optimizer.paramwise_options``: backbone lr x 0.1, no weight decay on norms,
                                    embeddings and Swin position tables (detectron2 Mask2Former)
@@ -155,9 +156,11 @@ class SegmentationTrainer(EpochBasedTrainer):
             training_categories = contiguous_categories(categories)
         else:
             training_categories = [TrainingCategory(category_id, name, index < config.num_things_classes)
-                                   for index, (category_id, name) in enumerate(zip(config.category_ids, config.class_names))]
+                                   for index, (category_id, name)
+                                   in enumerate(zip(config.category_ids, config.class_names))]
         # an instance network classifies things only (stuff segments of panoptic rows are not targets)
-        head_categories = [c for c in training_categories if c.isthing] if self.task == "instance" else training_categories
+        head_categories = ([c for c in training_categories if c.isthing] if self.task == "instance"
+                           else training_categories)
         preprocess = train_cfg.get("preprocess")
         if preprocess:  # e.g. the test-time size of a new dataset; saved with the finetuned model
             known = set(PreprocessConfig.__dataclass_fields__)
@@ -175,12 +178,14 @@ class SegmentationTrainer(EpochBasedTrainer):
         if isinstance(config, FastInstConfig):
             self.criterion = FastInstCriterion(
                 config.num_classes, class_weight=loss.class_weight, mask_weight=loss.mask_weight,
-                dice_weight=loss.dice_weight, location_weight=loss.location_weight, proposal_weight=loss.proposal_weight,
+                dice_weight=loss.dice_weight, location_weight=loss.location_weight,
+                proposal_weight=loss.proposal_weight,
                 no_object_weight=loss.no_object_weight, num_points=loss.num_points,
                 oversample_ratio=loss.oversample_ratio, importance_sample_ratio=loss.importance_sample_ratio)
             return network
         self.criterion = Mask2FormerCriterion(
-            config.num_classes, HungarianMatcher(loss.class_weight, loss.mask_weight, loss.dice_weight, loss.num_points),
+            config.num_classes,
+            HungarianMatcher(loss.class_weight, loss.mask_weight, loss.dice_weight, loss.num_points),
             class_weight=loss.class_weight, mask_weight=loss.mask_weight, dice_weight=loss.dice_weight,
             no_object_weight=loss.no_object_weight, num_points=loss.num_points,
             oversample_ratio=loss.oversample_ratio, importance_sample_ratio=loss.importance_sample_ratio)
@@ -197,7 +202,8 @@ class SegmentationTrainer(EpochBasedTrainer):
             metric = dict(type=metric) if isinstance(metric, str) else dict(metric)
             if metric["type"] in METRIC_OF_TASK.values():
                 things = [c for c in category_dicts if c["isthing"]]
-                metric.setdefault("categories", things if metric["type"] == METRIC_OF_TASK["instance"] else category_dicts)
+                metric.setdefault("categories",
+                                  things if metric["type"] == METRIC_OF_TASK["instance"] else category_dicts)
             with_categories.append(metric)
         return with_categories
 
@@ -268,7 +274,8 @@ class SegmentationTrainer(EpochBasedTrainer):
         self._mode = ModeKeys.TRAIN
         output = model(inputs.images)
         self.criterion.to(output.class_logits.device)  # its class-weight buffer follows the network
-        sampler = PointSampler.from_seeds([point_seed(self._seed, self.iter, position) for position in inputs.positions])
+        sampler = PointSampler.from_seeds([point_seed(self._seed, self.iter, position)
+                                           for position in inputs.positions])
         if isinstance(self.criterion, FastInstCriterion):  # its guided passes re-run the network's decoder layers
             losses = self.criterion(output, inputs.targets, sampler, self.unwrap_module(model).transformer_decoder)
         else:

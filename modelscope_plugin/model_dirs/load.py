@@ -50,4 +50,5 @@ def load_model(path, task: Optional[str] = None) -> LoadedModel:
         if is_fastinst_state_dict(checkpoint):
             return load_fastinst_checkpoint(path, checkpoint, task=task)
         return load_easycv_export(path, task=task, checkpoint=checkpoint)
-    raise ModelDirError(f"{path} is neither a model directory (configuration.json or config.json) nor a checkpoint file")
+    raise ModelDirError(f"{path} is neither a model directory (configuration.json or config.json) "
+                        "nor a checkpoint file")

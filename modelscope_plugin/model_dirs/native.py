@@ -16,7 +16,8 @@ def config_from_native(values: Dict[str, Any], base: Mask2FormerConfig) -> Mask2
     values = dict(values)
     backbone_values = dict(values.pop("backbone", {}))
     backbone_type = backbone_values.pop("type", "swin")
-    backbone = SwinConfig(**{key: tuple(value) if isinstance(value, list) else value for key, value in backbone_values.items()}) \
+    backbone = SwinConfig(**{key: tuple(value) if isinstance(value, list) else value
+                             for key, value in backbone_values.items()}) \
         if backbone_type == "swin" else ResNetConfig(**backbone_values)
     preprocess = replace(base.preprocess, **{key: tuple(value) if isinstance(value, list) else value
                                              for key, value in values.pop("preprocess", {}).items()})

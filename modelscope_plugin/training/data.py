@@ -160,7 +160,8 @@ def contiguous_categories(categories: Sequence[Any]) -> List[TrainingCategory]:
     parsed = []
     for category in categories:
         if isinstance(category, Mapping):
-            parsed.append(TrainingCategory(int(category["id"]), str(category["name"]), bool(category.get("isthing", 1))))
+            parsed.append(TrainingCategory(int(category["id"]), str(category["name"]),
+                                           bool(category.get("isthing", 1))))
         else:
             parsed.append(TrainingCategory(int(category.id), str(category.name), bool(category.isthing)))
     ids = [category.id for category in parsed]
@@ -235,7 +236,8 @@ def fastinst_augmentation(rgb: np.ndarray, ids: np.ndarray, config: Augmentation
         crop_height = int(rng.integers(min(height, low), min(height, high) + 1))
         crop_width = int(rng.integers(min(width, low), min(width, high) + 1))
         top, left = int(rng.integers(height - crop_height + 1)), int(rng.integers(width - crop_width + 1))
-        rgb, ids = rgb[top:top + crop_height, left:left + crop_width], ids[top:top + crop_height, left:left + crop_width]
+        rgb, ids = (rgb[top:top + crop_height, left:left + crop_width],
+                    ids[top:top + crop_height, left:left + crop_width])
     rgb, ids = _resize_shortest_edge(rgb, ids, config.short_sides, config.long_side_max, rng)
     if rng.uniform() < config.flip_probability:
         rgb, ids = rgb[:, ::-1], ids[:, ::-1]
@@ -310,7 +312,8 @@ class SegmentationTrainingDataset(Dataset):
                 raise ValueError(f"augmentation {name} {getattr(augmentation, name)} is not a multiple of "
                                  f"{preprocess.size_divisor}")
         if augmentation.kind not in AUGMENTATIONS:
-            raise ValueError(f"train.augmentation.kind must be one of {sorted(AUGMENTATIONS)}, got {augmentation.kind!r}")
+            raise ValueError(f"train.augmentation.kind must be one of {sorted(AUGMENTATIONS)}, "
+                             f"got {augmentation.kind!r}")
         if augmentation.kind == "fastinst" and augmentation.image_size < augmentation.long_side_max:
             raise ValueError(f"train.augmentation.image_size {augmentation.image_size} is smaller than long_side_max "
                              f"{augmentation.long_side_max}: the resized image would not fit the canvas")

@@ -75,7 +75,8 @@ def initial_model_dir(directory: Path, architecture: str, categories: List[Dict[
     stuff = [c for c in categories if not c["isthing"]]
     if architecture in FASTINST_ARCHITECTURES:
         fastinst = FastInstConfig(
-            **FASTINST_ARCHITECTURES[architecture], num_classes=len(things), class_names=tuple(c["name"] for c in things),
+            **FASTINST_ARCHITECTURES[architecture], num_classes=len(things),
+            class_names=tuple(c["name"] for c in things),
             category_ids=tuple(c["id"] for c in things),
             preprocess=PreprocessConfig(short_side=image_size, long_side_max=image_size, resize_backend="pil",
                                         divide_by_std=True))
@@ -138,7 +139,8 @@ def fastinst_augmentation(image_size: int) -> Dict[str, Any]:
 
 def dataset_categories(panoptic_json: Path) -> List[Dict[str, Any]]:
     with open(panoptic_json) as handle:
-        return [{"id": c["id"], "name": c["name"], "isthing": bool(c["isthing"])} for c in json.load(handle)["categories"]]
+        return [{"id": c["id"], "name": c["name"], "isthing": bool(c["isthing"])}
+                for c in json.load(handle)["categories"]]
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
@@ -160,7 +162,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--generate", type=int, default=0, help="write this many synthetic training scenes first")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default=None, help="model directory or hub id to start from")
-    parser.add_argument("--architecture", choices=sorted(ARCHITECTURES) + sorted(FASTINST_ARCHITECTURES), default="small")
+    parser.add_argument("--architecture", choices=sorted(ARCHITECTURES) + sorted(FASTINST_ARCHITECTURES),
+                        default="small")
     parser.add_argument("--work-dir", required=True)
     parser.add_argument("--task", choices=("panoptic", "instance", "semantic"), default=None,
                         help="default: instance for the FastInst architectures, else what the data holds "
