@@ -428,14 +428,18 @@ def time_model(name: str, config, network: torch.nn.Module, device: torch.device
         for mode in MODES:
             row: Dict[str, Any] = {"precision": precision, "mode": mode}
             report["rows"].append(row)
+            skip_reason = None
             if mode == "cuda-graph" and device.type != "cuda":
-                row["skipped"] = "CUDA only"
-                continue
-            if mode == "compile" and name not in compile_models:
-                row["skipped"] = "not in --compile"
-                continue
-            if mode != "eager" and time.perf_counter() > deadline:
-                row["skipped"] = "time budget spent (--budget-seconds)"
+                skip_reason = "CUDA only"
+            elif mode == "compile" and name not in compile_models:
+                skip_reason = "not in --compile"
+            elif mode == "compile" and precision not in arguments.compile_precisions.split(","):
+                skip_reason = "not in --compile-precisions"
+            elif mode != "eager" and time.perf_counter() > deadline:
+                skip_reason = "time budget spent (--budget-seconds)"
+            if skip_reason is not None:
+                row["skipped"] = skip_reason
+                print_row(name, row)
                 continue
             started = time.perf_counter()
             try:
@@ -455,10 +459,11 @@ def time_model(name: str, config, network: torch.nn.Module, device: torch.device
                 row["end_to_end_fps"] = frames_per_second(end_to_end_call, device, arguments.warmup,
                                                           arguments.iterations)
                 result = end_to_end_call()
-                if reference_result is None:  # fp32 eager, the first row
+                if precision == "fp32" and mode == "eager":
                     reference_result = result
                 row["segments"] = len(result["masks"])
-                row["pixel_agreement_with_fp32"] = pixel_agreement(result, reference_result, prepared.original_size)
+                row["pixel_agreement_with_fp32"] = (None if reference_result is None else
+                                                    pixel_agreement(result, reference_result, prepared.original_size))
             except Exception as error:  # a mode that does not work here is reported, not fatal
                 row["error"] = f"{type(error).__name__}: {error}"[:2000]
                 row["traceback_tail"] = traceback.format_exc()[-1500:]
@@ -485,9 +490,10 @@ def print_row(name: str, row: Dict[str, Any]) -> None:
     elif "error" in row:
         print(f"{label} failed after {row['seconds']} s: {row['error'][:300]}", flush=True)
     else:
+        agreement = row["pixel_agreement_with_fp32"]
+        agreement_text = "(no fp32 eager result)" if agreement is None else f"{100 * agreement:7.3f} %"
         print(f"{label} network {row['network_fps']:8.2f} FPS  end-to-end {row['end_to_end_fps']:8.2f} FPS  "
-              f"pixels as fp32 {100 * row['pixel_agreement_with_fp32']:7.3f} %  segments {row['segments']:3d}  "
-              f"({row['seconds']} s)", flush=True)
+              f"pixels as fp32 {agreement_text}  segments {row['segments']:3d}  ({row['seconds']} s)", flush=True)
 
 
 def best_figure(model_report: Dict[str, Any], figure: str):
@@ -510,9 +516,10 @@ def summarize_targets(results: Dict[str, Any]) -> List[Dict[str, Any]]:
         else:
             entry.update(measured=best[figure], precision=best["precision"], mode=best["mode"],
                          pixel_agreement_with_fp32=best["pixel_agreement_with_fp32"], met=best[figure] >= target)
-            agreement = 100 * best["pixel_agreement_with_fp32"]
+            agreement = best["pixel_agreement_with_fp32"]
+            agreement_text = "unknown" if agreement is None else f"{100 * agreement:.3f} %"
             print(f"  {name:20s} {figure:15s} target >= {target:6.1f}   measured {best[figure]:8.2f} "
-                  f"({best['precision']}, {best['mode']}, pixels as fp32 {agreement:.3f} %)"
+                  f"({best['precision']}, {best['mode']}, pixels as fp32 {agreement_text})"
                   f"  {'met' if entry['met'] else 'NOT met'}")
         summary.append(entry)
     return summary
@@ -576,9 +583,14 @@ def main(argv=None) -> Dict[str, Any]:
     parser.add_argument("--output", type=Path, default=None,
                         help="JSON file (default: $OUT/gpu_check.json if $OUT is set, else ./gpu_check.json)")
     parser.add_argument("--models", default=",".join(MODEL_NAMES), help=f"comma-separated, of {MODEL_NAMES}")
+    parser.add_argument("--parity-models", default="mask2former-r50,fastinst-r50-d3,mask2former-swin-l",
+                        help="models of the parity step, comma-separated")
     parser.add_argument("--compile", default="fastinst-r50-d1",
                         help="models also timed under torch.compile: comma-separated names, 'all' or 'none' "
                              "(compilation costs about a minute per model and precision)")
+    parser.add_argument("--compile-precisions", default="bf16,fp16",
+                        help="precisions timed under torch.compile (each costs a compilation: about a minute on a GPU "
+                             "machine, minutes on a small CPU)")
     parser.add_argument("--compile-mode", default="reduce-overhead",
                         help="torch.compile mode on CUDA (reduce-overhead: inductor kernels replayed as CUDA graphs; "
                              "max-autotune tries more kernels but takes minutes)")
@@ -635,7 +647,7 @@ def main(argv=None) -> Dict[str, Any]:
     results["mask2former_weights"] = arguments.mask2former_weights
     results["parity"]["device_vs_cpu"] = []
     results["parity"]["versus_transformers"] = []
-    for name in ("mask2former-r50", "fastinst-r50-d3", "mask2former-swin-l"):
+    for name in arguments.parity_models.split(","):
         try:
             config, network, description, transformers_model = build_model(
                 name, parity_preprocess[name.split("-")[0]], arguments.mask2former_weights, image)
