@@ -8,6 +8,7 @@ Runs without ModelScope and without a network: the networks are built with ``mod
 seeded, shaped random weights (no checkpoint is read), and run through ``inference.predictor.Predictor`` directly.
 The package's ``__init__`` (which registers with ModelScope) is not run: ``modelscope_plugin`` is put into
 ``sys.modules`` as a bare package, and ``modelscope`` is marked absent, so an import of it on this path fails loudly.
+Without torchvision, ``torchvision_stand_in.py`` supplies the ResNet blocks and ``StochasticDepth`` the networks use.
 
 1. parity (fp32, TF32 off): each network on the device vs the same network on the CPU (logits and post-processed
    pixels); where transformers is importable, transformers' Mask2Former vs this package's on the device with the
@@ -67,8 +68,14 @@ def import_package_without_modelscope() -> None:
 
 
 import_package_without_modelscope()
+sys.path.insert(0, str(REPOSITORY / "benchmarks"))
+import torchvision_stand_in  # noqa: E402
 
-from modelscope_plugin.builders import build_fastinst, build_mask2former  # noqa: E402
+# the networks take torchvision's ResNet blocks; without torchvision, the stand-in's while they are imported
+with torchvision_stand_in.installed_if_missing() as TORCHVISION_STAND_IN:
+    import modelscope_plugin.modeling.backbones.resnet  # noqa: E402, F401
+    import modelscope_plugin.modeling.backbones.swin  # noqa: E402, F401
+    from modelscope_plugin.builders import build_fastinst, build_mask2former  # noqa: E402
 from modelscope_plugin.config import (  # noqa: E402
     PreprocessConfig,
     fastinst_r50_d3_coco,
@@ -534,6 +541,7 @@ def default_output() -> Path:
 
 def machine_description(device: torch.device) -> Dict[str, Any]:
     description = {"torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+                   "torchvision_stand_in": TORCHVISION_STAND_IN,
                    "device": str(device), "cuda_available": torch.cuda.is_available(),
                    "cpu_capability": torch.backends.cpu.get_cpu_capability(), "device_name": "cpu",
                    "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
