@@ -9,9 +9,12 @@ import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from modelscope.outputs import OutputKeys
 
 from modelscope_plugin.inference.postprocess import Segment, mask_to_box
+
+# the values of ModelScope's output keys (modelscope.outputs), written out so that the inference path (``Predictor``)
+# imports without ModelScope: benchmarks/gpu_check.py runs on machines that lack it
+MASKS, LABELS, SCORES, BOXES = "masks", "labels", "scores", "boxes"
 
 # 2048 x 2048: 1080p and 1440p frames and every COCO / ADE20K image are post-processed at full size, as the references
 DEFAULT_MAX_POSTPROCESS_PIXELS = 2048 * 2048
@@ -51,12 +54,12 @@ def build_outputs(task: str, segments: Sequence[Segment], class_names: Sequence[
     masks = [upsample_nearest(segment.mask.cpu().numpy().astype(np.uint8), original_size) for segment in segments]
     boxes = [mask_to_box(mask) for mask in masks]
     outputs: Dict[str, Any] = {
-        OutputKeys.MASKS: masks,
-        OutputKeys.LABELS: [class_names[segment.label] for segment in segments],
-        OutputKeys.SCORES: [float(segment.score) for segment in segments],
+        MASKS: masks,
+        LABELS: [class_names[segment.label] for segment in segments],
+        SCORES: [float(segment.score) for segment in segments],
         "label_ids": [int(segment.label) for segment in segments],
         "category_ids": [int(category_ids[segment.label]) for segment in segments],
-        OutputKeys.BOXES: boxes,
+        BOXES: boxes,
     }
     if task == "panoptic":
         panoptic_seg = np.zeros(original_size, dtype=np.int32)

@@ -24,8 +24,10 @@ RESNET_BLOCKS = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 
 
 
 def convolution_and_norm(convolution: nn.Conv2d, norm: nn.BatchNorm2d, features: torch.Tensor) -> torch.Tensor:
-    """``norm(convolution(features))``; in eval mode without autograd as one convolution with the norm folded in."""
-    if norm.training or torch.is_grad_enabled():
+    """``norm(convolution(features))``; in eval mode without autograd as one convolution with the norm folded in.
+    Under ``torch.compile`` the plain form, which the compiler folds itself (the cache below, keyed on data pointers,
+    would make it recompile for every norm)."""
+    if norm.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
         return norm(convolution(features))
     weight, bias = folded_weights(convolution, norm)
     return F.conv2d(features, weight, bias, convolution.stride, convolution.padding, convolution.dilation,
