@@ -1,5 +1,13 @@
 """Issue 24's reliability items: each bad or unusual input that used to escape as a raw Python error, a traceback
 or a wait now gets its answer or the package's own one-line error."""
+import json
+import logging
+import sys
+import types
+import zipfile
+from pathlib import Path
+from unittest import mock
+
 import numpy as np
 import pytest
 import torch
@@ -7,8 +15,12 @@ from conftest import REPO
 from modelscope.pipelines import pipeline
 from modelscope.utils.constant import Tasks
 
-from modelscope_plugin.errors import ImageInputError
+from modelscope_plugin.checkpoints.io import read_checkpoint
+from modelscope_plugin.errors import CheckpointError, ImageInputError, ModelDirError
+from modelscope_plugin.inference.predictor import Predictor
 from modelscope_plugin.inference.preprocess import padded_size
+from modelscope_plugin.model_dirs.load import load_model
+from modelscope_plugin.training.checkpoint import latest_checkpoint, read_trainer_state
 
 DEMO_MODELS = sorted((REPO / "model_cards" / "demo").iterdir())
 
@@ -63,3 +75,137 @@ def test_a_tensor_alone_is_one_image_error_naming_it(demo_segmenter):
 ])
 def test_padded_size_leaves_a_stride_16_pixel_per_query(resized_size, divisor, minimum, expected):
     assert padded_size(resized_size, divisor, minimum) == expected
+
+
+def configuration_leaves(value, path=()):
+    """Every (path, value) under a configuration.json section, depth first."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from configuration_leaves(item, path + (key,))
+    else:
+        yield path, value
+
+
+def model_dir_with(tmp_path: Path, source: Path, path, value) -> Path:
+    """A copy of ``source`` (weights linked) whose configuration.json has ``value`` at ``path``."""
+    directory = tmp_path / "_".join(map(str, path)) / str(abs(hash(repr(value))))
+    directory.mkdir(parents=True)
+    (directory / "pytorch_model.pt").symlink_to((source / "pytorch_model.pt").resolve())
+    configuration = json.loads((source / "configuration.json").read_text())
+    section = configuration
+    for key in path[:-1]:
+        section = section[key]
+    section[path[-1]] = value
+    (directory / "configuration.json").write_text(json.dumps(configuration))
+    return directory
+
+
+WRONG_VALUES = ["high", -1, 0, 2.5, None, [], {}, True]
+
+
+@pytest.mark.parametrize("source", DEMO_MODELS, ids=lambda path: path.name)
+def test_every_configuration_field_of_a_wrong_type_or_sign_fails_at_load_naming_file_and_field(source, tmp_path):
+    """Each field of the demo cards' configuration.json set to each wrong value: the model either loads and segments,
+    or loading raises one ModelDirError naming the file and the field; nothing raw, nothing deferred to segmentation."""
+    image = np.zeros((40, 50, 3), np.uint8)
+    configuration = json.loads((source / "configuration.json").read_text())
+    refused = 0
+    for path, original in configuration_leaves(configuration["model"], ("model",)):
+        if path[-1] == "type":
+            continue
+        for value in WRONG_VALUES:
+            directory = model_dir_with(tmp_path, source, path, value)
+            try:
+                config, network = load_model(directory)
+            except ModelDirError as error:
+                refused += 1
+                message = str(error)
+                assert str(directory / "configuration.json") in message, message
+                named = path[-1] in message or (path[-1].endswith("classes") and "class_names" in message)
+                assert named, f"{'.'.join(path)} = {value!r}: {message}"
+                continue
+            except CheckpointError:  # a field that changes the network (e.g. no auxiliary queries): the weights differ
+                continue
+            Predictor(network, config)(image)
+    assert refused > 100
+
+
+@pytest.mark.parametrize("path, value, reason", [
+    (("model", "config", "inference", "object_mask_threshold"), "high", r"inference.object_mask_threshold = 'high' is not a number"),
+    (("model", "config", "preprocess", "size_divisor"), 0, r"preprocess.size_divisor = 0 must be at least 1"),
+    (("model", "config", "inference", "score_threshold"), 1.5, r"score_threshold = 1.5 must lie in \[0.0, 1.0\]"),
+    (("model", "config", "preprocess", "std"), [58.0, 0, 57.0], r"preprocess.std\[1\] = 0 must be above 0"),
+    (("model", "config", "task"), "panoptik", r"task = 'panoptik' is not one of"),
+    (("model", "config", "hidden_dim"), 136, r"hidden_dim \(136\) is not divisible by num_groups \(32\)"),
+    (("model", "config", "foo"), 1, r"foo"),
+])
+def test_mask2former_configuration_values_are_checked_when_the_model_loads(tmp_path, path, value, reason):
+    source = REPO / "model_cards" / "demo" / "mask2former_synthetic-shapes"
+    with pytest.raises(ModelDirError, match=reason):
+        load_model(model_dir_with(tmp_path, source, path, value))
+
+
+@pytest.mark.parametrize("path, value, reason", [
+    (("model", "decoder", "nheads"), "8", r"model.decoder.nheads = '8' is not a whole number"),
+    (("model", "decoder", "num_queries"), -5, r"model.decoder.num_queries = -5 must be at least 1"),
+    (("model", "preprocess", "short_side"), 0, r"model.preprocess.short_side = 0 must be at least 1"),
+    (("model", "backbone", "stem_out_channels"), "wide", r"stem_out_channels = 'wide' is not a whole number"),
+    (("model", "classes"), "disc", r"model.classes = 'disc' is not a list"),
+])
+def test_fastinst_configuration_values_name_their_configuration_json_key(tmp_path, path, value, reason):
+    source = REPO / "model_cards" / "demo" / "fastinst_synthetic-shapes"
+    with pytest.raises(ModelDirError, match=reason):
+        load_model(model_dir_with(tmp_path, source, path, value))
+
+
+def easycv_export_without_a_storage_record(path: Path) -> Path:
+    """An EasyCV-style export (its config pickled as an mmcv ConfigDict, which torch's weights-only unpickler cannot
+    fill) whose zip lacks the record of one tensor's storage."""
+    class ConfigDict(dict):
+        pass
+
+    ConfigDict.__module__, ConfigDict.__qualname__ = "mmcv.utils.config", "ConfigDict"
+    modules = {"mmcv": types.ModuleType("mmcv"), "mmcv.utils": types.ModuleType("mmcv.utils"),
+               "mmcv.utils.config": types.ModuleType("mmcv.utils.config")}
+    modules["mmcv.utils.config"].ConfigDict = ConfigDict
+    complete = path.with_name("complete.pth")
+    with mock.patch.dict(sys.modules, modules):
+        torch.save({"meta": {"config": ConfigDict(model={"type": "Mask2Former"})},
+                    "state_dict": {"weight": torch.ones(3)}}, complete)
+    with zipfile.ZipFile(complete) as source, zipfile.ZipFile(path, "w") as target:
+        for item in source.infolist():
+            if not item.filename.endswith("/data/0"):
+                target.writestr(item, source.read(item.filename))
+    return path
+
+
+def test_easycv_export_with_a_missing_storage_record_is_a_checkpoint_error(tmp_path):
+    path = easycv_export_without_a_storage_record(tmp_path / "mask2former_r50_export.pth")
+    assert read_checkpoint(tmp_path / "complete.pth")["meta"]["config"]["model"]["type"] == "Mask2Former"
+    with pytest.raises(CheckpointError, match=r"mask2former_r50_export.pth is truncated or corrupt: .*data/0"):
+        read_checkpoint(path)
+    with pytest.raises(CheckpointError, match="mask2former_r50_export.pth"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("content", [b'{"num_queries": 10,', b"\xff\xfe{}", b"[1, 2]", b"{}"])
+def test_hugging_face_config_that_is_not_a_mask2former_json_object_is_a_checkpoint_error(tmp_path, content):
+    (tmp_path / "config.json").write_bytes(content)
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="config.json"):
+        load_model(tmp_path)
+
+
+def test_resume_latest_skips_a_truncated_trainer_state_and_logs_it(tmp_path, caplog):
+    for iteration in (2, 4, 6):
+        torch.save({"state_dict": {"weight": torch.ones(3)}}, tmp_path / f"iter_{iteration}.pth")
+        torch.save({"meta": {"iter": iteration}}, tmp_path / f"iter_{iteration}_trainer_state.pth")
+    state_file = tmp_path / "iter_6_trainer_state.pth"
+    state_file.write_bytes(state_file.read_bytes()[:100])  # killed while writing past the atomic rename
+    model_file = tmp_path / "iter_4.pth"
+    model_file.write_bytes(model_file.read_bytes()[:-30])
+    with caplog.at_level(logging.WARNING, logger="modelscope_plugin.training.checkpoint"):
+        assert Path(latest_checkpoint(tmp_path)).name == "iter_2"
+    assert "iter_6" in caplog.text and "trainer state" in caplog.text and "iter_4.pth is truncated" in caplog.text
+    with pytest.raises(CheckpointError, match="iter_6_trainer_state.pth is truncated or corrupt"):
+        read_trainer_state(state_file)

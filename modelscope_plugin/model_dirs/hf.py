@@ -42,12 +42,24 @@ def config_from_hf(values: dict):
 def load_hf_model_dir(model_dir):
     """(config, network) from a ``save_pretrained`` folder; weights strictly loaded."""
     model_dir = Path(model_dir)
-    values = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    config_path = model_dir / "config.json"
+    try:
+        values = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{config_path} is not valid JSON: {error}") from error
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{config_path} must hold a JSON object, not {type(values).__name__}")
     weights = model_dir / "model.safetensors"
     if not weights.is_file():
         raise CheckpointError(f"{model_dir} has no model.safetensors")
+    try:
+        config = config_from_hf(values)
+    except CheckpointError as error:
+        raise type(error)(f"{config_path}: {error}") from error
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise CheckpointError(f"{config_path} lacks or mistypes a Mask2Former field ({type(error).__name__}: "
+                              f"{error})") from error
     state_dict = convert_detectron2(hf_to_detectron2(read_checkpoint(weights), values))
-    config = config_from_hf(values)
     network = build_mask2former(config)
     load_strict(network, state_dict, checkpoint_name=str(weights))
     return config, network.eval()
