@@ -15,8 +15,9 @@ from conftest import REPO
 from modelscope.pipelines import pipeline
 from modelscope.utils.constant import Tasks
 
+from modelscope_plugin.apps import cli, export
 from modelscope_plugin.checkpoints.io import read_checkpoint
-from modelscope_plugin.errors import CheckpointError, ImageInputError, ModelDirError
+from modelscope_plugin.errors import CheckpointError, ExportError, ImageInputError, ModelDirError
 from modelscope_plugin.inference.predictor import Predictor
 from modelscope_plugin.inference.preprocess import padded_size
 from modelscope_plugin.model_dirs.load import load_model
@@ -209,3 +210,22 @@ def test_resume_latest_skips_a_truncated_trainer_state_and_logs_it(tmp_path, cap
     assert "iter_6" in caplog.text and "trainer state" in caplog.text and "iter_4.pth is truncated" in caplog.text
     with pytest.raises(CheckpointError, match="iter_6_trainer_state.pth is truncated or corrupt"):
         read_trainer_state(state_file)
+
+
+def test_export_of_the_demo_fastinst_passes_its_own_onnxruntime_check(tmp_path, capsys):
+    """float32 rounding grows with the logits (0.00013 on mask logits of range ~20 here): the check is relative."""
+    output = tmp_path / "fastinst.onnx"
+    arguments = ["export", "--model", str(DEMO_MODELS[0]), "--output", str(output), "--example-size", "352x352",
+                 "--check-size", "384x352"]
+    assert cli.main(arguments) == 0, capsys.readouterr().err
+    assert "of the logit range" in capsys.readouterr().out
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["fastinst.onnx"]
+
+
+def test_a_failed_export_leaves_no_partial_files(tmp_path, capsys):
+    output = tmp_path / "mask2former.onnx"
+    arguments = ["export", "--model", str(DEMO_MODELS[1]), "--output", str(output), "--example-size", "64x64"]
+    with mock.patch.object(export, "check_onnx", side_effect=ExportError("disagrees")):
+        assert cli.main(arguments) == 1
+    assert "disagrees" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # neither the .partial graph nor its external .partial.data weights

@@ -149,7 +149,7 @@ def evaluate(arguments) -> int:
 def export(arguments) -> int:
     """ONNX export with export.py; checked against the network with onnxruntime, then moved into place, so a failed
     export never replaces an existing file."""
-    from modelscope_plugin.apps.export import check_onnx, export_onnx
+    from modelscope_plugin.apps.export import check_onnx, export_onnx, remove_onnx
     from modelscope_plugin.integration import hub
     from modelscope_plugin.model_dirs.load import load_model
 
@@ -159,18 +159,17 @@ def export(arguments) -> int:
     model = hub.resolve_model_dir(arguments.model) if hub.is_supported_id(arguments.model) else arguments.model
     _, network = load_model(model)
     partial = output.parent / f".{output.name}.partial"
-    if partial.exists():
-        partial.unlink()  # a leftover of an interrupted export of this same file
+    remove_onnx(partial)  # a leftover of an interrupted export of this same file
     output.parent.mkdir(parents=True, exist_ok=True)
     try:
         export_onnx(network, partial, example_size=arguments.example_size)
         largest = check_onnx(network, partial, sizes=(arguments.example_size, arguments.check_size)) if arguments.check else None
     except Exception as error:  # the exporter and onnxruntime raise their own types (e.g. an unsupported node)
-        if partial.exists():
-            partial.unlink()
+        remove_onnx(partial)
         raise CommandError(f"export of {arguments.model} failed: {type(error).__name__}: {error}") from error
     os.replace(partial, output)
-    checked = f"; onnxruntime agrees with the network to {largest:.2g}" if largest is not None else ""
+    checked = (f"; onnxruntime agrees with the network to {largest:.2g} of the logit range"
+               if largest is not None else "")
     print(f"wrote {output}{checked}")
     return EXIT_OK
 
