@@ -2,6 +2,7 @@
 or a wait now gets its answer or the package's own one-line error."""
 import json
 import logging
+import shutil
 import sys
 import types
 import zipfile
@@ -14,6 +15,7 @@ import torch
 from conftest import REPO
 from modelscope.pipelines import pipeline
 from modelscope.utils.constant import Tasks
+from PIL import Image
 
 from modelscope_plugin.apps import cli, export
 from modelscope_plugin.checkpoints.io import read_checkpoint
@@ -229,3 +231,30 @@ def test_a_failed_export_leaves_no_partial_files(tmp_path, capsys):
         assert cli.main(arguments) == 1
     assert "disagrees" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # neither the .partial graph nor its external .partial.data weights
+
+
+@pytest.mark.parametrize("place", ["under a file", "the file itself", "unwritable"])
+def test_segment_output_that_cannot_be_written_is_one_line_before_the_model_loads(tmp_path, capsys, place):
+    image = tmp_path / "scene.png"
+    Image.fromarray(banner(64, 64)).save(image)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    output = {"under a file": blocker / "outputs", "the file itself": blocker,
+              "unwritable": Path("/proc/modelscope-seg-test/outputs")}[place]
+    with mock.patch.object(cli, "build_pipeline", side_effect=AssertionError("the model was loaded")):
+        assert cli.main(["segment", str(image), "--model", str(DEMO_MODELS[0]), "--output", str(output)]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith(f"modelscope-seg segment: error: cannot write outputs to {output}") and error.count("\n") == 1
+
+
+def test_card_validate_reports_a_string_model_and_a_non_utf8_readme_in_one_line_each(tmp_path, capsys):
+    card = tmp_path / "someone" / "card"
+    shutil.copytree(REPO / "model_cards" / "damo" / "cv_resnet50_fast-instance-segmentation_coco", card)
+    configuration = json.loads((card / "configuration.json").read_text())
+    (card / "configuration.json").write_text(json.dumps({**configuration, "model": "fastinst"}))
+    (card / "README.md").write_bytes("---\ntasks: [image-segmentation]\n---\nCaf\xe9\n".encode("latin1"))
+    assert cli.main(["card", "validate", str(card)]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert any("configuration.json model must be an object, not str" in line for line in lines), lines
+    assert any("README.md is not UTF-8 text" in line for line in lines), lines
+    assert all(line.startswith(f"{card}: ") for line in lines) and len(lines) == 2

@@ -61,6 +61,18 @@ def check_outputs_free(images: Sequence[Path], output: Path, overwrite: bool) ->
         raise CommandError(f"outputs already exist: {shown}; pass --overwrite to replace them (nothing was written)")
 
 
+def make_output_folder(output: Path) -> None:
+    """Creates ``output`` (parents included) and checks a file can be written there, before any model loads."""
+    probe = output / ".modelscope-seg-write-check"
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        reason = "a file is in the way" if isinstance(error, (FileExistsError, NotADirectoryError)) else error.strerror
+        raise CommandError(f"cannot write outputs to {output}: {reason} ({error})") from error
+
+
 def write_outputs(image: Path, result: Dict[str, Any], output: Path, task: Optional[str], model: str) -> None:
     """Overlay PNG with legend, one 0/255 PNG per mask, and JSON (COCO RLE masks, labels, scores, boxes)."""
     import shutil
@@ -91,12 +103,12 @@ def segment(arguments) -> int:
     images = expand_inputs(arguments.inputs)
     output = Path(arguments.output)
     check_outputs_free(images, output, arguments.overwrite)
+    make_output_folder(output)
     segmenter = build_pipeline(arguments.model, arguments.device)
     parameters = {name: value for name, value in (
         ("task", arguments.task), ("object_mask_threshold", arguments.object_mask_threshold),
         ("overlap_threshold", arguments.overlap_threshold), ("score_thr", arguments.score_threshold),
         ("max_per_image", arguments.max_per_image)) if value is not None}
-    output.mkdir(parents=True, exist_ok=True)
     failures = 0
     progress = tqdm(total=len(images), desc="segmenting", unit="image", disable=arguments.quiet, file=sys.stderr)
     for start in range(0, len(images), arguments.batch_size):
