@@ -258,3 +258,28 @@ def test_card_validate_reports_a_string_model_and_a_non_utf8_readme_in_one_line_
     assert any("configuration.json model must be an object, not str" in line for line in lines), lines
     assert any("README.md is not UTF-8 text" in line for line in lines), lines
     assert all(line.startswith(f"{card}: ") for line in lines) and len(lines) == 2
+
+
+def test_model_from_pretrained_resolves_a_cached_hub_id_without_the_network(tmp_path, monkeypatch):
+    import socket
+
+    import modelscope_hub.config
+    from modelscope.models import Model
+
+    from modelscope_plugin.integration import hub
+
+    snapshot = tmp_path / "models" / "damo--cv_resnet50_fast-instance-segmentation_coco" / "snapshots" / "master"
+    shutil.copytree(DEMO_MODELS[0], snapshot)
+    monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path))
+    monkeypatch.setattr(modelscope_hub.config, "_default_config", None)  # its process-wide config keeps the old cache
+    hub.resolve_model_dir.cache_clear()
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    for model_id in ("damo/cv_resnet50_fast-instance-segmentation_coco", "iic/cv_resnet50_fast-instance-segmentation_coco"):
+        model = Model.from_pretrained(model_id)
+        assert model.config.num_queries == 50 and model.config.class_names == ("disc", "triangle", "square", "star")
+    hub.resolve_model_dir.cache_clear()

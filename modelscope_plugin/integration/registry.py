@@ -56,6 +56,8 @@ def install() -> None:
     pipeline_builder.normalize_model_input = hub.wrap_normalize_model_input(pipeline_builder.normalize_model_input)
     pipeline_builder.register_plugins_repo = hub.wrap_register_plugins_repo(pipeline_builder.register_plugins_repo)
     base_model.register_plugins_repo = hub.wrap_register_plugins_repo(base_model.register_plugins_repo)
+    # Model.from_pretrained(hub id) resolves like pipeline(): the local cache first, no hub call for a cached id
+    base_model.Model.from_pretrained = hub.wrap_from_pretrained(base_model.Model.from_pretrained.__func__)
     try:
         import modelscope.trainers.builder as trainer_builder
     except ImportError:  # trainers need optional packages; nothing to patch or register without them
