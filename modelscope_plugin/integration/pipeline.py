@@ -1,10 +1,11 @@
 """ModelScope ``Pipeline``: image(s) -> panoptic / semantic / instance segments, through ``inference.Predictor``."""
 import importlib
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from modelscope.pipelines.base import Pipeline
 from modelscope.pipelines.builder import PIPELINES
+from modelscope.preprocessors import Preprocessor
 from modelscope.utils.constant import Tasks
 
 from modelscope_plugin.errors import USER_ERRORS, CommandError
@@ -30,6 +31,19 @@ def builtin_pipeline_class(type_name: str):
         return group[type_name]
     finally:
         group[type_name] = ours
+
+
+class ImagePreparation(Preprocessor):
+    """The pipeline's preprocessor, ``Predictor.prepare`` (decode once, resize, normalise, pad). Handing ModelScope's
+    ``Pipeline`` one keeps it from searching configuration.json for a preprocessor section these models do not have
+    (and warning, at every pipeline built, that there is none)."""
+
+    def __init__(self):
+        super().__init__(mode="inference")
+        self.predictor: Optional[Predictor] = None
+
+    def __call__(self, image) -> Dict[str, Any]:
+        return {"image": self.predictor.prepare(image)}
 
 
 class SegmentationPipeline(Pipeline):
@@ -69,9 +83,13 @@ class SegmentationPipeline(Pipeline):
     def __init__(self, model, preprocessor=None, precision: str = "fp32", **kwargs):
         if isinstance(model, str):
             model = SegmentationModel(model, device=kwargs.get("device"))
+        if preprocessor is None:
+            preprocessor = ImagePreparation()
         super().__init__(model=model, preprocessor=preprocessor, auto_collate=False, **kwargs)
         self.config = self.model.config
         self.predictor = Predictor(self.model.network, self.config, device=self.device, precision=precision)
+        if isinstance(self.preprocessor, ImagePreparation):
+            self.preprocessor.predictor = self.predictor
 
     def __call__(self, input, *args, on_error: str = "raise", batch_size: int = None, **kwargs):
         if not isinstance(input, list):
@@ -88,7 +106,7 @@ class SegmentationPipeline(Pipeline):
         pass  # load_image raises ImageInputError naming the input and the reason
 
     def preprocess(self, input) -> Dict[str, Any]:
-        return {"image": self.predictor.prepare(input)}
+        return {"image": self.predictor.prepare(input)}  # whatever preprocessor was given: images need this one
 
     def forward(self, inputs: Dict[str, Any]) -> Dict[str, Any]:
         image: PreparedImage = inputs["image"]
