@@ -9,6 +9,7 @@ import zipfile
 from pathlib import Path
 from unittest import mock
 
+import bad_inputs
 import numpy as np
 import pytest
 import torch
@@ -17,6 +18,7 @@ from modelscope.pipelines import pipeline
 from modelscope.utils.constant import Tasks
 from PIL import Image
 
+from modelscope_plugin import errors
 from modelscope_plugin.apps import cli, export
 from modelscope_plugin.checkpoints.io import read_checkpoint
 from modelscope_plugin.errors import CheckpointError, ExportError, ImageInputError, ModelDirError
@@ -31,6 +33,11 @@ DEMO_MODELS = sorted((REPO / "model_cards" / "demo").iterdir())
 @pytest.fixture(scope="module", params=DEMO_MODELS, ids=lambda path: path.name)
 def demo_segmenter(request):
     return pipeline(Tasks.image_segmentation, model=str(request.param), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def demo_fastinst():
+    return pipeline(Tasks.image_segmentation, model=str(bad_inputs.DEMO_FASTINST), device="cpu")
 
 
 def banner(height: int, width: int) -> np.ndarray:
@@ -283,3 +290,16 @@ def test_model_from_pretrained_resolves_a_cached_hub_id_without_the_network(tmp_
         model = Model.from_pretrained(model_id)
         assert model.config.num_queries == 50 and model.config.class_names == ("disc", "triangle", "square", "star")
     hub.resolve_model_dir.cache_clear()
+
+
+@pytest.mark.parametrize("case", bad_inputs.CASES, ids=lambda case: case.input)
+def test_bad_input_table_case(case, demo_fastinst, tmp_path):
+    if case.outcome == bad_inputs.ANSWERED:
+        case.run(demo_fastinst, tmp_path)
+    else:
+        with pytest.raises(getattr(errors, case.outcome)):
+            case.run(demo_fastinst, tmp_path)
+
+
+def test_readme_holds_the_generated_bad_input_table():
+    assert bad_inputs.render_table() in (REPO / "README.md").read_text(), "run python tests/bad_inputs.py"

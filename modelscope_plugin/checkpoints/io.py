@@ -112,7 +112,7 @@ def read_checkpoint(path) -> dict:
                 return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as error:
             weights_only_error = error  # a legacy (non-zip) file goes on to the plain-pickle reader below
-        except (RuntimeError, EOFError, zipfile.BadZipFile) as error:
+        except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as error:  # OSError: a cut zip's seek fails
             raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {error}") from error
         if zipfile.is_zipfile(path):
             # torch's weights-only unpickler cannot fill dict subclasses such as the pickled mmcv ConfigDict of
@@ -121,7 +121,8 @@ def read_checkpoint(path) -> dict:
                 return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle_module)
             except CheckpointError as refusal:
                 raise CheckpointError(f"refusing to load {path}: {refusal}") from weights_only_error
-            except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, KeyError, ValueError) as error:
+            except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile, KeyError,
+                    ValueError) as error:
                 raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {error}") from error
     # a plain pickle (detectron2 .pkl releases hold numpy arrays under "model")
     try:
