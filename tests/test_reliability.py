@@ -303,3 +303,14 @@ def test_bad_input_table_case(case, demo_fastinst, tmp_path):
 
 def test_readme_holds_the_generated_bad_input_table():
     assert bad_inputs.render_table() in (REPO / "README.md").read_text(), "run python tests/bad_inputs.py"
+
+
+def test_hugging_face_config_field_of_the_wrong_type_is_a_model_dir_error_at_load(tmp_path):
+    values = {"backbone_config": {"model_type": "swin", "embed_dim": 32, "depths": [2, 2, 2, 2], "num_heads": [1, 2, 4, 8],
+                                  "window_size": 7},
+              "id2label": {"0": "disc", "1": "square"}, "num_queries": "ten", "hidden_dim": 64,
+              "num_attention_heads": 4, "encoder_layers": 2, "decoder_layers": 4, "dim_feedforward": 128}
+    (tmp_path / "config.json").write_text(json.dumps(values))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ModelDirError, match=r"config.json: num_queries = 'ten' is not a whole number"):
+        load_model(tmp_path)

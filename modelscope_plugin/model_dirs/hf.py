@@ -9,6 +9,7 @@ from modelscope_plugin.checkpoints.io import load_strict, read_checkpoint
 from modelscope_plugin.checkpoints.keymaps import convert_detectron2
 from modelscope_plugin.config import Mask2FormerConfig, PreprocessConfig, ResNetConfig, SwinConfig
 from modelscope_plugin.errors import CheckpointError
+from modelscope_plugin.model_dirs.configuration import check_config
 
 
 def config_from_hf(values: dict):
@@ -59,6 +60,7 @@ def load_hf_model_dir(model_dir):
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise CheckpointError(f"{config_path} lacks or mistypes a Mask2Former field ({type(error).__name__}: "
                               f"{error})") from error
+    check_config(config, str(config_path))
     state_dict = convert_detectron2(hf_to_detectron2(read_checkpoint(weights), values))
     network = build_mask2former(config)
     load_strict(network, state_dict, checkpoint_name=str(weights))
