@@ -142,16 +142,19 @@ def test_padding_leaves_a_stride_16_pixel_per_query_and_no_more_than_needed(heig
     assert padded_height >= plain_height >= resized[0] and padded_width >= plain_width >= resized[1]
     assert (padded_height // 16) * (padded_width // 16) >= queries
     if (padded_height, padded_width) != (plain_height, plain_width):  # one divisor less on the grown side is too few
-        smaller = (padded_height - divisor, padded_width) if padded_height > plain_height else (padded_height, padded_width - divisor)
+        smaller = ((padded_height - divisor, padded_width) if padded_height > plain_height
+                   else (padded_height, padded_width - divisor))
         assert (smaller[0] // 16) * (smaller[1] // 16) < queries
 
 
 @pytest.fixture(scope="module")
 def demo_predictors():
-    return {path.name: Predictor(*reversed(load_model(path))) for path in sorted((REPO / "model_cards" / "demo").iterdir())}
+    demo_models = sorted((REPO / "model_cards" / "demo").iterdir())
+    return {path.name: Predictor(*reversed(load_model(path))) for path in demo_models}
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(max_examples=12, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(long_side=st.integers(200, 3000), ratio=st.integers(8, 400), tall=st.booleans(),
        model=st.sampled_from(["fastinst_synthetic-shapes", "mask2former_synthetic-shapes"]),
        tensor_position=st.integers(0, 2))
@@ -174,7 +177,8 @@ def wrong_values(declared, name: str):
     """Values of a type other than ``declared`` (a config dataclass field's type), or below an integer's minimum."""
     others = st.sampled_from(["high", None, [1, 2], {"a": 1}, True, 2.5, -3, 0, float("nan")])
     return others.filter(lambda value: not (
-        (declared is int and type(value) is int and value >= INTEGER_MINIMUMS.get(name, 1)) or (declared is float and type(value) in (int, float))
+        (declared is int and type(value) is int and value >= INTEGER_MINIMUMS.get(name, 1))
+        or (declared is float and type(value) in (int, float))
         or (declared is bool and isinstance(value, bool)) or (declared is str and isinstance(value, str))))
 
 
@@ -185,7 +189,8 @@ SCALAR_FIELDS = [(section, field.name, field.type) for section, instance in
 
 
 @FUZZ
-@given(data=st.data(), field=st.sampled_from(SCALAR_FIELDS), architecture=st.sampled_from([FastInstConfig, Mask2FormerConfig]),
+@given(data=st.data(), field=st.sampled_from(SCALAR_FIELDS),
+       architecture=st.sampled_from([FastInstConfig, Mask2FormerConfig]),
        backbone=st.sampled_from([SwinConfig, ResNetConfig]))
 def test_every_config_field_of_a_wrong_type_is_refused_naming_it(data, field, architecture, backbone):
     section, name, declared = field

@@ -68,7 +68,8 @@ def test_elongated_images_and_a_tensor_inside_a_list_with_on_error_return(demo_s
     assert results[0]["masks"][0].shape == (100, 1200) and results[2]["masks"][0].shape == (1200, 100)
     error = results[1]["error"]
     assert error["type"] == "ImageInputError" and error["index"] == 1
-    assert "Tensor((3, 64, 64), torch.float32)" in error["input"] and "Tensor((3, 64, 64), torch.float32)" in error["message"]
+    name = "Tensor((3, 64, 64), torch.float32)"
+    assert name in error["input"] and name in error["message"]
 
 
 def test_a_tensor_alone_is_one_image_error_naming_it(demo_segmenter):
@@ -141,7 +142,8 @@ def test_every_configuration_field_of_a_wrong_type_or_sign_fails_at_load_naming_
 
 
 @pytest.mark.parametrize("path, value, reason", [
-    (("model", "config", "inference", "object_mask_threshold"), "high", r"inference.object_mask_threshold = 'high' is not a number"),
+    (("model", "config", "inference", "object_mask_threshold"), "high",
+     r"inference.object_mask_threshold = 'high' is not a number"),
     (("model", "config", "preprocess", "size_divisor"), 0, r"preprocess.size_divisor = 0 must be at least 1"),
     (("model", "config", "inference", "score_threshold"), 1.5, r"score_threshold = 1.5 must lie in \[0.0, 1.0\]"),
     (("model", "config", "preprocess", "std"), [58.0, 0, 57.0], r"preprocess.std\[1\] = 0 must be above 0"),
@@ -251,7 +253,8 @@ def test_segment_output_that_cannot_be_written_is_one_line_before_the_model_load
     with mock.patch.object(cli, "build_pipeline", side_effect=AssertionError("the model was loaded")):
         assert cli.main(["segment", str(image), "--model", str(DEMO_MODELS[0]), "--output", str(output)]) == 1
     error = capsys.readouterr().err
-    assert error.startswith(f"modelscope-seg segment: error: cannot write outputs to {output}") and error.count("\n") == 1
+    assert error.startswith(f"modelscope-seg segment: error: cannot write outputs to {output}")
+    assert error.count("\n") == 1
 
 
 def test_card_validate_reports_a_string_model_and_a_non_utf8_readme_in_one_line_each(tmp_path, capsys):
@@ -286,7 +289,8 @@ def test_model_from_pretrained_resolves_a_cached_hub_id_without_the_network(tmp_
 
     monkeypatch.setattr(socket, "getaddrinfo", no_network)
     monkeypatch.setattr(socket.socket, "connect", no_network)
-    for model_id in ("damo/cv_resnet50_fast-instance-segmentation_coco", "iic/cv_resnet50_fast-instance-segmentation_coco"):
+    for owner in ("damo", "iic"):
+        model_id = f"{owner}/cv_resnet50_fast-instance-segmentation_coco"
         model = Model.from_pretrained(model_id)
         assert model.config.num_queries == 50 and model.config.class_names == ("disc", "triangle", "square", "star")
     hub.resolve_model_dir.cache_clear()
@@ -306,8 +310,8 @@ def test_readme_holds_the_generated_bad_input_table():
 
 
 def test_hugging_face_config_field_of_the_wrong_type_is_a_model_dir_error_at_load(tmp_path):
-    values = {"backbone_config": {"model_type": "swin", "embed_dim": 32, "depths": [2, 2, 2, 2], "num_heads": [1, 2, 4, 8],
-                                  "window_size": 7},
+    values = {"backbone_config": {"model_type": "swin", "embed_dim": 32, "depths": [2, 2, 2, 2],
+                                  "num_heads": [1, 2, 4, 8], "window_size": 7},
               "id2label": {"0": "disc", "1": "square"}, "num_queries": "ten", "hidden_dim": 64,
               "num_attention_heads": 4, "encoder_layers": 2, "decoder_layers": 4, "dim_feedforward": 128}
     (tmp_path / "config.json").write_text(json.dumps(values))
