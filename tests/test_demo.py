@@ -1,6 +1,7 @@
 """``make demo`` (modelscope_plugin.demo): synthetic scenes and sample photos segmented, overlays and JSON written;
 the shipped demo models reach the held-out numbers their cards state."""
 import json
+import logging
 import re
 
 import numpy as np
@@ -58,3 +59,26 @@ def test_shipped_demo_model_reaches_the_held_out_number_its_card_states(name, co
     measured = scores * scale
     # float rounding can move a few pixels across a threshold between machines; the card rounds to 0.1
     assert abs(measured - float(stated.group(1))) < 0.5, (name, measured, stated.group(1))
+
+
+def test_shipped_demo_run_prints_each_models_scores_and_no_preprocessor_warnings(tmp_path, capfd):
+    """Issue 24: ModelScope warned about a missing preprocessor at every pipeline built, and the instance scores line
+    was empty (COCO AP is nested under "segm")."""
+    records = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    modelscope_logger = logging.getLogger("modelscope")  # its own stderr handler, bound before pytest captures
+    modelscope_logger.addHandler(handler)
+    try:
+        scores = demo.main(["--output", str(tmp_path / "demo"), "--data", str(SHARED_DATA)])
+    finally:
+        modelscope_logger.removeHandler(handler)
+    printed = capfd.readouterr()
+    text = printed.out + printed.err
+    logged = [record.getMessage() for record in records]
+    assert not [message for message in logged if "preprocessor" in message.lower()], logged
+    summaries = re.findall(r"^  (panoptic|instance) scores on these \d+ scenes: (.*)$", text, re.M)
+    assert sorted(task for task, _ in summaries) == ["instance", "panoptic"]
+    number = r"(mask )?[A-Z0-9]+ [0-9.]+"
+    assert all(re.fullmatch(rf"{number}(, {number})+", line) for _, line in summaries), summaries
+    assert demo.score_summary(scores["fastinst_synthetic-shapes"]).startswith("mask AP ")

@@ -29,11 +29,19 @@ CARD_FILES = ("README.md", "configuration.json")
 WEIGHT_SUFFIXES = (".pt", ".pth", ".pkl", ".bin", ".safetensors", ".py", ".json")
 
 
+def read_card_text(path: Path) -> str:
+    """A card file's text; a missing file or one that is not UTF-8 is a ``CardError`` naming it."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError as error:
+        raise CardError(f"{path} does not exist") from error
+    except UnicodeDecodeError as error:
+        raise CardError(f"{path} is not UTF-8 text: {error}") from error
+
+
 def read_front_matter(readme: Path) -> Dict[str, Any]:
     """The YAML block between the first two ``---`` lines of a card README."""
-    if not readme.is_file():
-        raise CardError(f"{readme} does not exist")
-    text = readme.read_text(encoding="utf-8")
+    text = read_card_text(readme)
     match = re.match(r"^---\s*\n(.*?)\n---\s*\n", text, flags=re.DOTALL)
     if not match:
         raise CardError(f"{readme} has no front matter (a YAML block between '---' lines at the top)")
@@ -48,7 +56,7 @@ def read_front_matter(readme: Path) -> Dict[str, Any]:
 
 def python_examples(readme: Path) -> List[str]:
     """The card's ```python code blocks, in order."""
-    return re.findall(r"```python\n(.*?)```", readme.read_text(encoding="utf-8"), flags=re.DOTALL)
+    return re.findall(r"```python\n(.*?)```", read_card_text(readme), flags=re.DOTALL)
 
 
 def _front_matter_problems(values: Dict[str, Any]) -> List[str]:
@@ -85,7 +93,14 @@ def configuration_problems(configuration: Dict[str, Any]) -> List[str]:
 
     from modelscope_plugin.integration.hub import REPLACED_PLUGINS
 
-    problems = []
+    if not isinstance(configuration, dict):
+        return [f"configuration.json must hold a JSON object, not {type(configuration).__name__}"]
+    problems = [f"configuration.json {name} must be {kind}, not {type(configuration[name]).__name__}"
+                for name, kind, expected in (("model", "an object", dict), ("pipeline", "an object", dict),
+                                             ("plugins", "a list", list))
+                if configuration.get(name) is not None and not isinstance(configuration[name], expected)]
+    if problems:
+        return problems
     if configuration.get("framework") != "pytorch":
         problems.append(f"configuration.json framework is {configuration.get('framework')!r}, not 'pytorch'")
     if configuration.get("task") != TASK:
@@ -104,10 +119,9 @@ def configuration_problems(configuration: Dict[str, Any]) -> List[str]:
 
 
 def _read_configuration(path: Path) -> Dict[str, Any]:
+    text = read_card_text(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as error:
-        raise CardError(f"{path} does not exist") from error
+        return json.loads(text)
     except json.JSONDecodeError as error:
         raise CardError(f"{path} is not valid JSON: {error}") from error
 
@@ -129,8 +143,13 @@ def validate_card(card_dir, model_dir=None) -> List[str]:
             problems += check()
         except CardError as error:
             problems.append(str(error))
-    if (card_dir / "README.md").is_file() and not python_examples(card_dir / "README.md"):
-        problems.append(f"{card_dir / 'README.md'} has no ```python usage example")
+    if (card_dir / "README.md").is_file():
+        try:
+            if not python_examples(card_dir / "README.md"):
+                problems.append(f"{card_dir / 'README.md'} has no ```python usage example")
+        except CardError as error:
+            if str(error) not in problems:
+                problems.append(str(error))
     weights_dir = Path(model_dir) if model_dir else card_dir
     if model_dir or has_weights(card_dir):
         problems += _loading_problems(weights_dir)
@@ -169,7 +188,7 @@ def publish_folder(card_dir, model_dir, destination, model_id: str) -> Path:
         else card_dir / "configuration.json"
     configuration = published_configuration(_read_configuration(configuration_source))
     destination.mkdir(parents=True)
-    readme = (card_dir / "README.md").read_text(encoding="utf-8")
+    readme = read_card_text(card_dir / "README.md")
     # the examples load the published copy (either owner spelling of the card's own id)
     for owner in ("damo", "iic", card_dir.parent.name):
         readme = readme.replace(f"{owner}/{card_dir.name}", model_id)

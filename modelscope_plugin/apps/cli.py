@@ -63,6 +63,18 @@ def check_outputs_free(images: Sequence[Path], output: Path, overwrite: bool) ->
                            "only the images without them (nothing was written)")
 
 
+def make_output_folder(output: Path) -> None:
+    """Creates ``output`` (parents included) and checks a file can be written there, before any model loads."""
+    probe = output / f".modelscope-seg-write-check-{os.getpid()}"  # one per process: torchrun's ranks check at once
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        reason = "a file is in the way" if isinstance(error, (FileExistsError, NotADirectoryError)) else error.strerror
+        raise CommandError(f"cannot write outputs to {output}: {reason} ({error})") from error
+
+
 def write_outputs(image: Path, rgb, result: Dict[str, Any], output: Path, task: Optional[str], model: str) -> None:
     """Overlay PNG with legend, one 0/255 PNG per mask, and JSON (COCO RLE masks, labels, scores, boxes). The JSON is
     written last, under a temporary name renamed into place: it marks the image as done (``--resume``)."""
@@ -106,6 +118,7 @@ def segment(arguments) -> int:
     images = expand_inputs(arguments.inputs)
     output = Path(arguments.output)
     check_outputs_free(images, output, arguments.overwrite or arguments.resume)
+    make_output_folder(output)
     rank, world_size = join_torchrun_group()
     own_images = shard(images, rank, world_size)
     if arguments.resume:
@@ -115,7 +128,6 @@ def segment(arguments) -> int:
         ("task", arguments.task), ("object_mask_threshold", arguments.object_mask_threshold),
         ("overlap_threshold", arguments.overlap_threshold), ("score_thr", arguments.score_threshold),
         ("max_per_image", arguments.max_per_image)) if value is not None}
-    output.mkdir(parents=True, exist_ok=True)
     failures = 0
     progress = tqdm(total=len(own_images), desc=f"rank {rank} segmenting" if world_size > 1 else "segmenting",
                     unit="image", disable=arguments.quiet, file=sys.stderr, position=rank)
@@ -190,7 +202,7 @@ def evaluate(arguments) -> int:
 def export(arguments) -> int:
     """ONNX export with export.py; checked against the network with onnxruntime, then moved into place, so a failed
     export never replaces an existing file."""
-    from modelscope_plugin.apps.export import check_onnx, export_onnx
+    from modelscope_plugin.apps.export import check_onnx, export_onnx, remove_onnx
     from modelscope_plugin.integration import hub
     from modelscope_plugin.model_dirs.load import load_model
 
@@ -200,18 +212,17 @@ def export(arguments) -> int:
     model = hub.resolve_model_dir(arguments.model) if hub.is_supported_id(arguments.model) else arguments.model
     _, network = load_model(model)
     partial = output.parent / f".{output.name}.partial"
-    if partial.exists():
-        partial.unlink()  # a leftover of an interrupted export of this same file
+    remove_onnx(partial)  # a leftover of an interrupted export of this same file
     output.parent.mkdir(parents=True, exist_ok=True)
     try:
         export_onnx(network, partial, example_size=arguments.example_size)
         largest = check_onnx(network, partial, sizes=(arguments.example_size, arguments.check_size)) if arguments.check else None
     except Exception as error:  # the exporter and onnxruntime raise their own types (e.g. an unsupported node)
-        if partial.exists():
-            partial.unlink()
+        remove_onnx(partial)
         raise CommandError(f"export of {arguments.model} failed: {type(error).__name__}: {error}") from error
     os.replace(partial, output)
-    checked = f"; onnxruntime agrees with the network to {largest:.2g}" if largest is not None else ""
+    checked = (f"; onnxruntime agrees with the network to {largest:.2g} of the logit range"
+               if largest is not None else "")
     print(f"wrote {output}{checked}")
     return EXIT_OK
 

@@ -103,8 +103,9 @@ def segment_images(segmenter, images: List[Path], output: Path) -> None:
         print(f"  {path.name}: {len(result['masks'])} segments -> {output / (path.stem + '_overlay.png')}")
 
 
-def score_scenes(model: str, task: str, scenes, output: Path) -> Dict[str, Any]:
-    """PQ (panoptic) or mask AP (instance) of ``model`` on synthetic ``scenes`` (a ``SyntheticSplit``)."""
+def score_scenes(model: Any, task: str, scenes, output: Path) -> Dict[str, Any]:
+    """PQ (panoptic) or mask AP (instance) of ``model`` (a model directory, hub id or built pipeline) on synthetic
+    ``scenes`` (a ``SyntheticSplit``)."""
     from modelscope_plugin.evaluation import evaluate
 
     if task == "panoptic":
@@ -113,6 +114,15 @@ def score_scenes(model: str, task: str, scenes, output: Path) -> Dict[str, Any]:
         rows, annotation_file = scenes.instance_rows(), scenes.instances_json
     results = evaluate(model, rows, task, output_dir=str(output), annotation_file=str(annotation_file), progress=False)
     return {key: value for key, value in results.items() if key != "per_class"}
+
+
+def score_summary(scores: Dict[str, Any]) -> str:
+    """The headline numbers of ``score_scenes``: PQ / SQ / RQ (percent), or mask AP / AP50 / AP75 (COCO's fractions,
+    shown in percent)."""
+    if "PQ" in scores:
+        return ", ".join(f"{key} {scores[key]:.1f}" for key in ("PQ", "SQ", "RQ"))
+    mask = scores["segm"]
+    return ", ".join(f"mask {key} {100 * mask[key]:.1f}" for key in ("AP", "AP50", "AP75"))
 
 
 def main(argv=None) -> Dict[str, Dict[str, Any]]:
@@ -149,10 +159,8 @@ def main(argv=None) -> Dict[str, Dict[str, Any]]:
         print(f"{name}: synthetic scenes (seed {SCENE_SEED})")
         segment_images(segmenter, sorted(scenes.image_folder.glob("*.png")), output / name / "scenes")
         if task is not None:
-            scores[name] = score_scenes(str(directory), task, scenes, output / name / "scores")
-            print(f"  {task} scores on these {NUM_SCENES} scenes: "
-                  + ", ".join(f"{key} {value:.1f}" for key, value in scores[name].items()
-                              if isinstance(value, float) and key in ("PQ", "SQ", "RQ", "AP", "AP50", "AP75")))
+            scores[name] = score_scenes(segmenter, task, scenes, output / name / "scores")
+            print(f"  {task} scores on these {NUM_SCENES} scenes: {score_summary(scores[name])}")
         print(f"{name}: sample photos" + (" (a model trained on synthetic shapes only: its labels name shapes and "
                                           "textures, not the objects in the photos)" if task is not None else ""))
         segment_images(segmenter, photos, output / name / "photos")

@@ -111,15 +111,19 @@ def read_checkpoint(path) -> dict:
             with torch.serialization.safe_globals(_torch_safe_globals()):
                 return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as error:
-            if zipfile.is_zipfile(path):
-                # torch's weights-only unpickler cannot fill dict subclasses such as the pickled mmcv ConfigDict of
-                # EasyCV exports; the restricted unpickler can, and still refuses any global not listed above
-                try:
-                    return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle_module)
-                except CheckpointError as refusal:
-                    raise CheckpointError(f"refusing to load {path}: {refusal}") from error
-        except (RuntimeError, EOFError, zipfile.BadZipFile) as error:
+            weights_only_error = error  # a legacy (non-zip) file goes on to the plain-pickle reader below
+        except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as error:  # OSError: a cut zip's seek fails
             raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {error}") from error
+        if zipfile.is_zipfile(path):
+            # torch's weights-only unpickler cannot fill dict subclasses such as the pickled mmcv ConfigDict of
+            # EasyCV exports; the restricted unpickler can, and still refuses any global not listed above
+            try:
+                return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle_module)
+            except CheckpointError as refusal:
+                raise CheckpointError(f"refusing to load {path}: {refusal}") from weights_only_error
+            except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile, KeyError,
+                    ValueError) as error:
+                raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {error}") from error
     # a plain pickle (detectron2 .pkl releases hold numpy arrays under "model")
     try:
         with open(path, "rb") as handle:

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
-from PIL import Image
 
 from modelscope_plugin.config import TASKS, FastInstConfig, Mask2FormerConfig
 from modelscope_plugin.errors import ImageInputError
@@ -20,6 +19,7 @@ from modelscope_plugin.inference.precision import check_precision, inference_con
 from modelscope_plugin.inference.preprocess import (
     ImageInput,
     PreparedImage,
+    describe_input,
     group_by_padded_size,
     load_image,
     prepare_image,
@@ -39,19 +39,6 @@ class PostprocessParameters:
     max_per_image: int
     score_threshold: float
     max_postprocess_pixels: Optional[int]
-
-
-def describe_input(item: Any) -> str:
-    """A short name for an input in messages: the path/URL itself, else its type and shape."""
-    if isinstance(item, str):
-        return item
-    if isinstance(item, Image.Image):
-        shape = (item.height, item.width)
-    else:
-        shape = getattr(item, "shape", None)
-    dtype = getattr(item, "dtype", None)
-    details = ", ".join(str(value) for value in (shape and tuple(shape), dtype) if value is not None)
-    return f"{type(item).__name__}({details})" if details else type(item).__name__
 
 
 def error_entry(index: int, item: Any, error: Exception) -> Dict[str, Any]:
@@ -102,8 +89,10 @@ class Predictor:
         )
 
     def prepare(self, image: ImageInput) -> PreparedImage:
-        """Decodes ``image`` (path, URL, PIL image, BGR array) once and makes the network input."""
-        return prepare_image(load_image(image), self.config.preprocess)
+        """Decodes ``image`` (path, URL, PIL image, BGR array) once and makes the network input; for FastInst,
+        padded so that its stride-16 map has a pixel for every query however elongated the image is."""
+        minimum_feature_pixels = self.config.num_queries if isinstance(self.config, FastInstConfig) else 0
+        return prepare_image(load_image(image), self.config.preprocess, minimum_feature_pixels)
 
     def run(self, pixels: torch.Tensor):
         """(B, 3, H, W) on the CPU -> the network's raw output, under inference mode and the chosen precision; to a

@@ -3,11 +3,13 @@
 Every image is padded on its own (to a multiple of ``size_divisor``): Mask2Former's position encodings and
 deformable-attention reference points span the padded map, so padding images of different sizes to a common
 batch shape would change their answers. ``group_by_padded_size`` batches images whose padded sizes agree.
+FastInst picks its queries among the pixels of its stride-16 feature map, so for it an elongated image is padded
+further until that map has at least as many pixels as queries (``padded_size``); post-processing crops all padding.
 """
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Any, Dict, List, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
@@ -67,6 +69,19 @@ def _read_path_or_url(source: str) -> Image.Image:
     return image
 
 
+def describe_input(item: Any) -> str:
+    """A short name for an input in messages: the path/URL itself, else its type and shape."""
+    if isinstance(item, (str, Path)):
+        return str(item)
+    if isinstance(item, Image.Image):
+        shape = (item.height, item.width)
+    else:
+        shape = getattr(item, "shape", None)
+    dtype = getattr(item, "dtype", None)
+    details = ", ".join(str(value) for value in (shape and tuple(shape), dtype) if value is not None)
+    return f"{type(item).__name__}({details})" if details else type(item).__name__
+
+
 def load_image(source: ImageInput) -> np.ndarray:
     """Any supported input -> (H, W, 3) uint8 RGB.
 
@@ -84,7 +99,8 @@ def load_image(source: ImageInput) -> np.ndarray:
         return _pil_to_rgb(source, f"PIL image ({source.mode}, {source.width}x{source.height})")
     if isinstance(source, np.ndarray):
         return _array_to_rgb(source)
-    raise ImageInputError(f"unsupported image input type {type(source).__name__}; expected a path, URL, PIL image or numpy array")
+    raise ImageInputError(f"unsupported image input {describe_input(source)}; expected a path, URL, PIL image or numpy "
+                          "array (a tensor: convert it to an (H, W, 3) BGR uint8 array first)")
 
 
 def _pil_to_rgb(image: Image.Image, name: str) -> np.ndarray:
@@ -142,8 +158,22 @@ def normalize_pixels(rgb: np.ndarray, config: PreprocessConfig) -> np.ndarray:
     return (rgb.astype(np.float32) - mean) * inverse_std
 
 
-def prepare_image(rgb: np.ndarray, config: PreprocessConfig) -> PreparedImage:
-    """(H, W, 3) uint8 RGB -> resized, normalised, padded network input."""
+def padded_size(resized_size: Tuple[int, int], size_divisor: int, minimum_feature_pixels: int = 0,
+                feature_stride: int = 16) -> Tuple[int, int]:
+    """The smallest multiple of ``size_divisor`` covering ``resized_size``; while the stride-``feature_stride`` map
+    of that size has fewer than ``minimum_feature_pixels`` pixels, its shorter side grows by ``size_divisor``."""
+    height, width = (-(-side // size_divisor) * size_divisor for side in resized_size)
+    while (height // feature_stride) * (width // feature_stride) < minimum_feature_pixels:
+        if height <= width:
+            height += size_divisor
+        else:
+            width += size_divisor
+    return height, width
+
+
+def prepare_image(rgb: np.ndarray, config: PreprocessConfig, minimum_feature_pixels: int = 0) -> PreparedImage:
+    """(H, W, 3) uint8 RGB -> resized, normalised, padded network input; ``minimum_feature_pixels``: see
+    ``padded_size`` (FastInst's number of queries)."""
     height, width = rgb.shape[:2]
     resized_height, resized_width = rescaled_size(height, width, config.short_side, config.long_side_max)
     if config.resize_backend == "cv2":
@@ -154,8 +184,8 @@ def prepare_image(rgb: np.ndarray, config: PreprocessConfig) -> PreparedImage:
     else:
         raise ValueError(f"unknown resize_backend {config.resize_backend!r}")
     normalised = normalize_pixels(resized, config)
-    padded_height = -(-resized_height // config.size_divisor) * config.size_divisor
-    padded_width = -(-resized_width // config.size_divisor) * config.size_divisor
+    padded_height, padded_width = padded_size((resized_height, resized_width), config.size_divisor,
+                                              minimum_feature_pixels)
     tensor = torch.zeros(3, padded_height, padded_width, dtype=torch.float32)
     tensor[:, :resized_height, :resized_width] = torch.from_numpy(normalised).permute(2, 0, 1)
     return PreparedImage(tensor=tensor, original_size=(height, width), resized_size=(resized_height, resized_width))

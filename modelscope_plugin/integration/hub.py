@@ -1,8 +1,9 @@
 """Hub-id resolution: the supported ``damo/`` / ``iic/`` ids resolve to the local ModelScope cache first.
 
-ModelScope's ``pipeline()`` asks the hub about an id even when the model is cached, and pip-installs the
-r50 card's ``plugins: ["pai-easycv"]``. The functions here are installed into ``modelscope.pipelines.builder``
-by ``registry.install()``, so that for this package's ids:
+ModelScope's ``pipeline()`` and ``Model.from_pretrained`` ask the hub about an id even when the model is cached,
+and pip-install the r50 card's ``plugins: ["pai-easycv"]``. The functions here are installed into
+``modelscope.pipelines.builder``, the trainer builder and ``Model.from_pretrained`` by ``registry.install()``, so
+that for this package's ids:
 - a cached id resolves with no network call (``snapshot_download(..., local_files_only=True)``);
 - an uncached id downloads through ModelScope's own client, or fails at once naming the id, the cache
   path and how to place the files by hand;
@@ -121,6 +122,18 @@ def wrap_normalize_model_input(original):
         return original(model, model_revision, *args, **kwargs)
 
     return normalize_model_input
+
+
+def wrap_from_pretrained(original):
+    """``Model.from_pretrained`` (its function) -> a classmethod that hands it the local directory of a supported id."""
+    def from_pretrained(cls, model_name_or_path, revision=None, *args, **kwargs):
+        if is_supported_id(model_name_or_path):
+            model_name_or_path = resolve_model_dir(model_name_or_path, revision)
+        if revision is None:
+            return original(cls, model_name_or_path, *args, **kwargs)
+        return original(cls, model_name_or_path, revision, *args, **kwargs)
+
+    return classmethod(functools.wraps(original)(from_pretrained))
 
 
 def wrap_register_plugins_repo(original):

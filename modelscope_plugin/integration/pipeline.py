@@ -1,7 +1,7 @@
 """ModelScope ``Pipeline``: image(s) -> panoptic / semantic / instance segments, through ``inference.Predictor``."""
 import importlib
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from modelscope.pipelines.base import Pipeline
 from modelscope.pipelines.builder import PIPELINES
@@ -35,13 +35,17 @@ def builtin_pipeline_class(type_name: str):
         group[type_name] = ours
 
 
-class PreparedByPredictor(Preprocessor):
-    """Stands in for a ModelScope preprocessor: ``SegmentationPipeline.preprocess`` prepares images with its
-    ``Predictor``, so ModelScope need not look for a preprocessor section in configuration.json (which these models
-    do not have; it logged four warnings per pipeline looking for one)."""
+class ImagePreparation(Preprocessor):
+    """The pipeline's preprocessor, ``Predictor.prepare`` (decode once, resize, normalise, pad). Handing ModelScope's
+    ``Pipeline`` one keeps it from searching configuration.json for a preprocessor section these models do not have
+    (and warning, at every pipeline built, that there is none)."""
 
-    def __call__(self, data):
-        raise RuntimeError("SegmentationPipeline prepares images with its Predictor")
+    def __init__(self):
+        super().__init__(mode="inference")
+        self.predictor: Optional[Predictor] = None
+
+    def __call__(self, image) -> Dict[str, Any]:
+        return {"image": self.predictor.prepare(image)}
 
 
 class SegmentationPipeline(Pipeline):
@@ -82,9 +86,13 @@ class SegmentationPipeline(Pipeline):
     def __init__(self, model, preprocessor=None, precision: str = "fp32", **kwargs):
         if isinstance(model, str):
             model = SegmentationModel(model, device=kwargs.get("device"))
-        super().__init__(model=model, preprocessor=preprocessor or PreparedByPredictor(), auto_collate=False, **kwargs)
+        if preprocessor is None:
+            preprocessor = ImagePreparation()
+        super().__init__(model=model, preprocessor=preprocessor, auto_collate=False, **kwargs)
         self.config = self.model.config
         self.predictor = Predictor(self.model.network, self.config, device=self.device, precision=precision)
+        if isinstance(self.preprocessor, ImagePreparation):
+            self.preprocessor.predictor = self.predictor
 
     def _get_framework(self) -> str:
         """Always PyTorch (ModelScope reads it from configuration.json, which not every supported layout has)."""
@@ -105,7 +113,7 @@ class SegmentationPipeline(Pipeline):
         pass  # load_image raises ImageInputError naming the input and the reason
 
     def preprocess(self, input) -> Dict[str, Any]:
-        return {"image": self.predictor.prepare(input)}
+        return {"image": self.predictor.prepare(input)}  # whatever preprocessor was given: images need this one
 
     def forward(self, inputs: Dict[str, Any]) -> Dict[str, Any]:
         image: PreparedImage = inputs["image"]

@@ -65,6 +65,8 @@ def install() -> None:
     base_model.register_plugins_repo = hub.wrap_register_plugins_repo(base_model.register_plugins_repo)
     # a pipeline reads its model's configuration again: layouts without configuration.json get the synthesized one
     pipeline_base.read_config = hub.wrap_read_config(pipeline_base.read_config)
+    # Model.from_pretrained(hub id) resolves like pipeline(): the local cache first, no hub call for a cached id
+    base_model.Model.from_pretrained = hub.wrap_from_pretrained(base_model.Model.from_pretrained.__func__)
     _installed = True
 
 

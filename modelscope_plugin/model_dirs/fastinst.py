@@ -34,6 +34,7 @@ from modelscope_plugin.config import (
 )
 from modelscope_plugin.data.categories import COCO_THING_CATEGORIES, default_category_ids, default_class_names
 from modelscope_plugin.errors import CheckpointError, FastInstConfigError
+from modelscope_plugin.model_dirs.configuration import check_config, reading_values
 from modelscope_plugin.modeling.backbones.resnet import RESNET_BLOCKS
 from modelscope_plugin.modeling.fastinst.model import FastInst
 
@@ -43,6 +44,20 @@ logger = logging.getLogger(__name__)
 _FASTINST_NON_WEIGHT_KEYS = re.compile(r"^(sem_seg_head\.predictor\.)?criterion\.")
 
 
+# configuration.json's name of each FastInstConfig field (for messages)
+CONFIGURATION_NAMES = {
+    "backbone": "model.backbone", "model.backbone.width": "model.backbone.stem_out_channels",
+    "num_classes": "model.decoder.num_classes", "num_queries": "model.decoder.num_queries",
+    "num_aux_queries": "model.decoder.num_aux_queries", "hidden_dim": "model.decoder.hidden_dim",
+    "mask_dim": "model.decoder.mask_dim", "num_heads": "model.decoder.nheads",
+    "feedforward_dim": "model.decoder.dim_feedforward", "decoder_layers": "model.decoder.dec_layers",
+    "class_names": "model.classes", "category_ids": "model.category_ids", "preprocess": "model.preprocess",
+}
+# ModelScope arguments that are lists: (section, key, whether null is allowed)
+LIST_ARGUMENTS = (("", "classes", True), ("", "category_ids", False), ("backbone", "out_features", False),
+                  ("encoder", "in_features", False))
+
+
 def _require(values: Mapping[str, Any], key: str, allowed, where: str) -> None:
     if key in values and values[key] not in allowed:
         raise FastInstConfigError(f"{where}.{key} = {values[key]!r} is not supported (supported: {allowed})")
@@ -50,6 +65,15 @@ def _require(values: Mapping[str, Any], key: str, allowed, where: str) -> None:
 
 def config_from_modelscope(model: Mapping[str, Any], base: FastInstConfig, where: str = "configuration.json model") -> FastInstConfig:
     """ModelScope ``FastInst(backbone=..., encoder=..., decoder=..., classes=...)`` arguments over ``base``."""
+    for section, key, nullable in LIST_ARGUMENTS:
+        values = model.get(section, {}) if section else model
+        if isinstance(values, Mapping) and key in values and not isinstance(values[key], list) \
+                and not (nullable and values[key] is None):
+            name = f"{section}.{key}" if section else key
+            raise FastInstConfigError(f"{where}.{name} = {values[key]!r} is not a list")
+    for section in ("backbone", "encoder", "decoder", "preprocess"):
+        if not isinstance(model.get(section) or {}, Mapping):
+            raise FastInstConfigError(f"{where}.{section} = {model[section]!r} is not an object")
     backbone = dict(model.get("backbone") or {})
     encoder = dict(model.get("encoder") or {})
     decoder = dict(model.get("decoder") or {})
@@ -99,6 +123,8 @@ def resnet_from_values(values: Mapping[str, Any], base, where: str) -> ResNetCon
     _require(values, "depth", tuple(RESNET_BLOCKS), where)
     depth = values.get("depth", getattr(base, "depth", 50))
     width = values.get("stem_out_channels", getattr(base, "width", 64))
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise FastInstConfigError(f"{where}.stem_out_channels = {width!r} is not a whole number of at least 1")
     expected = {"stem_out_channels": width, "width_per_group": width,
                 "res2_out_channels": width * (1 if depth < 50 else 4)}
     for key, value in expected.items():
@@ -193,7 +219,10 @@ def load_fastinst_dir(model_dir, configuration: Dict[str, Any], task: Optional[s
     model_dir = Path(model_dir)
     model = configuration.get("model", {})
     where = f"{model_dir}/configuration.json model"
-    config = _with_categories(_with_finetuned_extras(model, config_from_modelscope(model, fastinst_r50_d3_coco(), where), where), task)
+    with reading_values(f"{model_dir}/configuration.json"):
+        config = _with_finetuned_extras(model, config_from_modelscope(model, fastinst_r50_d3_coco(), where), where)
+    check_config(config, f"{model_dir}/configuration.json", CONFIGURATION_NAMES)
+    config = _with_categories(config, task)
     network = build_fastinst(config)
     if model.get("pretrained", True):
         weights_path = model_dir / "pytorch_model.pt"

@@ -10,6 +10,7 @@ from modelscope_plugin.checkpoints.io import load_strict, read_checkpoint
 from modelscope_plugin.checkpoints.keymaps import convert_detectron2
 from modelscope_plugin.config import Mask2FormerConfig, PreprocessConfig, ResNetConfig, SwinConfig
 from modelscope_plugin.errors import CheckpointError
+from modelscope_plugin.model_dirs.configuration import check_config
 
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -45,12 +46,25 @@ def config_from_hf(values: dict):
 def load_hf_model_dir(model_dir):
     """(config, network) from a ``save_pretrained`` folder; weights strictly loaded."""
     model_dir = Path(model_dir)
-    values = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    config_path = model_dir / "config.json"
+    try:
+        values = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{config_path} is not valid JSON: {error}") from error
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{config_path} must hold a JSON object, not {type(values).__name__}")
     weights = next((model_dir / name for name in HF_WEIGHT_FILES if (model_dir / name).is_file()), None)
     if weights is None:
         raise CheckpointError(f"{model_dir} has neither {' nor '.join(HF_WEIGHT_FILES)}")
+    try:
+        config = config_from_hf(values)
+    except CheckpointError as error:
+        raise type(error)(f"{config_path}: {error}") from error
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise CheckpointError(f"{config_path} lacks or mistypes a Mask2Former field ({type(error).__name__}: "
+                              f"{error})") from error
+    check_config(config, str(config_path))
     state_dict = convert_detectron2(hf_to_detectron2(read_checkpoint(weights), values))
-    config = config_from_hf(values)
     network = build_mask2former(config)
     load_strict(network, state_dict, checkpoint_name=str(weights))
     return config, network.eval()

@@ -30,7 +30,7 @@ from modelscope_plugin.data.categories import (
     default_class_names,
 )
 from modelscope_plugin.errors import ModelDirError
-from modelscope_plugin.model_dirs.configuration import decode_easycv_tuples
+from modelscope_plugin.model_dirs.configuration import check_config, decode_easycv_tuples, reading_values
 from modelscope_plugin.model_dirs.mmcv_config import read_mmcv_config
 from modelscope_plugin.model_dirs.native import config_from_native
 from modelscope_plugin.modeling.mask2former.model import Mask2Former
@@ -184,7 +184,10 @@ def load_easycv_export(path, task: Optional[str] = None, checkpoint: Optional[di
     if configuration.get("model", {}).get("type") != "Mask2Former":
         raise ModelDirError(f"{path} is not an EasyCV Mask2Former export (meta.config.model.type is "
                             f"{configuration.get('model', {}).get('type')!r})")
-    config = config_from_easycv(configuration, resnet50_coco_panoptic())
+    where = f"{path} meta.config"
+    with reading_values(where):
+        config = config_from_easycv(configuration, resnet50_coco_panoptic())
+    check_config(config, where)
     state_dict = convert_to_native(extract_state_dict(checkpoint), "easycv")
     config = with_classes(config, checkpoint, configuration, task, where=str(path))
     network = build_mask2former(config)
@@ -208,18 +211,23 @@ def load_mask2former_dir(model_dir: Path, configuration: Dict[str, Any], base: M
     """A hub-layout Mask2Former directory (mmdet, EasyCV or this package's own ``mask2former`` model type)."""
     model_type = configuration["model"]["type"]
     config_values: Dict[str, Any] = {}
-    if model_type == "r50-panoptic-segmentation":
-        config = config_from_easycv(configuration, base)
-        config_values = configuration
-    elif model_type == "mask2former":
-        config = config_from_native(configuration["model"].get("config", {}), base)
-    else:
-        config_file = next((model_dir / name for name in ("config.py", "mmcv_config.py") if (model_dir / name).is_file()), None)
-        if config_file is not None:
-            config_values = read_mmcv_config(config_file)
-            config = config_from_mmdet(config_values, base)
+    config_path = model_dir / "configuration.json"
+    with reading_values(str(config_path)):
+        if model_type == "r50-panoptic-segmentation":
+            config = config_from_easycv(configuration, base)
+            config_values = configuration
+        elif model_type == "mask2former":
+            config = config_from_native(configuration["model"].get("config", {}), base)
         else:
-            config = base
+            config_file = next((model_dir / name for name in ("config.py", "mmcv_config.py")
+                                if (model_dir / name).is_file()), None)
+            if config_file is not None:
+                config_path = config_file
+                config_values = read_mmcv_config(config_file)
+                config = config_from_mmdet(config_values, base)
+            else:
+                config = base
+    check_config(config, str(config_path))
     weights_path = _weights_file(model_dir)
     checkpoint = read_checkpoint(weights_path)
     if not isinstance(checkpoint, dict):

@@ -12,7 +12,8 @@ from modelscope_plugin.config import Mask2FormerConfig, ResNetConfig, SwinConfig
 
 
 def config_from_native(values: Dict[str, Any], base: Mask2FormerConfig) -> Mask2FormerConfig:
-    """This package's own ``configuration.json`` ``model.config``: the fields of ``Mask2FormerConfig``."""
+    """This package's own ``configuration.json`` ``model.config``: the fields of ``Mask2FormerConfig`` (lists become
+    tuples; ``check_config`` then checks every value)."""
     values = dict(values)
     backbone_values = dict(values.pop("backbone", {}))
     backbone_type = backbone_values.pop("type", "swin")
@@ -23,7 +24,7 @@ def config_from_native(values: Dict[str, Any], base: Mask2FormerConfig) -> Mask2
                                              for key, value in values.pop("preprocess", {}).items()})
     inference = replace(base.inference, **values.pop("inference", {}))
     for key in ("class_names", "category_ids"):
-        if key in values:
+        if isinstance(values.get(key), list):
             values[key] = tuple(values[key])
     return replace(base, backbone=backbone, preprocess=preprocess, inference=inference, **values)
 

@@ -12,8 +12,11 @@ ModelScope's configuration and file names (``{work_dir}/iter_N.pth`` + ``iter_N_
   ``pipeline()`` loads.
 Files are written to a temporary name and renamed, so a run killed while saving leaves the previous checkpoint.
 """
+import logging
 import os
+import pickle
 import random
+import zipfile
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -27,8 +30,11 @@ from modelscope.trainers.hooks.priority import Priority
 
 from modelscope_plugin.checkpoints import io as checkpoint_io
 from modelscope_plugin.config import FastInstConfig
+from modelscope_plugin.errors import CheckpointError
 from modelscope_plugin.model_dirs.fastinst import write_hub_dir
 from modelscope_plugin.model_dirs.native import write_model_dir
+
+logger = logging.getLogger(__name__)
 
 TRAINER_STATE_SUFFIX = CheckpointProcessor.TRAINER_STATE_SUFFIX
 MODEL_STATE_SUFFIX = CheckpointProcessor.MODEL_STATE_SUFFIX
@@ -73,14 +79,32 @@ def checkpoint_files(prefix) -> tuple:
     return Path(prefix + MODEL_STATE_SUFFIX), Path(prefix + TRAINER_STATE_SUFFIX)
 
 
+def read_trainer_state(state_file: Path) -> Dict[str, Any]:
+    """A trainer-state file's contents, or one ``CheckpointError`` if it is truncated or corrupt."""
+    try:
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
+        raise CheckpointError(f"trainer state {state_file} is truncated or corrupt: {error}") from error
+    if not isinstance(state, dict):
+        raise CheckpointError(f"trainer state {state_file} holds a {type(state).__name__}, not a dict")
+    return state
+
+
 def latest_checkpoint(work_dir) -> Optional[str]:
-    """The prefix of the checkpoint in ``work_dir`` with the most completed iterations, or None."""
+    """The prefix of the intact checkpoint in ``work_dir`` with the most completed iterations, or None; a checkpoint
+    whose trainer state cannot be read or whose model file is not a complete torch file is skipped (logged)."""
     best, best_iter = None, -1
     for state_file in Path(work_dir).glob(f"*{TRAINER_STATE_SUFFIX}"):
         model_file, _ = checkpoint_files(state_file)
         if not model_file.is_file():
             continue
-        meta = torch.load(state_file, map_location="cpu", weights_only=True).get("meta", {})
+        try:
+            if not zipfile.is_zipfile(model_file):
+                raise CheckpointError(f"model file {model_file} is truncated or corrupt")
+            meta = read_trainer_state(state_file).get("meta", {})
+        except CheckpointError as error:
+            logger.warning("skipping checkpoint %s: %s", str(state_file)[: -len(TRAINER_STATE_SUFFIX)], error)
+            continue
         if int(meta.get("iter", -1)) > best_iter:
             best, best_iter = str(state_file)[: -len(TRAINER_STATE_SUFFIX)], int(meta.get("iter", -1))
     return best
@@ -121,7 +145,7 @@ class SegmentationCheckpointProcessor(CheckpointProcessor):
             return {}
         if not state_file.is_file():
             raise FileNotFoundError(f"checkpoint {checkpoint_path_prefix}: no trainer state {state_file} to resume from")
-        state = torch.load(state_file, map_location="cpu", weights_only=True)
+        state = read_trainer_state(state_file)
         trainer.optimizer.load_state_dict(state["optimizer"])
         if trainer.lr_scheduler is not None:
             trainer.lr_scheduler.load_state_dict(state["lr_scheduler"])
