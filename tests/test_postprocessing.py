@@ -206,3 +206,21 @@ def test_boxes_follow_mmdet_mask2bbox_and_coco_xywh():
     assert outputs["boxes"] == [[2.0, 1.0, 5.0, 3.0]]
     assert outputs["segments_info"][0]["bbox"] == [2.0, 1.0, 3.0, 2.0] and outputs["segments_info"][0]["area"] == 6
     assert outputs["category_ids"] == [7] and outputs["segments_info"][0]["category_id"] == 7
+
+
+def test_semantic_map_and_scores_follow_the_class_evidence():
+    """Class map = argmax_c sum_q P(c | q) sigmoid(mask_q); a segment's score = the mean over its pixels of the
+    winning class's share of the evidence (the documented rule), worked out here in float64."""
+    from modelscope_plugin.postprocessing import semantic_inference
+
+    rows, masks = [(0, 0.9), (2, 0.6)], [columns_mask([0, 1, 2]), columns_mask([3, 4, 5])]
+    class_map, segments = semantic_inference(class_logits_for(rows), torch.stack(masks), **SAME_SIZE)
+    probabilities = np.array([[0.9, 0.1 / 3, 0.1 / 3], [0.4 / 3, 0.4 / 3, 0.6]])
+    inside, outside = sigmoid(10.0), sigmoid(-10.0)
+    left = probabilities[0] * inside + probabilities[1] * outside  # evidence on columns 0-2
+    right = probabilities[0] * outside + probabilities[1] * inside
+    assert class_map.tolist() == [[0, 0, 0, 2, 2, 2]] * 4
+    assert [segment.label for segment in segments] == [2, 0]  # descending class id
+    assert segments[0].score == pytest.approx(right[2] / right.sum(), abs=1e-6)
+    assert segments[1].score == pytest.approx(left[0] / left.sum(), abs=1e-6)
+    assert segments[0].mask.sum() == 12 and segments[1].mask[:, :3].all()
