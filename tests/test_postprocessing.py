@@ -109,8 +109,11 @@ def test_object_mask_threshold_keeps_queries_whose_best_class_probability_exceed
     # both kept; order = descending panoptic id: the thing (0 + 1 * 1000) before the stuff (2)
     assert panoptic(rows, masks, object_mask_threshold=0.6) == [(0, 0.9, True, [0, 1, 2], 12), (2, 0.7, False, [3, 4, 5], 12)]
     assert panoptic(rows, masks, object_mask_threshold=0.95) == []
-    # strictly greater: a query at exactly the threshold is dropped (probability 0.75 is exact in float32)
-    assert panoptic([(0, 0.75)], masks[:1], object_mask_threshold=0.75) == []
+    # strictly greater: a query at exactly the threshold is dropped (other logits at -1e4: softmax gives exactly 1.0)
+    certain = torch.tensor([[0.0, -1e4, -1e4, -1e4]])
+    assert F.softmax(certain, -1)[0, 0].item() == 1.0
+    assert panoptic_inference(certain, masks[0][None], NUM_THINGS, **SAME_SIZE, object_mask_threshold=1.0).segments == []
+    assert len(panoptic_inference(certain, masks[0][None], NUM_THINGS, **SAME_SIZE, object_mask_threshold=0.99).segments) == 1
     # the "no object" class never makes a segment, however confident
     assert panoptic([(3, 0.99), (0, 0.9)], masks, object_mask_threshold=0.5) == [(0, 0.9, True, [3, 4, 5], 12)]
 
