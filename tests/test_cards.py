@@ -275,7 +275,10 @@ def test_fastinst_card_example_runs_as_written(tmp_path, monkeypatch, capsys):
     model_dir = write_small_fastinst_dir(cache / "models" / f"damo--{FASTINST_CARD}" / "snapshots" / "master")
     assert cards.validate_card(CARDS / FASTINST_CARD, model_dir) == []
     namespace = run_card_example(FASTINST_CARD, cache, tmp_path, monkeypatch)
-    result = namespace["result"]
-    assert all(mask.shape == (427, 640) for mask in result["masks"])
-    assert all(score >= 0.5 for score in result["scores"])  # the card's default score_thr
+    result, everything = namespace["result"], namespace["everything"]
+    # random weights: few (here no) instances reach the default score_thr 0.5, so the shapes are checked on the
+    # example's score_thr=0 call, and the default call must return exactly its instances scoring >= 0.5
+    assert len(everything["masks"]) > 0 and all(mask.shape == (427, 640) for mask in everything["masks"])
+    assert result["scores"] == [score for score in everything["scores"] if score >= 0.5]
+    assert result["labels"] == [label for label, score in zip(everything["labels"], everything["scores"]) if score >= 0.5]
     assert str(result["labels"]) in capsys.readouterr().out

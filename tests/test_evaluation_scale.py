@@ -1,6 +1,7 @@
 """evaluate() at scale: sharded under torchrun with each image scored once, and flat memory over many images."""
 import json
 import os
+import socket
 import subprocess
 import sys
 import tracemalloc
@@ -45,7 +46,10 @@ def test_torchrun_shards_each_image_once_and_equals_one_process(synthetic_split,
     assert 0 < single["PQ"] < 100  # the perturbation makes a difference the ranks must agree on
     output = tmp_path / "distributed.json"
     environment = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}", OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+    with socket.socket() as probe:  # a free port, not a fixed one another run on this machine may hold
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
                     str(REPO / "tests" / "distributed_evaluation_worker.py"), str(synthetic_split.root), "val", str(output)],
                    check=True, env=environment, capture_output=True, timeout=600)
     distributed = json.loads(output.read_text())

@@ -27,6 +27,8 @@ pytestmark = pytest.mark.oracle
 
 IMAGES = [SHARED_DATA / "coco" / "val2017" / "000000142238.jpg", SHARED_DATA / "photos" / "astronaut.png"]
 TOLERANCE = 1e-4
+COCO_THINGS = sorted(json.loads((SHARED_DATA / "coco" / "annotations" / "instances_val2017_subset.json").read_text())["categories"],
+                     key=lambda category: category["id"])
 FLOAT32_LOGIT_BOUND = 1e-2  # of the logit range, see the module docstring
 LOOSE_SCORE_TOLERANCE = 1e-3
 
@@ -114,7 +116,10 @@ def check_against_reference(model_dir, reference, images):
         assert len(match_instances(result, expected)) <= 0.1 * len(expected["scores"])
         # the output contract beyond ModelScope's keys
         assert all(mask.dtype == np.uint8 and mask.shape == expected["masks"].shape[1:] for mask in result["masks"])
-        assert result["category_ids"] == [config.category_ids[label] for label in result["label_ids"]]
+        # COCO's ids from the annotation file (label k = the k-th thing category by id), not from the package's config
+        assert len(result["labels"]) > 0
+        assert result["category_ids"] == [COCO_THINGS[label]["id"] for label in result["label_ids"]]
+        assert result["labels"] == [COCO_THINGS[label]["name"] for label in result["label_ids"]]
         for mask, box in zip(result["masks"], result["boxes"]):
             rows, columns = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
             if rows.size:

@@ -83,7 +83,10 @@ def test_fastinst_learns_a_repeated_batch(trained, caplog):
     trainer.train()
     losses = recorder.losses
     assert len(losses) == 8 and all(np.isfinite(losses))
-    assert all(later < earlier for earlier, later in zip(losses, losses[1:])), losses
+    # a trend, not every step (one step may rise by float rounding or an unlucky point sample): the least-squares
+    # slope is negative, the second half lower than the first, the last loss well below the first
+    slope = np.polyfit(np.arange(len(losses)), losses, 1)[0]
+    assert slope < 0 and np.mean(losses[4:]) < np.mean(losses[:4]), losses
     assert losses[-1] < 0.85 * losses[0], losses
     assert trainer.lr_scheduler.milestones == {7: 2}  # int(0.889 * 8) = int(0.963 * 8) = 7: x 0.01 from iteration 7
     log = caplog.text

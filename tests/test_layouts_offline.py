@@ -4,7 +4,7 @@ import re
 import subprocess
 
 import torch
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, shape_weights
 
 from modelscope_plugin.builders import build_mask2former
 from modelscope_plugin.checkpoints import io as checkpoint
@@ -49,7 +49,8 @@ def test_detectron2_layout_loads_into_the_same_network():
 def test_easycv_directory_builds_without_pip(tmp_path, monkeypatch):
     """The r50 card lists plugins: ["pai-easycv"]; ModelScope would pip-install it at every build."""
     torch.manual_seed(0)
-    network = build_mask2former(small_resnet_config())
+    network = build_mask2former(small_resnet_config()).eval()
+    shape_weights(network)  # plain random weights keep no query: the output would be empty
     state_dict = {re.sub(r"^pixel_decoder\.", "head.pixel_decoder.", re.sub(r"^transformer_decoder\.", "head.predictor.", key)): value
                   for key, value in network.state_dict().items()}
     torch.save({"state_dict": state_dict, "meta": {"easycv_version": "0.11.7"}}, tmp_path / "epoch_50.pt")
@@ -81,4 +82,4 @@ def test_easycv_directory_builds_without_pip(tmp_path, monkeypatch):
     segmenter = pipeline("image-segmentation", model=str(tmp_path), device="cpu")
     result = segmenter(str(SHARED_DATA / "coco" / "val2017" / "000000142238.jpg"))
     assert segmenter.config.num_queries == 20 and segmenter.config.hidden_dim == 64
-    assert all(mask.shape == (427, 640) for mask in result["masks"])
+    assert len(result["masks"]) > 0 and all(mask.shape == (427, 640) for mask in result["masks"])

@@ -25,6 +25,8 @@ What it does, all with pai-easycv 0.11.7's own code on CPU:
    ``{i}_input``       float32 [1, 3, Hp, Wp], the tensor fed to the backbone (normalised, padded)
    ``{i}_cls_logits``  float32 [Q, C+1], the last decoder layer's class logits (C+1 = no object)
    ``{i}_mask_logits`` float32 [Q, Hp/4, Wp/4], the last decoder layer's mask logits
+   ``{i}_cls_logits64``  float64, ``{i}_mask_logits64`` float64: the same network in float64 on the same input
+                       (a ``.double()`` copy; no float32 rounding to flip attention masks)
    ``{i}_pan``         int32 [H, W], EasyCV's panoptic id map (``class + instance * 1000``; C = void)
    ``{i}_meta_json``   str, JSON of the image meta (img_shape, ori_shape, pad_shape, scale_factor, ...)
    ==================  =====================================================================
@@ -495,6 +497,23 @@ def run_pipeline(model_dir: str, images: list[str]) -> tuple[dict, list[float]]:
         arrays[f'{i}_pan'] = records['pan']
         meta = {k: v for k, v in records['img_metas'].items()}
         arrays[f'{i}_meta_json'] = np.array(json.dumps(meta, default=_json_default))
+    # backbone + head in float64 (forward_test's own first two lines), on a copy without the recording wrappers
+    model64 = copy.deepcopy(segmenter.predict_op.model)
+    model64.__dict__.pop('forward_test', None)
+    model64.__dict__.pop('panoptic_postprocess', None)
+    model64 = model64.double().eval()
+    # EasyCV's pixel decoder casts its inputs with ``.float()`` (its guard against half precision): for this pass
+    # only, ``.float()`` keeps float64 (the cast is a no-op on its float32 path, so nothing else changes)
+    float_cast = torch.Tensor.float
+    torch.Tensor.float = lambda tensor, *args, **kwargs: tensor.double() if tensor.is_floating_point() else float_cast(tensor)
+    try:
+        for i in range(len(images)):
+            with torch.no_grad():
+                outputs = model64.head(model64.backbone(torch.from_numpy(arrays[f'{i}_input']).double()))
+            arrays[f'{i}_cls_logits64'] = outputs['pred_logits'][0].numpy()
+            arrays[f'{i}_mask_logits64'] = outputs['pred_masks'][0].numpy()
+    finally:
+        torch.Tensor.float = float_cast
     return arrays, runtimes
 
 

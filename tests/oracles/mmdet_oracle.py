@@ -33,6 +33,8 @@ NPZ schema (``i`` = index of the image in ``--images``)::
     {i}_input         float32 [1,3,Hp,Wp]  image tensor fed to the backbone (normalized, padded)
     {i}_cls_logits    float32 [Q,C+1]      last decoder layer's class logits
     {i}_mask_logits   float32 [Q,Hp/4,Wp/4] last decoder layer's mask logits (before upsampling)
+    {i}_cls_logits64  float64 [Q,C+1]      the same network in float64 on the same input (a copy of the
+    {i}_mask_logits64 float64 [Q,Hp/4,Wp/4] detector, ``.double()``): no float32 rounding to flip attention masks
     {i}_meta_json     str scalar     img_metas[0] as JSON (ori_shape, img_shape, pad_shape,
                                      scale_factor, batch_input_shape, flip, img_norm_cfg)
   panoptic only:
@@ -146,6 +148,8 @@ def parse_args(argv=None):
                          help='class logit of a query aligned with its class prototype')
     shaping.add_argument('--mask-logit-std', type=float, default=6.0,
                          help='target spread of the mask logits over pixels')
+    shaping.add_argument('--image-class-gain', type=float, default=4.0,
+                         help='spread of the image-driven part of the class logits (0: classes fixed per query)')
     shaping.add_argument('--no-shaping', action='store_true',
                          help='keep mmdet init_weights() output (degenerate outputs)')
 
@@ -664,7 +668,48 @@ def shape_weights(detector, args):
     calibration = _CalibrationRun(detector, args.seed)
     shape_mask_features(head, calibration, generator)
     fit_error = shape_mask_embedding(head, roles, calibration, args.mask_logit_std, generator)
+    make_classes_image_dependent(detector, calibration, args, generator)
     return roles, fit_error
+
+
+@torch.no_grad()
+def make_classes_image_dependent(detector, calibration, args, generator, num_images=4, num_directions=8):
+    """Adds an image-driven part to the class logits, so a query's class is not fixed by its ``query_feat``.
+
+    With small decoder residuals a query's final hidden vector is mostly its own learned part; the image moves it
+    only a little (cross-attention), so every query chose the same class on any two photos and label equality said
+    little. Here the hidden vectors are recorded on ``num_images`` synthetic calibration images; the directions
+    along which they move from image to image, made orthogonal to every query's mean vector (so the added logits
+    are zero on average and purely image-driven), get class-head rows: ``num_directions`` of them, each
+    coordinate scaled to unit spread, mixed into the class logits with random weights of std ``gain``. The mask
+    branch is untouched (the class head does not feed back into the decoder).
+    """
+    if args.image_class_gain <= 0:
+        return
+    head = detector.panoptic_head
+    runs = [calibration] + [_CalibrationRun(detector, args.seed + 1000 + k) for k in range(num_images - 1)]
+    recorded = {}
+    # the class head's input after the last decoder layer (it is called once per layer: the last call wins)
+    handle = head.cls_embed.register_forward_pre_hook(lambda module, inputs: recorded.__setitem__('x', inputs[0][0]))
+    try:
+        hidden = []
+        for run in runs:
+            run()
+            hidden.append(recorded['x'].clone())
+    finally:
+        handle.remove()
+    hidden = torch.stack(hidden)  # (images, Q, D)
+    means = hidden.mean(dim=0)  # (Q, D)
+    deviations = (hidden - means).flatten(0, 1)  # (images * Q, D)
+    mean_basis, _ = torch.linalg.qr(means.T.double())  # (D, Q): span of the per-query means
+    deviations = deviations.double()
+    deviations -= (deviations @ mean_basis) @ mean_basis.T
+    _, _, right = torch.linalg.svd(deviations, full_matrices=False)
+    directions = right[:num_directions]  # (k, D), orthogonal to every query's mean
+    spread = (deviations @ directions.T).std(dim=0)  # (k,)
+    num_outputs = head.cls_embed.out_features
+    mixing = _normal((num_outputs, num_directions), generator).double() * args.image_class_gain / spread
+    head.cls_embed.weight.add_((mixing @ directions).float())
 
 
 # --------------------------------------------------------------------------------------
@@ -837,6 +882,18 @@ def run_pipeline(args):
         summary['confident_queries'] = int((probabilities.max(-1).values > 0.8).sum())
         summaries.append(summary)
     capture.remove()
+    detector64 = copy.deepcopy(pipe.model.model).double().eval()
+    for i in range(len(args.images)):
+        image = torch.from_numpy(arrays[f'{i}_input']).double()
+        img_metas = [json.loads(str(arrays[f'{i}_meta_json']))]
+        for meta in img_metas:
+            for key in ('ori_shape', 'img_shape', 'pad_shape', 'batch_input_shape'):
+                if key in meta:
+                    meta[key] = tuple(meta[key])
+        with torch.no_grad():
+            cls_per_layer, mask_per_layer = detector64.panoptic_head(detector64.extract_feat(image), img_metas)
+        arrays[f'{i}_cls_logits64'] = cls_per_layer[-1][0].numpy()
+        arrays[f'{i}_mask_logits64'] = mask_per_layer[-1][0].numpy()
     return arrays, summaries, load_seconds
 
 
