@@ -1,9 +1,11 @@
 """``load_model``: any supported checkpoint layout -> (configuration, network with strictly loaded weights).
 
 Hub-layout directories (``configuration.json``) go by their model type to ``mask2former.py`` (mmdet, EasyCV and
-this package's own layout) or ``fastinst.py``; Hugging Face folders (``config.json``) to ``hf.py``; single files
-(EasyCV exports, FastInst releases) by what their weights hold.
+this package's own layout) or ``fastinst.py``; Hugging Face folders (``config.json``) by its ``model_type`` to
+``eomt.py`` ("eomt") or ``hf.py`` (Mask2Former); single files (EasyCV exports, FastInst releases) by what their
+weights hold.
 """
+import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Tuple, Union
@@ -11,14 +13,15 @@ from typing import Optional, Tuple, Union
 import torch
 
 from modelscope_plugin.checkpoints.io import read_checkpoint
-from modelscope_plugin.config import FastInstConfig, Mask2FormerConfig
+from modelscope_plugin.config import EomtConfig, FastInstConfig, Mask2FormerConfig
 from modelscope_plugin.errors import ModelDirError
 from modelscope_plugin.model_dirs.configuration import MODEL_TYPES, read_configuration_json
+from modelscope_plugin.model_dirs.eomt import load_hf_eomt_dir
 from modelscope_plugin.model_dirs.fastinst import is_fastinst_state_dict, load_fastinst_checkpoint, load_fastinst_dir
 from modelscope_plugin.model_dirs.hf import load_hf_model_dir
 from modelscope_plugin.model_dirs.mask2former import load_easycv_export, load_mask2former_dir
 
-LoadedModel = Tuple[Union[Mask2FormerConfig, FastInstConfig], torch.nn.Module]
+LoadedModel = Tuple[Union[Mask2FormerConfig, FastInstConfig, EomtConfig], torch.nn.Module]
 
 
 def load_model_dir(model_dir, task: Optional[str] = None) -> LoadedModel:
@@ -37,12 +40,17 @@ def load_model_dir(model_dir, task: Optional[str] = None) -> LoadedModel:
 
 
 def load_model(path, task: Optional[str] = None) -> LoadedModel:
-    """Any supported layout: a hub-layout directory (Mask2Former or FastInst), a Hugging Face folder, an EasyCV
-    export file or an official FastInst release file."""
+    """Any supported layout: a hub-layout directory (Mask2Former or FastInst), a Hugging Face folder (Mask2Former or
+    EoMT), an EasyCV export file or an official FastInst release file."""
     path = Path(path)
     if path.is_dir() and (path / "configuration.json").is_file():
         return load_model_dir(path, task=task)
     if path.is_dir() and (path / "config.json").is_file():
+        model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
+        if model_type == "eomt":
+            return load_hf_eomt_dir(path, task=task)
+        if model_type == "eomt_dinov3":
+            raise ModelDirError(f"{path}: EoMT with a DINOv3 backbone (model_type 'eomt_dinov3') is not supported yet")
         config, network = load_hf_model_dir(path)
         return (replace(config, task=task) if task else config), network
     if path.is_file():
@@ -50,4 +58,5 @@ def load_model(path, task: Optional[str] = None) -> LoadedModel:
         if is_fastinst_state_dict(checkpoint):
             return load_fastinst_checkpoint(path, checkpoint, task=task)
         return load_easycv_export(path, task=task, checkpoint=checkpoint)
-    raise ModelDirError(f"{path} is neither a model directory (configuration.json or config.json) nor a checkpoint file")
+    raise ModelDirError(f"{path} is neither a model directory (configuration.json or config.json) "
+                        "nor a checkpoint file")
