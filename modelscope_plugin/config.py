@@ -3,7 +3,7 @@
 Config objects stop at ``builders.py``: the modules themselves take plain arguments.
 """
 from dataclasses import dataclass, field
-from typing import Tuple, Union
+from typing import Optional, Tuple, Union
 
 TASKS = ("panoptic", "semantic", "instance")
 """What a segmentation model answers: one map of things and stuff, a class per pixel, or scored things."""
@@ -187,8 +187,8 @@ class EomtConfig:
     num_layers: int = 24
     """ViT blocks."""
     num_heads: int = 16
-    mlp_ratio: float = 4.0
-    """Hidden width of each block's MLP relative to ``hidden_dim``."""
+    mlp_dim: int = 4096
+    """Hidden width of each block's MLP (DINOv2 ViT-L: 4 x hidden_dim)."""
     swiglu_mlp: bool = False
     """SwiGLU MLP (DINOv2 giant) instead of fc1 -> GELU -> fc2."""
     layer_norm_eps: float = 1e-6
@@ -198,7 +198,10 @@ class EomtConfig:
     """Side of the square input the position embeddings were made for (they are not interpolated)."""
     patch_size: int = 16
     num_register_tokens: int = 4
-    """Register tokens after the class token (DINOv2 with registers)."""
+    """Register tokens after the class token (DINOv2 with registers, DINOv3)."""
+    rope_theta: Optional[float] = None
+    """None: DINOv2's learned position embeddings; a number: DINOv3's 2-D rotary embeddings on the patches with this
+    base (100 in DINOv3), no position embeddings."""
     num_query_blocks: int = 4
     """The queries join before block ``num_layers - num_query_blocks`` and pass through the last blocks with the
     patches (transformers' ``num_blocks``)."""

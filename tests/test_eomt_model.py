@@ -8,8 +8,8 @@ from modelscope_plugin.modeling.mask2former.model import Mask2FormerOutput
 
 
 def tiny_eomt_config(**overrides) -> EomtConfig:
-    values = dict(hidden_dim=64, num_layers=4, num_heads=4, image_size=64, patch_size=16, num_register_tokens=2,
-                  num_query_blocks=2, num_queries=10, num_things_classes=3, num_stuff_classes=2)
+    values = dict(hidden_dim=64, num_layers=4, num_heads=4, mlp_dim=256, image_size=64, patch_size=16,
+                  num_register_tokens=2, num_query_blocks=2, num_queries=10, num_things_classes=3, num_stuff_classes=2)
     values.update(overrides)
     return EomtConfig(**values)
 
@@ -40,6 +40,15 @@ def test_swiglu_variant_runs():
     network = build_eomt(tiny_eomt_config(swiglu_mlp=True)).eval()
     # 64 * 4 = 256 -> 2/3 -> 170 -> rounded up to 176
     assert network.blocks[0].mlp.gate.out_features == 176
+    assert network(torch.randn(1, 3, 64, 64)).mask_logits.shape == (1, 10, 16, 16)
+
+
+def test_dinov3_variant_has_rotary_embeddings_and_no_position_embeddings():
+    network = build_eomt(tiny_eomt_config(rope_theta=100.0)).eval()
+    assert network.embeddings.position_embeddings is None
+    # 16 patches, head_dim 16
+    assert network.rotary_embedding.cos.shape == (16, 16)
+    assert not any("cos" in key or "position" in key for key in network.state_dict())
     assert network(torch.randn(1, 3, 64, 64)).mask_logits.shape == (1, 10, 16, 16)
 
 

@@ -1,7 +1,8 @@
 """Parity with transformers' EomtForUniversalSegmentation: random-weight ``save_pretrained`` folders (written by
 tests/oracles/eomt_oracle.py in the oracle environment) loaded through ``load_model`` and this package's key table,
 both networks fed the same pixels (a COCO image resized and padded to the square input). Masked attention is
-checked on (probabilities 1), off (0, trained checkpoints) and half-annealed (first block off, later on)."""
+checked on (probabilities 1), off (0, trained checkpoints) and half-annealed (first block off, later on); the
+DINOv3 variant (rotary embeddings, no key bias) on and off."""
 import json
 
 import numpy as np
@@ -12,7 +13,7 @@ from conftest import SHARED_DATA, run_oracle
 from modelscope_plugin.checkpoints.eomt import convert_hf_eomt
 from modelscope_plugin.checkpoints.io import read_checkpoint
 from modelscope_plugin.config import EomtConfig
-from modelscope_plugin.errors import CheckpointError, KeymapError, ModelDirError
+from modelscope_plugin.errors import CheckpointError, KeymapError
 from modelscope_plugin.inference.preprocess import load_image, prepare_image
 from modelscope_plugin.model_dirs.load import load_model
 
@@ -29,6 +30,8 @@ CASES = {
     "larger-masked": (LARGER + ["--seed", "1", "--attn-mask-probs", "1,1,1"]),
     "larger-unmasked-bin": (LARGER + ["--seed", "1", "--attn-mask-probs", "0,0,0", "--torch-bin"]),
     "larger-annealing": (LARGER + ["--seed", "3", "--attn-mask-probs", "0,1,1"]),
+    "dinov3-small-masked": (SMALL + ["--dinov3", "--seed", "1", "--attn-mask-probs", "1,1"]),
+    "dinov3-larger-unmasked": (LARGER + ["--dinov3", "--seed", "2", "--attn-mask-probs", "0,0,0"]),
 }
 IMAGE = SHARED_DATA / "coco" / "val2017" / "000000439180.jpg"
 
@@ -74,6 +77,14 @@ def test_logits_match_transformers(tmp_path, case):
     assert len(set(output.class_logits[0].argmax(-1).tolist())) > 2
     coverage = (output.mask_logits[0] > 0).float().mean((1, 2))
     assert 0.05 < coverage.median() < 0.9
+    # the rotary embeddings matter (DINOv3)
+    if network.rotary_embedding is not None:
+        network.rotary_embedding.cos.fill_(1.0)
+        network.rotary_embedding.sin.zero_()
+        with torch.no_grad():
+            unrotated = network(pixels)
+        assert (unrotated.mask_logits - output.mask_logits).abs().max() > 1e-2
+        return
     # and masked attention changes the result where the checkpoint asks for it
     if any(probabilities):
         network.attention_mask_probabilities.zero_()
@@ -102,7 +113,7 @@ def test_key_table_is_strict(tmp_path):
         load_model(model_dir)
 
 
-def test_dinov3_folders_are_refused_with_a_message(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "eomt_dinov3"}))
-    with pytest.raises(ModelDirError, match="DINOv3"):
+def test_unsupported_dinov3_options_are_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "eomt_dinov3", "use_gated_mlp": True}))
+    with pytest.raises(CheckpointError, match="use_gated_mlp"):
         load_model(tmp_path)

@@ -2,8 +2,8 @@
 
 Hub-layout directories (``configuration.json``) go by their model type to ``mask2former.py`` (mmdet, EasyCV and
 this package's own layout) or ``fastinst.py``; Hugging Face folders (``config.json``) by its ``model_type`` to
-``eomt.py`` ("eomt") or ``hf.py`` (Mask2Former); single files (EasyCV exports, FastInst releases) by what their
-weights hold.
+``eomt.py`` ("eomt", "eomt_dinov3") or ``hf.py`` (Mask2Former); single files (EasyCV exports, FastInst releases)
+by what their weights hold.
 """
 import json
 from dataclasses import replace
@@ -47,10 +47,8 @@ def load_model(path, task: Optional[str] = None) -> LoadedModel:
         return load_model_dir(path, task=task)
     if path.is_dir() and (path / "config.json").is_file():
         model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
-        if model_type == "eomt":
+        if model_type in ("eomt", "eomt_dinov3"):
             return load_hf_eomt_dir(path, task=task)
-        if model_type == "eomt_dinov3":
-            raise ModelDirError(f"{path}: EoMT with a DINOv3 backbone (model_type 'eomt_dinov3') is not supported yet")
         config, network = load_hf_model_dir(path)
         return (replace(config, task=task) if task else config), network
     if path.is_file():

@@ -2,7 +2,8 @@
 
 Runs inside the oracle venv (``.venv-oracle``, transformers 5 on the runtime venv's torch). Two subcommands:
 
-``make``  builds a small ``EomtForUniversalSegmentation`` (sizes from the options), gives it seeded random weights
+``make``  builds a small ``EomtForUniversalSegmentation`` (or, with ``--dinov3``, ``EomtDinov3ForUniversal
+          Segmentation``; sizes from the options), gives it seeded random weights
           shaped so that its outputs are not degenerate (see ``shape_weights``), sets the ``attn_mask_probs``
           buffer and writes it with ``save_pretrained`` (config.json + model.safetensors, or pytorch_model.bin with
           ``--torch-bin``).
@@ -37,13 +38,19 @@ def shape_weights(model, generator):
     - every LayerNorm gets weight 1 + N(0, 0.1) and bias N(0, 0.1) (HF: 1 and 0, which would hide swapped norms);
     - the register tokens (HF: zeros) and the class token get N(0, 1); the layer scales (HF: all 1) N(0.5, 0.2)
       per channel, so swapping the attention and MLP scales shows;
-    - the class head is scaled so the class logits spread over about +-10 (queries disagree on classes);
+    - the class head is scaled so the class logits spread over about +-10 (queries disagree on classes), and for
+      DINOv3 the queries are 8x larger;
     - the last scale layer's LayerNorm keeps channel 0 constant (weight 0, bias 1), and the mask head's last bias
       on that channel is -sqrt(hidden) / 8, with the head's last weights 4x HF's: mask logits then have a negative
       offset against which each query's spatial signal makes partial masks, so masked attention restricts each
       query to part of the image.
     """
     hidden = model.config.hidden_size
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+            # PyTorch's default (kaiming-uniform) init, which EoMT-DINOv2's _init_weights uses too; EoMT-DINOv3's
+            # normal(0, 0.02) would leave every residual branch and logit near zero
+            module.reset_parameters()
     for module in model.modules():
         if isinstance(module, nn.LayerNorm):
             module.weight.copy_(1.0 + _normal(module.weight.shape, generator, 0.1))
@@ -54,6 +61,9 @@ def shape_weights(model, generator):
     model.embeddings.register_tokens.copy_(_normal(model.embeddings.register_tokens.shape, generator))
     model.embeddings.cls_token.copy_(_normal(model.embeddings.cls_token.shape, generator))
     model.class_predictor.weight.mul_(8.0)
+    if model.config.model_type == "eomt_dinov3":
+        # without position embeddings the queries drift together (one class for all); larger ones stay apart
+        model.query.weight.mul_(8.0)
     last_norm = model.upscale_block.block[-1].layernorm2d
     last_norm.weight[0] = 0.0
     last_norm.bias[0] = 1.0
@@ -62,17 +72,23 @@ def shape_weights(model, generator):
 
 
 def command_make(args):
-    from transformers import EomtConfig, EomtForUniversalSegmentation
+    import transformers
 
     torch.manual_seed(args.seed)
-    config = EomtConfig(
+    sizes = dict(
         hidden_size=args.hidden_size, num_hidden_layers=args.layers, num_attention_heads=args.heads,
         image_size=args.image_size, patch_size=args.patch_size, num_register_tokens=args.registers,
-        num_blocks=args.num_blocks, num_queries=args.queries, use_swiglu_ffn=args.swiglu,
+        num_blocks=args.num_blocks, num_queries=args.queries,
         id2label={index: f"class_{index}" for index in range(args.labels)},
         label2id={f"class_{index}": index for index in range(args.labels)},
     )
-    model = EomtForUniversalSegmentation(config).eval()
+    if args.dinov3:
+        config = transformers.EomtDinov3Config(**sizes, intermediate_size=4 * args.hidden_size,
+                                               rope_parameters={"rope_type": "default", "rope_theta": 100.0})
+        model = transformers.EomtDinov3ForUniversalSegmentation(config).eval()
+    else:
+        config = transformers.EomtConfig(**sizes, use_swiglu_ffn=args.swiglu)
+        model = transformers.EomtForUniversalSegmentation(config).eval()
     generator = torch.Generator().manual_seed(args.seed)
     shape_weights(model, generator)
     probabilities = [float(value) for value in args.attn_mask_probs.split(",")]
@@ -82,9 +98,8 @@ def command_make(args):
 
 def command_run(args):
     import transformers
-    from transformers import EomtForUniversalSegmentation
 
-    model = EomtForUniversalSegmentation.from_pretrained(args.model_dir).eval()
+    model = transformers.AutoModelForUniversalSegmentation.from_pretrained(args.model_dir).eval()
     with np.load(args.pixels) as data:
         pixel_values = torch.from_numpy(np.ascontiguousarray(data["pixel_values"]))
     with torch.no_grad():
@@ -95,6 +110,7 @@ def command_run(args):
         attn_mask_probs=model.attn_mask_probs.numpy(),
         meta_json=np.array(json.dumps(dict(model_dir=str(args.model_dir), transformers=transformers.__version__,
                                            torch=torch.__version__,
+                                           model=type(model).__name__,
                                            attention=model.config._attn_implementation))),
     )
     Path(args.result).parent.mkdir(parents=True, exist_ok=True)
@@ -115,6 +131,7 @@ def main(argv=None):
     make.add_argument("--queries", type=int, default=12)
     make.add_argument("--labels", type=int, default=7)
     make.add_argument("--swiglu", action="store_true")
+    make.add_argument("--dinov3", action="store_true", help="EoMT-DINOv3 (rotary embeddings)")
     make.add_argument("--attn-mask-probs", default="1,1", help="comma-separated, one per query block")
     make.add_argument("--torch-bin", action="store_true", help="write pytorch_model.bin instead of safetensors")
     make.add_argument("--seed", type=int, default=0)

@@ -1,5 +1,6 @@
 """EoMT ("Your ViT is Secretly an Image Segmentation Model", Kerssies et al., CVPR 2025).
 
+The ViT is DINOv2's (learned position embeddings) or DINOv3's (rotary embeddings on the patches, ``rotary_embedding``).
 Learned queries are prepended to the tokens before the last ``num_query_blocks`` ViT blocks. After the last block
 (and, for masked attention, before each query block) the final LayerNorm'd tokens are read out: the class head on
 the queries, and mask logits as the dot product of the mask-head embedding of each query with the patch grid
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelscope_plugin.modeling.eomt.vit import PatchEmbeddings, VitBlock
+from modelscope_plugin.modeling.eomt.vit import PatchEmbeddings, RotaryEmbedding2d, VitBlock
 from modelscope_plugin.modeling.mask2former.model import Mask2FormerOutput
 
 
@@ -63,12 +64,14 @@ class MaskHead(nn.Module):
 
 class Eomt(nn.Module):
     def __init__(self, embeddings: PatchEmbeddings, blocks: List[VitBlock], num_queries: int, num_query_blocks: int,
-                 num_classes: int, num_upscale_blocks: int, layer_norm_eps: float):
+                 num_classes: int, num_upscale_blocks: int, layer_norm_eps: float,
+                 rotary_embedding: Optional[RotaryEmbedding2d] = None):
         super().__init__()
-        hidden_dim = embeddings.position_embeddings.shape[1]
+        hidden_dim = embeddings.hidden_dim
         if not 0 < num_query_blocks <= len(blocks):
             raise ValueError(f"num_query_blocks {num_query_blocks} is not within 1..{len(blocks)}")
         self.embeddings = embeddings
+        self.rotary_embedding = rotary_embedding
         self.blocks = nn.ModuleList(blocks)
         self.norm = nn.LayerNorm(hidden_dim, eps=layer_norm_eps)
         self.queries = nn.Embedding(num_queries, hidden_dim)
@@ -123,6 +126,7 @@ class Eomt(nn.Module):
         if return_auxiliary is None:
             return_auxiliary = self.training
         tokens = self.embeddings(pixels)
+        rotary = self.rotary_embedding() if self.rotary_embedding is not None else None
         auxiliary_class_logits, auxiliary_mask_logits = [], []
         for index, block in enumerate(self.blocks):
             attention_mask = None
@@ -136,7 +140,7 @@ class Eomt(nn.Module):
                     auxiliary_mask_logits.append(mask_logits)
                 attention_mask = self.attention_mask(
                     mask_logits, tokens.shape[1], self.attention_mask_probabilities[index - self.first_query_block])
-            tokens = block(tokens, attention_mask)
+            tokens = block(tokens, attention_mask, rotary)
         class_logits, mask_logits = self.predict(self.norm(tokens))
         return Mask2FormerOutput(class_logits=class_logits, mask_logits=mask_logits,
                                  auxiliary_class_logits=auxiliary_class_logits,
