@@ -14,6 +14,7 @@ from modelscope_plugin.checkpoints.eomt import convert_hf_eomt
 from modelscope_plugin.checkpoints.io import read_checkpoint
 from modelscope_plugin.config import EomtConfig
 from modelscope_plugin.errors import CheckpointError, KeymapError
+from modelscope_plugin.inference.predictor import Predictor
 from modelscope_plugin.inference.preprocess import load_image, prepare_image
 from modelscope_plugin.model_dirs.load import load_model
 
@@ -117,3 +118,17 @@ def test_unsupported_dinov3_options_are_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "eomt_dinov3", "use_gated_mlp": True}))
     with pytest.raises(CheckpointError, match="use_gated_mlp"):
         load_model(tmp_path)
+
+
+def test_predictor_serves_an_eomt_folder(tmp_path):
+    """The package's pre- and post-processing answer with an EoMT network as with Mask2Former: masks at the
+    original image size. (7 classes are read as all stuff, so the instance task has nothing to answer.)"""
+    config, network = load_model(make_model_dir(tmp_path, SMALL + ["--seed", "0", "--attn-mask-probs", "0,0"]))
+    predictor = Predictor(network, config)
+    rgb = load_image(str(IMAGE))
+    assert config.num_things_classes == 0
+    for task in ("panoptic", "semantic", "instance"):
+        parameters = predictor.parameters(task=task, object_mask_threshold=0.0, score_thr=0.0)
+        result = predictor.predict_prepared([predictor.prepare(str(IMAGE))], parameters)[0]
+        assert bool(result["masks"]) == (task != "instance"), task
+        assert all(mask.shape == rgb.shape[:2] for mask in result["masks"]), task
