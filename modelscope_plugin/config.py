@@ -45,10 +45,14 @@ class PreprocessConfig:
     size_divisor: int = 32
     """Padded height and width are multiples of this (zeros, bottom/right, after normalisation)."""
     resize_backend: str = "cv2"
-    """"cv2": bilinear on uint8 as mmcv/mmdet/EasyCV do; "pil": PIL bilinear as torchvision/ModelScope's FastInst."""
+    """"cv2": bilinear on uint8 as mmcv/mmdet/EasyCV do; "pil": PIL bilinear as torchvision/ModelScope's FastInst;
+    "torchvision": torchvision's antialiased bilinear on the uint8 tensor (transformers' fast image processors)."""
     divide_by_std: bool = False
     """Normalise as (x - mean) / std (torchvision, ModelScope's FastInst) rather than (x - mean) * (1 / std) (mmcv);
     the two differ by float32 rounding (one unit in the last place)."""
+    pad_black: bool = False
+    """Padding holds black pixels, (0 - mean) / std, as where an image is padded before it is normalised
+    (transformers' EomtImageProcessor, the original EoMT); False: zeros after normalisation (mmdet, detectron2)."""
 
 
 @dataclass
@@ -217,9 +221,10 @@ class EomtConfig:
     """Default output of the pipeline: "panoptic", "semantic" or "instance"."""
     source: str = "hf"
     preprocess: PreprocessConfig = field(default_factory=lambda: PreprocessConfig(
-        short_side=640, long_side_max=640, size_divisor=640, resize_backend="pil", divide_by_std=True))
-    """The long side resized to ``image_size``, then zero-padded bottom/right to the square input (ImageNet mean and
-    std, as transformers' EomtImageProcessor with padding)."""
+        short_side=640, long_side_max=640, size_divisor=640, resize_backend="torchvision", divide_by_std=True,
+        pad_black=True))
+    """The long side resized to ``image_size``, then padded bottom/right with black to the square input (ImageNet
+    mean and std), as transformers' EomtImageProcessor with ``do_pad``."""
     inference: InferenceConfig = field(default_factory=InferenceConfig)
 
     @property

@@ -132,3 +132,17 @@ def test_predictor_serves_an_eomt_folder(tmp_path):
         result = predictor.predict_prepared([predictor.prepare(str(IMAGE))], parameters)[0]
         assert bool(result["masks"]) == (task != "instance"), task
         assert all(mask.shape == rgb.shape[:2] for mask in result["masks"]), task
+
+
+def test_preprocessing_matches_eomt_image_processor(tmp_path):
+    """EomtConfig's preprocessing (long side to 640, torchvision's antialiased bilinear, black padding to 640x640)
+    gives transformers' EomtImageProcessor(do_pad=True) pixels on COCO images and photos of several shapes."""
+    paths = sorted((SHARED_DATA / "coco" / "val2017").glob("*.jpg")) + sorted((SHARED_DATA / "photos").glob("*"))
+    run_oracle("eomt_oracle.py", "preprocess", "--images", *paths, "--size", "640", "--result", tmp_path / "pp.npz")
+    reference = np.load(tmp_path / "pp.npz")
+    config = EomtConfig()
+    for index, path in enumerate(paths):
+        ours = prepare_image(load_image(str(path)), config.preprocess).tensor
+        theirs = torch.from_numpy(reference[f"pixel_values_{index}"])
+        assert ours.shape == theirs.shape == (3, 640, 640), path.name
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5, msg=path.name)

@@ -69,7 +69,7 @@ def config_from_hf_eomt(values: dict) -> EomtConfig:
         num_things_classes=num_things, num_stuff_classes=num_classes - num_things,
         class_names=tuple(id2label[index] for index in sorted(id2label)), category_ids=category_ids, task=task,
         preprocess=PreprocessConfig(short_side=image_size, long_side_max=image_size, size_divisor=image_size,
-                                    resize_backend="pil", divide_by_std=True),
+                                    resize_backend="torchvision", divide_by_std=True, pad_black=True),
     )
 
 

@@ -10,6 +10,8 @@ Runs inside the oracle venv (``.venv-oracle``, transformers 5 on the runtime ven
 ``run``   loads such a folder and stores, for ``pixel_values`` float32 [B,3,S,S] in an ``.npz``,
           ``class_queries_logits`` [B,Q,K+1] and ``masks_queries_logits`` [B,Q,S/4,S/4] (patch 16) plus
           ``attn_mask_probs`` as loaded and ``meta_json``.
+``preprocess``  runs ``EomtImageProcessor`` (torchvision backend, resize the long side to ``--size``, ``do_pad``)
+          on each image and stores ``pixel_values_<i>`` [3,S,S].
 
 Example::
 
@@ -117,6 +119,18 @@ def command_run(args):
     np.savez(args.result, **result)
 
 
+def command_preprocess(args):
+    from PIL import Image
+    from transformers import EomtImageProcessor
+
+    processor = EomtImageProcessor(size={"shortest_edge": args.size, "longest_edge": args.size}, do_pad=True)
+    result = {}
+    for index, path in enumerate(args.images):
+        image = Image.open(path).convert("RGB")
+        result[f"pixel_values_{index}"] = processor(images=image, return_tensors="pt")["pixel_values"][0].numpy()
+    np.savez(args.result, **result)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -142,6 +156,11 @@ def main(argv=None):
     run.add_argument("--pixels", required=True)
     run.add_argument("--result", required=True)
     run.set_defaults(func=command_run)
+    preprocess = commands.add_parser("preprocess", help="EomtImageProcessor's pixel_values for images")
+    preprocess.add_argument("--images", nargs="+", required=True)
+    preprocess.add_argument("--size", type=int, default=640)
+    preprocess.add_argument("--result", required=True)
+    preprocess.set_defaults(func=command_preprocess)
     args = parser.parse_args(argv)
     args.func(args)
 
