@@ -146,3 +146,19 @@ def test_preprocessing_matches_eomt_image_processor(tmp_path):
         theirs = torch.from_numpy(reference[f"pixel_values_{index}"])
         assert ours.shape == theirs.shape == (3, 640, 640), path.name
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5, msg=path.name)
+
+
+def test_modelscope_pipeline_serves_an_eomt_directory(tmp_path):
+    """An HF EoMT folder with a configuration.json (model type "eomt") runs through ModelScope's pipeline()."""
+    from modelscope.pipelines import pipeline
+    from modelscope.utils.constant import Tasks
+
+    model_dir = make_model_dir(tmp_path, SMALL + ["--seed", "0", "--attn-mask-probs", "0,0"])
+    (model_dir / "configuration.json").write_text(json.dumps({
+        "framework": "pytorch", "task": "image-segmentation", "model": {"type": "eomt"},
+        "pipeline": {"type": "image-panoptic-segmentation"}}))
+    segmenter = pipeline(Tasks.image_segmentation, model=str(model_dir), device="cpu")
+    result = segmenter(str(IMAGE), task="semantic")
+    rgb = load_image(str(IMAGE))
+    assert result["masks"] and all(mask.shape == rgb.shape[:2] for mask in result["masks"])
+    assert set(result["labels"]) <= {f"class_{index}" for index in range(7)}

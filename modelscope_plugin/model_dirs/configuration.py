@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any, Dict
 
 from modelscope_plugin.config import (
+    eomt_large_coco_panoptic,
     fastinst_r50_d3_coco,
     resnet50_coco_panoptic,
     swin_large_coco_panoptic,
@@ -19,6 +20,7 @@ MODEL_TYPES = {
     "r50-panoptic-segmentation": resnet50_coco_panoptic,
     "mask2former": swin_large_coco_panoptic,
     "fastinst": fastinst_r50_d3_coco,
+    "eomt": eomt_large_coco_panoptic,
 }
 
 

@@ -1,9 +1,9 @@
 """``load_model``: any supported checkpoint layout -> (configuration, network with strictly loaded weights).
 
 Hub-layout directories (``configuration.json``) go by their model type to ``mask2former.py`` (mmdet, EasyCV and
-this package's own layout) or ``fastinst.py``; Hugging Face folders (``config.json``) by its ``model_type`` to
-``eomt.py`` ("eomt", "eomt_dinov3") or ``hf.py`` (Mask2Former); single files (EasyCV exports, FastInst releases)
-by what their weights hold.
+this package's own layout), ``fastinst.py`` or ``eomt.py`` (an HF EoMT folder beside the configuration.json);
+Hugging Face folders (``config.json``) by its ``model_type`` to ``eomt.py`` ("eomt", "eomt_dinov3") or ``hf.py``
+(Mask2Former); single files (EasyCV exports, FastInst releases) by what their weights hold.
 """
 import json
 from dataclasses import replace
@@ -36,6 +36,9 @@ def load_model_dir(model_dir, task: Optional[str] = None) -> LoadedModel:
                             f"(supported: {', '.join(sorted(MODEL_TYPES))})")
     if model_type == "fastinst":
         return load_fastinst_dir(model_dir, configuration, task=task)
+    if model_type == "eomt":
+        # a Hugging Face EoMT folder (config.json + weights) with a configuration.json for ModelScope
+        return load_hf_eomt_dir(model_dir, task=task)
     return load_mask2former_dir(model_dir, configuration, MODEL_TYPES[model_type](), task=task)
 
 
