@@ -1,7 +1,9 @@
 """Whole networks as nested constructor calls; the only place a config object is read."""
-from modelscope_plugin.config import FastInstConfig, Mask2FormerConfig, ResNetConfig, SwinConfig
+from modelscope_plugin.config import EomtConfig, FastInstConfig, Mask2FormerConfig, ResNetConfig, SwinConfig
 from modelscope_plugin.modeling.backbones.resnet import ResNet
 from modelscope_plugin.modeling.backbones.swin import SwinTransformer
+from modelscope_plugin.modeling.eomt.model import Eomt
+from modelscope_plugin.modeling.eomt.vit import PatchEmbeddings, RotaryEmbedding2d, VitBlock
 from modelscope_plugin.modeling.fastinst.model import FastInst
 from modelscope_plugin.modeling.fastinst.pixel_decoder import PyramidPoolingModuleFPN
 from modelscope_plugin.modeling.fastinst.transformer_decoder import FastInstDecoder
@@ -52,4 +54,25 @@ def build_fastinst(config: FastInstConfig) -> FastInst:
             num_queries=config.num_queries, num_aux_queries=config.num_aux_queries, num_heads=config.num_heads,
             feedforward_dim=config.feedforward_dim, num_layers=config.decoder_layers, mask_dim=config.mask_dim,
         ),
+    )
+
+
+def build_eomt(config: EomtConfig) -> Eomt:
+    return Eomt(
+        embeddings=PatchEmbeddings(
+            hidden_dim=config.hidden_dim, patch_size=config.patch_size, grid_size=config.grid_size,
+            num_register_tokens=config.num_register_tokens, learned_positions=config.rope_theta is None,
+        ),
+        blocks=[
+            VitBlock(
+                hidden_dim=config.hidden_dim, num_heads=config.num_heads, mlp_dim=config.mlp_dim,
+                swiglu_mlp=config.swiglu_mlp, layer_norm_eps=config.layer_norm_eps,
+                layer_scale_init=config.layer_scale_init,
+            )
+            for _ in range(config.num_layers)
+        ],
+        num_queries=config.num_queries, num_query_blocks=config.num_query_blocks, num_classes=config.num_classes,
+        num_upscale_blocks=config.num_upscale_blocks, layer_norm_eps=config.layer_norm_eps,
+        rotary_embedding=(None if config.rope_theta is None else RotaryEmbedding2d(
+            head_dim=config.hidden_dim // config.num_heads, grid_size=config.grid_size, theta=config.rope_theta)),
     )

@@ -3,7 +3,7 @@
 Config objects stop at ``builders.py``: the modules themselves take plain arguments.
 """
 from dataclasses import dataclass, field
-from typing import Tuple, Union
+from typing import Optional, Tuple, Union
 
 TASKS = ("panoptic", "semantic", "instance")
 """What a segmentation model answers: one map of things and stuff, a class per pixel, or scored things."""
@@ -45,10 +45,14 @@ class PreprocessConfig:
     size_divisor: int = 32
     """Padded height and width are multiples of this (zeros, bottom/right, after normalisation)."""
     resize_backend: str = "cv2"
-    """"cv2": bilinear on uint8 as mmcv/mmdet/EasyCV do; "pil": PIL bilinear as torchvision/ModelScope's FastInst."""
+    """"cv2": bilinear on uint8 as mmcv/mmdet/EasyCV do; "pil": PIL bilinear as torchvision/ModelScope's FastInst;
+    "torchvision": torchvision's antialiased bilinear on the uint8 tensor (transformers' fast image processors)."""
     divide_by_std: bool = False
     """Normalise as (x - mean) / std (torchvision, ModelScope's FastInst) rather than (x - mean) * (1 / std) (mmcv);
     the two differ by float32 rounding (one unit in the last place)."""
+    pad_black: bool = False
+    """Padding holds black pixels, (0 - mean) / std, as where an image is padded before it is normalised
+    (transformers' EomtImageProcessor, the original EoMT); False: zeros after normalisation (mmdet, detectron2)."""
 
 
 @dataclass
@@ -174,3 +178,65 @@ def fastinst_release(depth: int = 50, decoder_layers: int = 3) -> FastInstConfig
     return FastInstConfig(backbone=ResNetConfig(depth=depth), decoder_layers=decoder_layers,
                           preprocess=PreprocessConfig(short_side=short_side, long_side_max=long_side_max, resize_backend="pil",
                                                       divide_by_std=True))
+
+
+@dataclass
+class EomtConfig:
+    """EoMT (Kerssies et al., CVPR 2025): a plain ViT whose last ``num_query_blocks`` blocks also carry learned
+    queries; no pixel decoder, no transformer decoder. Defaults: ``tue-mps/coco_panoptic_eomt_large_640`` (DINOv2
+    ViT-L/16 with 4 register tokens, 640x640 input, 200 queries, 133 COCO panoptic classes)."""
+
+    hidden_dim: int = 1024
+    """Width of the ViT, of the queries and of the mask embedding."""
+    num_layers: int = 24
+    """ViT blocks."""
+    num_heads: int = 16
+    mlp_dim: int = 4096
+    """Hidden width of each block's MLP (DINOv2 ViT-L: 4 x hidden_dim)."""
+    swiglu_mlp: bool = False
+    """SwiGLU MLP (DINOv2 giant) instead of fc1 -> GELU -> fc2."""
+    layer_norm_eps: float = 1e-6
+    layer_scale_init: float = 1.0
+    """Initial value of the per-channel layer scales (a freshly built network; checkpoints bring their own)."""
+    image_size: int = 640
+    """Side of the square input the position embeddings were made for (they are not interpolated)."""
+    patch_size: int = 16
+    num_register_tokens: int = 4
+    """Register tokens after the class token (DINOv2 with registers, DINOv3)."""
+    rope_theta: Optional[float] = None
+    """None: DINOv2's learned position embeddings; a number: DINOv3's 2-D rotary embeddings on the patches with this
+    base (100 in DINOv3), no position embeddings."""
+    num_query_blocks: int = 4
+    """The queries join before block ``num_layers - num_query_blocks`` and pass through the last blocks with the
+    patches (transformers' ``num_blocks``)."""
+    num_upscale_blocks: int = 2
+    """Transposed-convolution x2 steps from the patch grid to the mask resolution (2: stride 4 for patch 16)."""
+    num_queries: int = 200
+    num_things_classes: int = 80
+    num_stuff_classes: int = 53
+    class_names: Tuple[str, ...] = ()
+    category_ids: Tuple[int, ...] = ()
+    """Dataset id of each contiguous class (COCO panoptic ids by default)."""
+    task: str = "panoptic"
+    """Default output of the pipeline: "panoptic", "semantic" or "instance"."""
+    source: str = "hf"
+    preprocess: PreprocessConfig = field(default_factory=lambda: PreprocessConfig(
+        short_side=640, long_side_max=640, size_divisor=640, resize_backend="torchvision", divide_by_std=True,
+        pad_black=True))
+    """The long side resized to ``image_size``, then padded bottom/right with black to the square input (ImageNet
+    mean and std), as transformers' EomtImageProcessor with ``do_pad``."""
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+
+    @property
+    def num_classes(self) -> int:
+        return self.num_things_classes + self.num_stuff_classes
+
+    @property
+    def grid_size(self) -> int:
+        """Patches along each side of the input."""
+        return self.image_size // self.patch_size
+
+
+def eomt_large_coco_panoptic() -> EomtConfig:
+    """``tue-mps/coco_panoptic_eomt_large_640``: DINOv2 ViT-L/16 + 4 registers, 640x640, 200 queries, 133 classes."""
+    return EomtConfig()

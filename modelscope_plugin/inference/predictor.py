@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from modelscope_plugin.config import TASKS, FastInstConfig, Mask2FormerConfig
+from modelscope_plugin.config import TASKS, EomtConfig, FastInstConfig, Mask2FormerConfig
 from modelscope_plugin.errors import ImageInputError
 from modelscope_plugin.inference.outputs import DEFAULT_MAX_POSTPROCESS_PIXELS, build_outputs, postprocess_size
 from modelscope_plugin.inference.postprocess import instance_inference, panoptic_inference, semantic_inference
@@ -54,7 +54,7 @@ class Predictor:
     (autocast, CPU or GPU) or "fp16" (CUDA), see ``precision.py``.
     """
 
-    def __init__(self, network: torch.nn.Module, config: Union[Mask2FormerConfig, FastInstConfig],
+    def __init__(self, network: torch.nn.Module, config: Union[Mask2FormerConfig, FastInstConfig, EomtConfig],
                  device: Optional[torch.device] = None, precision: str = "fp32"):
         self.network = network
         self.config = config

@@ -181,12 +181,22 @@ def prepare_image(rgb: np.ndarray, config: PreprocessConfig, minimum_feature_pix
         resized = cv2.resize(rgb, (resized_width, resized_height), interpolation=cv2.INTER_LINEAR)
     elif config.resize_backend == "pil":
         resized = np.asarray(Image.fromarray(rgb).resize((resized_width, resized_height), Image.BILINEAR))
+    elif config.resize_backend == "torchvision":
+        from torchvision.transforms.v2 import functional as tvF
+
+        # (H, W, 3) -> (3, H, W) uint8, antialiased bilinear, and back
+        image = torch.from_numpy(rgb.copy()).permute(2, 0, 1)
+        resized = tvF.resize(image, [resized_height, resized_width], interpolation=tvF.InterpolationMode.BILINEAR,
+                             antialias=True).permute(1, 2, 0).numpy()
     else:
         raise ValueError(f"unknown resize_backend {config.resize_backend!r}")
     normalised = normalize_pixels(resized, config)
     padded_height, padded_width = padded_size((resized_height, resized_width), config.size_divisor,
                                               minimum_feature_pixels)
     tensor = torch.zeros(3, padded_height, padded_width, dtype=torch.float32)
+    if config.pad_black:
+        black = normalize_pixels(np.zeros((1, 1, 3), dtype=np.uint8), config)[0, 0]
+        tensor[:] = torch.from_numpy(black)[:, None, None]
     tensor[:, :resized_height, :resized_width] = torch.from_numpy(normalised).permute(2, 0, 1)
     return PreparedImage(tensor=tensor, original_size=(height, width), resized_size=(resized_height, resized_width))
 

@@ -14,8 +14,8 @@ from modelscope_plugin.modeling.mask2former.model import Mask2FormerOutput
 
 class SegmentationModel(TorchModel):
     """Every ``configuration.json`` model type in ``model_dirs.configuration.MODEL_TYPES`` (the Swin-L, R50 and
-    FastInst hub ids, and this package's own ``mask2former``), and every layout ``load_model`` reads without one (a
-    Hugging Face folder, an EasyCV export, a FastInst release file)."""
+    FastInst hub ids, this package's own ``mask2former``, and ``eomt``), and every layout ``load_model`` reads without
+    one (a Hugging Face folder, an EasyCV export, a FastInst release file)."""
 
     def __init__(self, model_dir: str, *args, task: Optional[str] = None, **kwargs):
         super().__init__(model_dir, *args, **kwargs)

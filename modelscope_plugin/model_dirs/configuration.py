@@ -12,6 +12,7 @@ from typing import Any, Dict, Iterator, Optional, Tuple
 
 from modelscope_plugin.config import (
     TASKS,
+    eomt_large_coco_panoptic,
     fastinst_r50_d3_coco,
     resnet50_coco_panoptic,
     swin_large_coco_panoptic,
@@ -21,7 +22,7 @@ from modelscope_plugin.errors import ModelDirError
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".pkl", ".bin", ".safetensors")
 # config.json model types of Hugging Face folders this package runs
-HF_MODEL_TYPES = ("mask2former",)
+HF_MODEL_TYPES = ("mask2former", "eomt", "eomt_dinov3")
 
 # configuration.json model types this package runs, and the defaults each starts from
 MODEL_TYPES = {
@@ -30,6 +31,7 @@ MODEL_TYPES = {
     "r50-panoptic-segmentation": resnet50_coco_panoptic,
     "mask2former": swin_large_coco_panoptic,
     "fastinst": fastinst_r50_d3_coco,
+    "eomt": eomt_large_coco_panoptic,
 }
 
 
