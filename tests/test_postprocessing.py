@@ -97,8 +97,14 @@ def columns_mask(columns, inside=10.0, outside=-10.0):
     return mask
 
 
+# the references' defaults (mmdet 2.x test_cfg / detectron2), written here rather than read from the package
+REFERENCE_PANOPTIC = dict(object_mask_threshold=0.8, overlap_threshold=0.8, filter_low_score=True)
+REFERENCE_INSTANCE = dict(max_per_image=100, mask_from_probability=False, score_threshold=0.0)
+
+
 def panoptic(rows, masks, **thresholds):
-    segments = panoptic_inference(class_logits_for(rows), torch.stack(masks), NUM_THINGS, **SAME_SIZE, **thresholds).segments
+    segments = panoptic_inference(class_logits_for(rows), torch.stack(masks), NUM_THINGS, **SAME_SIZE,
+                                  **{**REFERENCE_PANOPTIC, **thresholds}).segments
     return [(segment.label, round(segment.score, 5), segment.isthing, segment.mask.nonzero()[:, 1].unique().tolist(),
              int(segment.mask.sum())) for segment in segments]
 
@@ -113,8 +119,10 @@ def test_object_mask_threshold_keeps_queries_whose_best_class_probability_exceed
     # strictly greater: a query at exactly the threshold is dropped (other logits at -1e4: softmax gives exactly 1.0)
     certain = torch.tensor([[0.0, -1e4, -1e4, -1e4]])
     assert F.softmax(certain, -1)[0, 0].item() == 1.0
-    assert panoptic_inference(certain, masks[0][None], NUM_THINGS, **SAME_SIZE, object_mask_threshold=1.0).segments == []
-    assert len(panoptic_inference(certain, masks[0][None], NUM_THINGS, **SAME_SIZE, object_mask_threshold=0.99).segments) == 1
+    assert panoptic_inference(certain, masks[0][None], NUM_THINGS, **SAME_SIZE,
+                              **{**REFERENCE_PANOPTIC, "object_mask_threshold": 1.0}).segments == []
+    assert len(panoptic_inference(certain, masks[0][None], NUM_THINGS, **SAME_SIZE,
+                                  **{**REFERENCE_PANOPTIC, "object_mask_threshold": 0.99}).segments) == 1
     # the "no object" class never makes a segment, however confident
     assert panoptic([(3, 0.99), (0, 0.9)], masks, object_mask_threshold=0.5) == [(0, 0.9, True, [3, 4, 5], 12)]
 
@@ -148,7 +156,8 @@ def test_panoptic_scores_are_the_class_probabilities_and_stuff_merges_take_the_h
 
 
 def instances(rows, masks, **options):
-    segments = instance_inference(class_logits_for(rows), torch.stack(masks), NUM_THINGS, **SAME_SIZE, **options)
+    segments = instance_inference(class_logits_for(rows), torch.stack(masks), NUM_THINGS, **SAME_SIZE,
+                                  **{**REFERENCE_INSTANCE, **options})
     return [(segment.label, round(segment.score, 5), int(segment.mask.sum())) for segment in segments]
 
 
@@ -163,7 +172,7 @@ def test_instance_masks_are_positive_logits_and_scores_their_mean_probability():
     expected_score = 0.9 * (sigmoid(3.0) + sigmoid(1.5) + sigmoid(0.5) + sigmoid(0.2)) / 4
     for from_probability in (False, True):
         result = instance_inference(class_logits_for([(1, 0.9)]), mask[None], NUM_THINGS, **SAME_SIZE, max_per_image=1,
-                                    mask_from_probability=from_probability)
+                                    mask_from_probability=from_probability, score_threshold=0.0)
         assert len(result) == 1 and result[0].label == 1
         assert result[0].mask.tolist() == (mask > 0).tolist()
         assert abs(result[0].score - expected_score) < 1e-6
