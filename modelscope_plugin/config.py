@@ -157,8 +157,10 @@ class FastInstConfig:
     task: str = "instance"
     source: str = "detectron2"
     preprocess: PreprocessConfig = field(
-        default_factory=lambda: PreprocessConfig(short_side=640, long_side_max=1333, resize_backend="pil", divide_by_std=True))
-    """ModelScope's FastInst pipeline: PIL bilinear resize to short side 640, long side at most 1333, (x - mean) / std."""
+        default_factory=lambda: PreprocessConfig(short_side=640, long_side_max=1333, resize_backend="pil",
+                                                 divide_by_std=True))
+    """ModelScope's FastInst pipeline: PIL bilinear resize to short side 640, long side at most 1333, (x - mean) /
+    std."""
     inference: InferenceConfig = field(
         default_factory=lambda: InferenceConfig(score_threshold=0.5, mask_from_probability=True))
 
@@ -173,11 +175,12 @@ def fastinst_r50_d3_coco() -> FastInstConfig:
 
 
 def fastinst_release(depth: int = 50, decoder_layers: int = 3) -> FastInstConfig:
-    """The official FastInst releases (R50-D1 at 576 / 777, R50-D3 and R101-D3 at 640 / 853, detectron2's test sizes)."""
+    """The official FastInst releases (R50-D1 at 576 / 777, R50-D3 and R101-D3 at 640 / 853, detectron2's test
+    sizes)."""
     short_side, long_side_max = (576, 777) if decoder_layers == 1 else (640, 853)
     return FastInstConfig(backbone=ResNetConfig(depth=depth), decoder_layers=decoder_layers,
-                          preprocess=PreprocessConfig(short_side=short_side, long_side_max=long_side_max, resize_backend="pil",
-                                                      divide_by_std=True))
+                          preprocess=PreprocessConfig(short_side=short_side, long_side_max=long_side_max,
+                                                      resize_backend="pil", divide_by_std=True))
 
 
 @dataclass

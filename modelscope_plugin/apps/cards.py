@@ -110,7 +110,8 @@ def configuration_problems(configuration: Dict[str, Any]) -> List[str]:
         problems.append(f"configuration.json model.type {model_type!r} is not a model type modelscope_plugin registers")
     pipeline_type = (configuration.get("pipeline") or {}).get("type")
     if not _registered_by_this_package(PIPELINES, pipeline_type):
-        problems.append(f"configuration.json pipeline.type {pipeline_type!r} is not a pipeline modelscope_plugin registers")
+        problems.append(f"configuration.json pipeline.type {pipeline_type!r} "
+                        "is not a pipeline modelscope_plugin registers")
     unknown_plugins = [plugin for plugin in configuration.get("plugins") or []
                        if plugin not in REPLACED_PLUGINS]
     if unknown_plugins:
@@ -241,5 +242,6 @@ def push_card(card_dir, model_dir, model_id: str, staging_dir, private: bool = T
     license_name = read_front_matter(folder / "README.md").get("license")
     if not api.repo_exists(model_id):
         api.create_model(model_id, visibility=1 if private else 5, license=license_name)
-    api.upload_folder(repo_id=model_id, folder_path=str(folder), commit_message=f"Publish {model_id} with {PACKAGE_NAME}")
+    api.upload_folder(repo_id=model_id, folder_path=str(folder),
+                      commit_message=f"Publish {model_id} with {PACKAGE_NAME}")
     return api.get_model_url(model_id)

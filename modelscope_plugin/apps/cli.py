@@ -43,7 +43,8 @@ def expand_inputs(inputs: Sequence[str]) -> List[Path]:
 
 def output_paths(image: Path, output: Path) -> Dict[str, Path]:
     stem = image.stem
-    return {"overlay": output / f"{stem}_overlay.png", "json": output / f"{stem}.json", "masks": output / f"{stem}_masks"}
+    return {"overlay": output / f"{stem}_overlay.png", "json": output / f"{stem}.json",
+            "masks": output / f"{stem}_masks"}
 
 
 def check_outputs_free(images: Sequence[Path], output: Path, overwrite: bool) -> None:
@@ -216,7 +217,8 @@ def export(arguments) -> int:
     output.parent.mkdir(parents=True, exist_ok=True)
     try:
         export_onnx(network, partial, example_size=arguments.example_size)
-        largest = check_onnx(network, partial, sizes=(arguments.example_size, arguments.check_size)) if arguments.check else None
+        largest = (check_onnx(network, partial, sizes=(arguments.example_size, arguments.check_size))
+                   if arguments.check else None)
     except Exception as error:  # the exporter and onnxruntime raise their own types (e.g. an unsupported node)
         remove_onnx(partial)
         raise CommandError(f"export of {arguments.model} failed: {type(error).__name__}: {error}") from error
@@ -254,7 +256,8 @@ def card_push(arguments) -> int:
 
 
 def train(finetune_arguments: Sequence[str]) -> int:
-    """``modelscope-seg train ...``: the finetune script (``modelscope_plugin.training.finetune``), its options as is."""
+    """``modelscope-seg train ...``: the finetune script (``modelscope_plugin.training.finetune``), its options as
+    is."""
     from modelscope_plugin.training.finetune import main as finetune_main
 
     try:
@@ -290,15 +293,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="For each image IMAGE.ext writes OUTPUT/IMAGE_overlay.png (classes tinted, legend with scores), "
                     "OUTPUT/IMAGE_masks/NNN.png (one 0/255 mask per segment) and OUTPUT/IMAGE.json (labels, scores, "
                     "boxes, masks as COCO RLE). Existing outputs are never replaced without --overwrite.")
-    segment_parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders of images, or glob patterns")
+    segment_parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                                help="image files, folders of images, or glob patterns")
     segment_parser.add_argument("--model", required=True, help="hub id (damo/... or iic/...) or model directory")
     segment_parser.add_argument("--task", choices=TASK_CHOICES, help="default: the model's own task")
-    segment_parser.add_argument("--object-mask-threshold", type=float, help="panoptic: keep queries above this class score (0.8)")
-    segment_parser.add_argument("--overlap-threshold", type=float, help="panoptic: minimum visible share of a mask (0.8)")
-    segment_parser.add_argument("--score-threshold", type=float, help="instance: drop detections below this score (0.5)")
+    segment_parser.add_argument("--object-mask-threshold", type=float,
+                                help="panoptic: keep queries above this class score (0.8)")
+    segment_parser.add_argument("--overlap-threshold", type=float,
+                                help="panoptic: minimum visible share of a mask (0.8)")
+    segment_parser.add_argument("--score-threshold", type=float,
+                                help="instance: drop detections below this score (0.5)")
     segment_parser.add_argument("--max-per-image", type=int, help="instance: top-k detections (100)")
     segment_parser.add_argument("--device", default="cpu", help="cpu, gpu, cuda:0 ... (default cpu)")
-    segment_parser.add_argument("--batch-size", type=positive_int, default=1, help="images per forward pass (default 1)")
+    segment_parser.add_argument("--batch-size", type=positive_int, default=1,
+                                help="images per forward pass (default 1)")
     segment_parser.add_argument("--output", default="outputs/segment", help="output folder (default outputs/segment)")
     segment_parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     segment_parser.add_argument("--resume", action="store_true",
@@ -317,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_parser.add_argument("--labels", help="label PNG folder (semantic)")
     evaluate_parser.add_argument("--num-classes", type=positive_int, help="number of classes (semantic)")
     evaluate_parser.add_argument("--limit", type=positive_int, help="evaluate the first N images only")
-    evaluate_parser.add_argument("--output", default="outputs/evaluate", help="output folder (default outputs/evaluate)")
+    evaluate_parser.add_argument("--output", default="outputs/evaluate",
+                                 help="output folder (default outputs/evaluate)")
     evaluate_parser.add_argument("--overwrite", action="store_true", help="replace an existing metrics.json")
     evaluate_parser.add_argument("--quiet", action="store_true", help="no progress bar")
     evaluate_parser.set_defaults(handler=evaluate)
@@ -331,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     export_parser.add_argument("--model", required=True, help="hub id or model directory")
     export_parser.add_argument("--output", required=True, help="the .onnx file to write")
     export_parser.add_argument("--example-size", type=padded_size, default=(640, 640), metavar="HxW",
-                               help="input size traced (Mask2Former: the graph's fixed input size), multiples of 32 (default 640x640)")
+                               help="input size traced (Mask2Former: the graph's fixed input size), "
+                                    "multiples of 32 (default 640x640)")
     export_parser.add_argument("--check-size", type=padded_size, default=(480, 832), metavar="HxW",
                                help="a second input size the check runs at, for dynamic-size graphs (default 480x832)")
     export_parser.add_argument("--no-check", dest="check", action="store_false", help="skip the onnxruntime check")
@@ -339,14 +349,17 @@ def build_parser() -> argparse.ArgumentParser:
     export_parser.set_defaults(handler=export)
 
     card_parser = commands.add_parser("card", help="validate or publish a model card",
-                                      description="Model cards: model_cards/<owner>/<name>/ with README.md and configuration.json.")
+                                      description="Model cards: model_cards/<owner>/<name>/ with README.md and "
+                                                  "configuration.json.")
     card_commands = card_parser.add_subparsers(dest="card_command", required=True, metavar="ACTION")
     validate_parser = card_commands.add_parser(
         "validate", help="check a card's front matter and configuration.json against what the plugin loads",
         description="Checks README front matter (tasks, frameworks, license, datasets, metrics), a python usage "
                     "example, configuration.json (framework, task, model and pipeline types this package registers, "
-                    "plugins); with weights (--weights, or in the card folder) also builds and loads the model strictly.")
-    validate_parser.add_argument("card", help="card folder, e.g. model_cards/damo/cv_swinL_panoptic-segmentation_cocopan")
+                    "plugins); with weights (--weights, or in the card folder) also builds and loads the model "
+                    "strictly.")
+    validate_parser.add_argument("card",
+                                 help="card folder, e.g. model_cards/damo/cv_swinL_panoptic-segmentation_cocopan")
     validate_parser.add_argument("--weights", help="model directory with the weights to check as well")
     validate_parser.set_defaults(handler=card_validate)
     push_parser = card_commands.add_parser(
@@ -373,9 +386,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "download). Requests are queued and run one at a time; uploads are capped at 20 MB. Needs the "
                     "[demo] extra (Gradio). Ctrl-C stops.")
     serve_parser.add_argument("--model", action="append",
-                              help="hub id or model directory (repeatable; default: the demo models in model_cards/demo)")
+                              help="hub id or model directory (repeatable; default: the demo models in "
+                                   "model_cards/demo)")
     serve_parser.add_argument("--host", default="127.0.0.1",
-                              help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
+                              help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it "
+                                   "to the network)")
     serve_parser.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 picks a free one)")
     serve_parser.add_argument("--device", default="cpu", help="cpu, gpu, cuda:0 ... (default cpu)")
     serve_parser.add_argument("--data", help="folder of the example photos, as for `make demo` (default: shared/data "

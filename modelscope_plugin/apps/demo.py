@@ -33,7 +33,8 @@ def tiny_config():
     from modelscope_plugin.config import Mask2FormerConfig, SwinConfig
 
     return Mask2FormerConfig(
-        backbone=SwinConfig(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=7, drop_path_rate=0.0),
+        backbone=SwinConfig(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=7,
+                            drop_path_rate=0.0),
         num_queries=20, hidden_dim=64, num_heads=4, encoder_layers=2, encoder_feedforward_dim=128, decoder_layers=3,
         decoder_feedforward_dim=128, task="panoptic")
 
@@ -129,7 +130,8 @@ def main(argv=None) -> Dict[str, Dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="outputs/demo", help="folder for overlays and JSON")
     parser.add_argument("--model", default=None, help="model directory or hub id (default: the shipped demo models)")
-    parser.add_argument("--data", default=str(REPOSITORY.parent / "shared" / "data"), help="folder of the sample photos")
+    parser.add_argument("--data", default=str(REPOSITORY.parent / "shared" / "data"),
+                        help="folder of the sample photos")
     arguments = parser.parse_args(argv)
 
     from modelscope.pipelines import pipeline
@@ -143,7 +145,8 @@ def main(argv=None) -> Dict[str, Dict[str, Any]]:
         models = shipped_demo_models()
         if not models:
             directory = build_random_model_dir(output / "random_weight_model").resolve()
-            print(f"NOTE: no trained demo model in {DEMO_MODELS}; using a Mask2Former with RANDOM weights ({directory}). "
+            print(f"NOTE: no trained demo model in {DEMO_MODELS}; "
+                  f"using a Mask2Former with RANDOM weights ({directory}). "
                   "Segments are real pipeline output, labels are meaningless.")
             models = {"random_weight_model": (directory, None)}
     scenes = demo_scenes(output)

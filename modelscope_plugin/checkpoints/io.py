@@ -48,7 +48,8 @@ _STAND_IN_GLOBALS = {
 
 _TORCH_REBUILD_GLOBALS = {
     f"torch._utils.{name}" for name in ("_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter")
-} | {f"torch.{kind}Storage" for kind in ("Float", "Double", "Half", "BFloat16", "Long", "Int", "Short", "Char", "Byte", "Bool")}
+} | {f"torch.{kind}Storage"
+     for kind in ("Float", "Double", "Half", "BFloat16", "Long", "Int", "Short", "Char", "Byte", "Bool")}
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -147,7 +148,8 @@ def to_tensors(state_dict: Mapping) -> Dict[str, torch.Tensor]:
 
 
 def extract_state_dict(checkpoint: Mapping) -> Dict[str, torch.Tensor]:
-    """The weights inside a checkpoint dict (``state_dict`` for mmdet/EasyCV, ``model`` for detectron2), ``module.`` stripped."""
+    """The weights inside a checkpoint dict (``state_dict`` for mmdet/EasyCV, ``model`` for detectron2), ``module.``
+    stripped."""
     for container_key in ("state_dict", "model"):
         if isinstance(checkpoint.get(container_key), Mapping):
             checkpoint = checkpoint[container_key]

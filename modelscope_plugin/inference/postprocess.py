@@ -125,8 +125,8 @@ def panoptic_inference(class_logits: torch.Tensor, mask_logits: torch.Tensor, nu
         else:
             segment_masks[panoptic_id] = (won, score)
     segments = [
-        Segment(label=panoptic_id % INSTANCE_OFFSET, score=score, isthing=panoptic_id % INSTANCE_OFFSET < num_things_classes,
-                mask=mask, panoptic_id=panoptic_id)
+        Segment(label=panoptic_id % INSTANCE_OFFSET, score=score,
+                isthing=panoptic_id % INSTANCE_OFFSET < num_things_classes, mask=mask, panoptic_id=panoptic_id)
         for panoptic_id, (mask, score) in sorted(segment_masks.items(), key=lambda item: -item[0])
     ]
     return PanopticResult(segments)
@@ -134,7 +134,8 @@ def panoptic_inference(class_logits: torch.Tensor, mask_logits: torch.Tensor, nu
 
 def semantic_inference(class_logits: torch.Tensor, mask_logits: torch.Tensor, padded_size, resized_size,
                        original_size) -> Tuple[torch.Tensor, List[Segment]]:
-    """Class map = argmax over classes of sum over queries of P(class) * P(mask) (ModelScope's semantic head, detectron2).
+    """Class map = argmax over classes of sum over queries of P(class) * P(mask) (ModelScope's semantic head,
+    detectron2).
 
     Returns the (H, W) class map and one segment per present class, by descending class id; a segment's score is
     the mean, over its pixels, of its class's share of the per-pixel class evidence.
@@ -201,7 +202,8 @@ def binary_masks_and_scores(mask_logits: torch.Tensor, padded_size, resized_size
 
 
 def mask_to_box(mask: np.ndarray) -> List[float]:
-    """(x1, y1, x2, y2) of a binary mask with mmdet's ``mask2bbox`` convention (x2 = last column + 1); zeros if empty."""
+    """(x1, y1, x2, y2) of a binary mask with mmdet's ``mask2bbox`` convention (x2 = last column + 1); zeros if
+    empty."""
     rows = np.flatnonzero(mask.any(axis=1))
     columns = np.flatnonzero(mask.any(axis=0))
     if rows.size == 0:

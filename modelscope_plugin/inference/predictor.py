@@ -44,7 +44,8 @@ class PostprocessParameters:
 def error_entry(index: int, item: Any, error: Exception) -> Dict[str, Any]:
     """The result of a bad list item under ``on_error="return"``: no segments, and what went wrong."""
     return {"masks": [], "labels": [], "scores": [],
-            "error": {"index": index, "input": describe_input(item), "type": type(error).__name__, "message": str(error)}}
+            "error": {"index": index, "input": describe_input(item), "type": type(error).__name__,
+                      "message": str(error)}}
 
 
 class Predictor:
@@ -127,7 +128,8 @@ class Predictor:
         return build_outputs(parameters.task, segments, self.config.class_names, self.config.category_ids,
                              image.original_size, semantic_map)
 
-    def predict_prepared(self, images: Sequence[PreparedImage], parameters: PostprocessParameters) -> List[Dict[str, Any]]:
+    def predict_prepared(self, images: Sequence[PreparedImage],
+                         parameters: PostprocessParameters) -> List[Dict[str, Any]]:
         """Runs each group of same-padded-size images as one batch; every result equals the single-image one up to
         float rounding (oneDNN's convolution algorithm depends on the batch size: a pixel at a threshold can flip)."""
         results: List[Optional[Dict[str, Any]]] = [None] * len(images)

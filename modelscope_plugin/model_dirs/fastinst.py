@@ -63,7 +63,8 @@ def _require(values: Mapping[str, Any], key: str, allowed, where: str) -> None:
         raise FastInstConfigError(f"{where}.{key} = {values[key]!r} is not supported (supported: {allowed})")
 
 
-def config_from_modelscope(model: Mapping[str, Any], base: FastInstConfig, where: str = "configuration.json model") -> FastInstConfig:
+def config_from_modelscope(model: Mapping[str, Any], base: FastInstConfig,
+                           where: str = "configuration.json model") -> FastInstConfig:
     """ModelScope ``FastInst(backbone=..., encoder=..., decoder=..., classes=...)`` arguments over ``base``."""
     for section, key, nullable in LIST_ARGUMENTS:
         values = model.get(section, {}) if section else model
@@ -90,7 +91,8 @@ def config_from_modelscope(model: Mapping[str, Any], base: FastInstConfig, where
     _require(encoder, "norm", ("GN",), f"{where}.encoder")
     _require(decoder, "pre_norm", (False,), f"{where}.decoder")
     if "out_features" in backbone and not {"res3", "res4", "res5"} <= set(backbone["out_features"]):
-        raise FastInstConfigError(f"{where}.backbone.out_features must include res3, res4 and res5; got {backbone['out_features']}")
+        raise FastInstConfigError(f"{where}.backbone.out_features must include res3, res4 and res5; "
+                                  f"got {backbone['out_features']}")
     if "in_features" in encoder and sorted(encoder["in_features"]) != ["res3", "res4", "res5"]:
         raise FastInstConfigError(f"{where}.encoder.in_features must be res3, res4, res5; got {encoder['in_features']}")
     hidden_dim = decoder.get("hidden_dim", base.hidden_dim)
@@ -112,7 +114,8 @@ def config_from_modelscope(model: Mapping[str, Any], base: FastInstConfig, where
         class_names=tuple(classes) if classes else base.class_names,
     )
     if config.class_names and len(config.class_names) != config.num_classes:
-        raise FastInstConfigError(f"{where}: {len(config.class_names)} classes for decoder.num_classes = {config.num_classes}")
+        raise FastInstConfigError(f"{where}: {len(config.class_names)} classes for "
+                                  f"decoder.num_classes = {config.num_classes}")
     return config
 
 
@@ -158,7 +161,8 @@ def config_from_state_dict(state_dict: Mapping[str, torch.Tensor], name: str) ->
     """The architecture of a detectron2-named FastInst state dict, read from its keys and shapes."""
     predictor = "sem_seg_head.predictor."
     try:
-        num_layers = len({key.split(".")[3] for key in state_dict if key.startswith(predictor + "transformer_query_ffn_layers.")})
+        num_layers = len({key.split(".")[3] for key in state_dict
+                          if key.startswith(predictor + "transformer_query_ffn_layers.")})
         res4_blocks = len({key.split(".")[2] for key in state_dict if key.startswith("backbone.res4.")})
         class_head = state_dict[f"{predictor}class_embed_layers.{num_layers}.layers.2.weight"]
         mask_head = state_dict[f"{predictor}mask_features_layers.0.weight"]
@@ -172,14 +176,16 @@ def config_from_state_dict(state_dict: Mapping[str, torch.Tensor], name: str) ->
         raise FastInstConfigError(f"{name}: a ResNet with {res4_blocks} res4 blocks is neither R50 nor R101")
     meta_size = meta_position.shape[-1]
     config = fastinst_release(depth=depths[res4_blocks], decoder_layers=num_layers)
-    return replace(config, num_classes=class_head.shape[0] - 1, hidden_dim=class_head.shape[1], mask_dim=mask_head.shape[0],
-                   feedforward_dim=feedforward.shape[0], num_aux_queries=0 if aux is None else aux.shape[0],
+    return replace(config, num_classes=class_head.shape[0] - 1, hidden_dim=class_head.shape[1],
+                   mask_dim=mask_head.shape[0], feedforward_dim=feedforward.shape[0],
+                   num_aux_queries=0 if aux is None else aux.shape[0],
                    # the meta position map is round(sqrt(queries)) wide: 100 queries (all releases) when it is 10 wide
                    num_queries=100 if meta_size == 10 else meta_size * meta_size)
 
 
 def _with_categories(config: FastInstConfig, task: Optional[str]) -> FastInstConfig:
-    return replace(config, class_names=config.class_names or default_class_names(config.num_classes, COCO_THING_CATEGORIES),
+    return replace(config,
+                   class_names=config.class_names or default_class_names(config.num_classes, COCO_THING_CATEGORIES),
                    category_ids=config.category_ids or default_category_ids(config.num_classes, COCO_THING_CATEGORIES),
                    task=task or config.task)
 
@@ -195,14 +201,16 @@ def _native_state_dict(checkpoint: Any, name: str) -> Dict[str, torch.Tensor]:
 def finetuned_extras(config: FastInstConfig) -> Dict[str, Any]:
     """This package's additions to the hub configuration's ``model`` for a finetuned model (ModelScope's FastInst
     ignores them): the dataset id of each class and the test-time preprocessing it was trained for."""
-    preprocess = {name: list(value) if isinstance(value, tuple) else value for name, value in asdict(config.preprocess).items()}
+    preprocess = {name: list(value) if isinstance(value, tuple) else value
+                  for name, value in asdict(config.preprocess).items()}
     return {"category_ids": list(config.category_ids), "preprocess": preprocess}
 
 
 def _with_finetuned_extras(model: Mapping[str, Any], config: FastInstConfig, where: str) -> FastInstConfig:
     if "category_ids" in model:
         if len(model["category_ids"]) != config.num_classes:
-            raise FastInstConfigError(f"{where}.category_ids has {len(model['category_ids'])} ids for {config.num_classes} classes")
+            raise FastInstConfigError(f"{where}.category_ids has {len(model['category_ids'])} ids "
+                                      f"for {config.num_classes} classes")
         config = replace(config, category_ids=tuple(int(value) for value in model["category_ids"]))
     if "preprocess" in model:
         values = dict(model["preprocess"])
@@ -214,7 +222,8 @@ def _with_finetuned_extras(model: Mapping[str, Any], config: FastInstConfig, whe
     return config
 
 
-def load_fastinst_dir(model_dir, configuration: Dict[str, Any], task: Optional[str] = None) -> Tuple[FastInstConfig, FastInst]:
+def load_fastinst_dir(model_dir, configuration: Dict[str, Any],
+                      task: Optional[str] = None) -> Tuple[FastInstConfig, FastInst]:
     """A hub-layout FastInst directory (configuration.json ``model.type`` = "fastinst" + pytorch_model.pt)."""
     model_dir = Path(model_dir)
     model = configuration.get("model", {})
@@ -231,16 +240,19 @@ def load_fastinst_dir(model_dir, configuration: Dict[str, Any], task: Optional[s
         state_dict = _native_state_dict(read_checkpoint(weights_path), str(weights_path))
         load_strict(network, state_dict, checkpoint_name=str(weights_path))
     else:
-        logger.warning("%s: configuration.json model.pretrained is false, so (as ModelScope) no weights are loaded", model_dir)
+        logger.warning("%s: configuration.json model.pretrained is false, so (as ModelScope) no weights are loaded",
+                       model_dir)
     return config, network.eval()
 
 
 def is_fastinst_state_dict(checkpoint: Any) -> bool:
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else {}
-    return isinstance(state, Mapping) and any(str(key).startswith("sem_seg_head.predictor.query_proposal.") for key in state)
+    return isinstance(state, Mapping) and any(str(key).startswith("sem_seg_head.predictor.query_proposal.")
+                                              for key in state)
 
 
-def load_fastinst_checkpoint(path, checkpoint: Optional[dict] = None, task: Optional[str] = None) -> Tuple[FastInstConfig, FastInst]:
+def load_fastinst_checkpoint(path, checkpoint: Optional[dict] = None,
+                             task: Optional[str] = None) -> Tuple[FastInstConfig, FastInst]:
     """An official FastInst release file (``{"model": state_dict}``); architecture and test size from its weights."""
     checkpoint = read_checkpoint(path) if checkpoint is None else checkpoint
     raw = extract_state_dict(checkpoint) if isinstance(checkpoint, dict) else {}
@@ -257,11 +269,13 @@ def hub_configuration(config: FastInstConfig) -> Dict[str, Any]:
         "model": {
             "type": "fastinst", "pretrained": True, "classes": list(config.class_names) or None,
             "backbone": backbone_section(config.backbone),
-            "encoder": {"in_features": ["res3", "res4", "res5"], "convs_dim": config.hidden_dim, "mask_dim": config.mask_dim, "norm": "GN"},
-            "decoder": {"num_classes": config.num_classes, "hidden_dim": config.hidden_dim, "num_queries": config.num_queries,
+            "encoder": {"in_features": ["res3", "res4", "res5"], "convs_dim": config.hidden_dim,
+                        "mask_dim": config.mask_dim, "norm": "GN"},
+            "decoder": {"num_classes": config.num_classes, "hidden_dim": config.hidden_dim,
+                        "num_queries": config.num_queries,
                         "num_aux_queries": config.num_aux_queries, "nheads": config.num_heads,
-                        "dim_feedforward": config.feedforward_dim, "dec_layers": config.decoder_layers, "pre_norm": False,
-                        "mask_dim": config.mask_dim},
+                        "dim_feedforward": config.feedforward_dim, "dec_layers": config.decoder_layers,
+                        "pre_norm": False, "mask_dim": config.mask_dim},
         },
     }
 
@@ -271,7 +285,8 @@ def write_hub_dir(directory, config: FastInstConfig, network: FastInst, finetune
     names}); refuses a directory that already holds either file, unless ``finetuned`` (the trainer's own output
     folder, rewritten at every checkpoint), which also records ``finetuned_extras``."""
     if config.num_groups != 32:
-        raise FastInstConfigError(f"the hub layout has no GroupNorm group count; ModelScope always uses 32, not {config.num_groups}")
+        raise FastInstConfigError("the hub layout has no GroupNorm group count; "
+                                  f"ModelScope always uses 32, not {config.num_groups}")
     directory = Path(directory)
     for name in ("configuration.json", "pytorch_model.pt"):
         if (directory / name).exists() and not finetuned:

@@ -60,7 +60,8 @@ def _preprocess_from_pipeline(pipeline: List[dict], default: PreprocessConfig) -
     if normalize:
         if normalize.get("to_rgb") is False:
             raise ModelDirError("test pipelines that normalise BGR images (to_rgb=False) are not supported")
-        result = replace(result, mean=tuple(normalize.get("mean", result.mean)), std=tuple(normalize.get("std", result.std)))
+        result = replace(result, mean=tuple(normalize.get("mean", result.mean)),
+                         std=tuple(normalize.get("std", result.std)))
     pad = _find_pipeline_step(pipeline, "Pad", "MMPad")
     if pad and pad.get("size_divisor"):
         result = replace(result, size_divisor=int(pad["size_divisor"]))
@@ -114,9 +115,13 @@ def config_from_mmdet(values: Dict[str, Any], base: Mask2FormerConfig) -> Mask2F
         hidden_dim=head.get("feat_channels", base.hidden_dim),
         num_heads=decoder_attention.get("num_heads", base.num_heads),
         encoder_layers=encoder.get("num_layers", base.encoder_layers),
-        encoder_feedforward_dim=encoder_ffn.get("feedforward_channels", encoder_layer.get("feedforward_channels", base.encoder_feedforward_dim)),
+        encoder_feedforward_dim=encoder_ffn.get("feedforward_channels",
+                                                encoder_layer.get("feedforward_channels",
+                                                                  base.encoder_feedforward_dim)),
         decoder_layers=decoder.get("num_layers", base.decoder_layers),
-        decoder_feedforward_dim=decoder_ffn.get("feedforward_channels", decoder_layer.get("feedforward_channels", base.decoder_feedforward_dim)),
+        decoder_feedforward_dim=decoder_ffn.get("feedforward_channels",
+                                                decoder_layer.get("feedforward_channels",
+                                                                  base.decoder_feedforward_dim)),
         source="mmdet",
         preprocess=_preprocess_from_pipeline(test_pipeline, base.preprocess) if test_pipeline else base.preprocess,
         inference=inference,
@@ -127,13 +132,15 @@ def config_from_easycv(configuration: Dict[str, Any], base: Mask2FormerConfig) -
     """EasyCV Mask2Former config (the ``model`` of its configuration.json, or an export's meta.config) over ``base``."""
     model = configuration.get("model", {})
     backbone_values = model.get("backbone", {})
-    backbone = ResNetConfig(depth=backbone_values.get("depth", 50)) if backbone_values.get("type", "ResNet") == "ResNet" else base.backbone
+    backbone = (ResNetConfig(depth=backbone_values.get("depth", 50))
+                if backbone_values.get("type", "ResNet") == "ResNet" else base.backbone)
     head = model.get("head", {})
     pixel_decoder = head.get("pixel_decoder", {})
     decoder = head.get("transformer_decoder", {})
     inference = inference_from_test_cfg(model.get("test_cfg", {}), base.inference)
     dataset = configuration.get("dataset", configuration.get("data", {}))
-    test_pipeline = (dataset.get("val") or dataset.get("test") or {}).get("pipeline") or configuration.get("test_pipeline")
+    test_pipeline = ((dataset.get("val") or dataset.get("test") or {}).get("pipeline")
+                     or configuration.get("test_pipeline"))
     return replace(
         base,
         backbone=backbone,
@@ -176,7 +183,8 @@ def _class_names(checkpoint: dict, config_values: Dict[str, Any], config: Mask2F
     return default_class_names(config.num_classes, COCO_PANOPTIC_CATEGORIES)
 
 
-def load_easycv_export(path, task: Optional[str] = None, checkpoint: Optional[dict] = None) -> Tuple[Mask2FormerConfig, Mask2Former]:
+def load_easycv_export(path, task: Optional[str] = None,
+                       checkpoint: Optional[dict] = None) -> Tuple[Mask2FormerConfig, Mask2Former]:
     """EasyCV ``mask2former_*_export.pth``: weights plus the training config pickled in ``meta.config``."""
     checkpoint = read_checkpoint(path) if checkpoint is None else checkpoint
     meta = checkpoint.get("meta", {}) if isinstance(checkpoint, dict) else {}

@@ -144,7 +144,8 @@ class SegmentationCheckpointProcessor(CheckpointProcessor):
         if not load_all_state:
             return {}
         if not state_file.is_file():
-            raise FileNotFoundError(f"checkpoint {checkpoint_path_prefix}: no trainer state {state_file} to resume from")
+            raise FileNotFoundError(f"checkpoint {checkpoint_path_prefix}: no trainer state {state_file} "
+                                    "to resume from")
         state = read_trainer_state(state_file)
         trainer.optimizer.load_state_dict(state["optimizer"])
         if trainer.lr_scheduler is not None:
