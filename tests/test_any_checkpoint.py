@@ -12,6 +12,7 @@ from conftest import SHARED_DATA, run_oracle, shape_weights, write_native_model_
 from modelscope.pipelines import pipeline
 from modelscope.utils.constant import Tasks
 from PIL import Image
+from test_layouts_offline import to_detectron2_names
 
 from modelscope_plugin.apps.cli import main
 from modelscope_plugin.builders import build_fastinst, build_mask2former
@@ -21,23 +22,6 @@ from modelscope_plugin.model_dirs.fastinst import write_hub_dir
 from modelscope_plugin.model_dirs.load import load_model
 
 IMAGE = SHARED_DATA / "coco" / "val2017" / "000000439180.jpg"
-
-
-def detectron2_names(state_dict):
-    """Independent of the package's tables: torchvision ResNet -> detectron2 ResNet, heads under sem_seg_head."""
-    renamed = {}
-    for key, value in state_dict.items():
-        key = re.sub(r"^backbone\.conv1\.", "backbone.stem.conv1.", key)
-        key = re.sub(r"^backbone\.bn1\.", "backbone.stem.conv1.norm.", key)
-        key = re.sub(r"^backbone\.layer(\d)\.(\d+)\.downsample\.0\.", lambda m: f"backbone.res{int(m[1]) + 1}.{m[2]}.shortcut.", key)
-        key = re.sub(r"^backbone\.layer(\d)\.(\d+)\.downsample\.1\.",
-                     lambda m: f"backbone.res{int(m[1]) + 1}.{m[2]}.shortcut.norm.", key)
-        key = re.sub(r"^backbone\.layer(\d)\.(\d+)\.conv(\d)\.", lambda m: f"backbone.res{int(m[1]) + 1}.{m[2]}.conv{m[3]}.", key)
-        key = re.sub(r"^backbone\.layer(\d)\.(\d+)\.bn(\d)\.", lambda m: f"backbone.res{int(m[1]) + 1}.{m[2]}.conv{m[3]}.norm.", key)
-        key = re.sub(r"^pixel_decoder\.", "sem_seg_head.pixel_decoder.", key)
-        key = re.sub(r"^transformer_decoder\.", "sem_seg_head.predictor.", key)
-        renamed[key] = value
-    return renamed
 
 
 def assert_same_segments(first, second):
@@ -57,7 +41,7 @@ def test_fastinst_release_file_in_pipeline_and_cli_equals_its_hub_directory(tmp_
     torch.manual_seed(0)
     network = build_fastinst(config).eval()
     release = tmp_path / "fastinst_R50_ppm-fpn_x1_576.pth"
-    torch.save({"model": detectron2_names(network.state_dict()), "iteration": 368749}, release)
+    torch.save({"model": to_detectron2_names(network.state_dict()), "iteration": 368749}, release)
     release_config, _ = load_model(release)
     hub_dir = write_hub_dir(tmp_path / "hub", release_config, network, finetuned=True)  # with its test size
     from_release, from_hub = segment(release, score_thr=0.0), segment(hub_dir, score_thr=0.0)
