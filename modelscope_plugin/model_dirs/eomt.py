@@ -9,7 +9,6 @@ result with transformers' EoMT-DINOv3 conversion and ``save_pretrained`` it; tha
 Classes: 133 are taken as COCO panoptic (80 things then 53 stuff, COCO's category ids, task panoptic), 80 as COCO
 things (task instance); any other count as that many classes with ids 0..K-1, all stuff, task semantic.
 """
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -19,6 +18,7 @@ from modelscope_plugin.checkpoints.io import load_strict, read_checkpoint
 from modelscope_plugin.config import EomtConfig, PreprocessConfig
 from modelscope_plugin.data.categories import COCO_PANOPTIC_CATEGORIES, COCO_THING_CATEGORIES
 from modelscope_plugin.errors import CheckpointError
+from modelscope_plugin.model_dirs.hf import read_hf_config
 
 VARIANTS = ("eomt", "eomt_dinov3")
 # DINOv3 options this package's blocks implement, with the value they must have
@@ -76,7 +76,7 @@ def config_from_hf_eomt(values: dict) -> EomtConfig:
 def load_hf_eomt_dir(model_dir, task: Optional[str] = None):
     """(config, network) from a ``save_pretrained`` folder; weights strictly loaded."""
     model_dir = Path(model_dir)
-    values = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    values = read_hf_config(model_dir)
     config = config_from_hf_eomt(values)
     weights = next((model_dir / name for name in WEIGHT_FILES if (model_dir / name).is_file()), None)
     if weights is None:

@@ -43,16 +43,23 @@ def config_from_hf(values: dict):
     )
 
 
-def load_hf_model_dir(model_dir):
-    """(config, network) from a ``save_pretrained`` folder; weights strictly loaded."""
-    model_dir = Path(model_dir)
-    config_path = model_dir / "config.json"
+def read_hf_config(model_dir) -> dict:
+    """A Hugging Face folder's ``config.json`` as a dict, or one ``CheckpointError`` naming the file and the reason."""
+    config_path = Path(model_dir) / "config.json"
     try:
         values = json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{config_path} is not valid JSON: {error}") from error
     if not isinstance(values, dict):
         raise CheckpointError(f"{config_path} must hold a JSON object, not {type(values).__name__}")
+    return values
+
+
+def load_hf_model_dir(model_dir):
+    """(config, network) from a ``save_pretrained`` folder; weights strictly loaded."""
+    model_dir = Path(model_dir)
+    config_path = model_dir / "config.json"
+    values = read_hf_config(model_dir)
     weights = next((model_dir / name for name in HF_WEIGHT_FILES if (model_dir / name).is_file()), None)
     if weights is None:
         raise CheckpointError(f"{model_dir} has neither {' nor '.join(HF_WEIGHT_FILES)}")

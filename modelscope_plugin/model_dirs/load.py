@@ -5,7 +5,6 @@ this package's own layout), ``fastinst.py`` or ``eomt.py`` (an HF EoMT folder be
 Hugging Face folders (``config.json``) by its ``model_type`` to ``eomt.py`` ("eomt", "eomt_dinov3") or ``hf.py``
 (Mask2Former); single files (EasyCV exports, FastInst releases) by what their weights hold.
 """
-import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Tuple, Union
@@ -18,7 +17,7 @@ from modelscope_plugin.errors import ModelDirError
 from modelscope_plugin.model_dirs.configuration import MODEL_TYPES, read_configuration_json
 from modelscope_plugin.model_dirs.eomt import load_hf_eomt_dir
 from modelscope_plugin.model_dirs.fastinst import is_fastinst_state_dict, load_fastinst_checkpoint, load_fastinst_dir
-from modelscope_plugin.model_dirs.hf import load_hf_model_dir
+from modelscope_plugin.model_dirs.hf import load_hf_model_dir, read_hf_config
 from modelscope_plugin.model_dirs.mask2former import load_easycv_export, load_mask2former_dir
 
 LoadedModel = Tuple[Union[Mask2FormerConfig, FastInstConfig, EomtConfig], torch.nn.Module]
@@ -49,7 +48,7 @@ def load_model(path, task: Optional[str] = None) -> LoadedModel:
     if path.is_dir() and (path / "configuration.json").is_file():
         return load_model_dir(path, task=task)
     if path.is_dir() and (path / "config.json").is_file():
-        model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
+        model_type = read_hf_config(path).get("model_type")
         if model_type in ("eomt", "eomt_dinov3"):
             return load_hf_eomt_dir(path, task=task)
         config, network = load_hf_model_dir(path)
