@@ -59,7 +59,7 @@ def decode_easycv_tuples(value):
     return value
 
 
-INTEGER_MINIMUMS = {"num_stuff_classes": 0, "num_aux_queries": 0, "category_ids": 0}
+INTEGER_MINIMUMS = {"num_things_classes": 0, "num_stuff_classes": 0, "num_aux_queries": 0, "category_ids": 0}
 """Integer fields that may be 0; every other integer field counts something and must be at least 1."""
 NUMBER_RANGES = {"object_mask_threshold": (0.0, 1.0), "overlap_threshold": (0.0, 1.0), "score_threshold": (0.0, 1.0),
                  "drop_path_rate": (0.0, 1.0), "mean": (-math.inf, math.inf)}
