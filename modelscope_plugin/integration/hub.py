@@ -7,7 +7,8 @@ that for this package's ids:
 - a cached id resolves with no network call (``snapshot_download(..., local_files_only=True)``);
 - an uncached id downloads through ModelScope's own client, or fails at once naming the id, the cache
   path and how to place the files by hand;
-- ``pai-easycv`` is never pip-installed (this package runs that model itself).
+- ``pai-easycv`` is not pip-installed for the model types this package runs (it runs them itself); other models
+  that list it (EasyCV's own) keep it.
 """
 import functools
 import os
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from modelscope_plugin.errors import ModelNotAvailableError
-from modelscope_plugin.model_dirs.configuration import read_configuration_json, synthesized_configuration
+from modelscope_plugin.model_dirs.configuration import MODEL_TYPES, read_configuration_json, synthesized_configuration
 
 SUPPORTED_MODEL_NAMES = (
     "cv_swinL_panoptic-segmentation_cocopan",
@@ -24,9 +25,17 @@ SUPPORTED_MODEL_NAMES = (
     "cv_resnet50_fast-instance-segmentation_coco",
 )
 SUPPORTED_OWNERS = ("damo", "iic")
-# pai-easycv: this package runs that model itself; modelscope-plugin-seg: published cards name this package, which is
-# already imported whenever these wrappers run
+# pai-easycv: this package runs the models of its own types (MODEL_TYPES) itself; modelscope-plugin-seg: published
+# cards name this package, which is already imported whenever these wrappers run
 REPLACED_PLUGINS = {"pai-easycv", "modelscope-plugin-seg"}
+THIS_PACKAGE_PLUGINS = {"modelscope-plugin-seg"}
+
+
+def plugins_kept(plugins, model_type) -> list:
+    """A configuration's ``plugins`` less those this package replaces for ``model_type``: pai-easycv only for the
+    model types it runs, itself for any."""
+    replaced = REPLACED_PLUGINS if model_type in MODEL_TYPES else THIS_PACKAGE_PLUGINS
+    return [plugin for plugin in plugins or [] if plugin not in replaced]
 
 
 def is_supported_id(model) -> bool:
@@ -109,7 +118,7 @@ def wrap_read_config(original):
         config = original(model_id_or_path, revision, *args, **kwargs)
         plugins = config.safe_get("plugins") if config is not None else None
         if plugins:
-            config.plugins = [plugin for plugin in plugins if plugin not in REPLACED_PLUGINS]
+            config.plugins = plugins_kept(plugins, config.safe_get("model.type"))
         return config
 
     return read_config
@@ -137,8 +146,17 @@ def wrap_from_pretrained(original):
 
 
 def wrap_register_plugins_repo(original):
+    """Drops this package from the plugins to install (it is imported already). pai-easycv is dropped before this
+    point, where the model type is known: by ``read_config`` (pipelines, trainers) and, for ``Model.from_pretrained``,
+    by counting this package's model types among ModelScope's config-only models (``configured_models``)."""
     def register_plugins_repo(plugins):
-        remaining = [plugin for plugin in (plugins or []) if plugin not in REPLACED_PLUGINS]
+        remaining = [plugin for plugin in (plugins or []) if plugin not in THIS_PACKAGE_PLUGINS]
         return original(remaining) if remaining else None
 
     return register_plugins_repo
+
+
+def configured_models(original: frozenset) -> frozenset:
+    """ModelScope's ``_CONFIG_ONLY_MODELS`` (model types whose ``plugins`` ``Model.from_pretrained`` ignores) with
+    this package's model types."""
+    return frozenset(original) | frozenset(MODEL_TYPES)

@@ -23,6 +23,10 @@ from modelscope_plugin.model_dirs.configuration import MODEL_TYPES
 PIPELINE_TYPES = ("image-panoptic-segmentation", "image-semantic-segmentation", "image-panoptic-segmentation-easycv",
                   "mask2former-segmentation", "fast-instance-segmentation")
 TRAINER_TYPES = ("mask2former-segmentation",)
+# ``build_trainer('easycv', ...)``: this package's trainer for its model types, EasyCV's for the others
+EASYCV_TRAINER_TYPES = ("easycv",)
+# ``dataset.{train,val}.type`` of COCO panoptic data in a hub dataset archive (EasyCV's DetDataset sections)
+DATASET_TYPE = "mask2former-coco-panoptic-dataset"
 METRIC_TYPES = ("segmentation-panoptic-quality", "segmentation-coco-instance-ap", "segmentation-semantic-miou")
 PACKAGE = Path(__file__).resolve().parents[1]
 
@@ -31,6 +35,8 @@ LAZY_ENTRIES = (
     ("MODELS", Tasks.image_segmentation, tuple(MODEL_TYPES), "modelscope_plugin.integration.model"),
     ("PIPELINES", Tasks.image_segmentation, PIPELINE_TYPES, "modelscope_plugin.integration.pipeline"),
     ("TRAINERS", default_group, TRAINER_TYPES, "modelscope_plugin.integration.trainer"),
+    ("TRAINERS", default_group, EASYCV_TRAINER_TYPES, "modelscope_plugin.integration.easycv_trainer"),
+    ("CUSTOM_DATASETS", Tasks.image_segmentation, (DATASET_TYPE,), "modelscope_plugin.integration.datasets"),
     ("METRICS", default_group, METRIC_TYPES, "modelscope_plugin.evaluation.metrics"),
 )
 _installed = False
@@ -63,6 +69,7 @@ def install() -> None:
         builder.normalize_model_input = hub.wrap_normalize_model_input(builder.normalize_model_input)
         builder.register_plugins_repo = hub.wrap_register_plugins_repo(builder.register_plugins_repo)
     base_model.register_plugins_repo = hub.wrap_register_plugins_repo(base_model.register_plugins_repo)
+    base_model._CONFIG_ONLY_MODELS = hub.configured_models(base_model._CONFIG_ONLY_MODELS)
     # a pipeline reads its model's configuration again: layouts without configuration.json get the synthesized one
     pipeline_base.read_config = hub.wrap_read_config(pipeline_base.read_config)
     # Model.from_pretrained(hub id) resolves like pipeline(): the local cache first, no hub call for a cached id

@@ -20,7 +20,13 @@ resume fails on torch >= 2.6       ``SegmentationCheckpointHook``: RNG state in 
                                    counters
 (numpy RNG state vs weights_only)  that resume where the run stopped, native model dir in ``{work_dir}/output``
 one parameter group                ``train.optimizer.paramwise_options``: backbone lr x 0.1, no weight decay on norms,
-                                   embeddings and Swin position tables (detectron2 Mask2Former)
+                                   embeddings and Swin position tables (detectron2 Mask2Former); or EasyCV's rules by
+                                   parameter name (``{pattern: {lr_mult, weight_decay, decay_mult, ...}}``)
+EasyCV's ``lr_scheduler``          ``{policy: step | poly | cosine | fixed, warmup, ...}`` (mmcv's formulas,
+``{policy: ...}`` fails            ``training.lr_policy.PolicyLR``); the default scheduler is merged only where the
+(PolynomialLR merged in)           configuration has none
+``build_dataset`` prints a dataset an ``MsDataset`` of a hub archive is read by ``to_custom_dataset`` through the
+error and goes on                  ``dataset.{train,val}`` section (``integration.datasets``); its errors surface
 distributed eval pads with         each image scored once, metric objects merged across ranks
 duplicate images
 ``strict=False`` class heads       a different ``train.categories`` re-initialises the class head, logged
@@ -35,8 +41,12 @@ Configuration (``configuration.json`` of the model dir, then ``cfg_options``; de
 resize of the finetuned model), ``train.task`` (panoptic / instance / semantic),
 ``train.categories`` (COCO category dicts; default: the model's classes), ``evaluation.metrics``.
 Datasets: rows of ``modelscope_plugin.data.datasets.read_coco_panoptic`` (any task), ``read_coco_instances``
-(instance) or ``read_label_folders`` (semantic), or an ``MsDataset`` of them; rows that cannot train ``train.task``
-raise ``TrainingDataError`` when the trainer is built.
+(instance) or ``read_label_folders`` (semantic), or an ``MsDataset`` of them; or what ``MsDataset.load`` returns for a
+hub dataset shipped as an archive, read through a ``dataset.{train,val}`` section of type
+``mask2former-coco-panoptic-dataset`` (its categories are the training categories unless given). Rows that cannot
+train ``train.task`` raise ``TrainingDataError`` when the trainer is built. ``cfg_options`` are merged before the
+configuration is read. The r50 card's EasyCV-written sections: ``build_trainer('easycv', ...)``
+(``integration.easycv_trainer``).
 """
 import os
 from copy import deepcopy
@@ -46,6 +56,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 from modelscope.metrics import build_metric
+from modelscope.msdatasets.dataset_cls import ExternalDataset
 from modelscope.msdatasets.ms_dataset import MsDataset
 from modelscope.trainers.builder import TRAINERS
 from modelscope.trainers.trainer import EpochBasedTrainer
@@ -54,8 +65,16 @@ from modelscope.utils.constant import ModeKeys, TrainerStages
 from torch.utils.data import DataLoader
 
 from modelscope_plugin.config import FastInstConfig, PreprocessConfig
-from modelscope_plugin.errors import TrainingConfigError
+from modelscope_plugin.errors import TrainingConfigError, TrainingDataError
+from modelscope_plugin.evaluation.metrics import COCO_INSTANCE_METRIC, PANOPTIC_QUALITY_METRIC, SEMANTIC_METRIC
 from modelscope_plugin.integration import hub
+from modelscope_plugin.integration.datasets import (
+    DATASET_TYPE,
+    CocoPanopticDetDataset,
+    annotation_categories,
+    data_root_of,
+    panoptic_data_source,
+)
 from modelscope_plugin.model_dirs.load import load_model_dir
 from modelscope_plugin.modeling.criterion import Mask2FormerCriterion
 from modelscope_plugin.modeling.fastinst.criterion import FastInstCriterion
@@ -65,7 +84,7 @@ from modelscope_plugin.ranks import rank_and_world_size
 from modelscope_plugin.training import amp, distributed  # noqa: F401  (register SegmentationAMPOptimizerHook, SegmentationDDPHook)
 from modelscope_plugin.training.checkpoint import SegmentationLoadCheckpointHook
 from modelscope_plugin.training.class_head import adapt_class_head
-from modelscope_plugin.training.config import AugmentationConfig, LossConfig, ParameterGroupConfig, settings_from
+from modelscope_plugin.training.config import AugmentationConfig, LossConfig, settings_from
 from modelscope_plugin.training.data import (
     GlobalBatchSampler,
     PositionedDataset,
@@ -75,17 +94,21 @@ from modelscope_plugin.training.data import (
     collate,
     contiguous_categories,
     point_seed,
+    row_kind,
 )
 from modelscope_plugin.training.evaluation import evaluate_network, flat_metric_values
-from modelscope_plugin.training.optimizer import build_optimizer
+from modelscope_plugin.training.lr_policy import PolicyLR, lr_policy_from
+from modelscope_plugin.training.optimizer import build_optimizer, parameter_rules_from
 
 TRAINER_NAME = "mask2former-segmentation"
 # stock hook type -> the replacement registered by modelscope_plugin.training
 HOOK_REPLACEMENTS = {"DDPHook": "SegmentationDDPHook", "CheckpointHook": "SegmentationCheckpointHook",
                      "BestCkptSaverHook": "SegmentationBestCheckpointHook",
                      "TorchAMPOptimizerHook": "SegmentationAMPOptimizerHook"}
-METRIC_OF_TASK = {"panoptic": "segmentation-panoptic-quality", "instance": "segmentation-coco-instance-ap",
-                  "semantic": "segmentation-semantic-miou"}
+METRIC_OF_TASK = {"panoptic": PANOPTIC_QUALITY_METRIC, "instance": COCO_INSTANCE_METRIC, "semantic": SEMANTIC_METRIC}
+TASK_OF_METRIC = {metric: task for task, metric in METRIC_OF_TASK.items()}
+# post-processing parameters of evaluation per task: every instance counts for AP, however low its score
+EVALUATION_THRESHOLDS = {"instance": {"score_thr": 0.0}}
 DEFAULT_TRAINING_CONFIG = {
     "train": {
         "dataloader": {"batch_size_per_gpu": 2, "workers_per_gpu": 0},
@@ -112,6 +135,13 @@ FASTINST_TRAINING_CONFIG = {
 FASTINST_MILESTONE_FRACTIONS = (327778 / 368750, 355092 / 368750)
 
 
+def is_archive_dataset(dataset) -> bool:
+    """An ``MsDataset`` of a hub dataset shipped as an archive: ``MsDataset.load`` returns one over an
+    ``ExternalDataset`` (``config_kwargs['split_config']`` = the extracted folder), which ``to_custom_dataset``
+    replaces by the dataset it builds."""
+    return isinstance(dataset, MsDataset) and isinstance(dataset.ds_instance, (ExternalDataset, CocoPanopticDetDataset))
+
+
 def _rows(dataset) -> Any:
     """An indexable of row dicts: an ``MsDataset`` (its Hugging Face dataset) or a list of rows."""
     if isinstance(dataset, MsDataset):
@@ -128,6 +158,9 @@ class SegmentationTrainer(EpochBasedTrainer):
             raise TrainingConfigError("model must be a model directory or a supported hub id (a str)")
         self._categories_argument = categories
         self._notes: List[str] = []
+        # merged before the configuration is read (rebuild_config), so that they reach every section it reads
+        self._cfg_options = kwargs.pop("cfg_options", None) or {}
+        self._train_dataset_argument = kwargs.get("train_dataset")
         super().__init__(model, *arguments, **kwargs)
         for note in self._notes:
             self.logger.info(note)
@@ -141,9 +174,31 @@ class SegmentationTrainer(EpochBasedTrainer):
         return hub.resolve_model_dir(model, model_revision)
 
     def rebuild_config(self, cfg):
-        defaults = FASTINST_TRAINING_CONFIG if cfg.safe_get("model.type") == "fastinst" else DEFAULT_TRAINING_CONFIG
-        cfg.merge_from_dict(deepcopy(defaults), force=False)
+        """``cfg_options`` over the configuration, then the defaults wherever a key is missing (a configured
+        ``train.lr_scheduler`` is kept whole: none of the default scheduler's keys join it); the optimizer and lr
+        scheduler settings are checked here, when the trainer is built."""
+        if self._cfg_options:
+            cfg.merge_from_dict(self._cfg_options)
+        cfg = self.read_training_sections(cfg)
+        defaults = deepcopy(FASTINST_TRAINING_CONFIG if cfg.safe_get("model.type") == "fastinst"
+                            else DEFAULT_TRAINING_CONFIG)
+        if cfg.safe_get("train.lr_scheduler") is not None:
+            defaults["train"].pop("lr_scheduler")
+        cfg.merge_from_dict(defaults, force=False)
+        optimizer = cfg.safe_get("train.optimizer") or {}
+        parameter_rules_from(optimizer.get("paramwise_options", {}))
+        scheduler = cfg.safe_get("train.lr_scheduler") or {}
+        if "policy" in scheduler:
+            lr_policy_from(scheduler)
         return super().rebuild_config(cfg)
+
+    def read_training_sections(self, cfg):
+        """The configuration's training sections in this package's form (here: as they are)."""
+        return cfg
+
+    def parameter_name(self, name: str) -> str:
+        """The name ``paramwise_options`` patterns are matched against (here: the network's own)."""
+        return name
 
     def build_model(self) -> torch.nn.Module:
         train_cfg = self.cfg.safe_get("train", {})
@@ -151,7 +206,7 @@ class SegmentationTrainer(EpochBasedTrainer):
         self.task = config.task
         if isinstance(config, FastInstConfig) and self.task != "instance":
             raise TrainingConfigError(f"FastInst trains the instance task only (train.task = {self.task!r})")
-        categories = self._categories_argument or train_cfg.get("categories")
+        categories = self._categories_argument or train_cfg.get("categories") or self.archive_categories()
         if categories:
             training_categories = contiguous_categories(categories)
         else:
@@ -204,8 +259,21 @@ class SegmentationTrainer(EpochBasedTrainer):
                 things = [c for c in category_dicts if c["isthing"]]
                 metric.setdefault("categories",
                                   things if metric["type"] == METRIC_OF_TASK["instance"] else category_dicts)
+            if metric["type"] == COCO_INSTANCE_METRIC and not metric.get("annotation_file"):
+                metric.update(self._instance_ground_truth())
             with_categories.append(metric)
         return with_categories
+
+    def _instance_ground_truth(self) -> Dict[str, Any]:
+        """Box / mask AP ground truth for rows without instance annotations: the val data source's ``ann_file``."""
+        instances_file = getattr(self.eval_dataset, "instances_file", None)
+        if instances_file:
+            return {"annotation_file": instances_file}
+        if self.eval_dataset is not None and len(self.eval_dataset) and row_kind(self.eval_dataset[0]) != "instance":
+            raise TrainingConfigError("box / mask AP needs COCO instance annotations: the evaluation rows are "
+                                      f"{row_kind(self.eval_dataset[0])} rows; give the val data source an ann_file "
+                                      "or the metric an annotation_file")
+        return {}
 
     def register_hook_from_cfg(self, hook_cfg: List) -> List:
         replaced = []
@@ -217,15 +285,61 @@ class SegmentationTrainer(EpochBasedTrainer):
 
     # ------------------------------------------------------------------ data
     def build_dataset(self, datasets, model_cfg, mode, preprocessor=None, **kwargs):
+        """Rows (or an ``MsDataset`` of them), or an ``MsDataset`` of an extracted hub archive, read through the
+        ``dataset.{train,val}`` section by ModelScope's ``to_custom_dataset`` as the stock ``build_dataset`` does,
+        except that an error reading it surfaces here (the stock method prints it and goes on with the raw
+        dataset)."""
         if datasets is None:
             return None
-        rows = _rows(datasets)
+        rows = self.archive_rows(datasets, model_cfg, mode) if is_archive_dataset(datasets) else _rows(datasets)
         if mode != ModeKeys.TRAIN:
             return rows
         augmentation = settings_from(AugmentationConfig, model_cfg.safe_get("train.augmentation", {}),
                                      "train.augmentation")
         return SegmentationTrainingDataset(rows, self.categories, self.task, self.model_config.preprocess,
                                            augmentation, seed=self._seed)
+
+    def archive_rows(self, dataset: MsDataset, model_cfg, mode) -> CocoPanopticDetDataset:
+        """The ``CocoPanopticDetDataset`` ModelScope's ``to_custom_dataset`` builds for an archive ``MsDataset``."""
+        section_name = f"dataset.{'train' if mode == ModeKeys.TRAIN else 'val'}"
+        section = model_cfg.safe_get(section_name)
+        if not dataset.is_custom:
+            if section is None or section.get("type") != DATASET_TYPE:
+                raise TrainingConfigError(
+                    f"the {mode} dataset is an MsDataset of a hub archive ({dataset.config_kwargs.get('split_config')}"
+                    f"); reading it needs a {section_name} section of type {DATASET_TYPE} (an EasyCV DetDataset / "
+                    f"DetSourceCocoPanoptic section reads through build_trainer('easycv', ...)), found "
+                    f"{None if section is None else section.get('type')!r}")
+            dataset.to_custom_dataset(custom_cfg=model_cfg, preprocessor=None, mode=mode)
+        built = dataset.ds_instance
+        if not isinstance(built, CocoPanopticDetDataset):
+            raise TrainingConfigError(f"{section_name} built a {type(built).__name__}, not a {DATASET_TYPE}")
+        self._notes.extend(built.notes)
+        if mode == ModeKeys.TRAIN:
+            known = {category.id for category in self.categories}
+            unknown = sorted({c["id"] for c in built.categories} - known)
+            if unknown:
+                raise TrainingDataError(f"{section_name}: category ids {unknown} of {built.source.pan_ann_file} are "
+                                        f"not in the training class set {sorted(known)}")
+        return built
+
+    def archive_categories(self) -> Optional[List[Dict[str, Any]]]:
+        """The categories of the train data source's panoptic annotation file when the training set is an archive
+        ``MsDataset`` (read here, before the network is built, since they size its class head); else None."""
+        dataset = self._train_dataset_argument
+        if not is_archive_dataset(dataset):
+            return None
+        if isinstance(dataset.ds_instance, CocoPanopticDetDataset):  # read already
+            return dataset.ds_instance.categories
+        section = self.cfg.safe_get("dataset.train")
+        if section is None or not section.get("data_source"):
+            return None  # archive_rows names the missing section
+        data_root = data_root_of(dataset.config_kwargs.get("split_config"))
+        source = panoptic_data_source(section["data_source"], data_root, "dataset.train.data_source")
+        if not os.path.isfile(source.pan_ann_file):
+            raise TrainingDataError(f"dataset.train.data_source.pan_ann_file: file {source.pan_ann_file} does not "
+                                    f"exist (data root {data_root})")
+        return annotation_categories(source.pan_ann_file)
 
     def get_train_dataloader(self):
         if self.train_dataset is None:
@@ -242,12 +356,15 @@ class SegmentationTrainer(EpochBasedTrainer):
     def create_optimizer_and_scheduler(self):
         optimizer_cfg = dict(deepcopy(self.cfg.train.optimizer))
         optimizer_options = optimizer_cfg.pop("options", {}) or {}
-        rules = settings_from(ParameterGroupConfig, optimizer_cfg.pop("paramwise_options", {}),
-                              "train.optimizer.paramwise_options")
-        self.optimizer = build_optimizer(self.unwrap_module(self.model), optimizer_cfg, rules)
+        rules = parameter_rules_from(optimizer_cfg.pop("paramwise_options", {}))
+        self.optimizer = build_optimizer(self.unwrap_module(self.model), optimizer_cfg, rules, self.parameter_name)
         lr_options: Dict[str, Any] = {}
         self.lr_scheduler = None
         scheduler_cfg = self.cfg.train.get("lr_scheduler")
+        if scheduler_cfg and "policy" in scheduler_cfg:  # EasyCV / mmcv form: set per iteration
+            self.lr_scheduler = PolicyLR(self.optimizer, lr_policy_from(scheduler_cfg), self.iters_per_epoch,
+                                         self.max_epochs)
+            return self.optimizer, self.lr_scheduler, optimizer_options, {"by_epoch": False}
         if scheduler_cfg:
             scheduler_cfg = dict(deepcopy(scheduler_cfg))
             lr_options = scheduler_cfg.pop("options", {}) or {}
@@ -337,9 +454,9 @@ class SegmentationTrainer(EpochBasedTrainer):
         self._mode = ModeKeys.EVAL  # as the stock evaluate: the loggers report the values as a val epoch
         self.invoke_hook(TrainerStages.before_val)
         metrics = [build_metric(metric) for metric in self.metrics]
-        thresholds = {"score_thr": 0.0} if self.task == "instance" else {}
+        tasks = [TASK_OF_METRIC.get(metric["type"], self.task) for metric in self.metrics]
         results = evaluate_network(self.unwrap_module(self.model), self.model_config, self.eval_dataset, metrics,
-                                self.task, self.device, **thresholds)
+                                   tasks, self.device, EVALUATION_THRESHOLDS)
         self.invoke_hook(TrainerStages.after_val)
         self.evaluation_results = results
         self._metric_values = flat_metric_values(results)

@@ -2,9 +2,10 @@
 
 ModelScope's ``multi_gpu_test`` pads the distributed sampler with duplicate images (they are scored twice). Here
 rank r scores images r, r + N, r + 2N, ... and the metric objects (``Metric.merge``) are gathered, so every image
-counts once and every rank returns the same values.
+counts once and every rank returns the same values. Each metric scores the outputs of its own task (PQ panoptic,
+box / mask AP instance, mIoU semantic); the network runs once per image whatever the number of tasks.
 """
-from typing import Any, Dict, List, Mapping, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
@@ -25,19 +26,29 @@ def flat_metric_values(values: Mapping[str, Any], prefix: str = "") -> Dict[str,
     return flat
 
 
-def evaluate_network(network: torch.nn.Module, config, rows: Sequence[Mapping[str, Any]], metrics: List[Any], task: str,
-                  device: torch.device, **thresholds: Any) -> Dict[str, Any]:
-    """Scores this rank's share of ``rows`` into ``metrics``, merges the ranks' metrics, returns all results."""
+def evaluate_network(network: torch.nn.Module, config, rows: Sequence[Mapping[str, Any]], metrics: List[Any],
+                     tasks: Sequence[str], device: torch.device,
+                     thresholds: Optional[Mapping[str, Mapping[str, Any]]] = None) -> Dict[str, Any]:
+    """Scores this rank's share of ``rows`` into ``metrics`` (``tasks[i]``: the task whose outputs ``metrics[i]``
+    scores; ``thresholds[task]``: that task's post-processing parameters), merges the ranks' metrics, returns all
+    results."""
     rank, world_size = rank_and_world_size()
     predictor = Predictor(network, config, device=device)
+    parameters = {task: predictor.parameters(task=task, **dict((thresholds or {}).get(task, {})))
+                  for task in dict.fromkeys(tasks)}
     was_training = network.training
     network.eval()
     try:
         for index in range(rank, len(rows), world_size):
             row = dict(rows[index])
-            outputs = predictor(row["image_path"], task=task, **thresholds)
-            for metric in metrics:
-                metric.add(outputs, row)
+            image = predictor.prepare(row["image_path"])
+            output = predictor.run(image.tensor[None])
+            # one forward pass; each task post-processes the same (Q, K + 1) class and (Q, h, w) mask logits
+            outputs = {task: predictor.postprocess(image, output.class_logits[0], output.mask_logits[0],
+                                                   task_parameters)
+                       for task, task_parameters in parameters.items()}
+            for metric, task in zip(metrics, tasks):
+                metric.add(outputs[task], row)
     finally:
         network.train(was_training)
     metrics = merge_metrics(metrics)
