@@ -77,7 +77,8 @@ def recipe_configuration(config, image_size: int = 64) -> dict:
             {"type": "Collect", "keys": ["img", "gt_bboxes", "gt_labels", "gt_masks", "gt_semantic_seg"]}]},
         "val": {"type": "DetDataset", "data_source": data_source("val", False), "pipeline": [
             {"type": "MMMultiScaleFlipAug", "img_scale": tuple_of(96, image_size), "flip": False, "transforms": [
-                {"type": "MMResize", "keep_ratio": True}, {"type": "MMRandomFlip"}, {"type": "MMNormalize", **NORMALIZE},
+                {"type": "MMResize", "keep_ratio": True}, {"type": "MMRandomFlip"},
+                {"type": "MMNormalize", **NORMALIZE},
                 {"type": "MMPad", "size_divisor": 32}, {"type": "ImageToTensor", "keys": ["img"]},
                 {"type": "Collect", "keys": ["img"]}]}]}}
     card["train"] = {
@@ -187,6 +188,11 @@ def test_the_card_recipe_trains_two_epochs_and_its_output_runs_in_the_pipeline(r
     assert "AddLrLogHook: ignored" in caplog.text
     assert "CocoPanopticEvaluator classes (133 names) differ from the training categories (7" in caplog.text
     assert "CocoMaskEvaluator classes (80 names) differ from the training categories (4" in caplog.text
+    # model.train_cfg reaches the criterion and its matcher
+    criterion = trainer.criterion
+    assert (criterion.num_points, criterion.oversample_ratio, criterion.importance_sample_ratio) == (256, 3.0, 0.75)
+    assert criterion.weights == {"loss_ce": 2.0, "loss_mask": 5.0, "loss_dice": 5.0}
+    assert criterion.matcher.num_points == 256
     trainer.train()
     assert trainer.iter == 4 and trainer.epoch == 2  # 4 images, batches of 2, two epochs
     # what ModelScope's test of this recipe checked: one json log and the last epoch's checkpoint
@@ -289,6 +295,7 @@ def test_unknown_easycv_keys_fail_when_the_trainer_is_built(recipe, tmp_path):
     configuration["dataset"]["train"]["data_source"]["classes_file"] = "classes.txt"
     configuration["evaluation"]["metrics"]["evaluators"].append({"type": "SegmentationEvaluator"})
     configuration["model"]["train_cfg"]["cost_class"] = 1.0
+    configuration["train"]["optimizer"]["momentum"] = 0.9
     bad_dir = tmp_path / "model"
     bad_dir.mkdir()
     for path in model_dir.iterdir():
@@ -301,13 +308,20 @@ def test_unknown_easycv_keys_fail_when_the_trainer_is_built(recipe, tmp_path):
     message = str(caught.value)
     for named in ("'backbone': unknown options ['lr_mul']", "'YOLOXModeSwitchHook'", "warmup 'cosine'",
                   "'MMPhotoMetricDistortion'", "unknown keys ['classes_file']", "'SegmentationEvaluator'",
-                  "model.train_cfg: unknown keys ['cost_class']"):
+                  "model.train_cfg: unknown keys ['cost_class']", "train.optimizer (AdamW): unknown keys ['momentum']"):
         assert named in message, named
     assert not (tmp_path / "work").exists() or not list((tmp_path / "work").glob("*.pth"))
 
 
-def test_a_dataset_error_in_build_dataset_surfaces(recipe, hub_cache, tmp_path, capsys):
+def test_a_dataset_error_in_build_dataset_surfaces(recipe, hub_cache, tmp_path, capsys, monkeypatch):
     _, _, data = recipe
+    from modelscope.msdatasets.dataset_cls.custom_datasets.builder import CUSTOM_DATASETS
+
+    class EasyCVDetDataset:  # what pai-easycv registers under the same group and name
+        def __init__(self, **kwargs):
+            raise AssertionError("EasyCV's DetDataset was built for this package's model type")
+
+    monkeypatch.setitem(CUSTOM_DATASETS.modules.setdefault("image-segmentation", {}), "DetDataset", EasyCVDetDataset)
     empty = tmp_path / "extracted"
     empty.mkdir()  # an archive without the annotation files the configuration names
     kwargs = dict(model=MODEL_ID, train_dataset=archive_dataset(data, "train"),
@@ -339,14 +353,16 @@ def test_data_root_resolves_to_the_extracted_folder(recipe, tmp_path):
     built = dataset.ds_instance
     assert isinstance(built, CocoPanopticDetDataset)
     assert built.source.pan_ann_file == f"{data}/annotations/panoptic_train.json"
-    assert built.source.img_prefix == f"{data}/train/" and built.instances_file == f"{data}/annotations/instances_train.json"
+    assert built.source.img_prefix == f"{data}/train/"
+    assert built.instances_file == f"{data}/annotations/instances_train.json"
     assert sorted(Path(row["image_path"]).name for row in built) == ["000001.png", "000002.png", "000003.png",
                                                                      "000004.png"]
     assert all(row["panoptic_path"].startswith(f"{data}/annotations/panoptic_train/") for row in built)
     assert "hub dataset arguments not used: ['big_data']" in " ".join(built.notes)
     assert replace_data_root({"a": ["${data_root}/x", 3], "b": {"c": "${data_root}"}}, "/d") == \
         {"a": ["/d/x", 3], "b": {"c": "/d"}}
-    with pytest.raises(TrainingConfigError, match=r"\['ann_file', 'img_prefix', 'pan_ann_file', 'seg_prefix'\] hold \$\{data_root\}"):
+    unresolved = r"\['ann_file', 'img_prefix', 'pan_ann_file', 'seg_prefix'\] hold \$\{data_root\}"
+    with pytest.raises(TrainingConfigError, match=unresolved):
         CocoPanopticDetDataset(mode=ModeKeys.TRAIN, data_source=data_source("train", True))
 
 
@@ -430,8 +446,8 @@ def test_the_segmentation_trainer_reads_archive_datasets_and_an_lr_policy(recipe
         def before_train_iter(self, trainer):
             learning_rates.append(trainer.optimizer.param_groups[0]["lr"])
 
-    sections = {split: {"type": "mask2former-coco-panoptic-dataset", "data_source": data_source(split, split == "train")}
-                for split in ("train", "val")}
+    sections = {split: {"type": "mask2former-coco-panoptic-dataset",
+                        "data_source": data_source(split, split == "train")} for split in ("train", "val")}
     trainer = build_trainer("mask2former-segmentation", dict(
         model=str(tiny_model_dir), train_dataset=archive_dataset(data, "train"),
         eval_dataset=archive_dataset(data, "validation"), work_dir=str(tmp_path / "work"), callbacks=[LrRecorder()],
@@ -446,3 +462,18 @@ def test_the_segmentation_trainer_reads_archive_datasets_and_an_lr_policy(recipe
     assert learning_rates == [1e-3, 1e-3 * 0.5]  # 4 images, batches of 2: iterations 0 and 1 (milestone 1)
     values = trainer.evaluate()
     assert {"PQ", "PQ_th", "PQ_st"} <= set(values) and values["n"] >= 4
+
+
+def test_filter_empty_gt_leaves_out_images_without_a_thing_in_training_only(recipe, tmp_path):
+    _, _, data = recipe
+    annotations = json.loads((data / "annotations" / "panoptic_train.json").read_text())
+    thing_ids = {c["id"] for c in annotations["categories"] if c["isthing"]}
+    emptied = annotations["annotations"][0]
+    emptied["segments_info"] = [s for s in emptied["segments_info"] if s["category_id"] not in thing_ids]
+    (tmp_path / "panoptic_train.json").write_text(json.dumps(annotations))
+    source = dict(data_source("train", True), pan_ann_file=str(tmp_path / "panoptic_train.json"))
+    source = replace_data_root(source, str(data))
+    training = CocoPanopticDetDataset(mode=ModeKeys.TRAIN, data_source=source)
+    assert len(training) == 3 and emptied["image_id"] not in {row["image_id"] for row in training}
+    assert "filter_empty_gt left out 1 images without a thing" in " ".join(training.notes)
+    assert len(CocoPanopticDetDataset(mode=ModeKeys.EVAL, data_source=dict(source, test_mode=True))) == 4

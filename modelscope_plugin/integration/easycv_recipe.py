@@ -56,8 +56,11 @@ eps,betas,...}``                           signature)
 
 Explicit ``train.loss`` / ``train.augmentation`` keys (this package's) override what is read from the EasyCV keys.
 """
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
 
 from modelscope_plugin.errors import TrainingConfigError
 from modelscope_plugin.evaluation.metrics import COCO_INSTANCE_METRIC, PANOPTIC_QUALITY_METRIC
@@ -156,6 +159,13 @@ def _hooks(hooks: Sequence[Mapping[str, Any]], known_elsewhere, notes: List[str]
 
 def _optimizer(values: Mapping[str, Any], problems: List[str]) -> Dict[str, Any]:
     optimizer = dict(values)
+    optimizer_class = getattr(torch.optim, str(optimizer.get("type")), None)
+    if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)):
+        problems.append(f"train.optimizer.type {optimizer.get('type')!r} is not a torch.optim optimizer")
+    else:
+        accepted = set(inspect.signature(optimizer_class.__init__).parameters) - {"self", "params"}
+        _unknown(optimizer, accepted | {"type", "options", "paramwise_options"},
+                 f"train.optimizer ({optimizer_class.__name__})", problems)
     options = dict(optimizer.get("options") or {})
     _unknown(options, OPTIMIZER_OPTION_KEYS, "train.optimizer.options", problems)
     if options.get("grad_clip"):
