@@ -177,9 +177,11 @@ def test_the_card_recipe_trains_two_epochs_and_its_output_runs_in_the_pipeline(r
     kwargs = dict(model=MODEL_ID, train_dataset=archive_dataset(data, "train", big_data=True),
                   eval_dataset=archive_dataset(data, "validation", big_data=True),
                   work_dir=str(work_dir), cfg_options={"train.max_epochs": 2})
-    trainer = build_trainer("easycv", kwargs)
+    from modelscope.metainfo import Trainers
+
+    trainer = build_trainer(Trainers.easycv, kwargs)  # the card's spelling; ModelScope 1.40.2 has no such constant
     monkeypatch.undo()
-    assert type(trainer).__name__ == "EasyCVRecipeTrainer"
+    assert Trainers.easycv == "easycv" and type(trainer).__name__ == "EasyCVRecipeTrainer"
     # the annotation file's categories decide; the card's 133 COCO names differ and that is logged
     assert [c.name for c in trainer.categories] == [c.name for c in SYNTHETIC_CATEGORIES if c.isthing] + \
         [c.name for c in SYNTHETIC_CATEGORIES if not c.isthing]
@@ -477,3 +479,25 @@ def test_filter_empty_gt_leaves_out_images_without_a_thing_in_training_only(reci
     assert len(training) == 3 and emptied["image_id"] not in {row["image_id"] for row in training}
     assert "filter_empty_gt left out 1 images without a thing" in " ".join(training.notes)
     assert len(CocoPanopticDetDataset(mode=ModeKeys.EVAL, data_source=dict(source, test_mode=True))) == 4
+
+
+def test_paramwise_patterns_match_easycv_names_and_later_patterns_override():
+    from modelscope_plugin.integration.easycv_trainer import easycv_parameter_name
+    from modelscope_plugin.training.optimizer import parameter_groups_by_name, parameter_rules_from
+
+    network = build_mask2former(small_resnet_config())
+    rules = parameter_rules_from({"backbone": {"lr_mult": 0.1}, r"backbone\.layer4\.": {"lr": 0.5},
+                                  r"^head\.predictor\.class_embed\.": {"lr_mult": 10.0, "decay_mult": 0.5},
+                                  "norm": {"weight_decay": 0.0}})
+    groups = parameter_groups_by_name(network, 1e-4, 0.05, rules, easycv_parameter_name)
+    setting = {name: (group["lr"], group["weight_decay"]) for group in groups for name in group["names"]}
+    assert setting["backbone.layer3.0.conv1.weight"] == (1e-4 * 0.1, 0.05)
+    assert setting["backbone.layer4.0.conv1.weight"] == (0.5, 0.05)  # the later pattern sets lr again
+    assert setting["transformer_decoder.class_embed.weight"] == (1e-4 * 10.0, 0.05 * 0.5)  # EasyCV's name matched
+    assert setting["transformer_decoder.decoder_norm.weight"] == (1e-4, 0.0)
+    assert setting["pixel_decoder.input_proj.0.1.weight"] == (1e-4, 0.05)  # a GroupNorm whose name has no "norm"
+    assert groups[0]["lr"] == 1e-4 and groups[0]["weight_decay"] == 0.05  # the base group first (the logged lr)
+    # matched against this package's own names, the head pattern would match nothing
+    plain = parameter_groups_by_name(network, 1e-4, 0.05, rules)
+    plain_setting = {name: (group["lr"], group["weight_decay"]) for group in plain for name in group["names"]}
+    assert plain_setting["transformer_decoder.class_embed.weight"] == (1e-4, 0.05)

@@ -13,6 +13,7 @@ from pathlib import Path
 import modelscope.models.base.base_model as base_model
 import modelscope.pipelines.base as pipeline_base
 import modelscope.pipelines.builder as pipeline_builder
+from modelscope.metainfo import Trainers
 from modelscope.utils.constant import Tasks
 from modelscope.utils.import_utils import LazyImportModule
 from modelscope.utils.registry import default_group
@@ -70,6 +71,9 @@ def install() -> None:
         builder.register_plugins_repo = hub.wrap_register_plugins_repo(builder.register_plugins_repo)
     base_model.register_plugins_repo = hub.wrap_register_plugins_repo(base_model.register_plugins_repo)
     base_model._CONFIG_ONLY_MODELS = hub.configured_models(base_model._CONFIG_ONLY_MODELS)
+    # the r50 card writes build_trainer(Trainers.easycv, ...); the constant left ModelScope with its EasyCV code
+    if not hasattr(Trainers, "easycv"):
+        Trainers.easycv = EASYCV_TRAINER_TYPES[0]
     # a pipeline reads its model's configuration again: layouts without configuration.json get the synthesized one
     pipeline_base.read_config = hub.wrap_read_config(pipeline_base.read_config)
     # Model.from_pretrained(hub id) resolves like pipeline(): the local cache first, no hub call for a cached id
