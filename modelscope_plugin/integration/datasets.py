@@ -13,7 +13,6 @@ trailing separator removed), as ModelScope's ``EasyCVBaseDataset`` does. Rows ar
 row checked, bad ones listed once and skipped); categories come from the panoptic annotation file.
 """
 import json
-import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
@@ -25,8 +24,6 @@ from torch.utils.data import Dataset
 from modelscope_plugin.data.datasets import read_coco_panoptic
 from modelscope_plugin.errors import TrainingConfigError, TrainingDataError
 from modelscope_plugin.integration.registry import DATASET_TYPE
-
-logger = logging.getLogger(__name__)
 
 DATA_ROOT_PATTERN = "${data_root}"
 DATA_SOURCE_TYPE = "DetSourceCocoPanoptic"
@@ -121,7 +118,8 @@ class CocoPanopticDetDataset(Dataset):
     Accepts what ModelScope's ``to_custom_dataset`` passes: ``split_config``, ``preprocessor`` and ``mode``, the
     ``dataset.{train,val}`` section (``data_source``, ``pipeline``; ``imgs_per_gpu`` / ``workers_per_gpu``), and the
     hub dataset's meta arguments (logged, not used: this class reads the folder itself). The ``pipeline`` is read by
-    the trainer, which turns it into its own augmentation; items are rows, not transformed images.
+    the trainer, which turns it into its own augmentation; items are rows, not transformed images. ``notes`` lists
+    what was ignored or left out (the trainer logs them).
     """
 
     def __init__(self, split_config: Optional[Dict[str, Any]] = None, preprocessor: Any = None,
@@ -140,8 +138,6 @@ class CocoPanopticDetDataset(Dataset):
         if meta_arguments:
             self.notes.append(f"{where}: hub dataset arguments not used: {sorted(meta_arguments)}")
         self.rows, self.categories = self._read(where)
-        for note in self.notes:
-            logger.info(note)
 
     def _read(self, where: str) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
         source = self.source
