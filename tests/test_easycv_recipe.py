@@ -332,8 +332,11 @@ def test_a_dataset_error_in_build_dataset_surfaces(recipe, hub_cache, tmp_path, 
         build_trainer("easycv", kwargs)
     assert f"dataset.val.data_source.pan_ann_file: file {empty}/annotations/panoptic_val.json does not exist" \
         in str(caught.value)
-    # ModelScope's own build_dataset would have printed it and gone on with the raw MsDataset
-    trainer = build_trainer("easycv", dict(kwargs, eval_dataset=None))
+    # the card's EvaluationHook needs an eval_dataset: said when the trainer is built, not after the first epoch
+    with pytest.raises(TrainingConfigError, match="EvaluationHook is configured .* but there is no eval_dataset"):
+        build_trainer("easycv", dict(kwargs, eval_dataset=None))
+    # ModelScope's own build_dataset would have printed the dataset error and gone on with the raw MsDataset
+    trainer = build_trainer("easycv", dict(kwargs, eval_dataset=archive_dataset(data, "validation")))
     raw = archive_dataset(empty, "validation")
     assert EpochBasedTrainer.build_dataset(trainer, raw, trainer.cfg, ModeKeys.EVAL) is raw
     assert "build_dataset error log" in capsys.readouterr().out

@@ -162,6 +162,9 @@ class SegmentationTrainer(EpochBasedTrainer):
         self._cfg_options = kwargs.pop("cfg_options", None) or {}
         self._train_dataset_argument = kwargs.get("train_dataset")
         super().__init__(model, *arguments, **kwargs)
+        if self.eval_dataset is None and any(type(hook).__name__ == "EvaluationHook" for hook in self.hooks):
+            raise TrainingConfigError("an EvaluationHook is configured (train.hooks / evaluation.period) but there is "
+                                      "no eval_dataset: give one, or remove the hook")
         for note in self._notes:
             self.logger.info(note)
         self.logger.info(f"training {self.task} on {len(self.train_dataset) if self.train_dataset is not None else 0} "
