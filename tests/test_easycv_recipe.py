@@ -10,6 +10,7 @@ import json
 import math
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -427,13 +428,12 @@ def test_the_easycv_name_goes_to_easycv_for_other_model_types(tmp_path, monkeypa
         "    def __init__(self, model=None, **kwargs):\n"
         "        self.model = model\n")
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    import sys
-
     for name in [name for name in sys.modules if name == "easycv" or name.startswith("easycv.")]:
         monkeypatch.delitem(sys.modules, name)
     trainer = build_trainer("easycv", dict(model=str(other), work_dir=str(tmp_path / "work")))
     assert type(trainer).__name__ == "EasyCVEpochBasedTrainer" and trainer.model == str(other)
     from modelscope.trainers.builder import TRAINERS
+
     from modelscope_plugin.integration.easycv_trainer import build_easycv_trainer
 
     assert TRAINERS.get("easycv") is build_easycv_trainer  # this package's entry keeps the name
