@@ -504,3 +504,38 @@ def test_paramwise_patterns_match_easycv_names_and_later_patterns_override():
     plain = parameter_groups_by_name(network, 1e-4, 0.05, rules)
     plain_setting = {name: (group["lr"], group["weight_decay"]) for group in plain for name in group["names"]}
     assert plain_setting["transformer_decoder.class_embed.weight"] == (1e-4, 0.05)
+
+
+def test_an_lr_policy_resumes_at_the_iteration_it_stopped(recipe, tiny_model_dir, tmp_path):
+    """Linear warmup over 3 iterations, then a step at iteration 3: a run resumed from its epoch-1 checkpoint sets
+    the learning rates of iterations 2 and 3 as the uninterrupted run does. (The epoch-1 checkpoint comes from
+    ModelScope's default CheckpointHook of a trainer that is not the process's first.)"""
+    _, _, data = recipe
+
+    def run(work_dir, max_epochs, checkpoint=None):
+        learning_rates = {}
+
+        class LrRecorder(Hook):
+            def before_train_iter(self, trainer):
+                learning_rates[trainer.iter] = trainer.optimizer.param_groups[0]["lr"]
+
+        sections = {"train": {"type": "mask2former-coco-panoptic-dataset", "data_source": data_source("train", True)}}
+        trainer = build_trainer("mask2former-segmentation", dict(
+            model=str(tiny_model_dir), train_dataset=archive_dataset(data, "train"), work_dir=str(work_dir),
+            callbacks=[LrRecorder()],
+            cfg_options={"dataset": sections, "train.max_epochs": max_epochs, "train.optimizer.lr": 1e-3,
+                         "train.lr_scheduler": {"policy": "step", "step": [3], "gamma": 0.1, "by_epoch": False,
+                                                "warmup": "linear", "warmup_iters": 3, "warmup_ratio": 0.1},
+                         "train.augmentation": {"image_size": 64}, "train.loss": {"num_points": 64},
+                         "train.preprocess": {"short_side": 64, "long_side_max": 64}}))
+        trainer.train(checkpoint_path=checkpoint)
+        return learning_rates
+
+    uninterrupted = run(tmp_path / "whole", 2)
+    warmup = [1e-3 * (1 - (1 - i / 3) * (1 - 0.1)) for i in range(3)]  # mmcv's linear warmup
+    assert list(uninterrupted) == [0, 1, 2, 3]
+    assert [uninterrupted[i] for i in range(3)] == pytest.approx(warmup, rel=1e-12, abs=0)
+    assert uninterrupted[3] == pytest.approx(1e-4, rel=1e-12, abs=0)
+    run(tmp_path / "first", 1)
+    resumed = run(tmp_path / "second", 2, checkpoint=str(tmp_path / "first" / "epoch_1.pth"))
+    assert resumed == {2: uninterrupted[2], 3: uninterrupted[3]}

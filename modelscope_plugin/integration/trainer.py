@@ -27,6 +27,9 @@ EasyCV's ``lr_scheduler``          ``{policy: step | poly | cosine | fixed, warm
 (PolynomialLR merged in)           configuration has none
 ``build_dataset`` prints a dataset an ``MsDataset`` of a hub archive is read by ``to_custom_dataset`` through the
 error and goes on                  ``dataset.{train,val}`` section (``integration.datasets``); its errors surface
+the 2nd trainer of a process has   each trainer its own copy of ModelScope's default hooks (``update_cfg`` empties
+no default CheckpointHook /        the shared ``DEFAULT_HOOKS_CONFIG`` dicts)
+TextLoggerHook
 distributed eval pads with         each image scored once, metric objects merged across ranks
 duplicate images
 ``strict=False`` class heads       a different ``train.categories`` re-initialises the class head, logged
@@ -59,6 +62,7 @@ from modelscope.metrics import build_metric
 from modelscope.msdatasets.dataset_cls import ExternalDataset
 from modelscope.msdatasets.ms_dataset import MsDataset
 from modelscope.trainers.builder import TRAINERS
+from modelscope.trainers.default_config import DEFAULT_HOOKS_CONFIG
 from modelscope.trainers.trainer import EpochBasedTrainer
 from modelscope.utils.config import ConfigDict
 from modelscope.utils.constant import ModeKeys, TrainerStages
@@ -101,6 +105,11 @@ from modelscope_plugin.training.lr_policy import PolicyLR, lr_policy_from
 from modelscope_plugin.training.optimizer import build_optimizer, parameter_rules_from
 
 TRAINER_NAME = "mask2former-segmentation"
+# ModelScope's default hooks (DEFAULT_HOOKS_CONFIG). Its merge_cfg puts that very list into each trainer's
+# configuration and update_cfg then empties the dicts it moves to key chains, so every later trainer of the process
+# would run without a CheckpointHook or TextLoggerHook; each trainer here gets its own copy of these instead.
+STOCK_DEFAULT_HOOKS = [{"type": "CheckpointHook", "interval": 1}, {"type": "TextLoggerHook", "interval": 10},
+                       {"type": "IterTimerHook"}]
 # stock hook type -> the replacement registered by modelscope_plugin.training
 HOOK_REPLACEMENTS = {"DDPHook": "SegmentationDDPHook", "CheckpointHook": "SegmentationCheckpointHook",
                      "BestCkptSaverHook": "SegmentationBestCheckpointHook",
@@ -180,6 +189,8 @@ class SegmentationTrainer(EpochBasedTrainer):
         """``cfg_options`` over the configuration, then the defaults wherever a key is missing (a configured
         ``train.lr_scheduler`` is kept whole: none of the default scheduler's keys join it); the optimizer and lr
         scheduler settings are checked here, when the trainer is built."""
+        if cfg.safe_get("train.hooks") is DEFAULT_HOOKS_CONFIG["train.hooks"]:
+            cfg.train.hooks = deepcopy(STOCK_DEFAULT_HOOKS)  # a copy for this trainer alone
         if self._cfg_options:
             cfg.merge_from_dict(self._cfg_options)
         cfg = self.read_training_sections(cfg)
