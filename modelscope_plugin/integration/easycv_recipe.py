@@ -70,14 +70,13 @@ from modelscope_plugin.training.lr_policy import lr_policy_from
 from modelscope_plugin.training.optimizer import parameter_rules_from
 
 EASYCV_DATASET_TYPE = "DetDataset"
-# this package's own train.* keys and ModelScope's, besides the ones EasyCV writes
+# the train.* keys EasyCV writes, and those of ModelScope and of this package that this trainer reads
 TRAIN_KEYS = {"work_dir", "max_epochs", "dataloader", "optimizer", "lr_scheduler", "hooks", "train_iters_per_epoch",
-              "checkpoint", "logging", "optimizer_hook", "lr_scheduler_hook", "loss", "augmentation", "preprocess",
-              "task", "categories"}
+              "checkpoint", "logging", "loss", "augmentation", "preprocess", "task", "categories"}
 DATALOADER_KEYS = {"batch_size_per_gpu", "workers_per_gpu", "shuffle"}
 OPTIMIZER_OPTION_KEYS = {"grad_clip", "cumulative_iters"}
 GRAD_CLIP_KEYS = {"max_norm", "norm_type"}
-EVALUATION_KEYS = {"dataloader", "metrics", "period", "val_iters_per_epoch"}
+EVALUATION_KEYS = {"dataloader", "metrics", "period"}
 DATASET_SPLIT_KEYS = {"type", "data_source", "pipeline", "imgs_per_gpu", "workers_per_gpu"}
 # EasyCV hook -> ModelScope's hook of the same behaviour (None: dropped, with the reason logged)
 HOOKS = {"CheckpointHook": "CheckpointHook", "EvaluationHook": "EvaluationHook", "IterTimerHook": "IterTimerHook",
