@@ -338,6 +338,8 @@ def test_a_dataset_error_in_build_dataset_surfaces(recipe, hub_cache, tmp_path, 
         build_trainer("easycv", dict(kwargs, eval_dataset=None))
     # ModelScope's own build_dataset would have printed the dataset error and gone on with the raw MsDataset
     trainer = build_trainer("easycv", dict(kwargs, eval_dataset=archive_dataset(data, "validation")))
+    # paramwise_options patterns see EasyCV's names
+    assert trainer.parameter_name("transformer_decoder.class_embed.weight") == "head.predictor.class_embed.weight"
     raw = archive_dataset(empty, "validation")
     assert EpochBasedTrainer.build_dataset(trainer, raw, trainer.cfg, ModeKeys.EVAL) is raw
     assert "build_dataset error log" in capsys.readouterr().out
