@@ -70,6 +70,9 @@ class PreprocessConfig:
     divide_by_std: bool = False
     """Normalise as (x - mean) / std (torchvision, ModelScope's FastInst) rather than (x - mean) * (1 / std) (mmcv);
     the two differ by float32 rounding (one unit in the last place)."""
+    size_rule: str = "mmcv"
+    """How the resized size is computed: "mmcv" (``rescale_size``: one scale, each side rounded) or "transformers"
+    (``get_size_with_aspect_ratio`` of transformers' image processors: the short side exact, the other truncated)."""
     pad_black: bool = False
     """Padding holds black pixels, (0 - mean) / std, as where an image is padded before it is normalised
     (transformers' EomtImageProcessor, the original EoMT); False: zeros after normalisation (mmdet, detectron2)."""
@@ -300,9 +303,11 @@ class OneFormerConfig:
     """Default task: what the network is told and the pipeline answers ("panoptic", "semantic" or "instance")."""
     source: str = "hf"
     preprocess: PreprocessConfig = field(default_factory=lambda: PreprocessConfig(
-        short_side=800, long_side_max=1333, resize_backend="torchvision", divide_by_std=True))
-    """OneFormerImageProcessor: short side to 800 (long side at most 1333), torchvision's antialiased bilinear,
-    ImageNet mean and std; padded bottom/right to a multiple of 32 as the original OneFormer."""
+        short_side=800, long_side_max=1333, resize_backend="torchvision", divide_by_std=True,
+        size_rule="transformers"))
+    """OneFormerImageProcessor: short side to 800 (long side at most 1333, transformers' size rule), torchvision's
+    antialiased bilinear, ImageNet mean and std; then padded bottom/right to a multiple of 32 as the original
+    OneFormer (transformers pads a lone image not at all)."""
     inference: InferenceConfig = field(default_factory=InferenceConfig)
 
     @property

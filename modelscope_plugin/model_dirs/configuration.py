@@ -68,6 +68,7 @@ NUMBER_RANGES = {"object_mask_threshold": (0.0, 1.0), "overlap_threshold": (0.0,
                  "layer_scale_init": (0.0, math.inf)}
 """Float fields with an inclusive range; every other float field (std, mlp_ratio) must be above 0."""
 CHOICES = {"task": TASKS, "resize_backend": ("cv2", "pil", "torchvision"),
+           "size_rule": ("mmcv", "transformers"),
            "source": ("mmdet", "easycv", "detectron2", "hf"), "depth": (18, 34, 50, 101)}
 
 
