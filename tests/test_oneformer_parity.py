@@ -85,6 +85,23 @@ def test_logits_match_transformers(tmp_path, case):
     for task in ("semantic", "instance"):
         difference = (outputs[task].class_logits - panoptic.class_logits).abs().max()
         assert difference > 1e-2 * panoptic.class_logits.abs().max(), task
+    # the reference's wiring of the query transformer (the mask features' position encoding attended, their
+    # projection as its position) matters, and so do DiNAT's dilations
+    theirs = torch.from_numpy(reference["masks_panoptic"])
+    query_transformer = network.query_transformer.forward
+    network.query_transformer.forward = lambda queries, positions, memory, memory_positions: query_transformer(
+        queries, positions, memory_positions, memory)
+    with torch.no_grad():
+        rewired = network(pixels, task="panoptic").mask_logits
+    network.query_transformer.forward = query_transformer
+    assert (rewired - theirs).abs().max() > 1e-2 * theirs.abs().max()
+    if isinstance(config.backbone, DinatConfig):
+        for stage in network.backbone.layers:
+            for block in stage.blocks:
+                block.attn.dilation = 1
+        with torch.no_grad():
+            undilated = network(pixels, task="panoptic").mask_logits
+        assert (undilated - theirs).abs().max() > 1e-2 * theirs.abs().max()
 
 
 def test_task_tokens_match_clip_tokenizers(tmp_path):
