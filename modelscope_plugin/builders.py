@@ -1,5 +1,14 @@
 """Whole networks as nested constructor calls; the only place a config object is read."""
-from modelscope_plugin.config import EomtConfig, FastInstConfig, Mask2FormerConfig, ResNetConfig, SwinConfig
+from modelscope_plugin.config import (
+    DinatConfig,
+    EomtConfig,
+    FastInstConfig,
+    Mask2FormerConfig,
+    OneFormerConfig,
+    ResNetConfig,
+    SwinConfig,
+)
+from modelscope_plugin.modeling.backbones.dinat import Dinat
 from modelscope_plugin.modeling.backbones.resnet import ResNet
 from modelscope_plugin.modeling.backbones.swin import SwinTransformer
 from modelscope_plugin.modeling.eomt.model import Eomt
@@ -10,6 +19,7 @@ from modelscope_plugin.modeling.fastinst.transformer_decoder import FastInstDeco
 from modelscope_plugin.modeling.mask2former.model import Mask2Former
 from modelscope_plugin.modeling.mask2former.pixel_decoder import MSDeformAttnPixelDecoder
 from modelscope_plugin.modeling.mask2former.transformer_decoder import MultiScaleMaskedTransformerDecoder
+from modelscope_plugin.modeling.oneformer.model import OneFormer, QueryTransformer
 
 
 def build_backbone(config):
@@ -21,6 +31,12 @@ def build_backbone(config):
         )
     if isinstance(config, ResNetConfig):
         return ResNet(depth=config.depth, width=config.width)
+    if isinstance(config, DinatConfig):
+        return Dinat(
+            embed_dim=config.embed_dim, depths=config.depths, num_heads=config.num_heads,
+            kernel_size=config.kernel_size, dilations=config.dilations, mlp_ratio=config.mlp_ratio,
+            drop_path_rate=config.drop_path_rate, layer_scale_init=config.layer_scale_init,
+        )
     raise TypeError(f"unknown backbone config {type(config).__name__}")
 
 
@@ -75,4 +91,26 @@ def build_eomt(config: EomtConfig) -> Eomt:
         num_upscale_blocks=config.num_upscale_blocks, layer_norm_eps=config.layer_norm_eps,
         rotary_embedding=(None if config.rope_theta is None else RotaryEmbedding2d(
             head_dim=config.hidden_dim // config.num_heads, grid_size=config.grid_size, theta=config.rope_theta)),
+    )
+
+
+def build_oneformer(config: OneFormerConfig) -> OneFormer:
+    backbone = build_backbone(config.backbone)
+    return OneFormer(
+        backbone=backbone,
+        pixel_decoder=MSDeformAttnPixelDecoder(
+            in_channels=backbone.out_channels, in_strides=backbone.out_strides, conv_dim=config.hidden_dim,
+            mask_dim=config.hidden_dim, num_heads=config.num_heads, feedforward_dim=config.encoder_feedforward_dim,
+            num_encoder_layers=config.encoder_layers, num_groups=config.num_groups,
+        ),
+        transformer_decoder=MultiScaleMaskedTransformerDecoder(
+            in_channels=config.hidden_dim, num_classes=config.num_classes, hidden_dim=config.hidden_dim,
+            num_queries=config.num_queries, num_heads=config.num_heads, feedforward_dim=config.decoder_feedforward_dim,
+            num_layers=config.decoder_layers, mask_dim=config.hidden_dim, learned_queries=False,
+        ),
+        query_transformer=QueryTransformer(
+            hidden_dim=config.hidden_dim, num_heads=config.num_heads, feedforward_dim=config.decoder_feedforward_dim,
+            num_layers=config.query_transformer_layers,
+        ),
+        task_sequence_length=config.task_seq_len, mask_dim=config.hidden_dim, use_task_norm=config.use_task_norm,
     )

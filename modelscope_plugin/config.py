@@ -23,6 +23,26 @@ class SwinConfig:
 
 
 @dataclass
+class DinatConfig:
+    """DiNAT (dilated neighbourhood attention). Defaults: DiNAT-L of OneFormer's COCO model (kernel 11)."""
+
+    embed_dim: int = 192
+    """Channels of the first stage; stage i has embed_dim * 2**i."""
+    depths: Tuple[int, ...] = (3, 4, 18, 5)
+    num_heads: Tuple[int, ...] = (6, 12, 24, 48)
+    kernel_size: int = 11
+    """Side of each pixel's neighbourhood (odd)."""
+    dilations: Tuple[Tuple[int, ...], ...] = (
+        (1, 20, 1), (1, 5, 1, 10), (1, 2, 1, 3, 1, 4, 1, 5, 1, 2, 1, 3, 1, 4, 1, 5, 1, 5), (1, 2, 1, 2, 1))
+    """Per stage, the spacing of each block's neighbourhood."""
+    mlp_ratio: float = 2.0
+    layer_scale_init: float = 0.0
+    """Initial per-channel scale of the residual branches; 0: no layer scales."""
+    drop_path_rate: float = 0.3
+    """Stochastic depth at the last block (training only)."""
+
+
+@dataclass
 class ResNetConfig:
     depth: int = 50
     """18 / 34 (basic blocks) or 50 / 101 (bottlenecks)."""
@@ -50,6 +70,9 @@ class PreprocessConfig:
     divide_by_std: bool = False
     """Normalise as (x - mean) / std (torchvision, ModelScope's FastInst) rather than (x - mean) * (1 / std) (mmcv);
     the two differ by float32 rounding (one unit in the last place)."""
+    size_rule: str = "mmcv"
+    """How the resized size is computed: "mmcv" (``rescale_size``: one scale, each side rounded) or "transformers"
+    (``get_size_with_aspect_ratio`` of transformers' image processors: the short side exact, the other truncated)."""
     pad_black: bool = False
     """Padding holds black pixels, (0 - mean) / std, as where an image is padded before it is normalised
     (transformers' EomtImageProcessor, the original EoMT); False: zeros after normalisation (mmdet, detectron2)."""
@@ -243,3 +266,55 @@ class EomtConfig:
 def eomt_large_coco_panoptic() -> EomtConfig:
     """``tue-mps/coco_panoptic_eomt_large_640``: DINOv2 ViT-L/16 + 4 registers, 640x640, 200 queries, 133 classes."""
     return EomtConfig()
+
+
+@dataclass
+class OneFormerConfig:
+    """OneFormer (Jain et al., CVPR 2023): Mask2Former's backbone, pixel decoder and masked-attention decoder, with
+    queries conditioned on the task. Defaults: ``shi-labs/oneformer_coco_swin_large`` (Swin-L, 150 queries, 133 COCO
+    panoptic classes)."""
+
+    backbone: Union[SwinConfig, DinatConfig] = field(default_factory=lambda: SWIN_PRESETS["swin-l"])
+    num_things_classes: int = 80
+    num_stuff_classes: int = 53
+    num_queries: int = 150
+    """Queries of the decoder, the task query (the last) included."""
+    hidden_dim: int = 256
+    """Width of the pixel decoder, the decoders, the mask embedding and the task query."""
+    num_heads: int = 8
+    encoder_layers: int = 6
+    encoder_feedforward_dim: int = 1024
+    decoder_layers: int = 9
+    """Masked-attention layers (Hugging Face's ``decoder_layers`` counts one more)."""
+    decoder_feedforward_dim: int = 2048
+    """Feed-forward width of the masked-attention decoder and of the query transformer."""
+    query_transformer_layers: int = 2
+    """Layers of the DETR decoder that makes the object queries from the task query."""
+    task_seq_len: int = 77
+    """Length of the task sentence's token ids, zero-padded (the task MLP's input width)."""
+    use_task_norm: bool = True
+    """The task query passes the decoder's LayerNorm and seeds every object query (False: they start at zero)."""
+    num_groups: int = 32
+    """GroupNorm groups in the pixel decoder."""
+    class_names: Tuple[str, ...] = ()
+    category_ids: Tuple[int, ...] = ()
+    """Dataset id of each contiguous class (COCO panoptic ids by default)."""
+    task: str = "panoptic"
+    """Default task: what the network is told and the pipeline answers ("panoptic", "semantic" or "instance")."""
+    source: str = "hf"
+    preprocess: PreprocessConfig = field(default_factory=lambda: PreprocessConfig(
+        short_side=800, long_side_max=1333, resize_backend="torchvision", divide_by_std=True,
+        size_rule="transformers"))
+    """OneFormerImageProcessor: short side to 800 (long side at most 1333, transformers' size rule), torchvision's
+    antialiased bilinear, ImageNet mean and std; then padded bottom/right to a multiple of 32 as the original
+    OneFormer (transformers pads a lone image not at all)."""
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+
+    @property
+    def num_classes(self) -> int:
+        return self.num_things_classes + self.num_stuff_classes
+
+
+def oneformer_swin_large_coco() -> OneFormerConfig:
+    """``shi-labs/oneformer_coco_swin_large``: Swin-L (window 12), 150 queries, 133 COCO panoptic classes."""
+    return OneFormerConfig()

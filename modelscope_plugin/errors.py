@@ -17,6 +17,7 @@ Each bad input raises exactly one of these, with a message naming the input and 
 ``CardError``              a model card that cannot be validated, assembled or published
 ``ExportError``            a network that cannot be exported, or whose exported graph disagrees with it
 ``CommandError``           a command-line invocation that cannot run (exit code 2)
+``TaskError``              a task name that is not panoptic, semantic or instance
 =========================  ===================================================================================
 
 ``USER_ERRORS`` catches the first four, which every entry point (pipeline, command line, browser demo) reports as
@@ -84,3 +85,7 @@ class CommandError(Exception):
 
 
 USER_ERRORS = (ImageInputError, CheckpointError, ModelDirError, ModelNotAvailableError)
+
+
+class TaskError(ValueError):
+    """A segmentation task a model cannot answer (not one of panoptic, semantic, instance)."""

@@ -38,7 +38,8 @@ _WB = r'(weight|bias)'
 _BN = r'(weight|bias|running_mean|running_var)'
 
 
-def _swin_rules():
+def swin_rules():
+    """HF's Swin backbone (``pixel_level_module.encoder.*``), either key spelling, to the original Swin names."""
     prefix = r'pixel_level_module\.encoder\.(?:swin\.)?'
     block = prefix + r'encoder\.layers\.(\d+)\.blocks\.(\d+)\.'
 
@@ -96,20 +97,13 @@ def _resnet_rules():
     ]
 
 
-def _head_rules():
+def pixel_decoder_rules():
+    """The MSDeformAttn pixel decoder (``pixel_level_module.decoder.*``), the same in HF Mask2Former and OneFormer."""
     pd = r'pixel_level_module\.decoder\.'
     enc = pd + r'encoder\.layers\.(\d+)\.'
-    tm = r'transformer_module\.'
-    dec = tm + r'decoder\.layers\.(\d+)\.'
     encoder_names = {'self_attn_layer_norm': 'norm1', 'fc1': 'linear1', 'fc2': 'linear2',
                      'final_layer_norm': 'norm2'}
-    ffn_names = {'fc1': 'linear1', 'fc2': 'linear2', 'final_layer_norm': 'norm'}
-    qkv_part = {'q_proj': 0, 'k_proj': 1, 'v_proj': 2}
-    sa = 'transformer_decoder.transformer_self_attention_layers.'
-    ca = 'transformer_decoder.transformer_cross_attention_layers.'
-    ffn = 'transformer_decoder.transformer_ffn_layers.'
     return [
-        # pixel decoder (MSDeformAttnPixelDecoder)
         (pd + r'level_embed', lambda m: ('rename', 'pixel_decoder.transformer.level_embed')),
         (pd + r'input_projections\.(\d+)\.([01])\.' + _WB,
          lambda m: ('rename', f'pixel_decoder.input_proj.{m[1]}.{m[2]}.{m[3]}')),
@@ -121,7 +115,18 @@ def _head_rules():
         (pd + r'(adapter|layer)_(\d+)\.0\.weight', lambda m: ('rename', f'pixel_decoder.{m[1]}_{m[2]}.weight')),
         (pd + r'(adapter|layer)_(\d+)\.1\.' + _WB,
          lambda m: ('rename', f'pixel_decoder.{m[1]}_{m[2]}.norm.{m[3]}')),
-        # transformer decoder (MultiScaleMaskedTransformerDecoder)
+    ]
+
+
+def _transformer_decoder_rules():
+    tm = r'transformer_module\.'
+    dec = tm + r'decoder\.layers\.(\d+)\.'
+    ffn_names = {'fc1': 'linear1', 'fc2': 'linear2', 'final_layer_norm': 'norm'}
+    qkv_part = {'q_proj': 0, 'k_proj': 1, 'v_proj': 2}
+    sa = 'transformer_decoder.transformer_self_attention_layers.'
+    ca = 'transformer_decoder.transformer_cross_attention_layers.'
+    ffn = 'transformer_decoder.transformer_ffn_layers.'
+    return [
         (tm + r'queries_embedder\.weight', lambda m: ('rename', 'transformer_decoder.query_embed.weight')),
         (tm + r'queries_features\.weight', lambda m: ('rename', 'transformer_decoder.query_feat.weight')),
         (tm + r'level_embed\.weight', lambda m: ('rename', 'transformer_decoder.level_embed.weight')),
@@ -162,15 +167,11 @@ def backbone_type(config):
     return model_type, backbone
 
 
-def convert_hf_to_detectron2(state_dict: dict[str, Tensor], config, *,
-                             emit_relative_position_index: bool = False):
-    """Returns (detectron2-layout state dict, KeymapReport). ``config``: Mask2FormerConfig or the
-    dict of its config.json. ``emit_relative_position_index`` adds the Swin
-    ``attn.relative_position_index`` buffers that detectron2 checkpoints carry."""
-    source_backbone_type, backbone_config = backbone_type(config)
-    rules = [(re.compile(pattern), action)
-             for pattern, action in ((_swin_rules() if source_backbone_type == 'swin' else _resnet_rules())
-                                     + _head_rules())]
+def apply_rules(state_dict: dict[str, Tensor], rule_table) -> tuple[dict[str, Tensor], KeymapReport]:
+    """Every key of ``state_dict`` (a leading ``model.`` removed) through the one rule that claims it: renamed,
+    fused (q/k/v rows stacked in that order) or dropped; a key no rule claims, a key two rules claim, a target
+    produced twice or an incomplete q/k/v triple raises ``KeymapError``. Returns (converted, report)."""
+    rules = [(re.compile(pattern), action) for pattern, action in rule_table]
     report = KeymapReport()
     converted: dict[str, Tensor] = {}
     fused: dict[str, dict[int, tuple[str, Tensor]]] = {}
@@ -208,6 +209,18 @@ def convert_hf_to_detectron2(state_dict: dict[str, Tensor], config, *,
         # PyTorch / original Swin packing: rows [0:C) query, [C:2C) key, [2C:3C) value.
         converted[target] = torch.cat([parts[index][1] for index in range(3)], dim=0)
         report.sources[target] = [parts[index][0] for index in range(3)]
+    return converted, report
+
+
+def convert_hf_to_detectron2(state_dict: dict[str, Tensor], config, *,
+                             emit_relative_position_index: bool = False):
+    """Returns (detectron2-layout state dict, KeymapReport). ``config``: Mask2FormerConfig or the
+    dict of its config.json. ``emit_relative_position_index`` adds the Swin
+    ``attn.relative_position_index`` buffers that detectron2 checkpoints carry."""
+    source_backbone_type, backbone_config = backbone_type(config)
+    converted, report = apply_rules(
+        state_dict, (swin_rules() if source_backbone_type == 'swin' else _resnet_rules()) + pixel_decoder_rules()
+        + _transformer_decoder_rules())
     if emit_relative_position_index and source_backbone_type == 'swin':
         window = int(_config_get(backbone_config, 'window_size'))
         index = relative_position_index(window)

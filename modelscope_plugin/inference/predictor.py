@@ -11,8 +11,8 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from modelscope_plugin.config import TASKS, EomtConfig, FastInstConfig, Mask2FormerConfig
-from modelscope_plugin.errors import ImageInputError
+from modelscope_plugin.config import TASKS, EomtConfig, FastInstConfig, Mask2FormerConfig, OneFormerConfig
+from modelscope_plugin.errors import ImageInputError, TaskError
 from modelscope_plugin.inference.outputs import DEFAULT_MAX_POSTPROCESS_PIXELS, build_outputs, postprocess_size
 from modelscope_plugin.inference.postprocess import instance_inference, panoptic_inference, semantic_inference
 from modelscope_plugin.inference.precision import check_precision, inference_context
@@ -55,7 +55,8 @@ class Predictor:
     (autocast, CPU or GPU) or "fp16" (CUDA), see ``precision.py``.
     """
 
-    def __init__(self, network: torch.nn.Module, config: Union[Mask2FormerConfig, FastInstConfig, EomtConfig],
+    def __init__(self, network: torch.nn.Module,
+                 config: Union[Mask2FormerConfig, FastInstConfig, EomtConfig, OneFormerConfig],
                  device: Optional[torch.device] = None, precision: str = "fp32"):
         self.network = network
         self.config = config
@@ -73,7 +74,7 @@ class Predictor:
             raise TypeError(f"unknown pipeline parameters: {', '.join(sorted(unknown))}")
         task = task or self.config.task
         if task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+            raise TaskError(f"task must be one of {TASKS}, got {task!r}")
         defaults = self.config.inference
 
         def chosen(value, default):
@@ -95,14 +96,16 @@ class Predictor:
         minimum_feature_pixels = self.config.num_queries if isinstance(self.config, FastInstConfig) else 0
         return prepare_image(load_image(image), self.config.preprocess, minimum_feature_pixels)
 
-    def run(self, pixels: torch.Tensor):
+    def run(self, pixels: torch.Tensor, task: Optional[str] = None):
         """(B, 3, H, W) on the CPU -> the network's raw output, under inference mode and the chosen precision; to a
-        GPU through pinned memory."""
+        GPU through pinned memory. OneFormer is told ``task`` (default: the model's)."""
         if self.device.type == "cuda":
             pixels = pixels.pin_memory().to(self.device, non_blocking=True)
         else:
             pixels = pixels.to(self.device)
         with inference_context(self.device, self.precision):
+            if isinstance(self.config, OneFormerConfig):
+                return self.network(pixels, task=task or self.config.task)
             return self.network(pixels)
 
     def postprocess(self, image: PreparedImage, class_logits: torch.Tensor, mask_logits: torch.Tensor,
@@ -134,7 +137,7 @@ class Predictor:
         float rounding (oneDNN's convolution algorithm depends on the batch size: a pixel at a threshold can flip)."""
         results: List[Optional[Dict[str, Any]]] = [None] * len(images)
         for indices, batch in group_by_padded_size(images):
-            output = self.run(batch)
+            output = self.run(batch, parameters.task)
             for position, index in enumerate(indices):
                 results[index] = self.postprocess(images[index], output.class_logits[position],
                                                   output.mask_logits[position], parameters)

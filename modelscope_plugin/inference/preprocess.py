@@ -148,6 +148,22 @@ def rescaled_size(height: int, width: int, short_side: int, long_side_max: int) 
     return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
 
 
+def transformers_rescaled_size(height: int, width: int, short_side: int, long_side_max: int) -> Tuple[int, int]:
+    """transformers' ``get_size_with_aspect_ratio`` (DETR's rule): the short side becomes ``short_side`` unless the
+    long side would pass ``long_side_max`` (then the short side is that bound's share, rounded); the other side is
+    truncated, not rounded."""
+    short, long = min(height, width), max(height, width)
+    size, exact_size = short_side, float(short_side)
+    if long / short * short_side > long_side_max:
+        exact_size = long_side_max * short / long
+        size = int(round(exact_size))
+    if short == size:
+        return height, width
+    if width < height:
+        return max(1, int(exact_size * height / width)), size
+    return size, max(1, int(exact_size * width / height))
+
+
 def normalize_pixels(rgb: np.ndarray, config: PreprocessConfig) -> np.ndarray:
     """(H, W, 3) uint8 RGB -> (H, W, 3) float32 ``(pixel - mean) / std`` the way the checkpoint's source computes it:
     mmcv.imnormalize multiplies by the float32 reciprocal of std, torchvision (ModelScope's FastInst) divides."""
@@ -175,7 +191,11 @@ def prepare_image(rgb: np.ndarray, config: PreprocessConfig, minimum_feature_pix
     """(H, W, 3) uint8 RGB -> resized, normalised, padded network input; ``minimum_feature_pixels``: see
     ``padded_size`` (FastInst's number of queries)."""
     height, width = rgb.shape[:2]
-    resized_height, resized_width = rescaled_size(height, width, config.short_side, config.long_side_max)
+    if config.size_rule == "transformers":
+        resized_height, resized_width = transformers_rescaled_size(height, width, config.short_side,
+                                                                   config.long_side_max)
+    else:
+        resized_height, resized_width = rescaled_size(height, width, config.short_side, config.long_side_max)
     if config.resize_backend == "cv2":
         # cv2's bilinear resize on uint8 (fixed-point), as mmcv.imrescale
         resized = cv2.resize(rgb, (resized_width, resized_height), interpolation=cv2.INTER_LINEAR)

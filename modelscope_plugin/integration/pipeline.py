@@ -107,7 +107,9 @@ class SegmentationPipeline(Pipeline):
         return self.predictor.predict_list(input, parameters, batch_size=batch_size or 1, on_error=on_error)
 
     def _sanitize_parameters(self, **parameters):
-        return {}, {}, {"parameters": self.predictor.parameters(**parameters)}
+        postprocess_parameters = self.predictor.parameters(**parameters)
+        # the task reaches the network too (OneFormer is told it)
+        return {}, {"task": postprocess_parameters.task}, {"parameters": postprocess_parameters}
 
     def _check_input(self, input):
         pass  # load_image raises ImageInputError naming the input and the reason
@@ -115,9 +117,9 @@ class SegmentationPipeline(Pipeline):
     def preprocess(self, input) -> Dict[str, Any]:
         return {"image": self.predictor.prepare(input)}  # whatever preprocessor was given: images need this one
 
-    def forward(self, inputs: Dict[str, Any]) -> Dict[str, Any]:
+    def forward(self, inputs: Dict[str, Any], task: Optional[str] = None) -> Dict[str, Any]:
         image: PreparedImage = inputs["image"]
-        output = self.predictor.run(image.tensor[None])
+        output = self.predictor.run(image.tensor[None], task)
         return {"image": image, "class_logits": output.class_logits[0], "mask_logits": output.mask_logits[0]}
 
     def postprocess(self, inputs: Dict[str, Any], parameters: PostprocessParameters) -> Dict[str, Any]:

@@ -14,6 +14,7 @@ from modelscope_plugin.config import (
     TASKS,
     eomt_large_coco_panoptic,
     fastinst_r50_d3_coco,
+    oneformer_swin_large_coco,
     resnet50_coco_panoptic,
     swin_large_coco_panoptic,
     swin_large_coco_semantic,
@@ -22,7 +23,7 @@ from modelscope_plugin.errors import ModelDirError
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".pkl", ".bin", ".safetensors")
 # config.json model types of Hugging Face folders this package runs
-HF_MODEL_TYPES = ("mask2former", "eomt", "eomt_dinov3")
+HF_MODEL_TYPES = ("mask2former", "eomt", "eomt_dinov3", "oneformer")
 
 # configuration.json model types this package runs, and the defaults each starts from
 MODEL_TYPES = {
@@ -32,6 +33,7 @@ MODEL_TYPES = {
     "mask2former": swin_large_coco_panoptic,
     "fastinst": fastinst_r50_d3_coco,
     "eomt": eomt_large_coco_panoptic,
+    "oneformer": oneformer_swin_large_coco,
 }
 
 
@@ -62,10 +64,12 @@ def decode_easycv_tuples(value):
 INTEGER_MINIMUMS = {"num_things_classes": 0, "num_stuff_classes": 0, "num_aux_queries": 0, "category_ids": 0}
 """Integer fields that may be 0; every other integer field counts something and must be at least 1."""
 NUMBER_RANGES = {"object_mask_threshold": (0.0, 1.0), "overlap_threshold": (0.0, 1.0), "score_threshold": (0.0, 1.0),
-                 "drop_path_rate": (0.0, 1.0), "mean": (-math.inf, math.inf)}
+                 "drop_path_rate": (0.0, 1.0), "mean": (-math.inf, math.inf),
+                 "layer_scale_init": (0.0, math.inf)}
 """Float fields with an inclusive range; every other float field (std, mlp_ratio) must be above 0."""
-CHOICES = {"task": TASKS, "resize_backend": ("cv2", "pil"), "source": ("mmdet", "easycv", "detectron2", "hf"),
-           "depth": (18, 34, 50, 101)}
+CHOICES = {"task": TASKS, "resize_backend": ("cv2", "pil", "torchvision"),
+           "size_rule": ("mmcv", "transformers"),
+           "source": ("mmdet", "easycv", "detectron2", "hf"), "depth": (18, 34, 50, 101)}
 
 
 @contextmanager

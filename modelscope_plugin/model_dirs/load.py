@@ -1,9 +1,10 @@
 """``load_model``: any supported checkpoint layout -> (configuration, network with strictly loaded weights).
 
 Hub-layout directories (``configuration.json``) go by their model type to ``mask2former.py`` (mmdet, EasyCV and
-this package's own layout), ``fastinst.py`` or ``eomt.py`` (an HF EoMT folder beside the configuration.json);
-Hugging Face folders (``config.json``) by its ``model_type`` to ``eomt.py`` ("eomt", "eomt_dinov3") or ``hf.py``
-(Mask2Former); single files (EasyCV exports, FastInst releases) by what their weights hold.
+this package's own layout), ``fastinst.py``, ``eomt.py`` or ``oneformer.py`` (an HF EoMT / OneFormer folder beside
+the configuration.json); Hugging Face folders (``config.json``) by its ``model_type`` to ``eomt.py`` ("eomt",
+"eomt_dinov3"), ``oneformer.py`` ("oneformer") or ``hf.py`` (Mask2Former); single files (EasyCV exports, FastInst
+releases) by what their weights hold.
 """
 from dataclasses import replace
 from pathlib import Path
@@ -12,15 +13,16 @@ from typing import Optional, Tuple, Union
 import torch
 
 from modelscope_plugin.checkpoints.io import read_checkpoint
-from modelscope_plugin.config import EomtConfig, FastInstConfig, Mask2FormerConfig
+from modelscope_plugin.config import EomtConfig, FastInstConfig, Mask2FormerConfig, OneFormerConfig
 from modelscope_plugin.errors import ModelDirError
 from modelscope_plugin.model_dirs.configuration import MODEL_TYPES, read_configuration_json
 from modelscope_plugin.model_dirs.eomt import load_hf_eomt_dir
 from modelscope_plugin.model_dirs.fastinst import is_fastinst_state_dict, load_fastinst_checkpoint, load_fastinst_dir
 from modelscope_plugin.model_dirs.hf import load_hf_model_dir, read_hf_config
 from modelscope_plugin.model_dirs.mask2former import load_easycv_export, load_mask2former_dir
+from modelscope_plugin.model_dirs.oneformer import load_hf_oneformer_dir
 
-LoadedModel = Tuple[Union[Mask2FormerConfig, FastInstConfig, EomtConfig], torch.nn.Module]
+LoadedModel = Tuple[Union[Mask2FormerConfig, FastInstConfig, EomtConfig, OneFormerConfig], torch.nn.Module]
 
 
 def load_model_dir(model_dir, task: Optional[str] = None) -> LoadedModel:
@@ -38,12 +40,15 @@ def load_model_dir(model_dir, task: Optional[str] = None) -> LoadedModel:
     if model_type == "eomt":
         # a Hugging Face EoMT folder (config.json + weights) with a configuration.json for ModelScope
         return load_hf_eomt_dir(model_dir, task=task)
+    if model_type == "oneformer":
+        # a Hugging Face OneFormer folder with a configuration.json for ModelScope
+        return load_hf_oneformer_dir(model_dir, task=task)
     return load_mask2former_dir(model_dir, configuration, MODEL_TYPES[model_type](), task=task)
 
 
 def load_model(path, task: Optional[str] = None) -> LoadedModel:
-    """Any supported layout: a hub-layout directory (Mask2Former or FastInst), a Hugging Face folder (Mask2Former or
-    EoMT), an EasyCV export file or an official FastInst release file."""
+    """Any supported layout: a hub-layout directory (Mask2Former or FastInst), a Hugging Face folder (Mask2Former,
+    EoMT or OneFormer), an EasyCV export file or an official FastInst release file."""
     path = Path(path)
     if path.is_dir() and (path / "configuration.json").is_file():
         return load_model_dir(path, task=task)
@@ -51,6 +56,8 @@ def load_model(path, task: Optional[str] = None) -> LoadedModel:
         model_type = read_hf_config(path).get("model_type")
         if model_type in ("eomt", "eomt_dinov3"):
             return load_hf_eomt_dir(path, task=task)
+        if model_type == "oneformer":
+            return load_hf_oneformer_dir(path, task=task)
         config, network = load_hf_model_dir(path)
         return (replace(config, task=task) if task else config), network
     if path.is_file():

@@ -137,7 +137,9 @@ class DecoderPredictions:
 class MultiScaleMaskedTransformerDecoder(nn.Module):
     def __init__(self, in_channels: int = 256, num_classes: int = 133, hidden_dim: int = 256, num_queries: int = 100,
                  num_heads: int = 8, feedforward_dim: int = 2048, num_layers: int = 9, mask_dim: int = 256,
-                 num_feature_levels: int = 3, dropout: float = 0.0):
+                 num_feature_levels: int = 3, dropout: float = 0.0, learned_queries: bool = True):
+        """``learned_queries``: the queries start from the learned ``query_feat``; False: the caller passes them
+        to ``forward`` (OneFormer's task-conditioned queries) and there is no ``query_feat``."""
         super().__init__()
         self.num_heads = num_heads
         self.num_layers = num_layers
@@ -150,7 +152,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         self.transformer_ffn_layers = nn.ModuleList(
             FeedForwardLayer(hidden_dim, feedforward_dim, dropout) for _ in range(num_layers))
         self.decoder_norm = nn.LayerNorm(hidden_dim)
-        self.query_feat = nn.Embedding(num_queries, hidden_dim)
+        self.query_feat = nn.Embedding(num_queries, hidden_dim) if learned_queries else None
         self.query_embed = nn.Embedding(num_queries, hidden_dim)
         self.level_embed = nn.Embedding(num_feature_levels, hidden_dim)
         # a 1x1 projection only where the pixel decoder's width differs from the decoder's (none in the releases)
@@ -191,8 +193,9 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         return attention_mask & ~attention_mask.all(-1, keepdim=True)
 
     def forward(self, multi_scale_features: List[torch.Tensor], mask_features: torch.Tensor,
-                return_auxiliary: Optional[bool] = None) -> DecoderPredictions:
-        """multi_scale_features: (B, C, h_l, w_l) coarsest first; mask_features: (B, mask_dim, H/4, W/4).
+                return_auxiliary: Optional[bool] = None, queries: Optional[torch.Tensor] = None) -> DecoderPredictions:
+        """multi_scale_features: (B, C, h_l, w_l) coarsest first; mask_features: (B, mask_dim, H/4, W/4);
+        queries: (Q, B, C) initial query features where they are not learned (``learned_queries=False``).
 
         Every stage's logits are returned when ``return_auxiliary`` (default: in training, for deep supervision);
         otherwise only the last stage's, the earlier ones only steering the masked attention.
@@ -212,7 +215,10 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         batch_size = mask_features.shape[0]
         # (Q, C) -> (Q, B, C)
         query_position = self.query_embed.weight.unsqueeze(1).repeat(1, batch_size, 1)
-        queries = self.query_feat.weight.unsqueeze(1).repeat(1, batch_size, 1)
+        if (queries is None) == (self.query_feat is None):
+            raise ValueError("initial queries are passed exactly when the decoder has no learned query_feat")
+        if queries is None:
+            queries = self.query_feat.weight.unsqueeze(1).repeat(1, batch_size, 1)
 
         predictions = DecoderPredictions([], [])
         for stage in range(self.num_layers + 1):

@@ -1,0 +1,98 @@
+"""The key table of Hugging Face OneFormer folders (``OneFormerForUniversalSegmentation.save_pretrained``, the
+``shi-labs/oneformer_*`` hub files) -> this package's ``modeling/oneformer`` names.
+
+The Swin backbone and the pixel decoder are keyed as in HF Mask2Former and share its rules (``checkpoints/hf.py``);
+the DiNAT backbone, the task MLP, the query transformer and the masked-attention decoder have their own below. Every
+key is renamed, fused (q/k/v rows stacked in that order) or dropped for a stated reason; anything else raises.
+"""
+from typing import Dict, Tuple
+
+from torch import Tensor
+
+from modelscope_plugin.checkpoints.hf import KeymapReport, apply_rules, pixel_decoder_rules, swin_rules
+from modelscope_plugin.errors import KeymapError
+
+_WB = r"(weight|bias)"
+_QKV_PART = {"q_proj": 0, "k_proj": 1, "v_proj": 2, "query": 0, "key": 1, "value": 2}
+
+
+def dinat_rules():
+    """HF's DinatBackbone (``pixel_level_module.encoder.*``) -> ``modeling/backbones/dinat.py``."""
+    prefix = r"pixel_level_module\.encoder\."
+    block = prefix + r"encoder\.levels\.(\d+)\.layers\.(\d+)\."
+
+    def target(match):
+        return f"backbone.layers.{match[1]}.blocks.{match[2]}."
+
+    block_names = {"layernorm_before": "norm1", "layernorm_after": "norm2", "attention.output.dense": "attn.proj",
+                   "intermediate.dense": "mlp.fc1", "output.dense": "mlp.fc2"}
+    return [
+        (prefix + r"embeddings\.patch_embeddings\.projection\.([01])\." + _WB,
+         lambda m: ("rename", f"backbone.patch_embed.conv{int(m[1]) + 1}.{m[2]}")),
+        (prefix + r"embeddings\.norm\." + _WB, lambda m: ("rename", f"backbone.patch_embed.norm.{m[1]}")),
+        (block + r"(layernorm_before|layernorm_after|attention\.output\.dense|intermediate\.dense|output\.dense)\."
+         + _WB, lambda m: ("rename", target(m) + f"{block_names[m[3]]}.{m[4]}")),
+        (block + r"attention\.self\.(query|key|value)\." + _WB,
+         lambda m: ("fuse", target(m) + f"attn.qkv.{m[4]}", _QKV_PART[m[3]])),
+        (block + r"attention\.self\.rpb", lambda m: ("rename", target(m) + "attn.relative_position_bias")),
+        (block + r"layer_scale_parameters", lambda m: ("rename", target(m) + "layer_scale")),
+        (prefix + r"encoder\.levels\.(\d+)\.downsample\.(reduction\.weight|norm\.weight|norm\.bias)",
+         lambda m: ("rename", f"backbone.layers.{m[1]}.downsample.{m[2]}")),
+        (prefix + r"hidden_states_norms\.stage(\d+)\." + _WB,
+         lambda m: ("rename", f"backbone.norm{int(m[1]) - 1}.{m[2]}")),
+    ]
+
+
+def oneformer_head_rules():
+    """Task MLP, query transformer and masked-attention decoder."""
+    module = r"transformer_module\."
+    layer = module + r"decoder\.layers\.(\d+)\."
+    query_layer = module + r"decoder\.query_transformer\.decoder\.layers\.(\d+)\."
+    self_attention = "transformer_decoder.transformer_self_attention_layers."
+    cross_attention = "transformer_decoder.transformer_cross_attention_layers."
+    feedforward = "transformer_decoder.transformer_ffn_layers."
+    # the query transformer's DETR layer: its norms 1 / 2 / 3 follow self-attention, cross-attention, feed-forward
+    query_names = {"self_attn": "self_attention_layers.{}.self_attn",
+                   "multihead_attn": "cross_attention_layers.{}.multihead_attn",
+                   "norm1": "self_attention_layers.{}.norm", "norm2": "cross_attention_layers.{}.norm",
+                   "norm3": "ffn_layers.{}.norm", "linear1": "ffn_layers.{}.linear1",
+                   "linear2": "ffn_layers.{}.linear2"}
+    return [
+        (r"task_encoder\.task_mlp\.layers\.(\d+)\.0\." + _WB, lambda m: ("rename", f"task_mlp.layers.{m[1]}.{m[2]}")),
+        (module + r"queries_embedder\.weight", lambda m: ("rename", "transformer_decoder.query_embed.weight")),
+        (module + r"level_embed\.weight", lambda m: ("rename", "transformer_decoder.level_embed.weight")),
+        (module + r"input_projections\.(\d+)\." + _WB,
+         lambda m: ("rename", f"transformer_decoder.input_proj.{m[1]}.{m[2]}")),
+        (layer + r"cross_attn\.multihead_attn\.(in_proj_weight|in_proj_bias|out_proj\.weight|out_proj\.bias)",
+         lambda m: ("rename", f"{cross_attention}{m[1]}.multihead_attn.{m[2]}")),
+        (layer + r"cross_attn\.norm\." + _WB, lambda m: ("rename", f"{cross_attention}{m[1]}.norm.{m[2]}")),
+        (layer + r"self_attn\.self_attn\.(q_proj|k_proj|v_proj)\." + _WB,
+         lambda m: ("fuse", f"{self_attention}{m[1]}.self_attn.in_proj_{m[3]}", _QKV_PART[m[2]])),
+        (layer + r"self_attn\.self_attn\.out_proj\." + _WB,
+         lambda m: ("rename", f"{self_attention}{m[1]}.self_attn.out_proj.{m[2]}")),
+        (layer + r"self_attn\.norm\." + _WB, lambda m: ("rename", f"{self_attention}{m[1]}.norm.{m[2]}")),
+        (layer + r"ffn\.(linear1|linear2|norm)\." + _WB, lambda m: ("rename", f"{feedforward}{m[1]}.{m[2]}.{m[3]}")),
+        (module + r"decoder\.(decoder_norm|class_embed)\." + _WB,
+         lambda m: ("rename", f"transformer_decoder.{m[1]}.{m[2]}")),
+        (module + r"decoder\.mask_embed\.layers\.(\d+)\.0\." + _WB,
+         lambda m: ("rename", f"transformer_decoder.mask_embed.layers.{m[1]}.{m[2]}")),
+        (module + r"decoder\.query_input_projection\." + _WB, lambda m: ("rename", f"query_input_projection.{m[1]}")),
+        (query_layer + r"(self_attn|multihead_attn)\.(in_proj_weight|in_proj_bias|out_proj\.weight|out_proj\.bias)",
+         lambda m: ("rename", "query_transformer." + query_names[m[2]].format(m[1]) + f".{m[3]}")),
+        (query_layer + r"(norm1|norm2|norm3|linear1|linear2)\." + _WB,
+         lambda m: ("rename", "query_transformer." + query_names[m[2]].format(m[1]) + f".{m[3]}")),
+        (module + r"decoder\.query_transformer\.decoder\.norm\." + _WB,
+         lambda m: ("rename", f"query_transformer.norm.{m[1]}")),
+        (r"text_mapper\..*", lambda m: ("drop", "text encoder of the training-only query-text contrastive loss")),
+        (r"criterion\.(empty_weight|logit_scale)", lambda m: ("drop", "loss buffer, not part of the network")),
+    ]
+
+
+def convert_hf_oneformer(state_dict: Dict[str, Tensor], backbone_model_type: str) -> Tuple[Dict[str, Tensor],
+                                                                                           KeymapReport]:
+    """HF OneFormer state dict with a "swin" or "dinat" backbone -> (this package's state dict, report of sources
+    and dropped keys). Raises ``KeymapError`` on a key no rule claims or a conversion that is not one-to-one."""
+    backbone_rules = {"swin": swin_rules, "dinat": dinat_rules}.get(backbone_model_type)
+    if backbone_rules is None:
+        raise KeymapError(f"OneFormer backbone {backbone_model_type!r} is not supported (swin or dinat)")
+    return apply_rules(state_dict, backbone_rules() + pixel_decoder_rules() + oneformer_head_rules())

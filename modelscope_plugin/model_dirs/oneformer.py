@@ -1,0 +1,136 @@
+"""Hugging Face OneFormer folders (``config.json`` with ``model_type`` "oneformer", a Swin or DiNAT backbone, plus
+``model.safetensors`` or ``pytorch_model.bin``; an optional ``preprocessor_config.json``) -> (OneFormerConfig,
+network with strictly loaded weights); the key table is ``checkpoints/oneformer.py``.
+
+Options the published models do not use and this package does not build are refused with the field's name
+(pre-norm decoders, forced input projections, widths that differ between the pixel decoder and the decoders).
+Classes: 133 are taken as COCO panoptic (80 things then 53 stuff, COCO's category ids, task panoptic), 80 as COCO
+things (task instance); any other count as that many classes with ids 0..K-1, all stuff, task semantic (the
+panoptic and instance post-processing here takes the things to be the first classes, which ADE20K's and
+Cityscapes' orders are not).
+"""
+import json
+from pathlib import Path
+from typing import Optional
+
+from modelscope_plugin.builders import build_oneformer
+from modelscope_plugin.checkpoints.io import load_strict, read_checkpoint
+from modelscope_plugin.checkpoints.oneformer import convert_hf_oneformer
+from modelscope_plugin.config import DinatConfig, OneFormerConfig, PreprocessConfig, SwinConfig
+from modelscope_plugin.data.categories import COCO_PANOPTIC_CATEGORIES, COCO_THING_CATEGORIES
+from modelscope_plugin.errors import CheckpointError
+from modelscope_plugin.model_dirs.configuration import check_config
+from modelscope_plugin.model_dirs.hf import read_hf_config
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# config.json fields whose other values this package does not implement, with the value they must have
+_FIXED = {"pre_norm": False, "enforce_input_proj": False, "norm": "GN", "common_stride": 4, "layer_norm_eps": 1e-5}
+_FIXED_BACKBONE = {"patch_size": 4, "qkv_bias": True, "hidden_act": "gelu", "use_absolute_embeddings": False,
+                   "layer_norm_eps": 1e-5}
+
+
+def backbone_from_hf(values: dict):
+    """The ``backbone_config`` of a OneFormer config.json -> SwinConfig or DinatConfig."""
+    model_type = values.get("model_type")
+    for name, required in _FIXED_BACKBONE.items():
+        if values.get(name, required) != required:
+            raise CheckpointError(f"backbone_config.{name} = {values[name]!r} is not supported ({required!r})")
+    if model_type == "swin":
+        return SwinConfig(embed_dim=values["embed_dim"], depths=tuple(values["depths"]),
+                          num_heads=tuple(values["num_heads"]), window_size=values["window_size"],
+                          mlp_ratio=float(values.get("mlp_ratio", 4.0)),
+                          drop_path_rate=float(values.get("drop_path_rate", 0.3)))
+    if model_type == "dinat":
+        dilations = tuple(tuple(stage) for stage in values["dilations"])
+        depths = tuple(values["depths"])
+        if tuple(len(stage) for stage in dilations) != depths:
+            raise CheckpointError(f"backbone_config.dilations {values['dilations']} do not give one dilation per "
+                                  f"block of depths {list(depths)}")
+        if values["kernel_size"] % 2 == 0:
+            raise CheckpointError(f"backbone_config.kernel_size {values['kernel_size']} is even (odd kernels only)")
+        return DinatConfig(embed_dim=values["embed_dim"], depths=depths, num_heads=tuple(values["num_heads"]),
+                           kernel_size=values["kernel_size"], dilations=dilations,
+                           mlp_ratio=float(values.get("mlp_ratio", 3.0)),
+                           layer_scale_init=float(values.get("layer_scale_init_value", 0.0)),
+                           drop_path_rate=float(values.get("drop_path_rate", 0.1)))
+    raise CheckpointError(f"backbone_config.model_type {model_type!r} is not supported (swin or dinat)")
+
+
+def preprocess_from_hf(model_dir: Path) -> PreprocessConfig:
+    """OneFormerImageProcessor's resizing and normalisation, from ``preprocessor_config.json`` where there is one
+    (else the processor's defaults: short side 800, long side at most 1333, ImageNet mean and std)."""
+    preprocess = OneFormerConfig().preprocess
+    path = model_dir / "preprocessor_config.json"
+    if not path.is_file():
+        return preprocess
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+        size = values.get("size") or {}
+        if "shortest_edge" in size:
+            preprocess.short_side = int(size["shortest_edge"])
+            preprocess.long_side_max = int(size.get("longest_edge") or values.get("max_size") or 1333)
+        if "image_mean" in values:
+            preprocess.mean = tuple(255.0 * float(value) for value in values["image_mean"])
+            preprocess.std = tuple(255.0 * float(value) for value in values["image_std"])
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError, KeyError, AttributeError) as error:
+        raise CheckpointError(f"{path} cannot be read as OneFormer preprocessing ({type(error).__name__}: "
+                              f"{error})") from error
+    return preprocess
+
+
+def config_from_hf_oneformer(values: dict, preprocess: PreprocessConfig) -> OneFormerConfig:
+    """HF ``config.json`` of OneFormerForUniversalSegmentation -> this package's ``OneFormerConfig``."""
+    for name, required in _FIXED.items():
+        if values.get(name, required) != required:
+            raise CheckpointError(f"OneFormer {name} = {values[name]!r} is not supported ({required!r})")
+    hidden_dim = values.get("hidden_dim", 256)
+    for name in ("conv_dim", "mask_dim"):
+        if values.get(name, 256) != hidden_dim:
+            raise CheckpointError(f"OneFormer {name} = {values[name]!r} differs from hidden_dim {hidden_dim} "
+                                  "(one width throughout is supported)")
+    id2label = {int(key): value for key, value in values.get("id2label", {}).items()}
+    num_classes = len(id2label)
+    if num_classes == len(COCO_PANOPTIC_CATEGORIES):
+        categories, task, num_things = COCO_PANOPTIC_CATEGORIES, "panoptic", len(COCO_THING_CATEGORIES)
+    elif num_classes == len(COCO_THING_CATEGORIES):
+        categories, task, num_things = COCO_THING_CATEGORIES, "instance", num_classes
+    else:
+        categories, task, num_things = None, "semantic", 0
+    return OneFormerConfig(
+        backbone=backbone_from_hf(values.get("backbone_config") or {}), num_things_classes=num_things,
+        num_stuff_classes=num_classes - num_things, num_queries=values.get("num_queries", 150), hidden_dim=hidden_dim,
+        num_heads=values.get("num_attention_heads", 8), encoder_layers=values.get("encoder_layers", 6),
+        encoder_feedforward_dim=values.get("encoder_feedforward_dim", 1024),
+        # HF's decoder_layers counts the prediction before the first layer
+        decoder_layers=values.get("decoder_layers", 10) - 1,
+        decoder_feedforward_dim=values.get("dim_feedforward", 2048),
+        query_transformer_layers=values.get("query_dec_layers", 2), task_seq_len=values.get("task_seq_len", 77),
+        use_task_norm=values.get("use_task_norm", True),
+        class_names=tuple(id2label[index] for index in sorted(id2label)),
+        category_ids=tuple(c.id for c in categories) if categories else tuple(range(num_classes)), task=task,
+        preprocess=preprocess,
+    )
+
+
+def load_hf_oneformer_dir(model_dir, task: Optional[str] = None):
+    """(config, network) from a ``save_pretrained`` folder; weights strictly loaded."""
+    model_dir = Path(model_dir)
+    config_path = model_dir / "config.json"
+    values = read_hf_config(model_dir)
+    try:
+        config = config_from_hf_oneformer(values, preprocess_from_hf(model_dir))
+    except CheckpointError as error:
+        raise CheckpointError(f"{config_path}: {error}") from error
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise CheckpointError(f"{config_path} lacks or mistypes a OneFormer field ({type(error).__name__}: "
+                              f"{error})") from error
+    if task:
+        config.task = task
+    check_config(config, str(config_path))
+    weights = next((model_dir / name for name in WEIGHT_FILES if (model_dir / name).is_file()), None)
+    if weights is None:
+        raise CheckpointError(f"{model_dir} has none of {', '.join(WEIGHT_FILES)}")
+    state_dict, _ = convert_hf_oneformer(read_checkpoint(weights), values["backbone_config"]["model_type"])
+    network = build_oneformer(config)
+    load_strict(network, state_dict, checkpoint_name=str(weights))
+    return config, network.eval()
