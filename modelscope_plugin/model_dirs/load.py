@@ -3,11 +3,12 @@
 Hub-layout directories (``configuration.json``) go by their model type to ``mask2former.py`` (mmdet, EasyCV and
 this package's own layout), ``fastinst.py`` or ``eomt.py`` (an HF EoMT folder beside the configuration.json);
 Hugging Face folders (``config.json``) by its ``model_type`` to ``eomt.py`` ("eomt", "eomt_dinov3") or ``hf.py``
-(Mask2Former); single files (EasyCV exports, FastInst releases) by what their weights hold.
+(Mask2Former); single files (EasyCV exports, FastInst releases, detectron2 Mask2Former ``model_final_*.pkl``) by what
+their weights hold.
 """
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -15,6 +16,7 @@ from modelscope_plugin.checkpoints.io import read_checkpoint
 from modelscope_plugin.config import EomtConfig, FastInstConfig, Mask2FormerConfig
 from modelscope_plugin.errors import ModelDirError
 from modelscope_plugin.model_dirs.configuration import MODEL_TYPES, read_configuration_json
+from modelscope_plugin.model_dirs.detectron2 import is_detectron2_mask2former, load_detectron2_checkpoint
 from modelscope_plugin.model_dirs.eomt import load_hf_eomt_dir
 from modelscope_plugin.model_dirs.fastinst import is_fastinst_state_dict, load_fastinst_checkpoint, load_fastinst_dir
 from modelscope_plugin.model_dirs.hf import load_hf_model_dir, read_hf_config
@@ -41,22 +43,38 @@ def load_model_dir(model_dir, task: Optional[str] = None) -> LoadedModel:
     return load_mask2former_dir(model_dir, configuration, MODEL_TYPES[model_type](), task=task)
 
 
-def load_model(path, task: Optional[str] = None) -> LoadedModel:
+def with_names(loaded: LoadedModel, class_names: Optional[Tuple[str, ...]], path: Path) -> LoadedModel:
+    """``loaded`` with its class names replaced by ``class_names`` (when given; as many as the model has classes)."""
+    config, network = loaded
+    if class_names is None:
+        return loaded
+    if len(class_names) != config.num_classes:
+        raise ModelDirError(f"{path}: {len(class_names)} class names given for its {config.num_classes} classes")
+    return replace(config, class_names=class_names), network
+
+
+def load_model(path, task: Optional[str] = None, class_names: Optional[Sequence[str]] = None) -> LoadedModel:
     """Any supported layout: a hub-layout directory (Mask2Former or FastInst), a Hugging Face folder (Mask2Former or
-    EoMT), an EasyCV export file or an official FastInst release file."""
+    EoMT), an EasyCV export file, an official FastInst release file or a detectron2 Mask2Former ``.pkl``.
+
+    ``class_names``: the names of the model's classes in class order, for checkpoints that record none (a detectron2
+    ``.pkl`` of a class set without a built-in table); where the checkpoint names its classes, these replace them."""
     path = Path(path)
+    if class_names is not None:
+        class_names = tuple(str(name) for name in class_names)
     if path.is_dir() and (path / "configuration.json").is_file():
-        return load_model_dir(path, task=task)
+        return with_names(load_model_dir(path, task=task), class_names, path)
     if path.is_dir() and (path / "config.json").is_file():
         model_type = read_hf_config(path).get("model_type")
         if model_type in ("eomt", "eomt_dinov3"):
-            return load_hf_eomt_dir(path, task=task)
-        config, network = load_hf_model_dir(path)
-        return (replace(config, task=task) if task else config), network
+            return with_names(load_hf_eomt_dir(path, task=task), class_names, path)
+        return load_hf_model_dir(path, task=task, class_names=class_names)
     if path.is_file():
         checkpoint = read_checkpoint(path)
         if is_fastinst_state_dict(checkpoint):
-            return load_fastinst_checkpoint(path, checkpoint, task=task)
-        return load_easycv_export(path, task=task, checkpoint=checkpoint)
+            return with_names(load_fastinst_checkpoint(path, checkpoint, task=task), class_names, path)
+        if is_detectron2_mask2former(checkpoint):
+            return load_detectron2_checkpoint(path, checkpoint, task=task, class_names=class_names)
+        return load_easycv_export(path, task=task, checkpoint=checkpoint, class_names=class_names)
     raise ModelDirError(f"{path} is neither a model directory (configuration.json or config.json) "
                         "nor a checkpoint file")
