@@ -46,11 +46,11 @@ pick an example, choose the model, the task and the thresholds, then **Segment**
 on synthetic shapes only: on photos their labels name shapes and textures, not objects."""
 
 
-def load_pipelines(models: Sequence[str], device: str,
-                   class_names: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+def load_pipelines(models: Sequence[str], device: str, class_names: Optional[Sequence[str]] = None,
+                   thing_ids: Optional[Sequence[int]] = None) -> Dict[str, Any]:
     """model (hub id, directory, Hugging Face folder or checkpoint file) -> its pipeline, all built before serving, so
-    that a bad model fails at start. ``class_names``: for checkpoints that record none."""
-    return {model: build_pipeline(model, device, class_names) for model in models}
+    that a bad model fails at start. ``class_names``, ``thing_ids``: for checkpoints that record none."""
+    return {model: build_pipeline(model, device, class_names, thing_ids) for model in models}
 
 
 def example_images(scene_folder: Path, data_folder: Optional[Path]) -> Tuple[List[Path], List[Path]]:
@@ -231,11 +231,11 @@ def launch(app: gr.Blocks, host: str = HOST, port: int = PORT) -> None:
 
 def serve(models: Sequence[str], host: str = HOST, port: int = PORT, device: str = "cpu",
           data_folder: Optional[Path] = None, scene_folder: Path = SCENE_FOLDER,
-          class_names: Optional[Sequence[str]] = None) -> None:
+          class_names: Optional[Sequence[str]] = None, thing_ids: Optional[Sequence[int]] = None) -> None:
     """``modelscope-seg serve``: checks the address, builds every pipeline, writes the example scenes, then serves
     until Ctrl-C."""
     port = available_port(host, port)
-    pipelines = load_pipelines(models, device, class_names)
+    pipelines = load_pipelines(models, device, class_names, thing_ids)
     scenes, photos = example_images(scene_folder, data_folder)
     app = build_app(pipelines, scenes, photos)
     launch(app, host, port)

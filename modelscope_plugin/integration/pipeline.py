@@ -60,7 +60,7 @@ class SegmentationPipeline(Pipeline):
     post-processed at that many pixels and their masks brought to full size by nearest neighbour (outputs.py).
     Constructor: ``precision`` "fp32" (default), "bf16" (autocast; CPU or GPU) or "fp16" (CUDA), see precision.py;
     ``device`` as ModelScope ("cpu", "gpu", "cuda:0"); ``class_names``: the classes' names for a checkpoint that
-    records none (``load_model``).
+    records none, ``thing_ids``: its thing classes (``load_model``).
     """
 
     pipeline_type: str = ""
@@ -85,9 +85,10 @@ class SegmentationPipeline(Pipeline):
         return cls(**kwargs)
 
     def __init__(self, model, preprocessor=None, precision: str = "fp32",
-                 class_names: Optional[Sequence[str]] = None, **kwargs):
+                 class_names: Optional[Sequence[str]] = None, thing_ids: Optional[Sequence[int]] = None, **kwargs):
         if isinstance(model, str):
-            model = SegmentationModel(model, device=kwargs.get("device"), class_names=class_names)
+            model = SegmentationModel(model, device=kwargs.get("device"), class_names=class_names,
+                                      thing_ids=thing_ids)
         if preprocessor is None:
             preprocessor = ImagePreparation()
         super().__init__(model=model, preprocessor=preprocessor, auto_collate=False, **kwargs)
@@ -126,12 +127,14 @@ class SegmentationPipeline(Pipeline):
         return self.predictor.postprocess(inputs["image"], inputs["class_logits"], inputs["mask_logits"], parameters)
 
 
-def build_pipeline(model: str, device: str, class_names: Optional[Sequence[str]] = None):
+def build_pipeline(model: str, device: str, class_names: Optional[Sequence[str]] = None,
+                   thing_ids: Optional[Sequence[int]] = None):
     """ModelScope's pipeline for ``model``; this package's own errors pass through, others are reported as a failed
-    model. ``class_names``: for a checkpoint that records none."""
+    model. ``class_names``, ``thing_ids``: for a checkpoint that records none (``load_model``)."""
     from modelscope.pipelines import pipeline
 
-    extra = {} if class_names is None else {"class_names": list(class_names)}
+    extra = {name: list(value) for name, value in (("class_names", class_names), ("thing_ids", thing_ids))
+             if value is not None}
     try:
         return pipeline(Tasks.image_segmentation, model=model, device=device, **extra)
     except USER_ERRORS:

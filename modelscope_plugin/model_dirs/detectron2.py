@@ -6,7 +6,8 @@ width; Swin by its patch embedding, blocks per stage, relative-position tables a
 decoder and encoder layers, widths and attention heads. The class names come from ``class_names`` when given, else
 from the built-in table with the checkpoint's class count (``data.categories.BUILTIN_CLASS_TABLES``: COCO panoptic,
 COCO instance, ADE20K, Cityscapes), else loading fails asking for them. The test-time size is the model zoo's for that
-dataset; detectron2 resizes with PIL and normalises as (x - mean) / std.
+dataset; detectron2 resizes with PIL and normalises as (x - mean) / std. ``thing_ids`` (the caller's) say which classes
+are things where the class count gives no built-in split.
 """
 import re
 from dataclasses import replace
@@ -20,6 +21,7 @@ from modelscope_plugin.checkpoints.keymaps import convert_to_native
 from modelscope_plugin.config import Mask2FormerConfig, PreprocessConfig, ResNetConfig, SwinConfig
 from modelscope_plugin.data.categories import class_table_of_count, describe_class_tables
 from modelscope_plugin.errors import CheckpointError, ModelDirError
+from modelscope_plugin.model_dirs.classes import things_first
 from modelscope_plugin.model_dirs.configuration import check_config
 from modelscope_plugin.modeling.mask2former.model import Mask2Former
 
@@ -139,14 +141,21 @@ def with_class_names(config: Mask2FormerConfig, class_names: Optional[Sequence[s
 
 
 def load_detectron2_checkpoint(path, checkpoint: Optional[dict] = None, task: Optional[str] = None,
-                               class_names: Optional[Sequence[str]] = None) -> Tuple[Mask2FormerConfig, Mask2Former]:
-    """A facebookresearch/Mask2Former ``model_final_*.pkl`` (or any file of detectron2 Mask2Former weights)."""
+                               class_names: Optional[Sequence[str]] = None,
+                               thing_ids: Optional[Sequence[int]] = None) -> Tuple[Mask2FormerConfig, Mask2Former]:
+    """A facebookresearch/Mask2Former ``model_final_*.pkl`` (or any file of detectron2 Mask2Former weights).
+    ``thing_ids``: the class indices that are things (``classes.things_first``; panoptic becomes the default)."""
     checkpoint = read_checkpoint(path) if checkpoint is None else checkpoint
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path} does not hold a state dict")
     raw = extract_state_dict(checkpoint)
     config = with_class_names(config_from_state_dict(raw, str(path)), class_names, str(path), task)
     check_config(config, str(path))
+    state_dict = convert_to_native(raw, "detectron2")
+    if thing_ids is not None:
+        config, state_dict = things_first(config, state_dict, thing_ids, str(path))
+        config = replace(config, task=task or ("panoptic" if 0 < config.num_things_classes < config.num_classes
+                                               else config.task))
     network = build_mask2former(config)
-    load_strict(network, convert_to_native(raw, "detectron2"), checkpoint_name=str(path))
+    load_strict(network, state_dict, checkpoint_name=str(path))
     return config, network.eval()

@@ -5,7 +5,9 @@
 Classes: ``config.json``'s ``id2label`` (transformers' placeholder names ``LABEL_0`` ... count as none), or the names
 the caller gives; without either, loading fails asking for them. Names equal to a built-in class set
 (``data.categories.BUILTIN_CLASS_TABLES``) bring its thing / stuff split, dataset ids and default task; others are
-all counted as things and answer semantic segmentation by default. ``preprocessor_config.json``, where present, gives
+all counted as things and answer semantic segmentation by default; thing ids (the caller's, or a OneFormer-style
+``metadata.thing_ids``) put those classes first as things (``classes.things_first``) and make panoptic the default.
+``preprocessor_config.json``, where present, gives
 the test size, mean, std and size divisor, and (OneFormer-style ``metadata``) class names and thing ids.
 """
 import json
@@ -21,6 +23,7 @@ from modelscope_plugin.checkpoints.keymaps import convert_detectron2
 from modelscope_plugin.config import Mask2FormerConfig, PreprocessConfig, ResNetConfig, SwinConfig
 from modelscope_plugin.data.categories import class_table_of_names
 from modelscope_plugin.errors import CheckpointError, ModelDirError
+from modelscope_plugin.model_dirs.classes import things_first
 from modelscope_plugin.model_dirs.configuration import check_config
 
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -112,8 +115,8 @@ def preprocess_from_processor(values: Dict[str, Any], base: PreprocessConfig, wh
     return replace(base, **changes)
 
 
-def name_classes(config: Mask2FormerConfig, class_names: Optional[Sequence[str]], thing_ids: Optional[Sequence[int]],
-                 task: Optional[str], where: str) -> Mask2FormerConfig:
+def name_classes(config: Mask2FormerConfig, class_names: Optional[Sequence[str]], task: Optional[str],
+                 where: str) -> Mask2FormerConfig:
     """``config`` with named classes and its thing / stuff split (see the module docstring)."""
     num_classes = config.num_classes
     if class_names is None:
@@ -124,14 +127,7 @@ def name_classes(config: Mask2FormerConfig, class_names: Optional[Sequence[str]]
     if len(class_names) != num_classes:
         raise ModelDirError(f"{where}: {len(class_names)} class names for its {num_classes} classes")
     table = class_table_of_names(class_names)
-    if thing_ids is not None:
-        num_things = len(thing_ids)
-        if sorted(int(index) for index in thing_ids) != list(range(num_things)):
-            raise ModelDirError(f"{where}: thing ids {list(thing_ids)[:10]} are not the first classes; this package "
-                                "counts things first (class indices 0 .. things - 1)")
-        category_ids = table.category_ids if table else tuple(range(num_classes))
-        default_task = "panoptic" if 0 < num_things < num_classes else "semantic"
-    elif table is not None:
+    if table is not None:
         num_things, category_ids, default_task = table.num_things_classes, table.category_ids, table.task
     else:
         num_things, category_ids, default_task = num_classes, tuple(range(num_classes)), "semantic"
@@ -154,9 +150,11 @@ def named_classes(values: Dict[str, Any], processor: Dict[str, Any]) -> Tuple[Op
     return names, thing_ids
 
 
-def load_hf_model_dir(model_dir, task: Optional[str] = None, class_names: Optional[Sequence[str]] = None):
+def load_hf_model_dir(model_dir, task: Optional[str] = None, class_names: Optional[Sequence[str]] = None,
+                      thing_ids: Optional[Sequence[int]] = None):
     """(config, network) from a ``save_pretrained`` folder; weights strictly loaded. ``class_names``: the classes'
-    names where the folder records none (or to replace its own)."""
+    names where the folder records none (or to replace its own); ``thing_ids``: the class indices that are things
+    (``classes.things_first``; default: the folder's ``metadata.thing_ids``, else by the names)."""
     model_dir = Path(model_dir)
     config_path = model_dir / "config.json"
     values = read_hf_config(model_dir)
@@ -171,13 +169,17 @@ def load_hf_model_dir(model_dir, task: Optional[str] = None, class_names: Option
         raise CheckpointError(f"{config_path} lacks or mistypes a Mask2Former field ({type(error).__name__}: "
                               f"{error})") from error
     processor = read_preprocessor_config(model_dir)
-    recorded_names, thing_ids = named_classes(values, processor)
+    recorded_names, recorded_thing_ids = named_classes(values, processor)
     where = str(model_dir / "preprocessor_config.json")
     config = replace(config, preprocess=preprocess_from_processor(processor, config.preprocess, where))
-    config = name_classes(config, class_names if class_names is not None else recorded_names, thing_ids, task,
-                          str(config_path))
+    config = name_classes(config, class_names if class_names is not None else recorded_names, task, str(config_path))
     check_config(config, str(config_path))
     state_dict = convert_detectron2(hf_to_detectron2(read_checkpoint(weights), values))
+    thing_ids = recorded_thing_ids if thing_ids is None else thing_ids
+    if thing_ids is not None:
+        config, state_dict = things_first(config, state_dict, thing_ids, str(model_dir))
+        config = replace(config, task=task or ("panoptic" if 0 < config.num_things_classes < config.num_classes
+                                               else config.task))
     network = build_mask2former(config)
     load_strict(network, state_dict, checkpoint_name=str(weights))
     return config, network.eval()

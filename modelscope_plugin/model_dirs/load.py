@@ -53,28 +53,43 @@ def with_names(loaded: LoadedModel, class_names: Optional[Tuple[str, ...]], path
     return replace(config, class_names=class_names), network
 
 
-def load_model(path, task: Optional[str] = None, class_names: Optional[Sequence[str]] = None) -> LoadedModel:
+def refuse_thing_ids(thing_ids: Optional[Sequence[int]], path: Path) -> None:
+    """Thing ids are for the layouts that do not record which classes are things; the others refuse them."""
+    if thing_ids is not None:
+        raise ModelDirError(f"{path}: thing ids are taken only for checkpoints that do not record which classes are "
+                            "things (a detectron2 .pkl, a Hugging Face Mask2Former folder)")
+
+
+def load_model(path, task: Optional[str] = None, class_names: Optional[Sequence[str]] = None,
+               thing_ids: Optional[Sequence[int]] = None) -> LoadedModel:
     """Any supported layout: a hub-layout directory (Mask2Former or FastInst), a Hugging Face folder (Mask2Former or
     EoMT), an EasyCV export file, an official FastInst release file or a detectron2 Mask2Former ``.pkl``.
 
     ``class_names``: the names of the model's classes in class order, for checkpoints that record none (a detectron2
-    ``.pkl`` of a class set without a built-in table); where the checkpoint names its classes, these replace them."""
+    ``.pkl`` of a class set without a built-in table); where the checkpoint names its classes, these replace them.
+    ``thing_ids``: the class indices that are things, for the sources that do not record it (detectron2 ``.pkl``,
+    Hugging Face Mask2Former folders; ``model_dirs.classes.things_first``)."""
     path = Path(path)
     if class_names is not None:
         class_names = tuple(str(name) for name in class_names)
     if path.is_dir() and (path / "configuration.json").is_file():
+        refuse_thing_ids(thing_ids, path)
         return with_names(load_model_dir(path, task=task), class_names, path)
     if path.is_dir() and (path / "config.json").is_file():
         model_type = read_hf_config(path).get("model_type")
         if model_type in ("eomt", "eomt_dinov3"):
+            refuse_thing_ids(thing_ids, path)
             return with_names(load_hf_eomt_dir(path, task=task), class_names, path)
-        return load_hf_model_dir(path, task=task, class_names=class_names)
+        return load_hf_model_dir(path, task=task, class_names=class_names, thing_ids=thing_ids)
     if path.is_file():
         checkpoint = read_checkpoint(path)
         if is_fastinst_state_dict(checkpoint):
+            refuse_thing_ids(thing_ids, path)
             return with_names(load_fastinst_checkpoint(path, checkpoint, task=task), class_names, path)
         if is_detectron2_mask2former(checkpoint):
-            return load_detectron2_checkpoint(path, checkpoint, task=task, class_names=class_names)
+            return load_detectron2_checkpoint(path, checkpoint, task=task, class_names=class_names,
+                                              thing_ids=thing_ids)
+        refuse_thing_ids(thing_ids, path)
         return load_easycv_export(path, task=task, checkpoint=checkpoint, class_names=class_names)
     raise ModelDirError(f"{path} is neither a model directory (configuration.json or config.json) "
                         "nor a checkpoint file")
