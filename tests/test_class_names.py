@@ -146,3 +146,26 @@ def test_hugging_face_oneformer_style_metadata_names_classes_and_things(tmp_path
     (folder / "preprocessor_config.json").write_text(json.dumps(metadata))
     with pytest.raises(CheckpointError, match="model.safetensors"):
         load_model(folder)
+
+
+def test_training_from_a_checkpoint_without_names_takes_them_from_model_classes(five_class_pkl, tmp_path, capsys):
+    from modelscope.pipelines import pipeline
+    from modelscope.utils.constant import Tasks
+
+    from modelscope_plugin.data.synthetic import SceneConfig, write_dataset
+
+    scenes = tmp_path / "scenes"
+    small = SceneConfig(image_size=64, min_thing_size=10, max_thing_size=30, max_things=5)
+    write_dataset(scenes, "train", 2, seed=0, config=small)
+    write_dataset(scenes, "val", 1, seed=1, config=small)
+    arguments = ["train", "--data", str(scenes), "--model", str(five_class_pkl), "--epochs", "1", "--batch-size", "2",
+                 "--image-size", "64", "--num-points", "64", "--workers", "0"]
+    assert main(arguments + ["--work-dir", str(tmp_path / "without")]) == 1
+    assert "records no class names" in capsys.readouterr().err
+    classes = tmp_path / "model_classes.txt"
+    classes.write_text("\n".join(NAMES) + "\n")
+    assert main(arguments + ["--work-dir", str(tmp_path / "work"), "--model-classes", str(classes)]) == 0
+    written, _ = load_model(tmp_path / "work" / "input_model")
+    assert written.class_names == tuple(NAMES)  # the checkpoint as it was given, before its head was replaced
+    result = pipeline(Tasks.image_segmentation, model=str(tmp_path / "work" / "output"), device="cpu")(str(IMAGE))
+    assert result["masks"] is not None
