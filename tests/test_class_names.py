@@ -127,7 +127,8 @@ def test_hugging_face_preprocessor_sizes_and_normalisation_are_read():
     assert (read.short_side, read.long_side_max, read.size_divisor) == (384, 640, 64)
     assert read.mean == (127.5, 63.75, 0.0) and read.std == (255.0, 127.5, 63.75) and read.divide_by_std
     assert preprocess_from_processor({}, base, "p.json") == base
-    assert preprocess_from_processor({"size": 512}, base, "p.json").short_side == 512
+    older = preprocess_from_processor({"size": 384, "max_size": 1333}, base, "p.json")
+    assert (older.short_side, older.long_side_max) == (384, 1333)
     with pytest.raises(ModelDirError, match=r"p\.json: size = \[1, 2\] is neither a number nor an object"):
         preprocess_from_processor({"size": [1, 2]}, base, "p.json")
 

@@ -88,8 +88,10 @@ def read_preprocessor_config(model_dir: Path) -> Dict[str, Any]:
 
 
 def preprocess_from_processor(values: Dict[str, Any], base: PreprocessConfig, where: str) -> PreprocessConfig:
-    """An image processor's ``size`` ({"shortest_edge", "longest_edge"} or one number), ``size_divisor``,
-    ``image_mean`` / ``image_std`` (0..1 scale, as transformers stores them) over ``base``."""
+    """An image processor's ``size`` ({"shortest_edge", "longest_edge"} or one number, with the older ``max_size``
+    as the long-side cap), ``size_divisor``, ``image_mean`` / ``image_std`` (0..1 scale, as transformers stores them)
+    over ``base``. The published ``facebook/mask2former-*`` folders say 384, the size transformers' processor uses
+    (detectron2 tested them at 800)."""
     size = values.get("size")
     changes: Dict[str, Any] = {}
     if isinstance(size, dict):
@@ -101,6 +103,8 @@ def preprocess_from_processor(values: Dict[str, Any], base: PreprocessConfig, wh
         changes["short_side"] = size
     elif size is not None:
         raise ModelDirError(f"{where}: size = {size!r} is neither a number nor an object with shortest_edge")
+    if values.get("max_size") and "long_side_max" not in changes:
+        changes["long_side_max"] = values["max_size"]
     if values.get("size_divisor"):
         changes["size_divisor"] = values["size_divisor"]
     for name, field in (("image_mean", "mean"), ("image_std", "std")):
