@@ -40,13 +40,12 @@ COLOR_SHIFT = 30
 BOX_COLOR = (0, 255, 0)
 """mmcv's "green" in BGR: boxes and label backgrounds."""
 LABEL_FONT_SIZE = 20
-INSTANCE_OFFSET = 1000
-"""EasyCV's panoptic id: class + instance * 1000."""
 
 
 class Mask2formerPredictor:
-    """``easycv.predictors.Mask2formerPredictor`` (see the module docstring). ``device``: "cpu", "cuda", ...;
-    ``class_names``: for a checkpoint that records none; ``font_path``: the TrueType font of the instance labels."""
+    """``easycv.predictors.Mask2formerPredictor`` (see the module docstring). ``device``: "cpu", "cuda", ...
+    (default: the GPU when there is one, as EasyCV); ``class_names``: for a checkpoint that records none;
+    ``font_path``: the TrueType font of the instance labels."""
 
     def __init__(self, model_path, config_file=None, batch_size: int = 1, device: Optional[str] = None,
                  task_mode: str = "panoptic", class_names: Optional[Sequence[str]] = None,
@@ -59,7 +58,11 @@ class Mask2formerPredictor:
         self.batch_size = batch_size
         self.font_path = font_path
         self.config, network = load_model(model_path, task=task_mode, class_names=class_names)
-        self.predictor = Predictor(network, self.config, device=device or "cpu")
+        if device is None:  # as EasyCV: the GPU when there is one
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.predictor = Predictor(network.to(device), self.config, device=device)
         self.CLASSES = list(self.config.class_names)
         self.class_name = self.CLASSES
         self.PALETTE = _export_palette(Path(model_path), len(self.CLASSES))
