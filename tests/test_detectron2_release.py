@@ -144,3 +144,18 @@ def test_pkl_with_a_missing_entry_names_it(tmp_path):
         pickle.dump(checkpoint, handle)
     with pytest.raises(CheckpointError, match=re.escape("pixel_decoder.layer_1.weight")):
         load_model(path)
+
+
+def test_model_from_pretrained_takes_the_pkl_and_its_class_names(tmp_path):
+    from modelscope.models import Model
+
+    config = replace(resnet_config(), num_things_classes=3, num_stuff_classes=0)
+    network = built(config)
+    path = write_detectron2_pkl(tmp_path / "model_final_three.pkl", network, config)
+    model = Model.from_pretrained(str(path), class_names=["a", "b", "c"])
+    assert type(model).__name__ == "SegmentationModel" and model.config.class_names == ("a", "b", "c")
+    for key, value in network.state_dict().items():
+        if not key.endswith("num_batches_tracked"):
+            assert torch.equal(value, model.network.state_dict()[key]), key
+    with pytest.raises(ModelDirError, match="records no class names"):
+        Model.from_pretrained(str(path))
