@@ -46,9 +46,11 @@ pick an example, choose the model, the task and the thresholds, then **Segment**
 on synthetic shapes only: on photos their labels name shapes and textures, not objects."""
 
 
-def load_pipelines(models: Sequence[str], device: str) -> Dict[str, Any]:
-    """model (hub id or directory) -> its pipeline, all built before serving, so that a bad model fails at start."""
-    return {model: build_pipeline(model, device) for model in models}
+def load_pipelines(models: Sequence[str], device: str, class_names: Optional[Sequence[str]] = None,
+                   thing_ids: Optional[Sequence[int]] = None) -> Dict[str, Any]:
+    """model (hub id, directory, Hugging Face folder or checkpoint file) -> its pipeline, all built before serving, so
+    that a bad model fails at start. ``class_names``, ``thing_ids``: for checkpoints that record none."""
+    return {model: build_pipeline(model, device, class_names, thing_ids) for model in models}
 
 
 def example_images(scene_folder: Path, data_folder: Optional[Path]) -> Tuple[List[Path], List[Path]]:
@@ -59,9 +61,9 @@ def example_images(scene_folder: Path, data_folder: Optional[Path]) -> Tuple[Lis
 
 
 def model_name(model: str) -> str:
-    """A hub id as it is, a model directory by its folder name."""
+    """A hub id as it is, a model directory or checkpoint file by its name."""
     path = Path(model)
-    return path.name if path.is_dir() else model
+    return path.name if path.exists() else model
 
 
 def overlay_value(rgb: np.ndarray, result: Dict[str, Any]) -> gr.AnnotatedImage:
@@ -228,11 +230,12 @@ def launch(app: gr.Blocks, host: str = HOST, port: int = PORT) -> None:
 
 
 def serve(models: Sequence[str], host: str = HOST, port: int = PORT, device: str = "cpu",
-          data_folder: Optional[Path] = None, scene_folder: Path = SCENE_FOLDER) -> None:
+          data_folder: Optional[Path] = None, scene_folder: Path = SCENE_FOLDER,
+          class_names: Optional[Sequence[str]] = None, thing_ids: Optional[Sequence[int]] = None) -> None:
     """``modelscope-seg serve``: checks the address, builds every pipeline, writes the example scenes, then serves
     until Ctrl-C."""
     port = available_port(host, port)
-    pipelines = load_pipelines(models, device)
+    pipelines = load_pipelines(models, device, class_names, thing_ids)
     scenes, photos = example_images(scene_folder, data_folder)
     app = build_app(pipelines, scenes, photos)
     launch(app, host, port)

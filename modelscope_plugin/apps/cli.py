@@ -18,6 +18,10 @@ from modelscope_plugin.ranks import join_torchrun_group, sum_over_ranks
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 TASK_CHOICES = ("panoptic", "semantic", "instance")
+THING_IDS_HELP = ("the class indices that are things, for a checkpoint that does not say (a detectron2 .pkl, a Hugging "
+                  "Face folder): panoptic then keeps instances of those classes apart")
+CLASSES_HELP = ("one class name per line, in class order, for a checkpoint that records none (a detectron2 .pkl of an "
+                "unknown class set, a Hugging Face folder with placeholder labels, an EasyCV export without names)")
 
 
 def expand_inputs(inputs: Sequence[str]) -> List[Path]:
@@ -103,6 +107,26 @@ def write_outputs(image: Path, rgb, result: Dict[str, Any], output: Path, task: 
     os.replace(partial, paths["json"])
 
 
+def model_class_names(classes_file: Optional[str]) -> Optional[List[str]]:
+    """``--classes FILE``: the model's class names, one per line in class order (for a checkpoint that records
+    none), or None without the option."""
+    if classes_file is None:
+        return None
+    from modelscope_plugin.data.layouts import read_class_names
+
+    if not Path(classes_file).is_file():
+        raise CommandError(f"--classes {classes_file}: no such file")
+    return read_class_names(classes_file)
+
+
+def thing_ids_option(text: str) -> List[int]:
+    """``--thing-ids 0,2,5``: class indices."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated class indices, e.g. 0,2,5, not {text!r}") from None
+
+
 def shard(images: Sequence[Path], rank: int, world_size: int) -> List[Path]:
     """This rank's images: every ``world_size``-th from ``rank`` on, so each image is read by one rank only."""
     return list(images[rank::world_size])
@@ -124,7 +148,8 @@ def segment(arguments) -> int:
     own_images = shard(images, rank, world_size)
     if arguments.resume:
         own_images = [image for image in own_images if not output_paths(image, output)["json"].is_file()]
-    segmenter = build_pipeline(arguments.model, rank_device(arguments.device))
+    segmenter = build_pipeline(arguments.model, rank_device(arguments.device), model_class_names(arguments.classes),
+                               arguments.thing_ids)
     parameters = {name: value for name, value in (
         ("task", arguments.task), ("object_mask_threshold", arguments.object_mask_threshold),
         ("overlap_threshold", arguments.overlap_threshold), ("score_thr", arguments.score_threshold),
@@ -192,7 +217,9 @@ def evaluate(arguments) -> int:
         raise CommandError("no readable rows in the dataset")
     # the dataset's own classes (COCO's only when the JSON lists COCO's)
     categories = annotation_categories(arguments.annotations) if arguments.annotations else None
-    results = run_evaluation(arguments.model, rows, arguments.task, output_dir=str(output), categories=categories,
+    segmenter = build_pipeline(arguments.model, rank_device(arguments.device), model_class_names(arguments.classes),
+                               arguments.thing_ids)
+    results = run_evaluation(segmenter, rows, arguments.task, output_dir=str(output), categories=categories,
                              annotation_file=arguments.annotations if arguments.task == "instance" else None,
                              progress=not arguments.quiet, limit=arguments.limit)
     summary = {key: value for key, value in results.items() if key != "per_class"}
@@ -211,7 +238,7 @@ def export(arguments) -> int:
     if output.exists() and not arguments.overwrite:
         raise CommandError(f"{output} already exists; pass --overwrite to replace it (nothing was written)")
     model = hub.resolve_model_dir(arguments.model) if hub.is_supported_id(arguments.model) else arguments.model
-    _, network = load_model(model)
+    _, network = load_model(model, class_names=model_class_names(arguments.classes), thing_ids=arguments.thing_ids)
     partial = output.parent / f".{output.name}.partial"
     remove_onnx(partial)  # a leftover of an interrupted export of this same file
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -279,6 +306,7 @@ def serve(arguments) -> int:
     if not models:
         raise CommandError("no --model given and no trained demo model in model_cards/demo")
     serve_app(models, host=arguments.host, port=arguments.port, device=arguments.device,
+              class_names=model_class_names(arguments.classes), thing_ids=arguments.thing_ids,
               data_folder=Path(arguments.data) if arguments.data else REPOSITORY.parent / "shared" / "data")
     return EXIT_OK
 
@@ -295,7 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "boxes, masks as COCO RLE). Existing outputs are never replaced without --overwrite.")
     segment_parser.add_argument("inputs", nargs="+", metavar="INPUT",
                                 help="image files, folders of images, or glob patterns")
-    segment_parser.add_argument("--model", required=True, help="hub id (damo/... or iic/...) or model directory")
+    segment_parser.add_argument("--model", required=True,
+                                help="hub id (damo/... or iic/...), model directory, Hugging Face folder or checkpoint "
+                                     "file (EasyCV export, FastInst release, detectron2 .pkl)")
+    segment_parser.add_argument("--classes", metavar="FILE", help=CLASSES_HELP)
+    segment_parser.add_argument("--thing-ids", type=thing_ids_option, metavar="I,J,...", help=THING_IDS_HELP)
     segment_parser.add_argument("--task", choices=TASK_CHOICES, help="default: the model's own task")
     segment_parser.add_argument("--object-mask-threshold", type=float,
                                 help="panoptic: keep queries above this class score (0.8)")
@@ -317,7 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_parser = commands.add_parser(
         "evaluate", help="PQ / COCO AP / mIoU of a model on a COCO-format or ADE20K-style dataset",
         description="Runs modelscope_plugin.evaluation.evaluate; writes OUTPUT/metrics.json and OUTPUT/per_class.txt.")
-    evaluate_parser.add_argument("--model", required=True, help="hub id or model directory")
+    evaluate_parser.add_argument("--model", required=True, help="hub id, model directory, HF folder or checkpoint file")
+    evaluate_parser.add_argument("--classes", metavar="FILE", help=CLASSES_HELP)
+    evaluate_parser.add_argument("--thing-ids", type=thing_ids_option, metavar="I,J,...", help=THING_IDS_HELP)
+    evaluate_parser.add_argument("--device", default="cpu", help="cpu, gpu, cuda:0 ... (default cpu)")
     evaluate_parser.add_argument("--task", required=True, choices=TASK_CHOICES)
     evaluate_parser.add_argument("--images", required=True, help="image folder")
     evaluate_parser.add_argument("--annotations", help="COCO panoptic or instances JSON (panoptic, instance)")
@@ -337,7 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "onnxruntime's logits against the network, then moves the file into place. FastInst: dynamic "
                     "batch/height/width, checked at two sizes. Mask2Former: the graph takes (1, 3, H, W) at the "
                     "--example-size only (pad images to it), checked there. Post-processing stays in Python.")
-    export_parser.add_argument("--model", required=True, help="hub id or model directory")
+    export_parser.add_argument("--model", required=True, help="hub id, model directory, HF folder or checkpoint file")
+    export_parser.add_argument("--classes", metavar="FILE", help=CLASSES_HELP)
+    export_parser.add_argument("--thing-ids", type=thing_ids_option, metavar="I,J,...", help=THING_IDS_HELP)
     export_parser.add_argument("--output", required=True, help="the .onnx file to write")
     export_parser.add_argument("--example-size", type=padded_size, default=(640, 640), metavar="HxW",
                                help="input size traced (Mask2Former: the graph's fixed input size), "
@@ -386,8 +423,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "download). Requests are queued and run one at a time; uploads are capped at 20 MB. Needs the "
                     "[demo] extra (Gradio). Ctrl-C stops.")
     serve_parser.add_argument("--model", action="append",
-                              help="hub id or model directory (repeatable; default: the demo models in "
+                              help="hub id, model directory, HF folder or checkpoint file (repeatable; default: "
+                                   "the demo models in "
                                    "model_cards/demo)")
+    serve_parser.add_argument("--classes", metavar="FILE", help=CLASSES_HELP + " (applies to every --model)")
+    serve_parser.add_argument("--thing-ids", type=thing_ids_option, metavar="I,J,...",
+                              help=THING_IDS_HELP + " (applies to every --model)")
     serve_parser.add_argument("--host", default="127.0.0.1",
                               help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it "
                                    "to the network)")

@@ -3,7 +3,7 @@
 From cocodataset/panopticapi ``panoptic_coco_categories.json`` (CC BY 4.0); the same order, names and colours as
 detectron2, Mask2Former and mmdet 2.x ``CocoPanopticDataset`` (whose palette these colours are).
 """
-from typing import List, NamedTuple, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 
 class Category(NamedTuple):
@@ -170,3 +170,86 @@ def default_class_names(num_classes: int, categories: Sequence[Category]) -> Tup
     if num_classes == len(categories):
         return tuple(category.name for category in categories)
     return tuple(f"class_{index}" for index in range(num_classes))
+
+
+# ADE20K SceneParsing (ADEChallengeData2016), 150 classes in label-value order (value v = class v - 1), the names of
+# CSAILVision/sceneparsing ``objectInfo150.csv`` as detectron2's ``ADE20K_SEM_SEG_CATEGORIES`` lists them.
+ADE20K_CLASSES: Tuple[str, ...] = (
+    'wall', 'building', 'sky', 'floor', 'tree', 'ceiling', 'road, route', 'bed', 'window', 'grass', 'cabinet',
+    'sidewalk, pavement', 'person', 'earth, ground', 'door', 'table', 'mountain, mount', 'plant', 'curtain', 'chair',
+    'car', 'water', 'painting, picture', 'sofa', 'shelf', 'house', 'sea', 'mirror', 'rug', 'field', 'armchair',
+    'seat', 'fence', 'desk', 'rock, stone', 'wardrobe, closet, press', 'lamp', 'tub', 'rail', 'cushion',
+    'base, pedestal, stand', 'box', 'column, pillar', 'signboard, sign', 'chest of drawers, chest, bureau, dresser',
+    'counter', 'sand', 'sink', 'skyscraper', 'fireplace', 'refrigerator, icebox', 'grandstand, covered stand',
+    'path', 'stairs', 'runway', 'case, display case, showcase, vitrine', 'pool table, billiard table, snooker table',
+    'pillow', 'screen door, screen', 'stairway, staircase', 'river', 'bridge, span', 'bookcase', 'blind, screen',
+    'coffee table', 'toilet, can, commode, crapper, pot, potty, stool, throne', 'flower', 'book', 'hill', 'bench',
+    'countertop', 'stove', 'palm, palm tree', 'kitchen island', 'computer', 'swivel chair', 'boat', 'bar',
+    'arcade machine', 'hovel, hut, hutch, shack, shanty', 'bus', 'towel', 'light', 'truck', 'tower', 'chandelier',
+    'awning, sunshade, sunblind', 'street lamp', 'booth', 'tv', 'plane', 'dirt track', 'clothes', 'pole',
+    'land, ground, soil', 'bannister, banister, balustrade, balusters, handrail',
+    'escalator, moving staircase, moving stairway', 'ottoman, pouf, pouffe, puff, hassock', 'bottle',
+    'buffet, counter, sideboard', 'poster, posting, placard, notice, bill, card', 'stage', 'van', 'ship', 'fountain',
+    'conveyer belt, conveyor belt, conveyer, conveyor, transporter', 'canopy',
+    'washer, automatic washer, washing machine', 'plaything, toy', 'pool', 'stool', 'barrel, cask',
+    'basket, handbasket', 'falls', 'tent', 'bag', 'minibike, motorbike', 'cradle', 'oven', 'ball',
+    'food, solid food', 'step, stair', 'tank, storage tank', 'trade name', 'microwave', 'pot', 'animal', 'bicycle',
+    'lake', 'dishwasher', 'screen', 'blanket, cover', 'sculpture', 'hood, exhaust hood', 'sconce', 'vase',
+    'traffic light', 'tray', 'trash can', 'fan', 'pier', 'crt screen', 'plate', 'monitor', 'bulletin board',
+    'shower', 'radiator', 'glass, drinking glass', 'clock', 'flag',
+)
+# Cityscapes: the 19 evaluated classes in train-id order (semantic), and the 8 instance classes with their label ids.
+CITYSCAPES_CLASSES: Tuple[str, ...] = (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation", "terrain",
+    "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
+)
+CITYSCAPES_INSTANCE_CATEGORIES: List[Category] = [
+    Category(24, "person", True, (220, 20, 60)), Category(25, "rider", True, (255, 0, 0)),
+    Category(26, "car", True, (0, 0, 142)), Category(27, "truck", True, (0, 0, 70)),
+    Category(28, "bus", True, (0, 60, 100)), Category(31, "train", True, (0, 80, 100)),
+    Category(32, "motorcycle", True, (0, 0, 230)), Category(33, "bicycle", True, (119, 11, 32)),
+]
+
+
+class ClassTable(NamedTuple):
+    """A built-in class set: what a checkpoint that records only its class count is taken to have been trained on."""
+
+    dataset: str
+    class_names: Tuple[str, ...]
+    category_ids: Tuple[int, ...]
+    num_things_classes: int
+    """The first ``num_things_classes`` classes are things (the rest stuff), as post-processing expects."""
+    task: str
+    """What checkpoints trained on it answer by default."""
+
+
+BUILTIN_CLASS_TABLES: Tuple[ClassTable, ...] = (
+    ClassTable("COCO panoptic", tuple(c.name for c in COCO_PANOPTIC_CATEGORIES),
+               tuple(c.id for c in COCO_PANOPTIC_CATEGORIES), len(COCO_THING_CATEGORIES), "panoptic"),
+    ClassTable("COCO instance", tuple(c.name for c in COCO_THING_CATEGORIES),
+               tuple(c.id for c in COCO_THING_CATEGORIES), len(COCO_THING_CATEGORIES), "instance"),
+    ClassTable("ADE20K", ADE20K_CLASSES, tuple(range(len(ADE20K_CLASSES))), 0, "semantic"),
+    ClassTable("Cityscapes", CITYSCAPES_CLASSES, tuple(range(len(CITYSCAPES_CLASSES))), 0, "semantic"),
+    ClassTable("Cityscapes instance", tuple(c.name for c in CITYSCAPES_INSTANCE_CATEGORIES),
+               tuple(c.id for c in CITYSCAPES_INSTANCE_CATEGORIES), len(CITYSCAPES_INSTANCE_CATEGORIES), "instance"),
+)
+
+
+def class_table_of_count(num_classes: int) -> Optional[ClassTable]:
+    """The built-in class set with ``num_classes`` classes, or None (no two tables share a count)."""
+    return next((table for table in BUILTIN_CLASS_TABLES if len(table.class_names) == num_classes), None)
+
+
+def class_table_of_names(class_names: Sequence[str]) -> Optional[ClassTable]:
+    """The built-in class set whose names are ``class_names`` in order (case and surrounding spaces ignored), or
+    None."""
+    wanted = [name.strip().lower() for name in class_names]
+    for table in BUILTIN_CLASS_TABLES:
+        if [name.lower() for name in table.class_names] == wanted:
+            return table
+    return None
+
+
+def describe_class_tables() -> str:
+    """"COCO panoptic (133), COCO instance (80), ..." for messages."""
+    return ", ".join(f"{table.dataset} ({len(table.class_names)})" for table in BUILTIN_CLASS_TABLES)

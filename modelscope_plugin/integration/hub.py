@@ -134,10 +134,17 @@ def wrap_normalize_model_input(original):
 
 
 def wrap_from_pretrained(original):
-    """``Model.from_pretrained`` (its function) -> a classmethod that hands it the local directory of a supported id."""
+    """``Model.from_pretrained`` (its function) -> a classmethod that hands it the local directory of a supported id,
+    and the configuration ``load_model`` stands for of a checkpoint without configuration.json."""
     def from_pretrained(cls, model_name_or_path, revision=None, *args, **kwargs):
         if is_supported_id(model_name_or_path):
             model_name_or_path = resolve_model_dir(model_name_or_path, revision)
+        elif isinstance(model_name_or_path, (str, Path)) and not args and kwargs.get("cfg_dict") is None:
+            synthesized = synthesized_configuration(model_name_or_path)
+            if synthesized is not None:  # a checkpoint without configuration.json (HF folder, single file)
+                from modelscope.utils.config import Config
+
+                kwargs["cfg_dict"] = Config(synthesized)
         if revision is None:
             return original(cls, model_name_or_path, *args, **kwargs)
         return original(cls, model_name_or_path, revision, *args, **kwargs)

@@ -1,5 +1,5 @@
 """ModelScope ``Model`` wrapping this package's Mask2Former or FastInst, built from a hub-layout model directory."""
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from modelscope.models.base import TorchModel
@@ -15,11 +15,13 @@ from modelscope_plugin.modeling.mask2former.model import Mask2FormerOutput
 class SegmentationModel(TorchModel):
     """Every ``configuration.json`` model type in ``model_dirs.configuration.MODEL_TYPES`` (the Swin-L, R50 and
     FastInst hub ids, this package's own ``mask2former``, and ``eomt``), and every layout ``load_model`` reads without
-    one (a Hugging Face folder, an EasyCV export, a FastInst release file)."""
+    one (a Hugging Face folder, an EasyCV export, a FastInst release file, a detectron2 ``.pkl``). ``class_names``: the
+    classes' names for a checkpoint that records none, ``thing_ids``: its thing classes (``load_model``)."""
 
-    def __init__(self, model_dir: str, *args, task: Optional[str] = None, **kwargs):
+    def __init__(self, model_dir: str, *args, task: Optional[str] = None,
+                 class_names: Optional[Sequence[str]] = None, thing_ids: Optional[Sequence[int]] = None, **kwargs):
         super().__init__(model_dir, *args, **kwargs)
-        self.config, self.network = load_model(model_dir, task=task)
+        self.config, self.network = load_model(model_dir, task=task, class_names=class_names, thing_ids=thing_ids)
 
     def forward(self, images: torch.Tensor) -> Union[Mask2FormerOutput, FastInstOutput]:
         return self.network(images)

@@ -1,7 +1,7 @@
 """ModelScope ``Pipeline``: image(s) -> panoptic / semantic / instance segments, through ``inference.Predictor``."""
 import importlib
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 from modelscope.pipelines.base import Pipeline
 from modelscope.pipelines.builder import PIPELINES
@@ -59,7 +59,8 @@ class SegmentationPipeline(Pipeline):
     bad item, the others intact). ``max_postprocess_pixels`` (2048 * 2048; None: no cap): larger inputs are
     post-processed at that many pixels and their masks brought to full size by nearest neighbour (outputs.py).
     Constructor: ``precision`` "fp32" (default), "bf16" (autocast; CPU or GPU) or "fp16" (CUDA), see precision.py;
-    ``device`` as ModelScope ("cpu", "gpu", "cuda:0").
+    ``device`` as ModelScope ("cpu", "gpu", "cuda:0"); ``class_names``: the classes' names for a checkpoint that
+    records none, ``thing_ids``: its thing classes (``load_model``).
     """
 
     pipeline_type: str = ""
@@ -83,9 +84,11 @@ class SegmentationPipeline(Pipeline):
                     ) from error
         return cls(**kwargs)
 
-    def __init__(self, model, preprocessor=None, precision: str = "fp32", **kwargs):
+    def __init__(self, model, preprocessor=None, precision: str = "fp32",
+                 class_names: Optional[Sequence[str]] = None, thing_ids: Optional[Sequence[int]] = None, **kwargs):
         if isinstance(model, str):
-            model = SegmentationModel(model, device=kwargs.get("device"))
+            model = SegmentationModel(model, device=kwargs.get("device"), class_names=class_names,
+                                      thing_ids=thing_ids)
         if preprocessor is None:
             preprocessor = ImagePreparation()
         super().__init__(model=model, preprocessor=preprocessor, auto_collate=False, **kwargs)
@@ -126,13 +129,16 @@ class SegmentationPipeline(Pipeline):
         return self.predictor.postprocess(inputs["image"], inputs["class_logits"], inputs["mask_logits"], parameters)
 
 
-def build_pipeline(model: str, device: str):
+def build_pipeline(model: str, device: str, class_names: Optional[Sequence[str]] = None,
+                   thing_ids: Optional[Sequence[int]] = None):
     """ModelScope's pipeline for ``model``; this package's own errors pass through, others are reported as a failed
-    model."""
+    model. ``class_names``, ``thing_ids``: for a checkpoint that records none (``load_model``)."""
     from modelscope.pipelines import pipeline
 
+    extra = {name: list(value) for name, value in (("class_names", class_names), ("thing_ids", thing_ids))
+             if value is not None}
     try:
-        return pipeline(Tasks.image_segmentation, model=model, device=device)
+        return pipeline(Tasks.image_segmentation, model=model, device=device, **extra)
     except USER_ERRORS:
         raise
     except Exception as error:  # ModelScope raises ValueError/RuntimeError/KeyError flavours for unusable models

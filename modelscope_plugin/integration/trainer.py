@@ -1,5 +1,6 @@
 """ModelScope trainer for this package's Mask2Former and FastInst: ``build_trainer('mask2former-segmentation',
-dict(model=<dir or hub id>, train_dataset=MsDataset, eval_dataset=MsDataset, work_dir=..., cfg_options={...}))``.
+dict(model=<dir, checkpoint or hub id>, train_dataset=MsDataset, eval_dataset=MsDataset, work_dir=...,
+cfg_options={...}))``.
 
 A FastInst model directory (``model.type`` "fastinst") trains the instance task with ``FastInstCriterion`` (location
 cost, proposal loss, ground-truth mask-guided learning) and official FastInst's defaults (AdamW 1e-4, weight decay
@@ -34,6 +35,10 @@ distributed eval pads with         each image scored once, metric objects merged
 duplicate images
 ``strict=False`` class heads       a different ``train.categories`` re-initialises the class head, logged
 ================================  ===================================================================================
+
+A checkpoint without a configuration.json (a Hugging Face folder, an EasyCV export, a FastInst release file, a
+detectron2 ``.pkl``; ``class_names=`` where it records none) is first written as a model directory under
+``{work_dir}/input_model`` (``model_directory_for_training``), which the trainer then reads.
 
 Configuration (``configuration.json`` of the model dir, then ``cfg_options``; defaults in ``DEFAULT_TRAINING_CONFIG``):
 ``train.max_epochs``, ``train.train_iters_per_epoch``, ``train.dataloader.{batch_size_per_gpu,workers_per_gpu}``,
@@ -79,14 +84,15 @@ from modelscope_plugin.integration.datasets import (
     data_root_of,
     panoptic_data_source,
 )
-from modelscope_plugin.model_dirs.load import load_model_dir
+from modelscope_plugin.model_dirs.configuration import synthesized_configuration
+from modelscope_plugin.model_dirs.load import load_model, load_model_dir
 from modelscope_plugin.modeling.criterion import Mask2FormerCriterion
 from modelscope_plugin.modeling.fastinst.criterion import FastInstCriterion
 from modelscope_plugin.modeling.matcher import HungarianMatcher
 from modelscope_plugin.modeling.point_sampling import PointSampler
 from modelscope_plugin.ranks import rank_and_world_size
 from modelscope_plugin.training import amp, distributed  # noqa: F401  (register SegmentationAMPOptimizerHook, SegmentationDDPHook)
-from modelscope_plugin.training.checkpoint import SegmentationLoadCheckpointHook
+from modelscope_plugin.training.checkpoint import SegmentationLoadCheckpointHook, write_output_dir
 from modelscope_plugin.training.class_head import adapt_class_head
 from modelscope_plugin.training.config import AugmentationConfig, LossConfig, settings_from
 from modelscope_plugin.training.data import (
@@ -162,15 +168,26 @@ def _rows(dataset) -> Any:
 class SegmentationTrainer(EpochBasedTrainer):
     """Finetunes a Mask2Former or FastInst model directory; see the module docstring for the configuration."""
 
-    def __init__(self, model: str, *arguments, categories: Optional[List[Dict[str, Any]]] = None, **kwargs):
-        if not isinstance(model, str):
-            raise TrainingConfigError("model must be a model directory or a supported hub id (a str)")
+    def __init__(self, model: str, *arguments, categories: Optional[List[Dict[str, Any]]] = None,
+                 class_names: Optional[List[str]] = None, **kwargs):
+        if not isinstance(model, (str, Path)):
+            raise TrainingConfigError("model must be a model directory, a checkpoint file or a supported hub id "
+                                      "(a str)")
         self._categories_argument = categories
         self._notes: List[str] = []
         # merged before the configuration is read (rebuild_config), so that they reach every section it reads
         self._cfg_options = kwargs.pop("cfg_options", None) or {}
         self._train_dataset_argument = kwargs.get("train_dataset")
-        super().__init__(model, *arguments, **kwargs)
+        if synthesized_configuration(model) is not None:  # a checkpoint without a configuration.json
+            work_dir = Path(kwargs.get("work_dir") or "./work_dir")
+            directory = model_directory_for_training(model, work_dir / "input_model", class_names)
+            self._notes.append(f"{model}: the checkpoint was written as the model directory {directory} to train "
+                               "from")
+            model = directory
+        elif class_names is not None:
+            raise TrainingConfigError("class_names is for checkpoints without a configuration.json; a model "
+                                      "directory names its classes in its configuration")
+        super().__init__(str(model), *arguments, **kwargs)
         if self.eval_dataset is None and any(type(hook).__name__ == "EvaluationHook" for hook in self.hooks):
             raise TrainingConfigError("an EvaluationHook is configured (train.hooks / evaluation.period) but there is "
                                       "no eval_dataset: give one, or remove the hook")
@@ -475,6 +492,14 @@ class SegmentationTrainer(EpochBasedTrainer):
         self.evaluation_results = results
         self._metric_values = flat_metric_values(results)
         return self._metric_values
+
+
+def model_directory_for_training(checkpoint, directory: Path, class_names: Optional[List[str]] = None) -> Path:
+    """A checkpoint without a configuration.json (Hugging Face folder, EasyCV export, FastInst release, detectron2
+    ``.pkl``) written as the model directory the trainer reads (Mask2Former: the native layout; FastInst: the hub
+    layout), replacing an earlier copy there (a resumed run rewrites the same weights)."""
+    config, network = load_model(checkpoint, class_names=class_names)
+    return write_output_dir(directory, config, network)
 
 
 def finetuned_model_dir(work_dir) -> Path:

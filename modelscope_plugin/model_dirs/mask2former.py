@@ -10,7 +10,7 @@ The directory's own config wins over this repository's defaults; class names com
 """
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from modelscope_plugin.builders import build_mask2former
 from modelscope_plugin.checkpoints.io import extract_state_dict, load_strict, read_checkpoint
@@ -26,8 +26,10 @@ from modelscope_plugin.config import (
 from modelscope_plugin.data.categories import (
     COCO_PANOPTIC_CATEGORIES,
     MMDET_COCO_PANOPTIC_CLASSES,
+    class_table_of_count,
     default_category_ids,
     default_class_names,
+    describe_class_tables,
 )
 from modelscope_plugin.errors import ModelDirError
 from modelscope_plugin.model_dirs.configuration import check_config, decode_easycv_tuples, reading_values
@@ -183,9 +185,11 @@ def _class_names(checkpoint: dict, config_values: Dict[str, Any], config: Mask2F
     return default_class_names(config.num_classes, COCO_PANOPTIC_CATEGORIES)
 
 
-def load_easycv_export(path, task: Optional[str] = None,
-                       checkpoint: Optional[dict] = None) -> Tuple[Mask2FormerConfig, Mask2Former]:
-    """EasyCV ``mask2former_*_export.pth``: weights plus the training config pickled in ``meta.config``."""
+def load_easycv_export(path, task: Optional[str] = None, checkpoint: Optional[dict] = None,
+                       class_names: Optional[Sequence[str]] = None) -> Tuple[Mask2FormerConfig, Mask2Former]:
+    """EasyCV ``mask2former_*_export.pth``: weights plus the training config pickled in ``meta.config``. Class names:
+    ``class_names``, else ``meta.CLASSES`` (or the config's ``CLASSES``), else the built-in class set of that many
+    classes; without any, one ``ModelDirError`` asking for them."""
     checkpoint = read_checkpoint(path) if checkpoint is None else checkpoint
     meta = checkpoint.get("meta", {}) if isinstance(checkpoint, dict) else {}
     configuration = decode_easycv_tuples(dict(meta.get("config") or {}))
@@ -196,6 +200,19 @@ def load_easycv_export(path, task: Optional[str] = None,
     with reading_values(where):
         config = config_from_easycv(configuration, resnet50_coco_panoptic())
     check_config(config, where)
+    table = class_table_of_count(config.num_classes)
+    if class_names is not None:
+        if len(class_names) != config.num_classes:
+            raise ModelDirError(f"{path}: {len(class_names)} class names given for its {config.num_classes} classes")
+        config = replace(config, class_names=tuple(class_names))
+    elif not (meta.get("CLASSES") or configuration.get("CLASSES")):
+        if table is None:
+            raise ModelDirError(f"{path} records no class names (meta.CLASSES) and its {config.num_classes} classes "
+                                f"match no built-in class set ({describe_class_tables()}); give them: "
+                                "class_names=[...] (load_model, pipeline) or --classes FILE (modelscope-seg)")
+        config = replace(config, class_names=table.class_names)
+    if table is not None and not config.category_ids:
+        config = replace(config, category_ids=table.category_ids)
     state_dict = convert_to_native(extract_state_dict(checkpoint), "easycv")
     config = with_classes(config, checkpoint, configuration, task, where=str(path))
     network = build_mask2former(config)

@@ -29,7 +29,8 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from modelscope_plugin.config import Mask2FormerConfig, ResNetConfig, SwinConfig
-from modelscope_plugin.data.layouts import FORMATS
+from modelscope_plugin.data.layouts import FORMATS, read_class_names
+from modelscope_plugin.errors import ModelDirError
 
 ARCHITECTURES = {
     # the unit tests' network (about 2 M parameters)
@@ -161,7 +162,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                         help="instance training: keep images without objects (default: left out, as detectron2)")
     parser.add_argument("--generate", type=int, default=0, help="write this many synthetic training scenes first")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--model", default=None, help="model directory or hub id to start from")
+    parser.add_argument("--model", default=None, help="model directory, hub id, Hugging Face folder or checkpoint file "
+                        "(EasyCV export, FastInst release, detectron2 .pkl) to start from")
+    parser.add_argument("--model-classes", default=None, metavar="FILE",
+                        help="--model's own class names, one per line, for a checkpoint that records none")
     parser.add_argument("--architecture", choices=sorted(ARCHITECTURES) + sorted(FASTINST_ARCHITECTURES),
                         default="small")
     parser.add_argument("--work-dir", required=True)
@@ -273,6 +277,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         model=model, train_dataset=as_ms_dataset(train_rows), eval_dataset=as_ms_dataset(evaluation_rows),
         work_dir=str(work_dir), categories=categories,
         cfg_options=options, seed=arguments.seed)
+    if arguments.model_classes:
+        if not Path(arguments.model_classes).is_file():
+            raise ModelDirError(f"--model-classes {arguments.model_classes}: no such file")
+        arguments_of_trainer["class_names"] = read_class_names(arguments.model_classes)
     if arguments.launcher:
         arguments_of_trainer["launcher"] = arguments.launcher
     trainer = build_trainer("mask2former-segmentation", arguments_of_trainer)
