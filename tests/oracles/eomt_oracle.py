@@ -16,6 +16,9 @@ Runs inside the oracle venv (``.venv-oracle``, transformers 5 on the runtime ven
           ``do_split_image`` (short side to the model's image size, no long-side cap) on each image, the model on
           its windows, ``post_process_semantic_segmentation``; stores per image ``pixel_values_<i>`` [N,3,S,S],
           ``patch_offsets_<i>`` [N,3], the logits and ``segmentation_scores_<i>`` [C,H,W] at the original size.
+``loss``  the model in training mode on ``pixel_values`` with ``mask_labels_<b>`` / ``class_labels_<b>`` from an npz:
+          its total loss (every query block's prediction and the final one, each matched and weighted), with the
+          random points it draws replaced, call by call, by ``draw_<i>`` (other random draws are left as they are).
 ``postprocess``  ``EomtImageProcessor.post_process_{panoptic,instance}_segmentation`` on given logits
           (``class_queries_logits``, ``masks_queries_logits``, ``target_size`` in an npz); stores the segmentation
           maps and the segments as JSON.
@@ -162,6 +165,39 @@ def command_windows(args):
     np.savez(args.result, **result)
 
 
+def command_loss(args):
+    from transformers import AutoModelForUniversalSegmentation
+
+    data = np.load(args.inputs)
+    draws = [torch.from_numpy(data[f"draw_{index}"]) for index in range(int(data["num_draws"]))]
+    real_rand = torch.rand
+
+    def injected_rand(*size, **kwargs):
+        if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)):
+            size = tuple(size[0])
+        if len(size) != 3 or size[-1] != 2:  # not point coordinates: the masked-attention coin flips
+            return real_rand(*size, **kwargs)
+        if not draws:
+            raise AssertionError(f"transformers drew more random points than given (shape {size})")
+        draw = draws.pop(0)
+        if tuple(draw.shape) != tuple(size):
+            raise AssertionError(f"transformers asked torch.rand{tuple(size)}; next given draw is {tuple(draw.shape)}")
+        return draw
+
+    model = AutoModelForUniversalSegmentation.from_pretrained(args.model_dir).train()
+    batch_size = int(data["batch_size"])
+    torch.rand = injected_rand
+    try:
+        output = model(pixel_values=torch.from_numpy(data["pixel_values"]),
+                       mask_labels=[torch.from_numpy(data[f"mask_labels_{b}"]) for b in range(batch_size)],
+                       class_labels=[torch.from_numpy(data[f"class_labels_{b}"]) for b in range(batch_size)])
+    finally:
+        torch.rand = real_rand
+    if draws:
+        raise AssertionError(f"{len(draws)} given random tensors were not used")
+    np.savez(args.result, loss=output.loss.detach().numpy())
+
+
 def command_postprocess(args):
     from types import SimpleNamespace
 
@@ -219,6 +255,11 @@ def main(argv=None):
     windows.add_argument("--images", nargs="+", required=True)
     windows.add_argument("--result", required=True)
     windows.set_defaults(func=command_windows)
+    loss = commands.add_parser("loss", help="the training loss of a model folder with given random points")
+    loss.add_argument("--model-dir", required=True)
+    loss.add_argument("--inputs", required=True)
+    loss.add_argument("--result", required=True)
+    loss.set_defaults(func=command_loss)
     postprocess = commands.add_parser("postprocess", help="panoptic / instance post-processing of given logits")
     postprocess.add_argument("--logits", required=True)
     postprocess.add_argument("--size", type=int, required=True, help="the square input the logits came from")

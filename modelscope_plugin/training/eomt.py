@@ -1,0 +1,94 @@
+"""EoMT's training recipe: the per-block annealing of masked attention, layer-wise learning-rate decay and the AdamW
+optimiser of the official EoMT training (Kerssies et al., CVPR 2025).
+
+- Loss: Mask2Former's criterion (``modeling/criterion.py``) on the final prediction and on the prediction made
+  before every query block (``Eomt.forward`` returns them in training), each matched on its own and weighted alike.
+- Masked attention: query block ``i`` keeps its mask with probability 1 until step ``starts[i]``, then
+  ``(1 - progress) ** power`` (polynomial, power 0.9) until ``ends[i]``, 0 from there on; the blocks anneal one
+  after another, so a finished network runs without masks.
+- Learning rates: ``lr`` for the queries, heads, upscaling layers and the ViT's final norm; ViT block ``b`` of ``N``
+  at ``lr * layer_decay ** (N - 1 - b)``, the embeddings (patches, class / register tokens, positions) as block 0.
+- Optimiser: ``torch.optim.AdamW`` with weight decay 0.05 on every parameter.
+"""
+from dataclasses import dataclass
+from typing import Any, Dict, List, Sequence, Tuple
+
+import torch
+
+from modelscope_plugin.modeling.eomt.model import Eomt
+
+
+@dataclass
+class EomtTrainingConfig:
+    """The official EoMT training settings (its defaults for COCO and ADE20K)."""
+
+    lr: float = 1e-4
+    layer_decay: float = 0.8
+    """Each ViT block below the last trains at this factor of the one above it."""
+    weight_decay: float = 0.05
+    poly_power: float = 0.9
+    """Power of the polynomial masked-attention annealing."""
+
+
+def mask_probability(step: int, start: int, end: int, power: float = 0.9) -> float:
+    """Masked-attention probability of one query block at ``step``: 1 before ``start``, 0 from ``end`` on,
+    ``(1 - (step - start) / (end - start)) ** power`` between."""
+    if end <= start:
+        raise ValueError(f"annealing end {end} must come after its start {start}")
+    if step < start:
+        return 1.0
+    if step >= end:
+        return 0.0
+    return (1.0 - (step - start) / (end - start)) ** power
+
+
+def annealing_steps(total_steps: int, num_query_blocks: int) -> Tuple[List[int], List[int]]:
+    """(starts, ends) placed as in the official configurations: a unit ``u = total_steps // (blocks + 2)``, block
+    ``i`` annealing over ``[(i + 1) u, (i + 2) u)``, so the last block reaches 0 a unit before the end of training
+    (their units: 14782 steps for COCO and 6520 for ADE20K, with 4 query blocks, about a sixth of the training)."""
+    unit = total_steps // (num_query_blocks + 2)
+    if unit < 1:
+        raise ValueError(f"{total_steps} steps are too few to anneal {num_query_blocks} blocks")
+    return ([(block + 1) * unit for block in range(num_query_blocks)],
+            [(block + 2) * unit for block in range(num_query_blocks)])
+
+
+def anneal_masks(network: Eomt, step: int, starts: Sequence[int], ends: Sequence[int],
+                 power: float = 0.9) -> List[float]:
+    """Sets ``network.attention_mask_probabilities`` for ``step`` (one value per query block) and returns them."""
+    if not len(starts) == len(ends) == network.num_query_blocks:
+        raise ValueError(f"{len(starts)} starts and {len(ends)} ends for {network.num_query_blocks} query blocks")
+    values = [mask_probability(step, start, end, power) for start, end in zip(starts, ends)]
+    with torch.no_grad():
+        network.attention_mask_probabilities.copy_(torch.tensor(values))
+    return values
+
+
+def eomt_parameter_groups(network: Eomt, lr: float, layer_decay: float, weight_decay: float) -> List[Dict[str, Any]]:
+    """One group per distinct learning rate (see the module docstring), the full-rate group first; each group lists
+    its parameter ``names``. Frozen parameters are left out."""
+    num_blocks = len(network.blocks)
+    groups: Dict[float, Dict[str, Any]] = {}
+    for name, parameter in network.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        parts = name.split(".")
+        if parts[0] == "blocks":
+            group_lr = lr * layer_decay ** (num_blocks - 1 - int(parts[1]))
+        elif parts[0] == "embeddings":
+            group_lr = lr * layer_decay ** (num_blocks - 1)
+        else:  # the final norm, queries, class and mask heads, upscaling layers
+            group_lr = lr
+        group = groups.setdefault(group_lr, {"params": [], "lr": group_lr, "weight_decay": weight_decay,
+                                             "names": []})
+        group["params"].append(parameter)
+        group["names"].append(name)
+    return sorted(groups.values(), key=lambda group: -group["lr"])
+
+
+def build_eomt_optimizer(network: Eomt, settings: EomtTrainingConfig = EomtTrainingConfig()) -> torch.optim.AdamW:
+    """AdamW over ``eomt_parameter_groups`` with the settings' rate, decay and weight decay."""
+    groups = eomt_parameter_groups(network, settings.lr, settings.layer_decay, settings.weight_decay)
+    for group in groups:
+        group.pop("names")
+    return torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
