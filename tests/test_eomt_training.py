@@ -143,3 +143,62 @@ def test_loss_equals_transformers_on_the_same_points(tmp_path, probabilities):
     assert abs(total.item() - reference) <= 1e-5 * reference, (total.item(), reference)
     # not degenerate: the stages' losses differ, so dropping or repeating one would show
     assert len({round(losses[f"loss_dice{suffix}"].item(), 4) for suffix in ("", "_0", "_1")}) == 3
+
+
+def test_a_tiny_eomt_learns_a_repeated_batch_of_synthetic_scenes(tmp_path):
+    """A tiny EoMT from random weights, 100 steps of the recipe (annealing, layer-wise rates, AdamW) on one
+    repeated batch of 4 synthetic 64x64 scenes: the loss falls, and held-out scenes of another seed score a panoptic
+    quality the untrained network does not reach (measured: untrained 0.0, trained 2.2 on held-out scenes)."""
+    from dataclasses import replace
+
+    from modelscope.metrics import build_metric
+
+    from modelscope_plugin.data.datasets import read_coco_panoptic
+    from modelscope_plugin.data.synthetic import SceneConfig, write_dataset
+    from modelscope_plugin.modeling.point_sampling import PointSampler
+    from modelscope_plugin.training.config import AugmentationConfig
+    from modelscope_plugin.training.data import SegmentationTrainingDataset, collate, contiguous_categories
+    from modelscope_plugin.training.eomt import training_step
+    from modelscope_plugin.training.evaluation import evaluate_network
+    from modelscope_plugin.training.finetune import dataset_categories
+
+    size = 64
+    train = write_dataset(tmp_path, "train", 4, seed=0, config=SceneConfig.scaled(size))
+    held_out = write_dataset(tmp_path, "val", 8, seed=1, config=SceneConfig.scaled(size))
+    categories = dataset_categories(train.panoptic_json)
+    ordered = [c for c in categories if c["isthing"]] + [c for c in categories if not c["isthing"]]
+    num_things = sum(c["isthing"] for c in categories)
+    config = EomtConfig(hidden_dim=64, num_layers=4, num_heads=4, mlp_dim=128, image_size=size, patch_size=8,
+                        num_register_tokens=0, num_query_blocks=2, num_queries=16, num_things_classes=num_things,
+                        num_stuff_classes=len(ordered) - num_things, class_names=tuple(c["name"] for c in ordered),
+                        category_ids=tuple(c["id"] for c in ordered))
+    config = replace(config, preprocess=replace(config.preprocess, short_side=size, long_side_max=size,
+                                                size_divisor=size))
+    torch.manual_seed(0)
+    network = build_eomt(config)
+    rows, _ = read_coco_panoptic(str(train.panoptic_json), str(train.panoptic_folder), str(train.image_folder))
+    held_out_rows, _ = read_coco_panoptic(str(held_out.panoptic_json), str(held_out.panoptic_folder),
+                                          str(held_out.image_folder))
+    dataset = SegmentationTrainingDataset(rows, contiguous_categories(ordered), "panoptic", config.preprocess,
+                                          AugmentationConfig(image_size=size, min_scale=1.0, max_scale=1.0,
+                                                             flip_probability=0.0), seed=0)
+    batch = collate([(dataset[index], index) for index in range(len(dataset))])
+
+    def held_out_pq():
+        metric = build_metric({"type": "segmentation-panoptic-quality", "categories": ordered})
+        return evaluate_network(network, config, held_out_rows, [metric], "panoptic", torch.device("cpu"),
+                                object_mask_threshold=0.5)["PQ"]
+
+    untrained = held_out_pq()
+    criterion = Mask2FormerCriterion(config.num_classes, HungarianMatcher(num_points=1024), num_points=1024)
+    optimizer = build_eomt_optimizer(network, EomtTrainingConfig(lr=3e-4))
+    steps, starts, ends = 100, [25, 50], [50, 75]
+    losses = [training_step(network, criterion, optimizer, batch.images, batch.targets,
+                            PointSampler.from_seeds([10 * step + image for image in range(4)]), step, starts, ends)
+              for step in range(steps)]
+    # annealed away by the end: the network runs unmasked, as a released checkpoint
+    assert network.attention_mask_probabilities.tolist() == [0.0, 0.0]
+    assert np.mean(losses[-10:]) < 0.75 * np.mean(losses[:10]), (losses[:10], losses[-10:])
+    trained = held_out_pq()
+    print("held-out PQ untrained", untrained, "trained", trained)
+    assert untrained < 0.5 and trained > 1.0 and trained > untrained + 1.0, (untrained, trained)

@@ -92,3 +92,20 @@ def build_eomt_optimizer(network: Eomt, settings: EomtTrainingConfig = EomtTrain
     for group in groups:
         group.pop("names")
     return torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
+
+
+def training_step(network: Eomt, criterion, optimizer: torch.optim.Optimizer, images: torch.Tensor, targets,
+                  sampler, step: int, starts: Sequence[int], ends: Sequence[int], power: float = 0.9) -> float:
+    """One optimisation step of the recipe: the masks annealed for ``step``, the network in training mode on
+    ``images`` (B, 3, S, S), Mask2Former's criterion on the final and every query block's prediction, AdamW.
+    Returns the weighted total loss."""
+    anneal_masks(network, step, starts, ends, power)
+    network.train()
+    output = network(images)
+    total = criterion.total(criterion(output, targets, sampler))
+    if not torch.isfinite(total):
+        raise FloatingPointError(f"step {step}: the loss is {total.item()}; lower the learning rate")
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    optimizer.step()
+    return float(total.detach())
