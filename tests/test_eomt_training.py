@@ -202,3 +202,23 @@ def test_a_tiny_eomt_learns_a_repeated_batch_of_synthetic_scenes(tmp_path):
     trained = held_out_pq()
     print("held-out PQ untrained", untrained, "trained", trained)
     assert untrained < 0.5 and trained > 1.0 and trained > untrained + 1.0, (untrained, trained)
+
+
+@pytest.mark.oracle
+def test_the_modelscope_trainer_refuses_an_eomt_directory_saying_what_to_use(tmp_path):
+    import json
+
+    from modelscope.trainers import build_trainer
+
+    from modelscope_plugin.errors import TrainingConfigError
+
+    model_dir = tmp_path / "hf_eomt"
+    run_oracle("eomt_oracle.py", "make", "--hidden-size", "64", "--layers", "4", "--heads", "4", "--image-size", "64",
+               "--registers", "2", "--num-blocks", "2", "--queries", "12", "--labels", "5", "--seed", "0",
+               "--out-dir", model_dir)
+    (model_dir / "configuration.json").write_text(json.dumps({
+        "framework": "pytorch", "task": "image-segmentation", "model": {"type": "eomt"},
+        "pipeline": {"type": "image-panoptic-segmentation"}}))
+    with pytest.raises(TrainingConfigError, match="is an EoMT.*training.eomt.training_step"):
+        build_trainer("mask2former-segmentation", dict(model=str(model_dir), train_dataset=[],
+                                                       work_dir=str(tmp_path / "work")))
