@@ -6,7 +6,8 @@ Run with the oracle environment (it sees both packages):
 
 A random-weight ``EomtForUniversalSegmentation`` (EoMT-L: DINOv2 ViT-L/16, 4 registers, 640 x 640, 200 queries, 133
 classes, masked attention annealed away as in the released checkpoints) is built in memory and its state dict
-converted into this package's network (``checkpoints/eomt.py``). Timed, interleaved, each after one warm-up call:
+converted into this package's network (``checkpoints/eomt.py``). Each case is called once to warm up, then timed,
+interleaved:
 - transformers: ``EomtImageProcessor`` (long side 640, ``do_pad``) + forward + ``post_process_panoptic_segmentation``;
 - this package: ``Predictor`` (decode, resize, pad + forward + panoptic fusion at the image size, the outputs built);
 - both forwards alone on the same pixels;
@@ -48,14 +49,10 @@ def build_pair():
     return model, processor, config, network.eval()
 
 
-def timed(function, runs):
-    function()  # warm-up
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return times
+def timed(function) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
 
 
 def main(argv=None):
@@ -102,10 +99,12 @@ def main(argv=None):
         "ours EoMT-L forward": ours_forward,
         "ours Mask2Former Swin-L 800/1333 end to end": lambda: swin_predictor(image, task="panoptic"),
     }
+    for function in cases.values():  # warm-up
+        function()
     times = {name: [] for name in cases}
     for _ in range(args.runs):  # interleaved, so load drifts hit all alike
         for name, function in cases.items():
-            times[name] += timed(function, 1)
+            times[name].append(timed(function))
     medians = {name: statistics.median(values) for name, values in times.items()}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, image {image.width}x{image.height}, "
           f"{args.runs} runs (median, warm)")
