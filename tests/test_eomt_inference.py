@@ -21,6 +21,17 @@ SMALL = ["--hidden-size", "64", "--layers", "4", "--heads", "4", "--image-size",
          "--num-blocks", "2", "--queries", "12", "--labels", "7", "--seed", "0", "--attn-mask-probs", "0,0"]
 
 
+def test_an_extremely_elongated_image_is_refused_for_windows():
+    from modelscope_plugin.config import EomtConfig
+    from modelscope_plugin.errors import ImageInputError
+
+    config = EomtConfig(image_size=64)
+    banner = np.zeros((2, 100, 3), dtype=np.uint8)  # 50 windows
+    with pytest.raises(ImageInputError, match="100x2 pixels is too elongated"):
+        prepare_windows(banner, config.preprocess, 64)
+    assert len(prepare_windows(np.zeros((2, 64, 3), dtype=np.uint8), config.preprocess, 64).window_starts) == 32
+
+
 def test_window_starts_by_hand():
     # 100 pixels in windows of 64: two, overlapping by 28, the second ending at 100
     assert window_starts(100, 64) == (0, 36)

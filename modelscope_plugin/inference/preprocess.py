@@ -226,6 +226,11 @@ def prepare_image(rgb: np.ndarray, config: PreprocessConfig, minimum_feature_pix
     return PreparedImage(tensor=tensor, original_size=(height, width), resized_size=(resized_height, resized_width))
 
 
+# an image longer than this many times its short side is refused for sliding windows (a 1 x 5000 banner would
+# otherwise become 5000 windows)
+MAX_WINDOWS = 32
+
+
 def window_starts(length: int, window_size: int) -> Tuple[int, ...]:
     """Starts of the fewest ``window_size`` windows covering ``length`` pixels, their overlap spread evenly (the
     first at 0, the last ending at ``length``, up to the truncation of fractional starts), as transformers'
@@ -240,6 +245,10 @@ def prepare_windows(rgb: np.ndarray, config: PreprocessConfig, window_size: int)
     truncated: ``int(window_size * long / short)``), normalised, unpadded, with the starts of the square windows
     along its long side (``PreparedImage.network_input`` cuts them)."""
     height, width = rgb.shape[:2]
+    if max(height, width) > MAX_WINDOWS * min(height, width):
+        raise ImageInputError(f"image of {width}x{height} pixels is too elongated for sliding windows: its short side "
+                              f"resized to {window_size} would need more than {MAX_WINDOWS} windows; crop it, or ask "
+                              "for the panoptic task, which pads instead")
     if height <= width:
         resized_height, resized_width = window_size, int(window_size * width / height)
     else:
