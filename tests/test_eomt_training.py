@@ -17,7 +17,9 @@ from modelscope_plugin.training.eomt import (
     anneal_masks,
     annealing_steps,
     build_eomt_optimizer,
+    build_eomt_scheduler,
     eomt_parameter_groups,
+    learning_rate_factor,
     mask_probability,
 )
 
@@ -80,8 +82,11 @@ def test_layer_wise_learning_rates_and_adamw():
                  "upscale_layers.0.transposed_conv.weight", "embeddings.position_embeddings",
                  "embeddings.register_tokens", "blocks.0.attention.qkv.weight"):
         assert name in lr_of, name
-    assert [group["lr"] for group in groups] == sorted((group["lr"] for group in groups), reverse=True)
-    assert len(groups) == 4  # 1e-4 (heads, norm, block 3), 8e-5, 6.4e-5, 5.12e-5 (block 0, embeddings)
+    # the heads (outside the ViT) first, then the ViT's groups: 1e-4 (final norm, block 3), 8e-5, 6.4e-5, 5.12e-5
+    assert [(group["vit"], group["lr"]) for group in groups] == [
+        (False, 1e-4), (True, 1e-4), (True, pytest.approx(8e-5)), (True, pytest.approx(6.4e-5)),
+        (True, pytest.approx(5.12e-5))]
+    assert "norm.weight" in groups[1]["names"] and "queries.weight" in groups[0]["names"]
     optimizer = build_eomt_optimizer(network, EomtTrainingConfig())
     assert isinstance(optimizer, torch.optim.AdamW)
     assert [group["lr"] for group in optimizer.param_groups] == [group["lr"] for group in groups]
@@ -89,6 +94,25 @@ def test_layer_wise_learning_rates_and_adamw():
     network.queries.weight.requires_grad_(False)
     assert "queries.weight" not in {name for group in eomt_parameter_groups(network, 1e-4, 0.8, 0.05)
                                     for name in group["names"]}
+
+
+def test_two_stage_warmup_and_polynomial_decay_by_hand():
+    # 3000 steps, warm-up 500 (heads) then 1000 (ViT), power 0.9
+    head = [learning_rate_factor(step, False, 3000) for step in (0, 250, 500, 1750, 3000)]
+    assert head == pytest.approx([0.0, 0.5, 1.0, 0.5358867312681466, 0.0], abs=1e-12)
+    vit = [learning_rate_factor(step, True, 3000) for step in (250, 499, 1000, 1500, 2250, 3000)]
+    assert vit == pytest.approx([0.0, 0.0, 0.5, 1.0, 0.5358867312681466, 0.0], abs=1e-12)
+    network = tiny_network()
+    optimizer = build_eomt_optimizer(network, EomtTrainingConfig(lr=1e-4))
+    scheduler = build_eomt_scheduler(optimizer, total_steps=3000)
+    assert [group["lr"] for group in optimizer.param_groups] == [0.0] * len(optimizer.param_groups)
+    for _ in range(1000):
+        optimizer.step()
+        scheduler.step()
+    # step 1000: heads decayed to (1 - 500 / 2500) ** 0.9 = 0.8 ** 0.9, the ViT half warmed up
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4 * 0.8180521460508584, rel=1e-9)
+    assert optimizer.param_groups[1]["lr"] == pytest.approx(0.5e-4, rel=1e-9)
+    assert optimizer.param_groups[-1]["lr"] == pytest.approx(0.5 * 5.12e-5, rel=1e-9)
 
 
 def random_targets(generator, batch_size, num_classes, size):

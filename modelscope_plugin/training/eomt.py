@@ -9,6 +9,9 @@ optimiser of the official EoMT training (Kerssies et al., CVPR 2025).
 - Learning rates: ``lr`` for the queries, heads, upscaling layers and the ViT's final norm; ViT block ``b`` of ``N``
   at ``lr * layer_decay ** (N - 1 - b)``, the embeddings (patches, class / register tokens, positions) as block 0.
 - Optimiser: ``torch.optim.AdamW`` with weight decay 0.05 on every parameter.
+- Schedule (two-stage warm-up, then polynomial decay with power 0.9): the parts outside the ViT warm up linearly
+  over the first ``warmup[0]`` steps while the ViT (blocks, embeddings, final norm) stays at rate 0, then the ViT
+  warms up over ``warmup[1]`` steps; each then decays as ``(1 - progress) ** 0.9`` to the last step.
 """
 from dataclasses import dataclass
 from typing import Any, Dict, List, Sequence, Tuple
@@ -64,11 +67,16 @@ def anneal_masks(network: Eomt, step: int, starts: Sequence[int], ends: Sequence
     return values
 
 
+VIT_PARTS = ("blocks", "embeddings", "norm")
+"""Top-level modules of ``Eomt`` that belong to the ViT (the rest: queries, heads, upscaling layers)."""
+
+
 def eomt_parameter_groups(network: Eomt, lr: float, layer_decay: float, weight_decay: float) -> List[Dict[str, Any]]:
-    """One group per distinct learning rate (see the module docstring), the full-rate group first; each group lists
-    its parameter ``names``. Frozen parameters are left out."""
+    """One group per (part, learning rate) (see the module docstring): the parts outside the ViT first, then the
+    ViT's groups by descending rate; each group lists its parameter ``names`` and ``vit`` (whether it is the ViT's).
+    Frozen parameters are left out."""
     num_blocks = len(network.blocks)
-    groups: Dict[float, Dict[str, Any]] = {}
+    groups: Dict[Tuple[bool, float], Dict[str, Any]] = {}
     for name, parameter in network.named_parameters():
         if not parameter.requires_grad:
             continue
@@ -79,19 +87,47 @@ def eomt_parameter_groups(network: Eomt, lr: float, layer_decay: float, weight_d
             group_lr = lr * layer_decay ** (num_blocks - 1)
         else:  # the final norm, queries, class and mask heads, upscaling layers
             group_lr = lr
-        group = groups.setdefault(group_lr, {"params": [], "lr": group_lr, "weight_decay": weight_decay,
-                                             "names": []})
+        vit = parts[0] in VIT_PARTS
+        group = groups.setdefault((vit, group_lr), {"params": [], "lr": group_lr, "weight_decay": weight_decay,
+                                                    "names": [], "vit": vit})
         group["params"].append(parameter)
         group["names"].append(name)
-    return sorted(groups.values(), key=lambda group: -group["lr"])
+    return sorted(groups.values(), key=lambda group: (group["vit"], -group["lr"]))
+
+
+def learning_rate_factor(step: int, vit: bool, total_steps: int, warmup: Tuple[int, int] = (500, 1000),
+                         power: float = 0.9) -> float:
+    """The factor of a group's base rate at ``step`` under the two-stage warm-up and polynomial decay (see the
+    module docstring); ``vit``: whether the group is the ViT's."""
+    head_warmup, vit_warmup = warmup
+    if not vit:
+        if step < head_warmup:
+            return step / head_warmup
+        return max(0.0, 1.0 - (step - head_warmup) / max(1, total_steps - head_warmup)) ** power
+    if step < head_warmup:
+        return 0.0
+    if step < head_warmup + vit_warmup:
+        return (step - head_warmup) / vit_warmup
+    decay_steps = max(1, total_steps - head_warmup - vit_warmup)
+    return max(0.0, 1.0 - (step - head_warmup - vit_warmup) / decay_steps) ** power
 
 
 def build_eomt_optimizer(network: Eomt, settings: EomtTrainingConfig = EomtTrainingConfig()) -> torch.optim.AdamW:
-    """AdamW over ``eomt_parameter_groups`` with the settings' rate, decay and weight decay."""
+    """AdamW over ``eomt_parameter_groups`` with the settings' rate, decay and weight decay (each group keeps its
+    ``vit`` flag for ``build_eomt_scheduler``)."""
     groups = eomt_parameter_groups(network, settings.lr, settings.layer_decay, settings.weight_decay)
     for group in groups:
         group.pop("names")
     return torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
+
+
+def build_eomt_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup: Tuple[int, int] = (500, 1000),
+                         power: float = 0.9) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step ``learning_rate_factor`` for each group of ``build_eomt_optimizer``'s optimiser (call ``step()``
+    after each optimiser step)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [
+        (lambda step, vit=bool(group["vit"]): learning_rate_factor(step, vit, total_steps, warmup, power))
+        for group in optimizer.param_groups])
 
 
 def training_step(network: Eomt, criterion, optimizer: torch.optim.Optimizer, images: torch.Tensor, targets,
