@@ -251,6 +251,11 @@ class EomtConfig:
         pad_black=True))
     """The long side resized to ``image_size``, then padded bottom/right with black to the square input (ImageNet
     mean and std), as transformers' EomtImageProcessor with ``do_pad``."""
+    semantic_windows: bool = False
+    """Semantic inference on sliding windows (the official semantic recipe, transformers' ``do_split_image``): the
+    short side resized to ``image_size``, the long side covered by overlapping ``image_size`` squares, each run on its
+    own and their class evidence averaged. False: the image is padded as for the other tasks (a panoptic or instance
+    checkpoint asked for a semantic map)."""
     inference: InferenceConfig = field(default_factory=InferenceConfig)
 
     @property

@@ -230,6 +230,11 @@ def test_card_validate_lists_every_problem(tiny_model_dir, tmp_path, capsys):
 
 def run_card_example(name: str, cache: Path, workdir: Path, monkeypatch) -> dict:
     """Runs the card's python blocks as written (in ``workdir``, which holds image.jpg) with the network blocked."""
+    return run_card_example_in(CARDS / name, cache, workdir, monkeypatch)
+
+
+def run_card_example_in(card_dir: Path, cache: Path, workdir: Path, monkeypatch) -> dict:
+    """``run_card_example`` for the card folder ``card_dir``."""
     import modelscope_hub.config
 
     from modelscope_plugin.integration import hub
@@ -248,8 +253,8 @@ def run_card_example(name: str, cache: Path, workdir: Path, monkeypatch) -> dict
     monkeypatch.setattr(socket, "getaddrinfo", no_network)
     monkeypatch.setattr(socket.socket, "connect", no_network)
     namespace: dict = {}
-    for code in cards.python_examples(CARDS / name / "README.md"):
-        exec(compile(code, f"{name}/README.md", "exec"), namespace)
+    for code in cards.python_examples(card_dir / "README.md"):
+        exec(compile(code, f"{card_dir.name}/README.md", "exec"), namespace)
     hub.resolve_model_dir.cache_clear()
     return namespace
 
@@ -282,3 +287,42 @@ def test_fastinst_card_example_runs_as_written(tmp_path, monkeypatch, capsys):
     assert result["scores"] == [score for score in everything["scores"] if score >= 0.5]
     assert result["labels"] == [label for label, score in zip(everything["labels"], everything["scores"]) if score >= 0.5]
     assert str(result["labels"]) in capsys.readouterr().out
+
+
+EOMT_CARD = REPO / "model_cards" / "tue-mps" / "coco_panoptic_eomt_large_640"
+
+
+@pytest.mark.oracle
+def test_eomt_card_validates_and_its_example_runs_as_written(tmp_path, monkeypatch, capsys):
+    """The EoMT card: ModelScope's card format, ``card validate`` with a random-weight Hugging Face EoMT folder of
+    133 classes (written by transformers in the oracle environment) as its weights, and its example run as written
+    on that folder with this card's configuration.json beside it. Four queries: with more, random masks overlap so
+    much that no segment passes the 0.8 overlap rule."""
+    from conftest import run_oracle
+
+    front = cards.read_front_matter(EOMT_CARD / "README.md")
+    assert front["tasks"] == ["image-segmentation"] and front["frameworks"] == ["pytorch"]
+    text = (EOMT_CARD / "README.md").read_text()
+    for section in ("## Usage", "## Preprocessing", "## Metrics", "## Limitations", "## Citation"):
+        assert section in text, section
+    assert "56.0" in text and "Kerssies et al. 2025" in text and "not re-measured here" in text
+    workdir = tmp_path / "work"
+    model_dir = workdir / "coco_panoptic_eomt_large_640"
+    run_oracle("eomt_oracle.py", "make", "--hidden-size", "64", "--layers", "4", "--heads", "4", "--image-size", "64",
+               "--registers", "2", "--num-blocks", "2", "--queries", "4", "--labels", "133", "--seed", "0",
+               "--attn-mask-probs", "0,0", "--out-dir", model_dir)
+    assert main(["card", "validate", str(EOMT_CARD), "--weights", str(model_dir)]) == 0, capsys.readouterr().err
+    assert cards.validate_card(EOMT_CARD, model_dir) == []
+    # weights that do not load are a problem validate names
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    assert any("does not load" in problem for problem in cards.validate_card(EOMT_CARD, broken))
+    shutil.copy(EOMT_CARD / "configuration.json", model_dir / "configuration.json")
+    namespace = run_card_example_in(EOMT_CARD, tmp_path / "cache", workdir, monkeypatch)
+    result = namespace["result"]
+    assert "panoptic_seg" in result and result["masks"]
+    assert all(mask.shape == (427, 640) for mask in result["masks"])
+    assert str(result["labels"]) in capsys.readouterr().out
+    drawn = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(workdir / "result.jpg"))
+    assert drawn.shape[:2] == (427, 640)

@@ -425,3 +425,50 @@ def test_evaluate_scores_a_custom_dataset_with_its_own_classes(tmp_path, capsys)
             assert written["n_th"] <= 4 and written["n_st"] <= 3 and written["n"] == written["n_th"] + written["n_st"]
         else:  # AP over the 4 thing classes, ranking every detection (score_thr 0: the network's top 100 per image)
             assert sorted(written["segm"]["per_class"]) == sorted(c["name"] for c in categories if c["isthing"])
+
+
+@pytest.mark.oracle
+def test_export_eomt_at_its_input_size_checked_with_onnxruntime(tmp_path, capsys):
+    """An HF EoMT folder exports at its own square input (64x64 here) by default, any other size is refused, and
+    the graph reproduces the network's logits relative to their range, masked attention (probabilities 1) included:
+    the masked graph differs from the unmasked network, so the check could fail."""
+    import onnxruntime
+    import torch
+    from conftest import run_oracle
+
+    from modelscope_plugin.apps.export import export_onnx
+    from modelscope_plugin.errors import ExportError
+    from modelscope_plugin.model_dirs.load import load_model
+
+    model_dir = tmp_path / "hf_eomt"
+    run_oracle("eomt_oracle.py", "make", "--hidden-size", "64", "--layers", "4", "--heads", "4", "--image-size", "64",
+               "--registers", "2", "--num-blocks", "2", "--queries", "12", "--labels", "7", "--seed", "0",
+               "--attn-mask-probs", "1,1", "--out-dir", model_dir)
+    output = tmp_path / "eomt.onnx"
+    assert main(["export", "--model", str(model_dir), "--output", str(output)]) == 0, capsys.readouterr().err
+    assert "onnxruntime agrees" in capsys.readouterr().out
+    session = onnxruntime.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape == [1, 3, 64, 64]
+    _, network = load_model(model_dir)
+    assert network.masked_blocks() == [True, True]
+    images = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    class_logits, mask_logits = session.run(None, {"images": images.numpy()})
+    with torch.no_grad():
+        masked = network(images)
+        network.attention_mask_probabilities.zero_()
+        unmasked = network(images)
+    for ours, theirs in ((masked.class_logits, class_logits), (masked.mask_logits, mask_logits)):
+        logit_range = float(ours.abs().max())
+        assert np.abs(theirs - ours.numpy()).max() <= 1e-5 * logit_range
+    assert np.abs(mask_logits - unmasked.mask_logits.numpy()).max() > 1e-2
+    # the unmasked network exports its own graph; another input size is refused with the package's error
+    unmasked_file = export_onnx(network, tmp_path / "unmasked.onnx")
+    session = onnxruntime.InferenceSession(str(unmasked_file), providers=["CPUExecutionProvider"])
+    _, mask_logits = session.run(None, {"images": images.numpy()})
+    assert np.abs(mask_logits - unmasked.mask_logits.numpy()).max() <= 1e-5 * float(unmasked.mask_logits.abs().max())
+    with pytest.raises(ExportError, match="64x64 input"):
+        export_onnx(network, tmp_path / "other.onnx", example_size=(96, 96))
+    assert not (tmp_path / "other.onnx").exists()
+    assert main(["export", "--model", str(model_dir), "--output", str(tmp_path / "cli.onnx"),
+                 "--example-size", "96x96"]) == 1
+    assert "64x64 input" in capsys.readouterr().err and not (tmp_path / "cli.onnx").exists()

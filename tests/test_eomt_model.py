@@ -56,15 +56,18 @@ def test_masked_attention_follows_probabilities():
     torch.manual_seed(0)
     network = build_eomt(tiny_eomt_config()).eval()
     pixels = torch.randn(1, 3, 64, 64)
-    outputs = {}
+    outputs, decisions = {}, {}
     for name, probabilities in (("masked", [1.0, 1.0]), ("unmasked", [0.0, 0.0]), ("high", [0.7, 0.5]),
                                 ("low", [0.3, 0.2]), ("last only", [0.0, 1.0])):
         network.attention_mask_probabilities.copy_(torch.tensor(probabilities))
+        decisions[name] = network.masked_blocks()
         with torch.no_grad():
             outputs[name] = network(pixels, return_auxiliary=True)
-    assert len(outputs["masked"].auxiliary_mask_logits) == 2
-    assert len(outputs["unmasked"].auxiliary_mask_logits) == 0
-    assert len(outputs["last only"].auxiliary_mask_logits) == 1
+        # a prediction before every query block, masked or not
+        assert len(outputs[name].auxiliary_mask_logits) == 2
+    assert decisions["masked"] == [True, True] and decisions["unmasked"] == [False, False]
+    assert decisions["last only"] == [False, True] and decisions["high"] == [True, True]
+    assert decisions["low"] == [False, False]
     assert not torch.allclose(outputs["masked"].mask_logits, outputs["unmasked"].mask_logits)
     # the deterministic rule: >= 0.5 masks, below does not
     torch.testing.assert_close(outputs["high"].mask_logits, outputs["masked"].mask_logits, rtol=0, atol=0)

@@ -129,7 +129,7 @@ def test_predictor_serves_an_eomt_folder(tmp_path):
     assert config.num_things_classes == 0
     for task in ("panoptic", "semantic", "instance"):
         parameters = predictor.parameters(task=task, object_mask_threshold=0.0, score_thr=0.0)
-        result = predictor.predict_prepared([predictor.prepare(str(IMAGE))], parameters)[0]
+        result = predictor.predict_prepared([predictor.prepare(str(IMAGE), task)], parameters)[0]
         assert bool(result["masks"]) == (task != "instance"), task
         assert all(mask.shape == rgb.shape[:2] for mask in result["masks"]), task
 

@@ -244,7 +244,7 @@ def export(arguments) -> int:
     output.parent.mkdir(parents=True, exist_ok=True)
     try:
         export_onnx(network, partial, example_size=arguments.example_size)
-        largest = (check_onnx(network, partial, sizes=(arguments.example_size, arguments.check_size))
+        largest = (check_onnx(network, partial, sizes=(arguments.example_size or (640, 640), arguments.check_size))
                    if arguments.check else None)
     except Exception as error:  # the exporter and onnxruntime raise their own types (e.g. an unsupported node)
         remove_onnx(partial)
@@ -367,18 +367,20 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_parser.set_defaults(handler=evaluate)
 
     export_parser = commands.add_parser(
-        "export", help="ONNX export (FastInst: dynamic size; Mask2Former: one fixed size), checked with onnxruntime",
+        "export", help="ONNX export (FastInst: dynamic size; Mask2Former, EoMT: one fixed size), checked with "
+                       "onnxruntime",
         description="Writes the network (normalised, padded images -> class and mask logits) as ONNX, checks "
                     "onnxruntime's logits against the network, then moves the file into place. FastInst: dynamic "
                     "batch/height/width, checked at two sizes. Mask2Former: the graph takes (1, 3, H, W) at the "
-                    "--example-size only (pad images to it), checked there. Post-processing stays in Python.")
+                    "--example-size only (pad images to it), checked there. EoMT: its own square input size only. "
+                    "Post-processing stays in Python.")
     export_parser.add_argument("--model", required=True, help="hub id, model directory, HF folder or checkpoint file")
     export_parser.add_argument("--classes", metavar="FILE", help=CLASSES_HELP)
     export_parser.add_argument("--thing-ids", type=thing_ids_option, metavar="I,J,...", help=THING_IDS_HELP)
     export_parser.add_argument("--output", required=True, help="the .onnx file to write")
-    export_parser.add_argument("--example-size", type=padded_size, default=(640, 640), metavar="HxW",
+    export_parser.add_argument("--example-size", type=padded_size, default=None, metavar="HxW",
                                help="input size traced (Mask2Former: the graph's fixed input size), "
-                                    "multiples of 32 (default 640x640)")
+                                    "multiples of 32 (default: EoMT's input size, else 640x640)")
     export_parser.add_argument("--check-size", type=padded_size, default=(480, 832), metavar="HxW",
                                help="a second input size the check runs at, for dynamic-size graphs (default 480x832)")
     export_parser.add_argument("--no-check", dest="check", action="store_false", help="skip the onnxruntime check")

@@ -1,4 +1,4 @@
-"""ONNX export of a network: FastInst with dynamic input size, Mask2Former at one fixed input size.
+"""ONNX export of a network: FastInst with dynamic input size, Mask2Former and EoMT at one fixed input size.
 
 The exported graph takes the pipeline's network input, ``images`` (B, 3, H, W) normalised and zero-padded to a
 multiple of 32 (``preprocessing.prepare_image``), and returns the raw ``class_logits`` (B, Q, K + 1) and
@@ -12,6 +12,9 @@ multiple of 32 (``preprocessing.prepare_image``), and returns the raw ``class_lo
   traced (1, 3, H, W) only, with torch's dynamo exporter (needs ``onnxscript``). Pad images to that size (zeros at
   the bottom and right, as ``prepare_image`` pads; the logits then depend on the canvas, as with any padding) and
   crop the masks to the resized image before post-processing.
+- EoMT: the square input its position embeddings (or rotary tables) were made for, ``image_size`` x ``image_size``,
+  and no other, through the dynamo exporter. The graph is the network as it runs in inference: blocks whose
+  masked-attention probability is below 0.5 (every trained checkpoint's) unmasked, the others masked.
 """
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
@@ -34,6 +37,18 @@ class LogitsOnly(nn.Module):
         return output.class_logits, output.mask_logits
 
 
+class EomtLogitsOnly(LogitsOnly):
+    """``LogitsOnly`` for EoMT with its masked-attention decisions fixed when wrapped (graph constants)."""
+
+    def __init__(self, network: nn.Module):
+        super().__init__(network)
+        self.masked_blocks = network.masked_blocks()
+
+    def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        output = self.network(images, masked_blocks=self.masked_blocks)
+        return output.class_logits, output.mask_logits
+
+
 def has_dynamic_input_size(network: nn.Module) -> bool:
     """Whether ``network`` exports with dynamic height and width (FastInst) or at a fixed size (Mask2Former)."""
     from modelscope_plugin.modeling.fastinst.model import FastInst
@@ -41,21 +56,38 @@ def has_dynamic_input_size(network: nn.Module) -> bool:
     return isinstance(network, FastInst)
 
 
-def export_onnx(network: nn.Module, path, example_size: Tuple[int, int] = (640, 640), opset: int = 18) -> Path:
-    """Writes ``network`` (in eval mode) to ``path`` as ONNX: dynamic batch, height and width for FastInst, the
-    (1, 3, *example_size) input only for Mask2Former (see the module docstring).
+def fixed_input_size(network: nn.Module) -> Optional[Tuple[int, int]]:
+    """The only (height, width) ``network`` accepts (EoMT's square input), or None where it takes any padded size."""
+    from modelscope_plugin.modeling.eomt.model import Eomt
 
-    ``example_size`` is the (height, width) traced; it must be a multiple of 32 (and, for FastInst, large enough
-    that the stride-16 map holds at least as many pixels as queries). An existing file at ``path`` is refused."""
+    if isinstance(network, Eomt):
+        side = network.embeddings.grid_size * network.embeddings.patch_projection.stride[0]
+        return side, side
+    return None
+
+
+def export_onnx(network: nn.Module, path, example_size: Optional[Tuple[int, int]] = None, opset: int = 18) -> Path:
+    """Writes ``network`` (in eval mode) to ``path`` as ONNX: dynamic batch, height and width for FastInst, the
+    (1, 3, *example_size) input only for Mask2Former and EoMT (see the module docstring).
+
+    ``example_size`` is the (height, width) traced (default: EoMT's input size, else 640 x 640); it must be a
+    multiple of 32 (and, for FastInst, large enough that the stride-16 map holds at least as many pixels as
+    queries; for EoMT, its input size). An existing file at ``path`` is refused."""
     path = Path(path)
     if path.exists():
         raise FileExistsError(f"{path} exists; choose another output path (nothing is overwritten)")
+    fixed_size = fixed_input_size(network)
+    if example_size is None:
+        example_size = fixed_size or (640, 640)
+    if fixed_size is not None and tuple(example_size) != fixed_size:
+        raise ExportError(f"example_size {tuple(example_size)} is not the {fixed_size[0]}x{fixed_size[1]} input "
+                          f"{type(network).__name__} was made for (its only input size)")
     if any(side % 32 for side in example_size):
         raise ValueError(f"example_size {example_size} must be multiples of 32 (the network's padded input)")
     was_training = network.training
     network.eval()
     example = torch.zeros(1, 3, *example_size, device=next(network.parameters()).device)
-    wrapper = LogitsOnly(network).eval()
+    wrapper = (EomtLogitsOnly(network) if fixed_size is not None else LogitsOnly(network)).eval()
     names = dict(input_names=["images"], output_names=["class_logits", "mask_logits"])
     try:
         with torch.no_grad():

@@ -9,7 +9,7 @@ padded-size intermediate; values agree with the three-step path to float32 round
 """
 import functools
 from dataclasses import dataclass, field
-from typing import List, Tuple
+from typing import List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -144,6 +144,12 @@ def semantic_inference(class_logits: torch.Tensor, mask_logits: torch.Tensor, pa
     mask_probabilities = masks_to_original_size(mask_logits, padded_size, resized_size, original_size).sigmoid()
     # (C, H, W)
     evidence = torch.einsum("qc,qhw->chw", class_probabilities, mask_probabilities)
+    return semantic_segments(evidence)
+
+
+def semantic_segments(evidence: torch.Tensor) -> Tuple[torch.Tensor, List[Segment]]:
+    """(C, H, W) per-class evidence -> the class map and one segment per present class (descending class id), scored
+    by the mean over its pixels of its class's share of the evidence."""
     class_map = evidence.argmax(0)
     share = evidence.max(0).values / evidence.sum(0).clamp_min(1e-12)
     segments = []
@@ -151,6 +157,44 @@ def semantic_inference(class_logits: torch.Tensor, mask_logits: torch.Tensor, pa
         mask = class_map == label
         segments.append(Segment(label=int(label), score=float(share[mask].mean()), isthing=False, mask=mask))
     return class_map, segments
+
+
+def window_semantic_evidence(class_logits: torch.Tensor, mask_logits: torch.Tensor, window_starts: Sequence[int],
+                             resized_size: Tuple[int, int], original_size: Tuple[int, int]) -> torch.Tensor:
+    """Per-class evidence (C, H, W) at the original size from square windows along the long side of the resized
+    image, as transformers' ``EomtImageProcessor`` (``do_split_image``) and the official EoMT evaluation merge them.
+
+    class_logits (N, Q, C + 1), mask_logits (N, Q, h, w) of the N windows. Each window's mask logits are upsampled
+    to the window (S, S), and its evidence sum over queries of P(class) * sigmoid(mask logit) is computed there; the
+    windows' evidence is averaged where they overlap, then resized bilinearly to the original size. (Not the order
+    of ``semantic_inference``, which resizes mask logits before the sigmoid: the official recipe resizes evidence.)
+    """
+    window_size = min(resized_size)
+    num_classes = class_logits.shape[-1] - 1
+    along_height = resized_size[0] > resized_size[1]
+    total = class_logits.new_zeros((num_classes, *resized_size))
+    counts = class_logits.new_zeros(max(resized_size))
+    for window, start in enumerate(window_starts):
+        probabilities = F.interpolate(mask_logits[window][None], size=(window_size, window_size), mode="bilinear",
+                                      align_corners=False)[0].sigmoid()
+        # (Q, C) x (Q, S, S) -> (C, S, S)
+        evidence = torch.einsum("qc,qhw->chw", F.softmax(class_logits[window], dim=-1)[:, :-1], probabilities)
+        if along_height:
+            total[:, start:start + window_size, :] += evidence
+        else:
+            total[:, :, start:start + window_size] += evidence
+        counts[start:start + window_size] += 1
+    # (L,) -> broadcast along the long axis
+    counts = counts.clamp_min(1)[:, None] if along_height else counts.clamp_min(1)[None, :]
+    return F.interpolate((total / counts)[None], size=original_size, mode="bilinear", align_corners=False)[0]
+
+
+def window_semantic_inference(class_logits: torch.Tensor, mask_logits: torch.Tensor, window_starts: Sequence[int],
+                              resized_size: Tuple[int, int],
+                              original_size: Tuple[int, int]) -> Tuple[torch.Tensor, List[Segment]]:
+    """``window_semantic_evidence`` -> class map (argmax over classes) and segments as ``semantic_segments``."""
+    return semantic_segments(window_semantic_evidence(class_logits, mask_logits, window_starts, resized_size,
+                                                      original_size))
 
 
 def instance_inference(class_logits: torch.Tensor, mask_logits: torch.Tensor, num_things_classes: int, padded_size,

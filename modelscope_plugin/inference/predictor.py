@@ -14,7 +14,12 @@ import torch
 from modelscope_plugin.config import TASKS, EomtConfig, FastInstConfig, Mask2FormerConfig, OneFormerConfig
 from modelscope_plugin.errors import ImageInputError, TaskError
 from modelscope_plugin.inference.outputs import DEFAULT_MAX_POSTPROCESS_PIXELS, build_outputs, postprocess_size
-from modelscope_plugin.inference.postprocess import instance_inference, panoptic_inference, semantic_inference
+from modelscope_plugin.inference.postprocess import (
+    instance_inference,
+    panoptic_inference,
+    semantic_inference,
+    window_semantic_inference,
+)
 from modelscope_plugin.inference.precision import check_precision, inference_context
 from modelscope_plugin.inference.preprocess import (
     ImageInput,
@@ -23,6 +28,7 @@ from modelscope_plugin.inference.preprocess import (
     group_by_padded_size,
     load_image,
     prepare_image,
+    prepare_windows,
 )
 
 ON_ERROR_CHOICES = ("raise", "return")
@@ -90,11 +96,21 @@ class Predictor:
             max_postprocess_pixels=max_postprocess_pixels,
         )
 
-    def prepare(self, image: ImageInput) -> PreparedImage:
-        """Decodes ``image`` (path, URL, PIL image, BGR array) once and makes the network input; for FastInst,
-        padded so that its stride-16 map has a pixel for every query however elongated the image is."""
+    def uses_windows(self, task: Optional[str] = None) -> bool:
+        """Whether ``task`` (default: the model's) runs on sliding windows: semantic inference of an EoMT whose
+        configuration asks for them (``EomtConfig.semantic_windows``)."""
+        return (isinstance(self.config, EomtConfig) and self.config.semantic_windows
+                and (task or self.config.task) == "semantic")
+
+    def prepare(self, image: ImageInput, task: Optional[str] = None) -> PreparedImage:
+        """Decodes ``image`` (path, URL, PIL image, BGR array) once and makes the network input for ``task``
+        (default: the model's); for FastInst, padded so that its stride-16 map has a pixel for every query however
+        elongated the image is; for EoMT's windowed semantic inference, resized and cut into square windows."""
+        rgb = load_image(image)
+        if self.uses_windows(task):
+            return prepare_windows(rgb, self.config.preprocess, self.config.image_size)
         minimum_feature_pixels = self.config.num_queries if isinstance(self.config, FastInstConfig) else 0
-        return prepare_image(load_image(image), self.config.preprocess, minimum_feature_pixels)
+        return prepare_image(rgb, self.config.preprocess, minimum_feature_pixels)
 
     def run(self, pixels: torch.Tensor, task: Optional[str] = None):
         """(B, 3, H, W) on the CPU -> the network's raw output, under inference mode and the chosen precision; to a
@@ -110,12 +126,20 @@ class Predictor:
 
     def postprocess(self, image: PreparedImage, class_logits: torch.Tensor, mask_logits: torch.Tensor,
                     parameters: PostprocessParameters) -> Dict[str, Any]:
-        """One image's (Q, K + 1) class and (Q, h, w) mask logits -> the output contract at its original size."""
+        """One image's (Q, K + 1) class and (Q, h, w) mask logits -> the output contract at its original size. An
+        image cut into windows (``image.window_starts``) has (N, Q, K + 1) and (N, Q, h, w), one row per window, and
+        only the semantic task."""
         sizes = dict(padded_size=image.padded_size, resized_size=image.resized_size,
                      original_size=postprocess_size(image.original_size, parameters.max_postprocess_pixels))
         class_logits, mask_logits = class_logits.float(), mask_logits.float()
         semantic_map = None
-        if parameters.task == "panoptic":
+        if image.window_starts:
+            if parameters.task != "semantic":
+                raise ValueError(f"an image prepared in windows answers only the semantic task, not "
+                                 f"{parameters.task!r}: prepare it with that task")
+            semantic_map, segments = window_semantic_inference(
+                class_logits, mask_logits, image.window_starts, image.resized_size, sizes["original_size"])
+        elif parameters.task == "panoptic":
             segments = panoptic_inference(
                 class_logits, mask_logits, self.config.num_things_classes, **sizes,
                 object_mask_threshold=parameters.object_mask_threshold,
@@ -138,6 +162,10 @@ class Predictor:
         results: List[Optional[Dict[str, Any]]] = [None] * len(images)
         for indices, batch in group_by_padded_size(images):
             output = self.run(batch, parameters.task)
+            if images[indices[0]].window_starts:  # one image's windows
+                results[indices[0]] = self.postprocess(images[indices[0]], output.class_logits, output.mask_logits,
+                                                       parameters)
+                continue
             for position, index in enumerate(indices):
                 results[index] = self.postprocess(images[index], output.class_logits[position],
                                                   output.mask_logits[position], parameters)
@@ -156,7 +184,7 @@ class Predictor:
             prepared_images: List[PreparedImage] = []
             for index in range(start, min(start + batch_size, len(items))):
                 try:
-                    prepared_images.append(self.prepare(items[index]))
+                    prepared_images.append(self.prepare(items[index], parameters.task))
                 except ImageInputError as error:
                     if on_error == "raise":
                         raise ImageInputError(f"list item {index}: {error}") from error
@@ -169,4 +197,5 @@ class Predictor:
 
     def __call__(self, image: ImageInput, **parameters: Any) -> Dict[str, Any]:
         """One image -> its result dict; ``parameters`` as ``parameters()`` takes them."""
-        return self.predict_prepared([self.prepare(image)], self.parameters(**parameters))[0]
+        chosen = self.parameters(**parameters)
+        return self.predict_prepared([self.prepare(image, chosen.task)], chosen)[0]

@@ -5,6 +5,10 @@ deformable-attention reference points span the padded map, so padding images of 
 batch shape would change their answers. ``group_by_padded_size`` batches images whose padded sizes agree.
 FastInst picks its queries among the pixels of its stride-16 feature map, so for it an elongated image is padded
 further until that map has at least as many pixels as queries (``padded_size``); post-processing crops all padding.
+
+EoMT's semantic recipe (transformers' ``EomtImageProcessor`` with ``do_split_image``) does not pad: the short side is
+resized to the network's square input and the long side is covered by overlapping square windows
+(``prepare_windows``), each run on its own; post-processing averages their per-class evidence.
 """
 import io
 from dataclasses import dataclass
@@ -30,10 +34,27 @@ class PreparedImage:
     """(height, width) of the input after EXIF rotation; outputs come back at this size."""
     resized_size: Tuple[int, int]
     """(height, width) after resizing, before padding."""
+    window_starts: Tuple[int, ...] = ()
+    """Sliding-window inference only: the first row (image taller than wide) or column of each square window along
+    the long side of ``tensor``, which then holds the resized image unpadded."""
 
     @property
     def padded_size(self) -> Tuple[int, int]:
         return tuple(self.tensor.shape[-2:])
+
+    @property
+    def window_size(self) -> int:
+        """Side of the square windows (the short side of the resized image); 0 without windows."""
+        return min(self.resized_size) if self.window_starts else 0
+
+    def network_input(self) -> torch.Tensor:
+        """(N, 3, S, S) windows, or the padded image as a batch of one (1, 3, H, W)."""
+        if not self.window_starts:
+            return self.tensor[None]
+        size = self.window_size
+        if self.resized_size[0] > self.resized_size[1]:
+            return torch.stack([self.tensor[:, start:start + size, :] for start in self.window_starts])
+        return torch.stack([self.tensor[:, :, start:start + size] for start in self.window_starts])
 
 
 def _read_path_or_url(source: str) -> Image.Image:
@@ -187,6 +208,23 @@ def padded_size(resized_size: Tuple[int, int], size_divisor: int, minimum_featur
     return height, width
 
 
+def resize_rgb(rgb: np.ndarray, resized_height: int, resized_width: int, backend: str) -> np.ndarray:
+    """(H, W, 3) uint8 -> (resized_height, resized_width, 3) uint8 with the checkpoint source's bilinear resize."""
+    if backend == "cv2":
+        # cv2's bilinear resize on uint8 (fixed-point), as mmcv.imrescale
+        return cv2.resize(rgb, (resized_width, resized_height), interpolation=cv2.INTER_LINEAR)
+    if backend == "pil":
+        return np.asarray(Image.fromarray(rgb).resize((resized_width, resized_height), Image.BILINEAR))
+    if backend == "torchvision":
+        from torchvision.transforms.v2 import functional as tvF
+
+        # (H, W, 3) -> (3, H, W) uint8, antialiased bilinear, and back
+        image = torch.from_numpy(rgb.copy()).permute(2, 0, 1)
+        return tvF.resize(image, [resized_height, resized_width], interpolation=tvF.InterpolationMode.BILINEAR,
+                          antialias=True).permute(1, 2, 0).numpy()
+    raise ValueError(f"unknown resize_backend {backend!r}")
+
+
 def prepare_image(rgb: np.ndarray, config: PreprocessConfig, minimum_feature_pixels: int = 0) -> PreparedImage:
     """(H, W, 3) uint8 RGB -> resized, normalised, padded network input; ``minimum_feature_pixels``: see
     ``padded_size`` (FastInst's number of queries)."""
@@ -196,20 +234,7 @@ def prepare_image(rgb: np.ndarray, config: PreprocessConfig, minimum_feature_pix
                                                                    config.long_side_max)
     else:
         resized_height, resized_width = rescaled_size(height, width, config.short_side, config.long_side_max)
-    if config.resize_backend == "cv2":
-        # cv2's bilinear resize on uint8 (fixed-point), as mmcv.imrescale
-        resized = cv2.resize(rgb, (resized_width, resized_height), interpolation=cv2.INTER_LINEAR)
-    elif config.resize_backend == "pil":
-        resized = np.asarray(Image.fromarray(rgb).resize((resized_width, resized_height), Image.BILINEAR))
-    elif config.resize_backend == "torchvision":
-        from torchvision.transforms.v2 import functional as tvF
-
-        # (H, W, 3) -> (3, H, W) uint8, antialiased bilinear, and back
-        image = torch.from_numpy(rgb.copy()).permute(2, 0, 1)
-        resized = tvF.resize(image, [resized_height, resized_width], interpolation=tvF.InterpolationMode.BILINEAR,
-                             antialias=True).permute(1, 2, 0).numpy()
-    else:
-        raise ValueError(f"unknown resize_backend {config.resize_backend!r}")
+    resized = resize_rgb(rgb, resized_height, resized_width, config.resize_backend)
     normalised = normalize_pixels(resized, config)
     padded_height, padded_width = padded_size((resized_height, resized_width), config.size_divisor,
                                               minimum_feature_pixels)
@@ -221,9 +246,44 @@ def prepare_image(rgb: np.ndarray, config: PreprocessConfig, minimum_feature_pix
     return PreparedImage(tensor=tensor, original_size=(height, width), resized_size=(resized_height, resized_width))
 
 
+# an image longer than this many times its short side is refused for sliding windows (a 1 x 5000 banner would
+# otherwise become 5000 windows)
+MAX_WINDOWS = 32
+
+
+def window_starts(length: int, window_size: int) -> Tuple[int, ...]:
+    """Starts of the fewest ``window_size`` windows covering ``length`` pixels, their overlap spread evenly (the
+    first at 0, the last ending at ``length``, up to the truncation of fractional starts), as transformers'
+    ``EomtImageProcessor._split_image``."""
+    count = -(-length // window_size)
+    overlap = (count * window_size - length) / (count - 1) if count > 1 else 0
+    return tuple(int(index * (window_size - overlap)) for index in range(count))
+
+
+def prepare_windows(rgb: np.ndarray, config: PreprocessConfig, window_size: int) -> PreparedImage:
+    """(H, W, 3) uint8 RGB -> the image resized so its short side is ``window_size`` (the long side in proportion,
+    truncated: ``int(window_size * long / short)``), normalised, unpadded, with the starts of the square windows
+    along its long side (``PreparedImage.network_input`` cuts them)."""
+    height, width = rgb.shape[:2]
+    if max(height, width) > MAX_WINDOWS * min(height, width):
+        raise ImageInputError(f"image of {width}x{height} pixels is too elongated for sliding windows: its short side "
+                              f"resized to {window_size} would need more than {MAX_WINDOWS} windows; crop it, or ask "
+                              "for the panoptic task, which pads instead")
+    if height <= width:
+        resized_height, resized_width = window_size, int(window_size * width / height)
+    else:
+        resized_height, resized_width = int(window_size * height / width), window_size
+    resized = resize_rgb(rgb, resized_height, resized_width, config.resize_backend)
+    # (H, W, 3) -> (3, H, W)
+    tensor = torch.from_numpy(normalize_pixels(resized, config)).permute(2, 0, 1).contiguous()
+    return PreparedImage(tensor=tensor, original_size=(height, width), resized_size=(resized_height, resized_width),
+                         window_starts=window_starts(max(resized_height, resized_width), window_size))
+
+
 def group_by_padded_size(images: Sequence[PreparedImage]) -> List[Tuple[List[int], torch.Tensor]]:
-    """Batches of images sharing a padded size: [(indices into ``images``, (B, 3, H, W) tensor)]."""
-    groups: Dict[Tuple[int, int], List[int]] = {}
+    """Batches of images sharing a padded size: [(indices into ``images``, (B, 3, H, W) tensor)]. An image cut into
+    windows is a batch of its own, (N windows, 3, S, S)."""
+    groups: Dict[Any, List[int]] = {}
     for index, image in enumerate(images):
-        groups.setdefault(image.padded_size, []).append(index)
-    return [(indices, torch.stack([images[index].tensor for index in indices])) for indices in groups.values()]
+        groups.setdefault(("windows", index) if image.window_starts else image.padded_size, []).append(index)
+    return [(indices, torch.cat([images[index].network_input() for index in indices])) for indices in groups.values()]

@@ -44,8 +44,8 @@ class ImagePreparation(Preprocessor):
         super().__init__(mode="inference")
         self.predictor: Optional[Predictor] = None
 
-    def __call__(self, image) -> Dict[str, Any]:
-        return {"image": self.predictor.prepare(image)}
+    def __call__(self, image, task: Optional[str] = None) -> Dict[str, Any]:
+        return {"image": self.predictor.prepare(image, task)}
 
 
 class SegmentationPipeline(Pipeline):
@@ -110,19 +110,22 @@ class SegmentationPipeline(Pipeline):
         return self.predictor.predict_list(input, parameters, batch_size=batch_size or 1, on_error=on_error)
 
     def _sanitize_parameters(self, **parameters):
-        postprocess_parameters = self.predictor.parameters(**parameters)
-        # the task reaches the network too (OneFormer is told it)
-        return {}, {"task": postprocess_parameters.task}, {"parameters": postprocess_parameters}
+        chosen = self.predictor.parameters(**parameters)
+        # the task decides the preparation (EoMT's semantic windows) and reaches the network (OneFormer is told it)
+        return {"task": chosen.task}, {"task": chosen.task}, {"parameters": chosen}
 
     def _check_input(self, input):
         pass  # load_image raises ImageInputError naming the input and the reason
 
-    def preprocess(self, input) -> Dict[str, Any]:
-        return {"image": self.predictor.prepare(input)}  # whatever preprocessor was given: images need this one
+    def preprocess(self, input, task: Optional[str] = None) -> Dict[str, Any]:
+        # whatever preprocessor was given: images need this one
+        return {"image": self.predictor.prepare(input, task)}
 
     def forward(self, inputs: Dict[str, Any], task: Optional[str] = None) -> Dict[str, Any]:
         image: PreparedImage = inputs["image"]
-        output = self.predictor.run(image.tensor[None], task)
+        output = self.predictor.run(image.network_input(), task)
+        if image.window_starts:  # (N windows, Q, ...), merged by post-processing
+            return {"image": image, "class_logits": output.class_logits, "mask_logits": output.mask_logits}
         return {"image": image, "class_logits": output.class_logits[0], "mask_logits": output.mask_logits[0]}
 
     def postprocess(self, inputs: Dict[str, Any], parameters: PostprocessParameters) -> Dict[str, Any]:

@@ -73,7 +73,7 @@ from modelscope.utils.config import ConfigDict
 from modelscope.utils.constant import ModeKeys, TrainerStages
 from torch.utils.data import DataLoader
 
-from modelscope_plugin.config import FastInstConfig, PreprocessConfig
+from modelscope_plugin.config import EomtConfig, FastInstConfig, PreprocessConfig
 from modelscope_plugin.errors import TrainingConfigError, TrainingDataError
 from modelscope_plugin.evaluation.metrics import COCO_INSTANCE_METRIC, PANOPTIC_QUALITY_METRIC, SEMANTIC_METRIC
 from modelscope_plugin.integration import hub
@@ -234,6 +234,10 @@ class SegmentationTrainer(EpochBasedTrainer):
     def build_model(self) -> torch.nn.Module:
         train_cfg = self.cfg.safe_get("train", {})
         config, network = load_model_dir(self.model_dir, task=train_cfg.get("task"))
+        if isinstance(config, EomtConfig):
+            raise TrainingConfigError(
+                f"{self.model_dir} is an EoMT; this trainer finetunes Mask2Former and FastInst directories. EoMT's "
+                "recipe runs step by step through modelscope_plugin.training.eomt.training_step")
         self.task = config.task
         if isinstance(config, FastInstConfig) and self.task != "instance":
             raise TrainingConfigError(f"FastInst trains the instance task only (train.task = {self.task!r})")

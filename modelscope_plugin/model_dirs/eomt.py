@@ -8,7 +8,12 @@ result with transformers' EoMT-DINOv3 conversion and ``save_pretrained`` it; tha
 
 Classes: 133 are taken as COCO panoptic (80 things then 53 stuff, COCO's category ids, task panoptic), 80 as COCO
 things (task instance); any other count as that many classes with ids 0..K-1, all stuff, task semantic.
+
+Semantic inference runs on sliding windows (``EomtConfig.semantic_windows``) when the folder's
+``preprocessor_config.json`` sets ``do_split_image``; without that file, when the task is semantic (the official
+semantic checkpoints are trained and evaluated on windows).
 """
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -25,6 +30,24 @@ VARIANTS = ("eomt", "eomt_dinov3")
 _DINOV3_FIXED = {"query_bias": True, "value_bias": True, "proj_bias": True, "mlp_bias": True, "use_gated_mlp": False}
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+PROCESSOR_FILE = "preprocessor_config.json"
+
+
+def read_split_image(model_dir: Path) -> Optional[bool]:
+    """``do_split_image`` of the folder's ``preprocessor_config.json`` (None: no such file or field)."""
+    path = model_dir / PROCESSOR_FILE
+    if not path.is_file():
+        return None
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, not {type(values).__name__}")
+    split = values.get("do_split_image")
+    if split is not None and not isinstance(split, bool):
+        raise CheckpointError(f"{path}: do_split_image must be true or false, not {split!r}")
+    return split
 
 
 def config_from_hf_eomt(values: dict) -> EomtConfig:
@@ -81,6 +104,9 @@ def load_hf_eomt_dir(model_dir, task: Optional[str] = None):
     weights = next((model_dir / name for name in WEIGHT_FILES if (model_dir / name).is_file()), None)
     if weights is None:
         raise CheckpointError(f"{model_dir} has none of {', '.join(WEIGHT_FILES)}")
+    split = read_split_image(model_dir)
+    # by the checkpoint's own task, not a task asked for at load
+    config.semantic_windows = config.task == "semantic" if split is None else split
     if task:
         config.task = task
     state_dict, _ = convert_hf_eomt(read_checkpoint(weights), values["model_type"])

@@ -12,6 +12,16 @@ Runs inside the oracle venv (``.venv-oracle``, transformers 5 on the runtime ven
           ``attn_mask_probs`` as loaded and ``meta_json``.
 ``preprocess``  runs ``EomtImageProcessor`` (torchvision backend, resize the long side to ``--size``, ``do_pad``)
           on each image and stores ``pixel_values_<i>`` [3,S,S].
+``windows``  semantic inference as transformers does it on split images: ``EomtImageProcessor`` with
+          ``do_split_image`` (short side to the model's image size, no long-side cap) on each image, the model on
+          its windows, ``post_process_semantic_segmentation``; stores per image ``pixel_values_<i>`` [N,3,S,S],
+          ``patch_offsets_<i>`` [N,3], the logits and ``segmentation_scores_<i>`` [C,H,W] at the original size.
+``loss``  the model in training mode on ``pixel_values`` with ``mask_labels_<b>`` / ``class_labels_<b>`` from an npz:
+          its total loss (every query block's prediction and the final one, each matched and weighted), with the
+          random points it draws replaced, call by call, by ``draw_<i>`` (other random draws are left as they are).
+``postprocess``  ``EomtImageProcessor.post_process_{panoptic,instance}_segmentation`` on given logits
+          (``class_queries_logits``, ``masks_queries_logits``, ``target_size`` in an npz); stores the segmentation
+          maps and the segments as JSON.
 
 Example::
 
@@ -131,6 +141,85 @@ def command_preprocess(args):
     np.savez(args.result, **result)
 
 
+def command_windows(args):
+    from PIL import Image
+    from transformers import AutoModelForUniversalSegmentation, EomtImageProcessor
+
+    model = AutoModelForUniversalSegmentation.from_pretrained(args.model_dir).eval()
+    size = model.config.image_size
+    processor = EomtImageProcessor(size={"shortest_edge": size, "longest_edge": None}, do_split_image=True)
+    result = {}
+    for index, path in enumerate(args.images):
+        image = Image.open(path).convert("RGB")
+        inputs = processor(images=image, return_tensors="pt")
+        with torch.no_grad():
+            output = model(pixel_values=inputs["pixel_values"], patch_offsets=inputs["patch_offsets"])
+        scores = processor.post_process_semantic_segmentation(
+            output, target_sizes=[(image.height, image.width)], return_segmentation_scores=True)[0]
+        result[f"pixel_values_{index}"] = inputs["pixel_values"].numpy()
+        result[f"patch_offsets_{index}"] = torch.stack(inputs["patch_offsets"]).numpy()
+        result[f"class_queries_logits_{index}"] = output.class_queries_logits.numpy()
+        result[f"masks_queries_logits_{index}"] = output.masks_queries_logits.numpy()
+        result[f"segmentation_scores_{index}"] = scores.segmentation_scores.numpy()
+        result[f"segmentation_{index}"] = scores.segmentation.numpy()
+    np.savez(args.result, **result)
+
+
+def command_loss(args):
+    from transformers import AutoModelForUniversalSegmentation
+
+    data = np.load(args.inputs)
+    draws = [torch.from_numpy(data[f"draw_{index}"]) for index in range(int(data["num_draws"]))]
+    real_rand = torch.rand
+
+    def injected_rand(*size, **kwargs):
+        if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)):
+            size = tuple(size[0])
+        if len(size) != 3 or size[-1] != 2:  # not point coordinates: the masked-attention coin flips
+            return real_rand(*size, **kwargs)
+        if not draws:
+            raise AssertionError(f"transformers drew more random points than given (shape {size})")
+        draw = draws.pop(0)
+        if tuple(draw.shape) != tuple(size):
+            raise AssertionError(f"transformers asked torch.rand{tuple(size)}; next given draw is {tuple(draw.shape)}")
+        return draw
+
+    model = AutoModelForUniversalSegmentation.from_pretrained(args.model_dir).train()
+    batch_size = int(data["batch_size"])
+    torch.rand = injected_rand
+    try:
+        output = model(pixel_values=torch.from_numpy(data["pixel_values"]),
+                       mask_labels=[torch.from_numpy(data[f"mask_labels_{b}"]) for b in range(batch_size)],
+                       class_labels=[torch.from_numpy(data[f"class_labels_{b}"]) for b in range(batch_size)])
+    finally:
+        torch.rand = real_rand
+    if draws:
+        raise AssertionError(f"{len(draws)} given random tensors were not used")
+    np.savez(args.result, loss=output.loss.detach().numpy())
+
+
+def command_postprocess(args):
+    from types import SimpleNamespace
+
+    from transformers import EomtImageProcessor
+
+    with np.load(args.logits) as data:
+        outputs = SimpleNamespace(class_queries_logits=torch.from_numpy(data["class_queries_logits"]),
+                                  masks_queries_logits=torch.from_numpy(data["masks_queries_logits"]))
+        target_size = tuple(int(value) for value in data["target_size"])
+    processor = EomtImageProcessor(size={"shortest_edge": args.size, "longest_edge": args.size}, do_pad=True)
+    stuff_classes = list(range(args.num_things, outputs.class_queries_logits.shape[-1] - 1))
+    panoptic = processor.post_process_panoptic_segmentation(
+        outputs, target_sizes=[target_size], threshold=args.threshold, overlap_mask_area_threshold=args.overlap,
+        stuff_classes=stuff_classes)[0]
+    instance = processor.post_process_instance_segmentation(outputs, target_sizes=[target_size],
+                                                            threshold=args.instance_threshold)[0]
+    np.savez(args.result, panoptic_segmentation=panoptic["segmentation"].numpy(),
+             panoptic_segments=np.array(json.dumps(panoptic["segments_info"])),
+             instance_segmentation=instance["segmentation"].numpy(),
+             instance_segments=np.array(json.dumps(instance["segments_info"])))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -161,6 +250,25 @@ def main(argv=None):
     preprocess.add_argument("--size", type=int, default=640)
     preprocess.add_argument("--result", required=True)
     preprocess.set_defaults(func=command_preprocess)
+    windows = commands.add_parser("windows", help="split-image semantic inference of a model folder on images")
+    windows.add_argument("--model-dir", required=True)
+    windows.add_argument("--images", nargs="+", required=True)
+    windows.add_argument("--result", required=True)
+    windows.set_defaults(func=command_windows)
+    loss = commands.add_parser("loss", help="the training loss of a model folder with given random points")
+    loss.add_argument("--model-dir", required=True)
+    loss.add_argument("--inputs", required=True)
+    loss.add_argument("--result", required=True)
+    loss.set_defaults(func=command_loss)
+    postprocess = commands.add_parser("postprocess", help="panoptic / instance post-processing of given logits")
+    postprocess.add_argument("--logits", required=True)
+    postprocess.add_argument("--size", type=int, required=True, help="the square input the logits came from")
+    postprocess.add_argument("--num-things", type=int, required=True)
+    postprocess.add_argument("--threshold", type=float, default=0.8)
+    postprocess.add_argument("--overlap", type=float, default=0.8)
+    postprocess.add_argument("--instance-threshold", type=float, default=0.5)
+    postprocess.add_argument("--result", required=True)
+    postprocess.set_defaults(func=command_postprocess)
     args = parser.parse_args(argv)
     args.func(args)
 

@@ -120,11 +120,19 @@ class Eomt(nn.Module):
         probability = float(self.attention_mask_probabilities[query_block])
         return probability > 0 if self.training else probability >= 0.5
 
-    def forward(self, pixels: torch.Tensor, return_auxiliary: Optional[bool] = None) -> Mask2FormerOutput:
-        """pixels: (B, 3, image_size, image_size) normalised; returns raw logits (and the predictions made for masked
-        attention when ``return_auxiliary``, by default in training)."""
+    def masked_blocks(self) -> List[bool]:
+        """Per query block, whether it runs masked attention now (the module docstring's rule)."""
+        return [self.block_is_masked(block) for block in range(self.num_query_blocks)]
+
+    def forward(self, pixels: torch.Tensor, return_auxiliary: Optional[bool] = None,
+                masked_blocks: Optional[List[bool]] = None) -> Mask2FormerOutput:
+        """pixels: (B, 3, image_size, image_size) normalised; returns raw logits (and, when ``return_auxiliary``, by
+        default in training, the predictions made before each query block, in block order). ``masked_blocks``: the
+        decisions of ``masked_blocks()`` made beforehand (a traced graph cannot read them from the buffer)."""
         if return_auxiliary is None:
             return_auxiliary = self.training
+        if masked_blocks is None:
+            masked_blocks = self.masked_blocks()
         tokens = self.embeddings(pixels)
         rotary = self.rotary_embedding() if self.rotary_embedding is not None else None
         auxiliary_class_logits, auxiliary_mask_logits = [], []
@@ -133,13 +141,18 @@ class Eomt(nn.Module):
             if index == self.first_query_block:
                 queries = self.queries.weight[None].expand(tokens.shape[0], -1, -1).to(tokens.dtype)
                 tokens = torch.cat([queries, tokens], dim=1)
-            if index >= self.first_query_block and self.block_is_masked(index - self.first_query_block):
+            query_block = index - self.first_query_block
+            masked = query_block >= 0 and masked_blocks[query_block]
+            if query_block >= 0 and (masked or return_auxiliary):
+                # a prediction before every query block in training (deep supervision, as the reference's loss), and
+                # wherever it masks the attention
                 class_logits, mask_logits = self.predict(self.norm(tokens))
                 if return_auxiliary:
                     auxiliary_class_logits.append(class_logits)
                     auxiliary_mask_logits.append(mask_logits)
-                attention_mask = self.attention_mask(
-                    mask_logits, tokens.shape[1], self.attention_mask_probabilities[index - self.first_query_block])
+                if masked:
+                    attention_mask = self.attention_mask(
+                        mask_logits, tokens.shape[1], self.attention_mask_probabilities[query_block])
             tokens = block(tokens, attention_mask, rotary)
         class_logits, mask_logits = self.predict(self.norm(tokens))
         return Mask2FormerOutput(class_logits=class_logits, mask_logits=mask_logits,

@@ -1,0 +1,147 @@
+"""EoMT's training recipe: the per-block annealing of masked attention, layer-wise learning-rate decay and the AdamW
+optimiser of the official EoMT training (Kerssies et al., CVPR 2025).
+
+- Loss: Mask2Former's criterion (``modeling/criterion.py``) on the final prediction and on the prediction made
+  before every query block (``Eomt.forward`` returns them in training), each matched on its own and weighted alike.
+- Masked attention: query block ``i`` keeps its mask with probability 1 until step ``starts[i]``, then
+  ``(1 - progress) ** power`` (polynomial, power 0.9) until ``ends[i]``, 0 from there on; the blocks anneal one
+  after another, so a finished network runs without masks.
+- Learning rates: ``lr`` for the queries, heads, upscaling layers and the ViT's final norm; ViT block ``b`` of ``N``
+  at ``lr * layer_decay ** (N - 1 - b)``, the embeddings (patches, class / register tokens, positions) as block 0.
+- Optimiser: ``torch.optim.AdamW`` with weight decay 0.05 on every parameter.
+- Schedule (two-stage warm-up, then polynomial decay with power 0.9): the parts outside the ViT warm up linearly
+  over the first ``warmup[0]`` steps while the ViT (blocks, embeddings, final norm) stays at rate 0, then the ViT
+  warms up over ``warmup[1]`` steps; each then decays as ``(1 - progress) ** 0.9`` to the last step.
+"""
+from dataclasses import dataclass
+from typing import Any, Dict, List, Sequence, Tuple
+
+import torch
+
+from modelscope_plugin.modeling.eomt.model import Eomt
+
+
+@dataclass
+class EomtTrainingConfig:
+    """The official EoMT training settings (its defaults for COCO and ADE20K)."""
+
+    lr: float = 1e-4
+    layer_decay: float = 0.8
+    """Each ViT block below the last trains at this factor of the one above it."""
+    weight_decay: float = 0.05
+    poly_power: float = 0.9
+    """Power of the polynomial masked-attention annealing."""
+
+
+def mask_probability(step: int, start: int, end: int, power: float = 0.9) -> float:
+    """Masked-attention probability of one query block at ``step``: 1 before ``start``, 0 from ``end`` on,
+    ``(1 - (step - start) / (end - start)) ** power`` between."""
+    if end <= start:
+        raise ValueError(f"annealing end {end} must come after its start {start}")
+    if step < start:
+        return 1.0
+    if step >= end:
+        return 0.0
+    return (1.0 - (step - start) / (end - start)) ** power
+
+
+def annealing_steps(total_steps: int, num_query_blocks: int) -> Tuple[List[int], List[int]]:
+    """(starts, ends) placed as in the official configurations: a unit ``u = total_steps // (blocks + 2)``, block
+    ``i`` annealing over ``[(i + 1) u, (i + 2) u)``, so the last block reaches 0 a unit before the end of training
+    (their units: 14782 steps for COCO and 6520 for ADE20K, with 4 query blocks, about a sixth of the training)."""
+    unit = total_steps // (num_query_blocks + 2)
+    if unit < 1:
+        raise ValueError(f"{total_steps} steps are too few to anneal {num_query_blocks} blocks")
+    return ([(block + 1) * unit for block in range(num_query_blocks)],
+            [(block + 2) * unit for block in range(num_query_blocks)])
+
+
+def anneal_masks(network: Eomt, step: int, starts: Sequence[int], ends: Sequence[int],
+                 power: float = 0.9) -> List[float]:
+    """Sets ``network.attention_mask_probabilities`` for ``step`` (one value per query block) and returns them."""
+    if not len(starts) == len(ends) == network.num_query_blocks:
+        raise ValueError(f"{len(starts)} starts and {len(ends)} ends for {network.num_query_blocks} query blocks")
+    values = [mask_probability(step, start, end, power) for start, end in zip(starts, ends)]
+    with torch.no_grad():
+        network.attention_mask_probabilities.copy_(torch.tensor(values))
+    return values
+
+
+VIT_PARTS = ("blocks", "embeddings", "norm")
+"""Top-level modules of ``Eomt`` that belong to the ViT (the rest: queries, heads, upscaling layers)."""
+
+
+def eomt_parameter_groups(network: Eomt, lr: float, layer_decay: float, weight_decay: float) -> List[Dict[str, Any]]:
+    """One group per (part, learning rate) (see the module docstring): the parts outside the ViT first, then the
+    ViT's groups by descending rate; each group lists its parameter ``names`` and ``vit`` (whether it is the ViT's).
+    Frozen parameters are left out."""
+    num_blocks = len(network.blocks)
+    groups: Dict[Tuple[bool, float], Dict[str, Any]] = {}
+    for name, parameter in network.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        parts = name.split(".")
+        if parts[0] == "blocks":
+            group_lr = lr * layer_decay ** (num_blocks - 1 - int(parts[1]))
+        elif parts[0] == "embeddings":
+            group_lr = lr * layer_decay ** (num_blocks - 1)
+        else:  # the final norm, queries, class and mask heads, upscaling layers
+            group_lr = lr
+        vit = parts[0] in VIT_PARTS
+        group = groups.setdefault((vit, group_lr), {"params": [], "lr": group_lr, "weight_decay": weight_decay,
+                                                    "names": [], "vit": vit})
+        group["params"].append(parameter)
+        group["names"].append(name)
+    return sorted(groups.values(), key=lambda group: (group["vit"], -group["lr"]))
+
+
+def learning_rate_factor(step: int, vit: bool, total_steps: int, warmup: Tuple[int, int] = (500, 1000),
+                         power: float = 0.9) -> float:
+    """The factor of a group's base rate at ``step`` under the two-stage warm-up and polynomial decay (see the
+    module docstring); ``vit``: whether the group is the ViT's."""
+    head_warmup, vit_warmup = warmup
+    if not vit:
+        if step < head_warmup:
+            return step / head_warmup
+        return max(0.0, 1.0 - (step - head_warmup) / max(1, total_steps - head_warmup)) ** power
+    if step < head_warmup:
+        return 0.0
+    if step < head_warmup + vit_warmup:
+        return (step - head_warmup) / vit_warmup
+    decay_steps = max(1, total_steps - head_warmup - vit_warmup)
+    return max(0.0, 1.0 - (step - head_warmup - vit_warmup) / decay_steps) ** power
+
+
+def build_eomt_optimizer(network: Eomt, settings: EomtTrainingConfig = EomtTrainingConfig()) -> torch.optim.AdamW:
+    """AdamW over ``eomt_parameter_groups`` with the settings' rate, decay and weight decay (each group keeps its
+    ``vit`` flag for ``build_eomt_scheduler``)."""
+    groups = eomt_parameter_groups(network, settings.lr, settings.layer_decay, settings.weight_decay)
+    for group in groups:
+        group.pop("names")
+    return torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
+
+
+def build_eomt_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup: Tuple[int, int] = (500, 1000),
+                         power: float = 0.9) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step ``learning_rate_factor`` for each group of ``build_eomt_optimizer``'s optimiser (call ``step()``
+    after each optimiser step)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [
+        (lambda step, vit=bool(group["vit"]): learning_rate_factor(step, vit, total_steps, warmup, power))
+        for group in optimizer.param_groups])
+
+
+def training_step(network: Eomt, criterion, optimizer: torch.optim.Optimizer, images: torch.Tensor, targets,
+                  sampler, step: int, starts: Sequence[int], ends: Sequence[int], power: float = 0.9) -> float:
+    """One optimisation step of the recipe: the masks annealed for ``step``, the network in training mode on
+    ``images`` (B, 3, S, S), Mask2Former's criterion on the final and every query block's prediction, AdamW.
+    Returns the weighted total loss."""
+    anneal_masks(network, step, starts, ends, power)
+    network.train()
+    output = network(images)
+    total = criterion.total(criterion(output, targets, sampler))
+    if not torch.isfinite(total):
+        raise FloatingPointError(f"step {step}: the loss is {total.item()}; lower the learning rate")
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    optimizer.step()
+    return float(total.detach())
