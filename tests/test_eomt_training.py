@@ -210,8 +210,8 @@ def test_a_tiny_eomt_learns_a_repeated_batch_of_synthetic_scenes(tmp_path):
 
     def held_out_pq():
         metric = build_metric({"type": "segmentation-panoptic-quality", "categories": ordered})
-        return evaluate_network(network, config, held_out_rows, [metric], "panoptic", torch.device("cpu"),
-                                object_mask_threshold=0.5)["PQ"]
+        return evaluate_network(network, config, held_out_rows, [metric], ["panoptic"], torch.device("cpu"),
+                                thresholds={"panoptic": {"object_mask_threshold": 0.5}})["PQ"]
 
     untrained = held_out_pq()
     criterion = Mask2FormerCriterion(config.num_classes, HungarianMatcher(num_points=1024), num_points=1024)

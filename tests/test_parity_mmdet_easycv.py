@@ -209,6 +209,8 @@ def test_easycv_r50_matches_easycv_pipeline(tmp_path, backbone):
 @pytest.mark.slow
 def test_mmdet_swin_large_full_size_on_a_real_photo(tmp_path):
     model_dir, result = tmp_path / "model", tmp_path / "result.npz"
+    # as for full-size swin-t: classes fixed per query (an image-driven class head of gain 4 spread over 133 classes
+    # left no query above the 0.8 object-mask threshold: mmdet's result on the photo was empty)
     run_oracle("mmdet_oracle.py", "--task", "panoptic", "--backbone", "swin-l", "--seed", "0", "--model-dir", model_dir,
-               "--images", *IMAGES, "--result", result, timeout=3600)
+               "--images", *IMAGES, "--result", result, "--image-class-gain", "0", timeout=3600)
     compare_with_reference(model_dir, result, full_size=True)

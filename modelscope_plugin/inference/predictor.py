@@ -102,6 +102,12 @@ class Predictor:
         return (isinstance(self.config, EomtConfig) and self.config.semantic_windows
                 and (task or self.config.task) == "semantic")
 
+    def run_key(self, task: Optional[str] = None) -> Optional[str]:
+        """What the network input and run depend on besides the image: the task for OneFormer (told the task) and for
+        EoMT's semantic windows, else nothing (one run serves every task)."""
+        task = task or self.config.task
+        return task if isinstance(self.config, OneFormerConfig) or self.uses_windows(task) else None
+
     def prepare(self, image: ImageInput, task: Optional[str] = None) -> PreparedImage:
         """Decodes ``image`` (path, URL, PIL image, BGR array) once and makes the network input for ``task``
         (default: the model's); for FastInst, padded so that its stride-16 map has a pixel for every query however

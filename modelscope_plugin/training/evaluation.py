@@ -3,7 +3,8 @@
 ModelScope's ``multi_gpu_test`` pads the distributed sampler with duplicate images (they are scored twice). Here
 rank r scores images r, r + N, r + 2N, ... and the metric objects (``Metric.merge``) are gathered, so every image
 counts once and every rank returns the same values. Each metric scores the outputs of its own task (PQ panoptic,
-box / mask AP instance, mIoU semantic); the network runs once per image whatever the number of tasks.
+box / mask AP instance, mIoU semantic); the network runs once per image whatever the number of tasks (once per
+task for OneFormer, whose task is a network input, and for EoMT's semantic windows).
 """
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -41,12 +42,20 @@ def evaluate_network(network: torch.nn.Module, config, rows: Sequence[Mapping[st
     try:
         for index in range(rank, len(rows), world_size):
             row = dict(rows[index])
-            image = predictor.prepare(row["image_path"])
-            output = predictor.run(image.tensor[None])
-            # one forward pass; each task post-processes the same (Q, K + 1) class and (Q, h, w) mask logits
-            outputs = {task: predictor.postprocess(image, output.class_logits[0], output.mask_logits[0],
-                                                   task_parameters)
-                       for task, task_parameters in parameters.items()}
+            # one forward pass per distinct network input (usually one per image: each task post-processes the same
+            # (Q, K + 1) class and (Q, h, w) mask logits; OneFormer is told the task, EoMT's semantic task runs windows)
+            runs: Dict[Any, Any] = {}
+            outputs = {}
+            for task, task_parameters in parameters.items():
+                key = predictor.run_key(task)
+                if key not in runs:
+                    image = predictor.prepare(row["image_path"], task)
+                    runs[key] = image, predictor.run(image.network_input(), task)
+                image, output = runs[key]
+                # windows: (N windows, Q, ...) merged by post-processing; otherwise the batch of one
+                class_logits, mask_logits = ((output.class_logits, output.mask_logits) if image.window_starts
+                                             else (output.class_logits[0], output.mask_logits[0]))
+                outputs[task] = predictor.postprocess(image, class_logits, mask_logits, task_parameters)
             for metric, task in zip(metrics, tasks):
                 metric.add(outputs[task], row)
     finally:
