@@ -1,4 +1,6 @@
 """Whole networks as nested constructor calls; the only place a config object is read."""
+from typing import Union
+
 from modelscope_plugin.config import (
     DinatConfig,
     EomtConfig,
@@ -40,20 +42,33 @@ def build_backbone(config):
     raise TypeError(f"unknown backbone config {type(config).__name__}")
 
 
+def build_deformable_pixel_decoder(config: Union[Mask2FormerConfig, OneFormerConfig],
+                                   backbone) -> MSDeformAttnPixelDecoder:
+    """Mask2Former's (and OneFormer's) multi-scale deformable-attention pixel decoder over ``backbone``."""
+    return MSDeformAttnPixelDecoder(
+        in_channels=backbone.out_channels, in_strides=backbone.out_strides, conv_dim=config.hidden_dim,
+        mask_dim=config.hidden_dim, num_heads=config.num_heads, feedforward_dim=config.encoder_feedforward_dim,
+        num_encoder_layers=config.encoder_layers, num_groups=config.num_groups,
+    )
+
+
+def build_masked_decoder(config: Union[Mask2FormerConfig, OneFormerConfig],
+                         learned_queries: bool) -> MultiScaleMaskedTransformerDecoder:
+    """Mask2Former's masked-attention decoder; OneFormer gives it task-conditioned queries (``learned_queries``
+    False)."""
+    return MultiScaleMaskedTransformerDecoder(
+        in_channels=config.hidden_dim, num_classes=config.num_classes, hidden_dim=config.hidden_dim,
+        num_queries=config.num_queries, num_heads=config.num_heads, feedforward_dim=config.decoder_feedforward_dim,
+        num_layers=config.decoder_layers, mask_dim=config.hidden_dim, learned_queries=learned_queries,
+    )
+
+
 def build_mask2former(config: Mask2FormerConfig) -> Mask2Former:
     backbone = build_backbone(config.backbone)
     return Mask2Former(
         backbone=backbone,
-        pixel_decoder=MSDeformAttnPixelDecoder(
-            in_channels=backbone.out_channels, in_strides=backbone.out_strides, conv_dim=config.hidden_dim,
-            mask_dim=config.hidden_dim, num_heads=config.num_heads, feedforward_dim=config.encoder_feedforward_dim,
-            num_encoder_layers=config.encoder_layers, num_groups=config.num_groups,
-        ),
-        transformer_decoder=MultiScaleMaskedTransformerDecoder(
-            in_channels=config.hidden_dim, num_classes=config.num_classes, hidden_dim=config.hidden_dim,
-            num_queries=config.num_queries, num_heads=config.num_heads, feedforward_dim=config.decoder_feedforward_dim,
-            num_layers=config.decoder_layers, mask_dim=config.hidden_dim,
-        ),
+        pixel_decoder=build_deformable_pixel_decoder(config, backbone),
+        transformer_decoder=build_masked_decoder(config, learned_queries=True),
     )
 
 
@@ -98,16 +113,8 @@ def build_oneformer(config: OneFormerConfig) -> OneFormer:
     backbone = build_backbone(config.backbone)
     return OneFormer(
         backbone=backbone,
-        pixel_decoder=MSDeformAttnPixelDecoder(
-            in_channels=backbone.out_channels, in_strides=backbone.out_strides, conv_dim=config.hidden_dim,
-            mask_dim=config.hidden_dim, num_heads=config.num_heads, feedforward_dim=config.encoder_feedforward_dim,
-            num_encoder_layers=config.encoder_layers, num_groups=config.num_groups,
-        ),
-        transformer_decoder=MultiScaleMaskedTransformerDecoder(
-            in_channels=config.hidden_dim, num_classes=config.num_classes, hidden_dim=config.hidden_dim,
-            num_queries=config.num_queries, num_heads=config.num_heads, feedforward_dim=config.decoder_feedforward_dim,
-            num_layers=config.decoder_layers, mask_dim=config.hidden_dim, learned_queries=False,
-        ),
+        pixel_decoder=build_deformable_pixel_decoder(config, backbone),
+        transformer_decoder=build_masked_decoder(config, learned_queries=False),
         query_transformer=QueryTransformer(
             hidden_dim=config.hidden_dim, num_heads=config.num_heads, feedforward_dim=config.decoder_feedforward_dim,
             num_layers=config.query_transformer_layers,

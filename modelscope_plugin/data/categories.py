@@ -253,3 +253,14 @@ def class_table_of_names(class_names: Sequence[str]) -> Optional[ClassTable]:
 def describe_class_tables() -> str:
     """"COCO panoptic (133), COCO instance (80), ..." for messages."""
     return ", ".join(f"{table.dataset} ({len(table.class_names)})" for table in BUILTIN_CLASS_TABLES)
+
+
+def coco_split_of_count(num_classes: int) -> Tuple[Tuple[int, ...], str, int]:
+    """(category ids, default task, number of thing classes) for a Hugging Face EoMT / OneFormer checkpoint, which
+    records class names but no thing / stuff split: COCO panoptic (133) and COCO instance (80) by their tables, any
+    other count semantic-only with ids 0 .. K - 1."""
+    if num_classes == len(COCO_PANOPTIC_CATEGORIES):
+        return tuple(c.id for c in COCO_PANOPTIC_CATEGORIES), "panoptic", len(COCO_THING_CATEGORIES)
+    if num_classes == len(COCO_THING_CATEGORIES):
+        return tuple(c.id for c in COCO_THING_CATEGORIES), "instance", num_classes
+    return tuple(range(num_classes)), "semantic", 0

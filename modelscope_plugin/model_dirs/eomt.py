@@ -21,7 +21,7 @@ from modelscope_plugin.builders import build_eomt
 from modelscope_plugin.checkpoints.eomt import convert_hf_eomt
 from modelscope_plugin.checkpoints.io import load_strict, read_checkpoint
 from modelscope_plugin.config import EomtConfig, PreprocessConfig
-from modelscope_plugin.data.categories import COCO_PANOPTIC_CATEGORIES, COCO_THING_CATEGORIES
+from modelscope_plugin.data.categories import coco_split_of_count
 from modelscope_plugin.errors import CheckpointError
 from modelscope_plugin.model_dirs.hf import read_hf_config
 
@@ -75,13 +75,7 @@ def config_from_hf_eomt(values: dict) -> EomtConfig:
         mlp_dim = int(hidden_dim * values.get("mlp_ratio", 4))
     id2label = {int(key): value for key, value in values.get("id2label", {}).items()}
     num_classes = len(id2label)
-    if num_classes == len(COCO_PANOPTIC_CATEGORIES):
-        categories, task, num_things = COCO_PANOPTIC_CATEGORIES, "panoptic", len(COCO_THING_CATEGORIES)
-    elif num_classes == len(COCO_THING_CATEGORIES):
-        categories, task, num_things = COCO_THING_CATEGORIES, "instance", num_classes
-    else:
-        categories, task, num_things = None, "semantic", 0
-    category_ids = tuple(c.id for c in categories) if categories else tuple(range(num_classes))
+    category_ids, task, num_things = coco_split_of_count(num_classes)
     return EomtConfig(
         hidden_dim=hidden_dim, num_layers=values.get("num_hidden_layers", 24),
         num_heads=values.get("num_attention_heads", 16), mlp_dim=mlp_dim, rope_theta=rope_theta,

@@ -17,7 +17,7 @@ from modelscope_plugin.builders import build_oneformer
 from modelscope_plugin.checkpoints.io import load_strict, read_checkpoint
 from modelscope_plugin.checkpoints.oneformer import convert_hf_oneformer
 from modelscope_plugin.config import DinatConfig, OneFormerConfig, PreprocessConfig, SwinConfig
-from modelscope_plugin.data.categories import COCO_PANOPTIC_CATEGORIES, COCO_THING_CATEGORIES
+from modelscope_plugin.data.categories import coco_split_of_count
 from modelscope_plugin.errors import CheckpointError
 from modelscope_plugin.model_dirs.configuration import check_config
 from modelscope_plugin.model_dirs.hf import read_hf_config
@@ -90,12 +90,7 @@ def config_from_hf_oneformer(values: dict, preprocess: PreprocessConfig) -> OneF
                                   "(one width throughout is supported)")
     id2label = {int(key): value for key, value in values.get("id2label", {}).items()}
     num_classes = len(id2label)
-    if num_classes == len(COCO_PANOPTIC_CATEGORIES):
-        categories, task, num_things = COCO_PANOPTIC_CATEGORIES, "panoptic", len(COCO_THING_CATEGORIES)
-    elif num_classes == len(COCO_THING_CATEGORIES):
-        categories, task, num_things = COCO_THING_CATEGORIES, "instance", num_classes
-    else:
-        categories, task, num_things = None, "semantic", 0
+    category_ids, task, num_things = coco_split_of_count(num_classes)
     return OneFormerConfig(
         backbone=backbone_from_hf(values.get("backbone_config") or {}), num_things_classes=num_things,
         num_stuff_classes=num_classes - num_things, num_queries=values.get("num_queries", 150), hidden_dim=hidden_dim,
@@ -107,7 +102,7 @@ def config_from_hf_oneformer(values: dict, preprocess: PreprocessConfig) -> OneF
         query_transformer_layers=values.get("query_dec_layers", 2), task_seq_len=values.get("task_seq_len", 77),
         use_task_norm=values.get("use_task_norm", True),
         class_names=tuple(id2label[index] for index in sorted(id2label)),
-        category_ids=tuple(c.id for c in categories) if categories else tuple(range(num_classes)), task=task,
+        category_ids=category_ids, task=task,
         preprocess=preprocess,
     )
 
