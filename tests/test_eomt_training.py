@@ -229,12 +229,16 @@ def test_a_tiny_eomt_learns_a_repeated_batch_of_synthetic_scenes(tmp_path):
 
 
 @pytest.mark.oracle
-def test_the_modelscope_trainer_refuses_an_eomt_directory_saying_what_to_use(tmp_path):
+def test_a_transformers_eomt_in_the_hub_layout_trains_and_its_output_runs_in_transformers(tmp_path):
+    """A transformers-written EoMT folder with a ModelScope configuration.json (the hub layout of
+    model_cards/tue-mps) trains 2 iterations through the ModelScope trainer; transformers loads the output folder's
+    HF files and gives the trained network's logits."""
     import json
 
     from modelscope.trainers import build_trainer
 
-    from modelscope_plugin.errors import TrainingConfigError
+    from modelscope_plugin.data.datasets import as_ms_dataset
+    from modelscope_plugin.data.synthetic import SYNTHETIC_CATEGORIES, SceneConfig, SyntheticSplit, write_dataset
 
     model_dir = tmp_path / "hf_eomt"
     run_oracle("eomt_oracle.py", "make", "--hidden-size", "64", "--layers", "4", "--heads", "4", "--image-size", "64",
@@ -243,6 +247,27 @@ def test_the_modelscope_trainer_refuses_an_eomt_directory_saying_what_to_use(tmp
     (model_dir / "configuration.json").write_text(json.dumps({
         "framework": "pytorch", "task": "image-segmentation", "model": {"type": "eomt"},
         "pipeline": {"type": "image-panoptic-segmentation"}}))
-    with pytest.raises(TrainingConfigError, match="is an EoMT.*training.eomt.training_step"):
-        build_trainer("mask2former-segmentation", dict(model=str(model_dir), train_dataset=[],
-                                                       work_dir=str(tmp_path / "work")))
+    write_dataset(tmp_path / "data", "train", 2, seed=0, config=SceneConfig.scaled(64))
+    trainer = build_trainer("mask2former-segmentation", dict(
+        model=str(model_dir), train_dataset=as_ms_dataset(SyntheticSplit(tmp_path / "data", "train").panoptic_rows()),
+        work_dir=str(tmp_path / "work"), seed=3,
+        categories=[{"id": c.id, "name": c.name, "isthing": c.isthing} for c in SYNTHETIC_CATEGORIES],
+        cfg_options={"train.task": "panoptic", "train.max_epochs": 2, "train.loss": {"num_points": 64},
+                     "train.preprocess": {"short_side": 64, "long_side_max": 64},
+                     # annealed away from iteration 1 on: the saved network runs without masks, as transformers'
+                     "train.mask_annealing": {"starts": [0, 0], "ends": [1, 1]},
+                     "train.checkpoint.period": {"interval": 1, "by_epoch": False}}))
+    trainer.train()
+    network = trainer.unwrap_module(trainer.model).eval()
+    assert network.attention_mask_probabilities.tolist() == [0.0, 0.0]
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    np.savez(tmp_path / "pixels.npz", pixel_values=pixels.numpy())
+    run_oracle("eomt_oracle.py", "run", "--model-dir", tmp_path / "work" / "output", "--pixels",
+               tmp_path / "pixels.npz", "--result", tmp_path / "result.npz")
+    with torch.no_grad():
+        output = network(pixels)
+    with np.load(tmp_path / "result.npz") as reference:
+        torch.testing.assert_close(output.class_logits, torch.from_numpy(reference["class_queries_logits"]),
+                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(output.mask_logits, torch.from_numpy(reference["masks_queries_logits"]),
+                                   rtol=1e-4, atol=1e-4)

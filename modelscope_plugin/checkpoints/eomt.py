@@ -110,3 +110,66 @@ def convert_hf_eomt(state_dict: Dict[str, torch.Tensor],
         # rows [0, D) query, [D, 2D) key, [2D, 3D) value
         converted[target] = torch.cat([parts[index] for index in range(3)], dim=0)
     return converted, dropped
+
+
+# this package's names -> HF names, the inverse of the tables above (the HF spelling transformers writes today:
+# DINOv2 ``out_proj`` and ``gate_proj`` / ``up_proj`` / ``down_proj``, DINOv3 ``o_proj`` and ``up_proj`` /
+# ``down_proj``); the fused ``qkv`` is split back into q / k / v rows
+_OWN_COMMON: List[Tuple[str, Callable[[re.Match], str]]] = [
+    (r"embeddings\.class_token", lambda m: "embeddings.cls_token"),
+    (r"embeddings\.register_tokens", lambda m: "embeddings.register_tokens"),
+    (r"blocks\.(\d+)\.norm([12])\." + _WB, lambda m: f"layers.{m[1]}.norm{m[2]}.{m[3]}"),
+    (r"blocks\.(\d+)\.layer_scale([12])", lambda m: f"layers.{m[1]}.layer_scale{m[2]}.lambda1"),
+    (r"norm\." + _WB, lambda m: f"layernorm.{m[1]}"),
+    (r"queries\.weight", lambda m: "query.weight"),
+    (r"upscale_layers\.(\d+)\.transposed_conv\." + _WB, lambda m: f"upscale_block.block.{m[1]}.conv1.{m[2]}"),
+    (r"upscale_layers\.(\d+)\.depthwise_conv\.weight", lambda m: f"upscale_block.block.{m[1]}.conv2.weight"),
+    (r"upscale_layers\.(\d+)\.norm\." + _WB, lambda m: f"upscale_block.block.{m[1]}.layernorm2d.{m[2]}"),
+    (r"mask_head\.(fc1|fc2|fc3)\." + _WB, lambda m: f"mask_head.{m[1]}.{m[2]}"),
+    (r"class_head\." + _WB, lambda m: f"class_predictor.{m[1]}"),
+    (r"attention_mask_probabilities", lambda m: "attn_mask_probs"),
+]
+_OWN_DINOV2 = [
+    (r"embeddings\.patch_projection\." + _WB, lambda m: f"embeddings.patch_embeddings.projection.{m[1]}"),
+    (r"embeddings\.position_embeddings", lambda m: "embeddings.position_embeddings.weight"),
+    (r"blocks\.(\d+)\.attention\.projection\." + _WB, lambda m: f"layers.{m[1]}.attention.out_proj.{m[2]}"),
+    (r"blocks\.(\d+)\.mlp\.(fc1|fc2)\." + _WB, lambda m: f"layers.{m[1]}.mlp.{m[2]}.{m[3]}"),
+    (r"blocks\.(\d+)\.mlp\.(gate|up|down)\." + _WB, lambda m: f"layers.{m[1]}.mlp.{m[2]}_proj.{m[3]}"),
+]
+_OWN_DINOV3 = [
+    (r"embeddings\.patch_projection\." + _WB, lambda m: f"embeddings.patch_embeddings.{m[1]}"),
+    (r"blocks\.(\d+)\.attention\.projection\." + _WB, lambda m: f"layers.{m[1]}.attention.o_proj.{m[2]}"),
+    (r"blocks\.(\d+)\.mlp\.fc1\." + _WB, lambda m: f"layers.{m[1]}.mlp.up_proj.{m[2]}"),
+    (r"blocks\.(\d+)\.mlp\.fc2\." + _WB, lambda m: f"layers.{m[1]}.mlp.down_proj.{m[2]}"),
+]
+_OWN_COMPILED = {variant: [(re.compile(pattern), name) for pattern, name in _OWN_COMMON + rules]
+                 for variant, rules in (("eomt", _OWN_DINOV2), ("eomt_dinov3", _OWN_DINOV3))}
+_QKV = re.compile(r"blocks\.(\d+)\.attention\.qkv\." + _WB)
+
+
+def to_hf_eomt(state_dict: Dict[str, torch.Tensor], variant: str = "eomt") -> Dict[str, torch.Tensor]:
+    """This package's EoMT state dict -> the HF state dict of ``variant`` that ``convert_hf_eomt`` reads back
+    key for key and value for value. DINOv3 has no key bias: the key rows of the fused bias are left out (read
+    back as zeros; a bias on the keys adds one amount to all of a query's scores, which softmax ignores, so the
+    network computes the same). Raises ``KeymapError`` on a key no rule claims."""
+    if variant not in _OWN_COMPILED:
+        raise KeymapError(f"unknown EoMT variant {variant!r} (one of {sorted(_OWN_COMPILED)})")
+    converted: Dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, tensor in state_dict.items():
+        match = _QKV.fullmatch(key)
+        if match:
+            # rows [0, D) query, [D, 2D) key, [2D, 3D) value
+            for part, piece in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0)):
+                if variant == "eomt_dinov3" and part == "k_proj" and match[2] == "bias":
+                    continue
+                converted[f"layers.{match[1]}.attention.{part}.{match[2]}"] = piece.clone()
+            continue
+        names = [name(found) for regex, name in _OWN_COMPILED[variant] if (found := regex.fullmatch(key))]
+        if not names:
+            unknown.append(key)
+            continue
+        converted[names[0]] = tensor
+    if unknown:
+        raise KeymapError(f"{len(unknown)} EoMT keys with no HF name: {unknown[:10]}")
+    return converted

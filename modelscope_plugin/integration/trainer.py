@@ -1,6 +1,14 @@
-"""ModelScope trainer for this package's Mask2Former and FastInst: ``build_trainer('mask2former-segmentation',
+"""ModelScope trainer for this package's Mask2Former, FastInst and EoMT: ``build_trainer('mask2former-segmentation',
 dict(model=<dir, checkpoint or hub id>, train_dataset=MsDataset, eval_dataset=MsDataset, work_dir=...,
 cfg_options={...}))``.
+
+An EoMT (a Hugging Face EoMT folder, or one with a configuration.json of model type "eomt") trains with EoMT's recipe
+(``training/eomt.py``): Mask2Former's criterion on the final and every query block's prediction, layer-wise lr decay
+groups (``train.optimizer.layer_decay``, default 0.8; ``paramwise_options`` are refused), AdamW 1e-4, weight decay
+0.05, no gradient clipping, poly decay; masked attention annealed by the trainer's iteration
+(``EomtMaskAnnealingHook``; ``train.mask_annealing`` {starts, ends, power}, default the official placement over the
+run), so a resumed run continues the schedule; the training crop is the network's square ``image_size``. Its output
+folder holds the HF files (``config.json`` + ``model.safetensors``) and a configuration.json with its classes.
 
 A FastInst model directory (``model.type`` "fastinst") trains the instance task with ``FastInstCriterion`` (location
 cost, proposal loss, ground-truth mask-guided learning) and official FastInst's defaults (AdamW 1e-4, weight decay
@@ -106,6 +114,7 @@ from modelscope_plugin.training.data import (
     point_seed,
     row_kind,
 )
+from modelscope_plugin.training.eomt import EomtMaskAnnealingHook, MaskAnnealing, build_layer_decay_optimizer
 from modelscope_plugin.training.evaluation import evaluate_network, flat_metric_values
 from modelscope_plugin.training.lr_policy import PolicyLR, lr_policy_from
 from modelscope_plugin.training.optimizer import build_optimizer, parameter_rules_from
@@ -149,6 +158,17 @@ FASTINST_TRAINING_CONFIG = {
 }
 FASTINST_MILESTONE_FRACTIONS = (327778 / 368750, 355092 / 368750)
 
+# official EoMT (training/eomt.py): AdamW 1e-4, weight decay 0.05, layer-wise lr decay 0.8, no gradient clipping,
+# poly decay with power 0.9 per iteration (its two-stage warm-up is not part of this default)
+EOMT_TRAINING_CONFIG = {
+    "train": {
+        "dataloader": {"batch_size_per_gpu": 2, "workers_per_gpu": 0},
+        "optimizer": {"type": "AdamW", "lr": 1e-4, "weight_decay": 0.05, "layer_decay": 0.8},
+        "lr_scheduler": {"type": "PolynomialLR", "power": 0.9, "options": {"by_epoch": False}},
+    },
+}
+TRAINING_CONFIG_OF_TYPE = {"fastinst": FASTINST_TRAINING_CONFIG, "eomt": EOMT_TRAINING_CONFIG}
+
 
 def is_archive_dataset(dataset) -> bool:
     """An ``MsDataset`` of a hub dataset shipped as an archive: ``MsDataset.load`` returns one over an
@@ -166,7 +186,7 @@ def _rows(dataset) -> Any:
 
 @TRAINERS.register_module(module_name=TRAINER_NAME, force=True)
 class SegmentationTrainer(EpochBasedTrainer):
-    """Finetunes a Mask2Former or FastInst model directory; see the module docstring for the configuration."""
+    """Finetunes a Mask2Former, FastInst or EoMT model directory; see the module docstring for the configuration."""
 
     def __init__(self, model: str, *arguments, categories: Optional[List[Dict[str, Any]]] = None,
                  class_names: Optional[List[str]] = None, **kwargs):
@@ -188,6 +208,8 @@ class SegmentationTrainer(EpochBasedTrainer):
             raise TrainingConfigError("class_names is for checkpoints without a configuration.json; a model "
                                       "directory names its classes in its configuration")
         super().__init__(str(model), *arguments, **kwargs)
+        if isinstance(self.model_config, EomtConfig):
+            self.register_hook(EomtMaskAnnealingHook(self.mask_annealing))
         if self.eval_dataset is None and any(type(hook).__name__ == "EvaluationHook" for hook in self.hooks):
             raise TrainingConfigError("an EvaluationHook is configured (train.hooks / evaluation.period) but there is "
                                       "no eval_dataset: give one, or remove the hook")
@@ -211,8 +233,7 @@ class SegmentationTrainer(EpochBasedTrainer):
         if self._cfg_options:
             cfg.merge_from_dict(self._cfg_options)
         cfg = self.read_training_sections(cfg)
-        defaults = deepcopy(FASTINST_TRAINING_CONFIG if cfg.safe_get("model.type") == "fastinst"
-                            else DEFAULT_TRAINING_CONFIG)
+        defaults = deepcopy(TRAINING_CONFIG_OF_TYPE.get(cfg.safe_get("model.type"), DEFAULT_TRAINING_CONFIG))
         if cfg.safe_get("train.lr_scheduler") is not None:
             defaults["train"].pop("lr_scheduler")
         cfg.merge_from_dict(defaults, force=False)
@@ -234,11 +255,13 @@ class SegmentationTrainer(EpochBasedTrainer):
     def build_model(self) -> torch.nn.Module:
         train_cfg = self.cfg.safe_get("train", {})
         config, network = load_model_dir(self.model_dir, task=train_cfg.get("task"))
-        if isinstance(config, EomtConfig):
-            raise TrainingConfigError(
-                f"{self.model_dir} is an EoMT; this trainer finetunes Mask2Former and FastInst directories. EoMT's "
-                "recipe runs step by step through modelscope_plugin.training.eomt.training_step")
         self.task = config.task
+        if isinstance(config, EomtConfig):
+            self.mask_annealing = settings_from(MaskAnnealing, train_cfg.get("mask_annealing", {}),
+                                                "train.mask_annealing").checked(config.num_query_blocks)
+            if (train_cfg.get("optimizer") or {}).get("paramwise_options"):
+                raise TrainingConfigError("train.optimizer.paramwise_options: an EoMT trains with layer-wise "
+                                          "learning-rate decay (train.optimizer.layer_decay) instead")
         if isinstance(config, FastInstConfig) and self.task != "instance":
             raise TrainingConfigError(f"FastInst trains the instance task only (train.task = {self.task!r})")
         categories = self._categories_argument or train_cfg.get("categories") or self.archive_categories()
@@ -259,6 +282,12 @@ class SegmentationTrainer(EpochBasedTrainer):
                                           f"known: {sorted(known)}")
             config = replace(config, preprocess=replace(config.preprocess, **{
                 key: tuple(value) if isinstance(value, list) else value for key, value in preprocess.items()}))
+        if isinstance(config, EomtConfig):
+            sides = {name: getattr(config.preprocess, name) for name in ("long_side_max", "size_divisor")}
+            if any(side != config.image_size for side in sides.values()):
+                raise TrainingConfigError(f"train.preprocess: an EoMT runs on {config.image_size}x{config.image_size}"
+                                          f" inputs (its image_size); long_side_max and size_divisor must be "
+                                          f"{config.image_size}, not {sides}")
         config, message = adapt_class_head(config, network, head_categories, self._seed)
         if message:
             self._notes.append(message)
@@ -329,8 +358,14 @@ class SegmentationTrainer(EpochBasedTrainer):
         rows = self.archive_rows(datasets, model_cfg, mode) if is_archive_dataset(datasets) else _rows(datasets)
         if mode != ModeKeys.TRAIN:
             return rows
-        augmentation = settings_from(AugmentationConfig, model_cfg.safe_get("train.augmentation", {}),
-                                     "train.augmentation")
+        augmentation_values = dict(model_cfg.safe_get("train.augmentation", {}))
+        if isinstance(self.model_config, EomtConfig):  # the network takes its own square input size only
+            augmentation_values.setdefault("image_size", self.model_config.image_size)
+            canvas = augmentation_values.get("crop_size") or augmentation_values["image_size"]
+            if canvas != self.model_config.image_size:
+                raise TrainingConfigError(f"train.augmentation: the training crop is {canvas}x{canvas}, but an EoMT "
+                                          f"trains on its image_size {self.model_config.image_size}")
+        augmentation = settings_from(AugmentationConfig, augmentation_values, "train.augmentation")
         return SegmentationTrainingDataset(rows, self.categories, self.task, self.model_config.preprocess,
                                            augmentation, seed=self._seed)
 
@@ -392,7 +427,10 @@ class SegmentationTrainer(EpochBasedTrainer):
         optimizer_cfg = dict(deepcopy(self.cfg.train.optimizer))
         optimizer_options = optimizer_cfg.pop("options", {}) or {}
         rules = parameter_rules_from(optimizer_cfg.pop("paramwise_options", {}))
-        self.optimizer = build_optimizer(self.unwrap_module(self.model), optimizer_cfg, rules, self.parameter_name)
+        if isinstance(self.model_config, EomtConfig):  # layer-wise lr decay groups (training/eomt.py)
+            self.optimizer = build_layer_decay_optimizer(self.unwrap_module(self.model), optimizer_cfg)
+        else:
+            self.optimizer = build_optimizer(self.unwrap_module(self.model), optimizer_cfg, rules, self.parameter_name)
         lr_options: Dict[str, Any] = {}
         self.lr_scheduler = None
         scheduler_cfg = self.cfg.train.get("lr_scheduler")

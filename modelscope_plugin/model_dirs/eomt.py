@@ -14,15 +14,18 @@ Semantic inference runs on sliding windows (``EomtConfig.semantic_windows``) whe
 semantic checkpoints are trained and evaluated on windows).
 """
 import json
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Optional
+from typing import Any, Dict, Optional
+
+import torch
 
 from modelscope_plugin.builders import build_eomt
-from modelscope_plugin.checkpoints.eomt import convert_hf_eomt
+from modelscope_plugin.checkpoints.eomt import convert_hf_eomt, to_hf_eomt
 from modelscope_plugin.checkpoints.io import load_strict, read_checkpoint
 from modelscope_plugin.config import EomtConfig, PreprocessConfig
 from modelscope_plugin.data.categories import coco_split_of_count
-from modelscope_plugin.errors import CheckpointError
+from modelscope_plugin.errors import CheckpointError, ModelDirError
 from modelscope_plugin.model_dirs.hf import read_hf_config
 
 VARIANTS = ("eomt", "eomt_dinov3")
@@ -90,8 +93,91 @@ def config_from_hf_eomt(values: dict) -> EomtConfig:
     )
 
 
-def load_hf_eomt_dir(model_dir, task: Optional[str] = None):
-    """(config, network) from a ``save_pretrained`` folder; weights strictly loaded."""
+CLASS_FIELDS = ("class_names", "category_ids", "num_things_classes", "num_stuff_classes", "task", "semantic_windows")
+"""``EomtConfig`` fields a hub-layout ``configuration.json`` (``model.config``) records beside the HF files: what
+``config.json``'s id2label cannot say (things / stuff, dataset ids, task), plus ``preprocess``."""
+
+
+def with_configuration(config: EomtConfig, values: Dict[str, Any], model_dir: Path) -> EomtConfig:
+    """``config`` with the ``model.config`` values of a hub-layout ``configuration.json`` (``CLASS_FIELDS`` and
+    ``preprocess``) over it; the class count must stay the HF folder's."""
+    unknown = set(values) - set(CLASS_FIELDS) - {"preprocess"}
+    if unknown:
+        raise ModelDirError(f"{model_dir}/configuration.json: unknown EoMT model.config keys {sorted(unknown)} "
+                            f"(known: {sorted(CLASS_FIELDS + ('preprocess',))})")
+    changes = {key: tuple(value) if isinstance(value, list) else value for key, value in values.items()
+               if key != "preprocess"}
+    if "preprocess" in values:
+        changes["preprocess"] = replace(config.preprocess, **{
+            key: tuple(value) if isinstance(value, list) else value for key, value in values["preprocess"].items()})
+    updated = replace(config, **changes)
+    if updated.num_classes != config.num_classes or len(updated.class_names) != config.num_classes:
+        raise ModelDirError(f"{model_dir}/configuration.json: {updated.num_things_classes} things + "
+                            f"{updated.num_stuff_classes} stuff classes, {len(updated.class_names)} names, for the "
+                            f"{config.num_classes} classes of config.json")
+    return updated
+
+
+def hf_config_of_eomt(config: EomtConfig) -> Dict[str, Any]:
+    """The HF ``config.json`` ``config_from_hf_eomt`` reads back as ``config``'s network."""
+    values: Dict[str, Any] = {
+        "architectures": ["EomtDinov3ForUniversalSegmentation" if config.rope_theta is not None
+                          else "EomtForUniversalSegmentation"],
+        "model_type": "eomt_dinov3" if config.rope_theta is not None else "eomt",
+        "hidden_size": config.hidden_dim, "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads, "hidden_act": "gelu", "layer_norm_eps": config.layer_norm_eps,
+        "layerscale_value": config.layer_scale_init, "image_size": config.image_size,
+        "patch_size": config.patch_size, "num_register_tokens": config.num_register_tokens,
+        "num_blocks": config.num_query_blocks, "num_upscale_blocks": config.num_upscale_blocks,
+        "num_queries": config.num_queries,
+        "id2label": {str(index): name for index, name in enumerate(config.class_names)},
+        "label2id": {name: index for index, name in enumerate(config.class_names)},
+    }
+    if config.rope_theta is not None:
+        values.update(intermediate_size=config.mlp_dim, rope_parameters={"rope_type": "default",
+                                                                          "rope_theta": config.rope_theta},
+                      **_DINOV3_FIXED)
+    else:
+        # transformers' EomtConfig types mlp_ratio as int
+        ratio = config.mlp_dim // config.hidden_dim if config.mlp_dim % config.hidden_dim == 0 \
+            else config.mlp_dim / config.hidden_dim
+        values.update(mlp_ratio=ratio, use_swiglu_ffn=config.swiglu_mlp)
+    return values
+
+
+def write_hf_eomt_dir(directory, config: EomtConfig, network: torch.nn.Module) -> Path:
+    """``network`` as a Hugging Face EoMT folder (``config.json`` + ``model.safetensors`` in HF key names), the
+    inverse of ``load_hf_eomt_dir`` (which reads the classes from id2label alone)."""
+    from safetensors.torch import save_file
+
+    if config.num_classes != len(config.class_names):
+        raise ModelDirError(f"{config.num_classes} classes but {len(config.class_names)} class names to write")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    hf_values = hf_config_of_eomt(config)
+    state_dict = to_hf_eomt(network.state_dict(), hf_values["model_type"])
+    save_file({key: tensor.detach().cpu().contiguous() for key, tensor in state_dict.items()},
+              str(directory / WEIGHT_FILES[0]))
+    (directory / "config.json").write_text(json.dumps(hf_values, indent=2), encoding="utf-8")
+    return directory
+
+
+def write_hub_eomt_dir(directory, config: EomtConfig, network: torch.nn.Module) -> Path:
+    """``network`` as a hub-layout EoMT directory ``load_model`` / ``pipeline()`` read: the HF files
+    (``config.json`` + ``model.safetensors``, HF key names) and a ``configuration.json`` of model type "eomt" whose
+    ``model.config`` records the ``CLASS_FIELDS`` and preprocessing. Rewrites the files of an earlier write."""
+    directory = write_hf_eomt_dir(directory, config, network)
+    recorded = {key: value for key, value in asdict(config).items() if key in CLASS_FIELDS}
+    recorded["preprocess"] = asdict(config.preprocess)
+    (directory / "configuration.json").write_text(json.dumps({
+        "framework": "pytorch", "task": "image-segmentation", "model": {"type": "eomt", "config": recorded},
+        "pipeline": {"type": "mask2former-segmentation"}}, indent=2), encoding="utf-8")
+    return directory
+
+
+def load_hf_eomt_dir(model_dir, task: Optional[str] = None, configuration: Optional[Dict[str, Any]] = None):
+    """(config, network) from a ``save_pretrained`` folder; weights strictly loaded. ``configuration``: the
+    ``model.config`` of a hub-layout ``configuration.json`` beside the HF files (``with_configuration``)."""
     model_dir = Path(model_dir)
     values = read_hf_config(model_dir)
     config = config_from_hf_eomt(values)
@@ -101,9 +187,22 @@ def load_hf_eomt_dir(model_dir, task: Optional[str] = None):
     split = read_split_image(model_dir)
     # by the checkpoint's own task, not a task asked for at load
     config.semantic_windows = config.task == "semantic" if split is None else split
+    if configuration:
+        config = with_configuration(config, configuration, model_dir)
     if task:
         config.task = task
     state_dict, _ = convert_hf_eomt(read_checkpoint(weights), values["model_type"])
     network = build_eomt(config)
     load_strict(network, state_dict, checkpoint_name=str(weights))
     return config, network.eval()
+
+
+def is_eomt_dir(path) -> bool:
+    """Whether ``path`` is an EoMT directory: hub layout (``configuration.json`` model type "eomt") or an HF folder
+    (``config.json`` model_type of ``VARIANTS``)."""
+    path = Path(path)
+    if (path / "configuration.json").is_file():
+        from modelscope_plugin.model_dirs.configuration import read_configuration_json
+
+        return read_configuration_json(path).get("model", {}).get("type") == "eomt"
+    return (path / "config.json").is_file() and read_hf_config(path).get("model_type") in VARIANTS

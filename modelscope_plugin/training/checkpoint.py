@@ -8,7 +8,8 @@ ModelScope's configuration and file names (``{work_dir}/iter_N.pth`` + ``iter_N_
 - RNG states as plain Python values and tensors (``portable_rng_state``), loadable with ``weights_only=True``;
 - ``epoch`` / ``inner_iter`` / ``iter`` = where training continues (the next epoch after an end-of-epoch save);
 - ``{work_dir}/output`` (``train.checkpoint.period.output_dir``) is a model directory in this package's native
-  layout (``configuration.json`` + ``pytorch_model.pt``, ``demo.write_model_dir``; FastInst: the hub layout) that
+  layout (``configuration.json`` + ``pytorch_model.pt``, ``demo.write_model_dir``; FastInst: the hub layout; EoMT: HF
+  files and a configuration.json) that
   ``pipeline()`` loads.
 Files are written to a temporary name and renamed, so a run killed while saving leaves the previous checkpoint.
 """
@@ -29,8 +30,9 @@ from modelscope.trainers.hooks.checkpoint.load_checkpoint_hook import LoadCheckp
 from modelscope.trainers.hooks.priority import Priority
 
 from modelscope_plugin.checkpoints import io as checkpoint_io
-from modelscope_plugin.config import FastInstConfig
+from modelscope_plugin.config import EomtConfig, FastInstConfig
 from modelscope_plugin.errors import CheckpointError
+from modelscope_plugin.model_dirs.eomt import write_hub_eomt_dir
 from modelscope_plugin.model_dirs.fastinst import write_hub_dir
 from modelscope_plugin.model_dirs.native import write_model_dir
 
@@ -112,7 +114,10 @@ def latest_checkpoint(work_dir) -> Optional[str]:
 
 def write_output_dir(directory: Path, config, network: torch.nn.Module) -> Path:
     """The trained network as a model directory ``pipeline()`` loads: Mask2Former in the native layout, FastInst in
-    the hub layout (with its category ids and test-time preprocessing)."""
+    the hub layout (with its category ids and test-time preprocessing), EoMT as HF files beside a configuration.json
+    (``model_dirs.eomt.write_hub_eomt_dir``)."""
+    if isinstance(config, EomtConfig):
+        return write_hub_eomt_dir(directory, config, network)
     if isinstance(config, FastInstConfig):
         return write_hub_dir(directory, config, network, finetuned=True)
     return write_model_dir(directory, config, network)

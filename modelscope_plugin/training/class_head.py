@@ -5,15 +5,19 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from modelscope_plugin.config import FastInstConfig, Mask2FormerConfig
+from modelscope_plugin.config import EomtConfig, FastInstConfig, Mask2FormerConfig
+from modelscope_plugin.modeling.eomt.model import Eomt
 from modelscope_plugin.modeling.fastinst.model import FastInst
 from modelscope_plugin.modeling.mask2former.model import Mask2Former
 from modelscope_plugin.training.data import TrainingCategory
 
 
-def class_head_layers(network: Union[Mask2Former, FastInst]) -> List[str]:
+def class_head_layers(network: Union[Mask2Former, FastInst, Eomt]) -> List[str]:
     """Names of the layers whose outputs are the C + 1 class logits: Mask2Former's ``class_embed``; FastInst's last
-    linear layer of every stage's class MLP and the instance-activation head's 1x1 convolution."""
+    linear layer of every stage's class MLP and the instance-activation head's 1x1 convolution; EoMT's
+    ``class_head`` (shared by the final and every query block's prediction)."""
+    if isinstance(network, Eomt):
+        return ["class_head"]
     if isinstance(network, FastInst):
         decoder = network.transformer_decoder
         names = [f"transformer_decoder.class_embed_layers.{stage}.layers.{len(mlp.layers) - 1}"
@@ -31,9 +35,9 @@ def _resized_layer(layer: nn.Module, num_outputs: int) -> nn.Module:
     raise TypeError(f"cannot re-initialise a class head layer of type {type(layer).__name__}")
 
 
-def adapt_class_head(config: Union[Mask2FormerConfig, FastInstConfig], network: Union[Mask2Former, FastInst],
-                     categories: Sequence[TrainingCategory],
-                     seed: int) -> Tuple[Union[Mask2FormerConfig, FastInstConfig], Optional[str]]:
+def adapt_class_head(config: Union[Mask2FormerConfig, FastInstConfig, EomtConfig],
+                     network: Union[Mask2Former, FastInst, Eomt], categories: Sequence[TrainingCategory],
+                     seed: int) -> Tuple[Union[Mask2FormerConfig, FastInstConfig, EomtConfig], Optional[str]]:
     """Gives ``network`` class heads for ``categories`` (things first) if they differ from ``config``'s classes.
 
     Each new layer (``class_head_layers``) gets PyTorch's default initialisation (as every reference builds its

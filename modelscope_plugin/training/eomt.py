@@ -14,10 +14,14 @@ optimiser of the official EoMT training (Kerssies et al., CVPR 2025).
   warms up over ``warmup[1]`` steps; each then decays as ``(1 - progress) ** 0.9`` to the last step.
 """
 from dataclasses import dataclass
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import torch
+from modelscope.trainers.hooks.builder import HOOKS
+from modelscope.trainers.hooks.hook import Hook
+from modelscope.trainers.hooks.priority import Priority
 
+from modelscope_plugin.errors import TrainingConfigError
 from modelscope_plugin.modeling.eomt.model import Eomt
 
 
@@ -145,3 +149,79 @@ def training_step(network: Eomt, criterion, optimizer: torch.optim.Optimizer, im
     total.backward()
     optimizer.step()
     return float(total.detach())
+
+
+def build_layer_decay_optimizer(network: Eomt, optimizer_config: Mapping[str, Any]) -> torch.optim.Optimizer:
+    """``train.optimizer`` of an EoMT = {type: a torch.optim class name, lr, weight_decay, layer_decay, ...other
+    constructor arguments}: the optimiser over ``eomt_parameter_groups`` (layer_decay default 0.8)."""
+    values = dict(optimizer_config)
+    type_name = values.pop("type", "AdamW")
+    optimizer_class = getattr(torch.optim, str(type_name), None)
+    if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)):
+        raise TrainingConfigError(f"train.optimizer.type {type_name!r} is not a torch.optim optimizer")
+    if "lr" not in values:
+        raise TrainingConfigError("train.optimizer needs an lr")
+    lr, weight_decay = float(values.pop("lr")), float(values.pop("weight_decay", 0.0))
+    layer_decay = float(values.pop("layer_decay", EomtTrainingConfig.layer_decay))
+    if not 0.0 < layer_decay <= 1.0:
+        raise TrainingConfigError(f"train.optimizer.layer_decay must be in (0, 1], not {layer_decay}")
+    groups = eomt_parameter_groups(network, lr, layer_decay, weight_decay)
+    for group in groups:
+        group.pop("names")
+    return optimizer_class(groups, lr=lr, weight_decay=weight_decay, **values)
+
+
+@dataclass
+class MaskAnnealing:
+    """``train.mask_annealing`` of an EoMT: per query block the step its masked attention starts to fade and the step
+    it is gone (``mask_probability``); empty lists: ``annealing_steps`` over the run's iterations."""
+
+    starts: Tuple[int, ...] = ()
+    ends: Tuple[int, ...] = ()
+    power: float = 0.9
+
+    def checked(self, num_query_blocks: int) -> "MaskAnnealing":
+        """The settings, or a ``TrainingConfigError`` naming what is wrong."""
+        starts, ends = tuple(int(step) for step in self.starts), tuple(int(step) for step in self.ends)
+        if (starts or ends) and not len(starts) == len(ends) == num_query_blocks:
+            raise TrainingConfigError(f"train.mask_annealing: {len(starts)} starts and {len(ends)} ends for the "
+                                      f"model's {num_query_blocks} query blocks")
+        for block, (start, end) in enumerate(zip(starts, ends)):
+            if not 0 <= start < end:
+                raise TrainingConfigError(f"train.mask_annealing: block {block} starts at {start} and ends at {end}; "
+                                          "need 0 <= start < end")
+        if not self.power > 0:
+            raise TrainingConfigError(f"train.mask_annealing.power must be above 0, not {self.power}")
+        return MaskAnnealing(starts, ends, float(self.power))
+
+    def steps(self, total_steps: int, num_query_blocks: int) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+        """(starts, ends) for a run of ``total_steps`` iterations."""
+        if self.starts:
+            return self.starts, self.ends
+        if total_steps // (num_query_blocks + 2) < 1:
+            raise TrainingConfigError(f"{total_steps} iterations are too few to anneal {num_query_blocks} query "
+                                      "blocks (the official placement needs at least blocks + 2); give "
+                                      "train.mask_annealing.starts / ends")
+        starts, ends = annealing_steps(total_steps, num_query_blocks)
+        return tuple(starts), tuple(ends)
+
+
+@HOOKS.register_module(module_name="EomtMaskAnnealingHook", force=True)
+class EomtMaskAnnealingHook(Hook):
+    """Sets the EoMT's masked-attention probabilities from the trainer's iteration before every training
+    iteration (``anneal_masks``); a function of the iteration alone, so a resumed run continues the schedule."""
+
+    PRIORITY = Priority.HIGH
+
+    def __init__(self, annealing: MaskAnnealing):
+        self.annealing = annealing
+        self.starts: Tuple[int, ...] = ()
+        self.ends: Tuple[int, ...] = ()
+
+    def before_run(self, trainer):
+        network = trainer.unwrap_module(trainer.model)
+        self.starts, self.ends = self.annealing.steps(trainer.max_iters, network.num_query_blocks)
+
+    def before_train_iter(self, trainer):
+        anneal_masks(trainer.unwrap_module(trainer.model), trainer.iter, self.starts, self.ends,
+                     self.annealing.power)

@@ -209,6 +209,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     from modelscope_plugin.data.datasets import as_ms_dataset
     from modelscope_plugin.data.layouts import ROW_KIND_OF_FORMAT, DatasetLayoutError, detect_layout
     from modelscope_plugin.data.synthetic import SceneConfig, SyntheticSplit, write_dataset
+    from modelscope_plugin.model_dirs.eomt import is_eomt_dir
     from modelscope_plugin.ranks import rank_and_world_size
     from modelscope_plugin.training.checkpoint import latest_checkpoint
     from modelscope_plugin.training.config import ParameterGroupConfig
@@ -273,6 +274,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         "train.checkpoint.period": {"interval": 1, "by_epoch": True, "max_checkpoint_num": 2},
         "evaluation.period": {"interval": arguments.evaluate_every, "by_epoch": True},
     }
+    if is_eomt_dir(model):  # layer-wise lr decay (train.optimizer.layer_decay) instead of a backbone multiplier
+        del options["train.optimizer.paramwise_options"]
     arguments_of_trainer: Dict[str, Any] = dict(
         model=model, train_dataset=as_ms_dataset(train_rows), eval_dataset=as_ms_dataset(evaluation_rows),
         work_dir=str(work_dir), categories=categories,

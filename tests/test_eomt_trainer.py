@@ -1,0 +1,221 @@
+"""Finetuning EoMT through ModelScope's build_trainer: a tiny random EoMT written as a Hugging Face folder (this
+package's writer, no transformers), two synthetic 64 x 64 scenes; deep supervision, class-head re-initialisation,
+layer-wise learning rates, mask annealing by iteration (and after a resume), the output folder in ``pipeline()``."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from modelscope.trainers import build_trainer
+from modelscope.trainers.hooks.hook import Hook
+from test_eomt_model import tiny_eomt_config
+
+from modelscope_plugin.builders import build_eomt
+from modelscope_plugin.config import EomtConfig
+from modelscope_plugin.data.datasets import as_ms_dataset
+from modelscope_plugin.data.synthetic import SYNTHETIC_CATEGORIES, SceneConfig, SyntheticSplit, write_dataset
+from modelscope_plugin.errors import TrainingConfigError
+from modelscope_plugin.model_dirs.eomt import write_hf_eomt_dir, write_hub_eomt_dir
+from modelscope_plugin.model_dirs.load import load_model
+
+CATEGORIES = [{"id": c.id, "name": c.name, "isthing": c.isthing} for c in SYNTHETIC_CATEGORIES]
+# the tiny EoMT (tests/test_eomt_model.py): 64 x 64 input, 4 ViT blocks of width 64, the last 2 with 10 queries
+OPTIONS = {
+    "train.task": "panoptic", "train.max_epochs": 2, "train.dataloader.batch_size_per_gpu": 2,
+    "train.optimizer.lr": 1e-3,
+    "train.optimizer.layer_decay": 0.5,
+    "train.augmentation": {"image_size": 64, "min_scale": 1.0, "max_scale": 1.0, "flip_probability": 0.0},
+    "train.preprocess": {"short_side": 64, "long_side_max": 64},
+    "train.loss": {"num_points": 64}, "train.logging": {"interval": 1},
+    "train.checkpoint.period": {"interval": 1, "by_epoch": False},
+    "train.mask_annealing": {"starts": [0, 1], "ends": [2, 3]},
+}
+
+
+class Recorder(Hook):
+    """Per training iteration: the network's masked-attention probabilities; each parameter's learning rate at the
+    start of the run."""
+
+    def __init__(self):
+        self.probabilities = {}
+        self.learning_rates = {}
+
+    def before_run(self, trainer):
+        network = trainer.unwrap_module(trainer.model)
+        lr_of = {id(parameter): group["lr"] for group in trainer.optimizer.param_groups
+                 for parameter in group["params"]}
+        self.learning_rates = {name: lr_of[id(parameter)] for name, parameter in network.named_parameters()}
+
+    def after_train_iter(self, trainer):
+        network = trainer.unwrap_module(trainer.model)
+        self.probabilities[trainer.iter] = network.attention_mask_probabilities.tolist()
+
+
+def tiny_hf_eomt(directory: Path) -> Path:
+    config = tiny_eomt_config(class_names=tuple("abcde"), category_ids=(0, 1, 2, 3, 4))
+    torch.manual_seed(0)
+    return write_hf_eomt_dir(directory, config, build_eomt(config).eval())
+
+
+def make_trainer(model_dir, data_root, work_dir, options, callbacks=()):
+    return build_trainer("mask2former-segmentation", dict(
+        model=str(model_dir), train_dataset=as_ms_dataset(SyntheticSplit(Path(data_root), "train").panoptic_rows()),
+        work_dir=str(work_dir), categories=CATEGORIES, cfg_options=dict(options), callbacks=list(callbacks),
+        seed=7))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eomt_training")
+    model_dir = tiny_hf_eomt(root / "hf_eomt")
+    write_dataset(root / "data", "train", 2, seed=0, config=SceneConfig.scaled(64))
+    recorder = Recorder()
+    trainer = make_trainer(model_dir, root / "data", root / "work", OPTIONS, [recorder])
+    network = trainer.unwrap_module(trainer.model)
+    before = {name: tensor.clone() for name, tensor in network.state_dict().items()}
+    losses = []
+    criterion_forward = trainer.criterion.forward
+    trainer.criterion.forward = lambda *arguments: losses.append(criterion_forward(*arguments)) or losses[-1]
+    trainer.train()
+    return dict(trainer=trainer, root=root, model_dir=model_dir, before=before,
+                losses=losses, recorder=recorder)
+
+
+def test_hf_writer_round_trips_state_dict_exactly(tmp_path):
+    for name, overrides in (("dinov2", {}), ("swiglu", {"swiglu_mlp": True}), ("dinov3", {"rope_theta": 100.0})):
+        config = tiny_eomt_config(class_names=tuple("abcde"), category_ids=(3, 5, 8, 13, 21), **overrides)
+        torch.manual_seed(1)
+        network = build_eomt(config)
+        with torch.no_grad():
+            network.attention_mask_probabilities.copy_(torch.tensor([0.25, 0.75]))
+            if name == "dinov3":  # DINOv3 has no key bias: the HF files hold none (rows 64:128 of the fused bias)
+                for block in network.blocks:
+                    block.attention.qkv.bias[64:128] = 0
+        write_hub_eomt_dir(tmp_path / name, config, network)
+        assert (tmp_path / name / "config.json").is_file() and (tmp_path / name / "model.safetensors").is_file()
+        loaded_config, loaded = load_model(tmp_path / name)
+        expected, actual = network.state_dict(), loaded.state_dict()
+        assert expected.keys() == actual.keys()
+        assert [key for key in expected if not torch.equal(expected[key], actual[key])] == [], name
+        # what config.json cannot say comes back from configuration.json
+        assert loaded_config.category_ids == (3, 5, 8, 13, 21)
+        assert (loaded_config.num_things_classes, loaded_config.num_stuff_classes) == (3, 2)
+        assert loaded_config.task == "panoptic" and loaded_config.swiglu_mlp == (name == "swiglu")
+
+
+def test_two_iterations_with_deep_supervision_and_the_output_in_the_pipeline(trained):
+    from modelscope.pipelines import pipeline
+    from modelscope.utils.constant import Tasks
+
+    trainer = trained["trainer"]
+    assert isinstance(trainer.model_config, EomtConfig) and trainer.iter == 2
+    # the final prediction and one before each of the 2 query blocks, each with its own loss terms
+    assert len(trained["losses"]) == 2
+    for losses in trained["losses"]:
+        assert {"loss_ce", "loss_mask", "loss_dice", "loss_ce_0", "loss_mask_0", "loss_ce_1", "loss_dice_1"} <= \
+            set(losses)
+        assert "loss_ce_2" not in losses
+    output = trained["root"] / "work" / "output"
+    configuration = json.loads((output / "configuration.json").read_text())
+    assert configuration["model"]["type"] == "eomt"
+    assert configuration["model"]["config"]["category_ids"] == [c.id for c in SYNTHETIC_CATEGORIES]
+    segmenter = pipeline(Tasks.image_segmentation, model=str(output), device="cpu")
+    trained_weights = trainer.unwrap_module(trainer.model).state_dict()
+    loaded_weights = segmenter.model.network.state_dict()
+    assert trained_weights.keys() == loaded_weights.keys()
+    assert all(torch.equal(trained_weights[key], value) for key, value in loaded_weights.items())
+    # training changed the weights
+    assert any(not torch.equal(trained["before"][key], trained_weights[key]) for key in trained_weights)
+    assert segmenter.model.config.class_names == tuple(c.name for c in SYNTHETIC_CATEGORIES)
+    result = segmenter(str(trained["root"] / "data" / "train" / "000001.png"))
+    assert set(result["labels"]) <= {c.name for c in SYNTHETIC_CATEGORIES}
+
+
+def test_a_new_class_set_reinitialises_the_class_head_only(trained):
+    trainer, before = trained["trainer"], trained["before"]
+    num_classes = len(SYNTHETIC_CATEGORIES)
+    assert any(f"class head re-initialised for a new class set: 5 classes -> {num_classes}" in note
+               and f"class_head (6, 64) -> ({num_classes + 1}, 64)" in note for note in trainer._notes)
+    _, original = load_model(trained["model_dir"])
+    original_weights = original.state_dict()
+    assert before["class_head.weight"].shape == (num_classes + 1, 64)
+    # PyTorch's default initialisation from the trainer's seed
+    torch.manual_seed(7)
+    expected_head = torch.nn.Linear(64, num_classes + 1)
+    assert torch.equal(before["class_head.weight"], expected_head.weight)
+    assert torch.equal(before["class_head.bias"], expected_head.bias)
+    others = [key for key in original_weights if not key.startswith("class_head.")]
+    assert [key for key in others if not torch.equal(original_weights[key], before[key])] == []
+
+
+def test_layer_wise_learning_rates(trained):
+    rates = trained["recorder"].learning_rates
+    # lr 1e-3, layer decay 0.5, 4 ViT blocks: block b at 1e-3 * 0.5 ** (3 - b), the embeddings as block 0
+    assert rates["blocks.3.attention.qkv.weight"] == pytest.approx(1e-3)
+    assert rates["blocks.2.mlp.fc1.weight"] == pytest.approx(5e-4)
+    assert rates["blocks.0.norm1.weight"] == pytest.approx(1.25e-4)
+    assert rates["embeddings.patch_projection.weight"] == pytest.approx(1.25e-4)
+    assert rates["embeddings.class_token"] == pytest.approx(1.25e-4)
+    for name in ("class_head.weight", "queries.weight", "mask_head.fc1.weight", "norm.weight",
+                 "upscale_layers.0.transposed_conv.weight"):
+        assert rates[name] == pytest.approx(1e-3), name
+    assert {group["weight_decay"] for group in trained["trainer"].optimizer.param_groups} == {0.05}
+
+
+def test_mask_annealing_follows_the_iteration(trained):
+    # starts (0, 1), ends (2, 3), power 0.9: block 0 fades over iterations 0-2, block 1 over 1-3
+    probabilities = trained["recorder"].probabilities
+    assert probabilities[0] == pytest.approx([1.0, 1.0])
+    assert probabilities[1] == pytest.approx([0.5 ** 0.9, 1.0])
+
+
+def test_default_annealing_resumes_where_the_run_stopped(tmp_path):
+    model_dir = tiny_hf_eomt(tmp_path / "hf_eomt")
+    write_dataset(tmp_path / "data", "train", 2, seed=0, config=SceneConfig.scaled(64))
+    # 8 iterations, 2 query blocks: the official placement's unit 8 // 4 = 2, block 0 over [2, 4), block 1 [4, 6)
+    options = {key: value for key, value in OPTIONS.items() if key != "train.mask_annealing"}
+    options.update({"train.max_epochs": 8, "train.checkpoint.period": {"interval": 4, "by_epoch": False}})
+    uninterrupted_recorder = Recorder()
+    uninterrupted = make_trainer(model_dir, tmp_path / "data", tmp_path / "uninterrupted", options,
+                                 [uninterrupted_recorder])
+    uninterrupted.train()
+    half = 0.5 ** 0.9
+    expected = [[1.0, 1.0], [1.0, 1.0], [1.0, 1.0], [half, 1.0], [0.0, 1.0], [0.0, half], [0.0, 0.0], [0.0, 0.0]]
+    for step, values in enumerate(expected):
+        assert uninterrupted_recorder.probabilities[step] == pytest.approx(values), step
+    resumed_recorder = Recorder()
+    resumed = make_trainer(model_dir, tmp_path / "data", tmp_path / "resumed", options, [resumed_recorder])
+    resumed.train(checkpoint_path=str(tmp_path / "uninterrupted" / "iter_4"))
+    assert resumed.iter == 8
+    assert sorted(resumed_recorder.probabilities) == [4, 5, 6, 7]
+    assert all(resumed_recorder.probabilities[step] == uninterrupted_recorder.probabilities[step]
+               for step in range(4, 8))
+
+
+def test_configuration_errors_surface_when_the_trainer_is_built(tmp_path):
+    model_dir = tiny_hf_eomt(tmp_path / "hf_eomt")
+    write_dataset(tmp_path / "data", "train", 2, seed=0, config=SceneConfig.scaled(64))
+    for overrides, message in (
+            ({"train.optimizer.paramwise_options": {"backbone_lr_multiplier": 0.1}}, "layer_decay"),
+            ({"train.augmentation": {"image_size": 128}}, "trains on its image_size 64"),
+            ({"train.mask_annealing": {"starts": [0], "ends": [2]}}, "for the model's 2 query blocks"),
+            ({"train.mask_annealing": {"starts": [3, 1], "ends": [2, 3]}}, "block 0 starts at 3")):
+        with pytest.raises(TrainingConfigError, match=message):
+            make_trainer(model_dir, tmp_path / "data", tmp_path / "work", dict(OPTIONS, **overrides))
+
+
+def test_the_train_command_finetunes_an_eomt_folder(tmp_path):
+    from modelscope_plugin.apps.cli import main
+
+    model_dir = tiny_hf_eomt(tmp_path / "hf_eomt")
+    # 4 iterations of one image: the default annealing's unit 4 // (2 + 2) = 1
+    write_dataset(tmp_path / "data", "train", 4, seed=0, config=SceneConfig.scaled(64))
+    write_dataset(tmp_path / "data", "val", 1, seed=1, config=SceneConfig.scaled(64))
+    code = main(["train", "--model", str(model_dir), "--data", str(tmp_path / "data"), "--work-dir",
+                 str(tmp_path / "work"), "--epochs", "1", "--batch-size", "1", "--image-size", "64", "--workers", "0",
+                 "--num-points", "64", "--min-scale", "1", "--max-scale", "1"])
+    assert code == 0
+    config, _ = load_model(tmp_path / "work" / "output")
+    assert isinstance(config, EomtConfig) and config.category_ids == tuple(c.id for c in SYNTHETIC_CATEGORIES)
+    report = json.loads((tmp_path / "work" / "metrics.json").read_text())
+    assert report["task"] == "panoptic" and "PQ" in json.dumps(report["metrics"])
