@@ -1,0 +1,111 @@
+"""Reference ("oracle") pieces of transformers' OneFormer training, for tests/test_oneformer_training.py.
+
+Usage: oneformer_training_oracle.py COMMAND INPUT.npz RESULT.npz
+
+``loss``         transformers' ``OneFormerLoss`` (its matcher included) on the logits, targets and contrastive
+                 inputs of INPUT (the names of tests/oracles/criterion_oracle.py, plus ``contrastive_queries``
+                 [B,Q,C], ``text_queries`` [B,T,C], ``contrastive_temperature``), ``torch.rand`` replaced call by
+                 call by the given ``draw_{i}``. RESULT: unweighted ``loss_*`` (``loss_cross_entropy`` renamed
+                 ``loss_ce``), the weighted total of ``OneFormerForUniversalSegmentation.get_loss_dict`` /
+                 ``get_loss`` as ``total``, and the logit scale's gradient of the contrastive term as
+                 ``logit_scale_grad``.
+``text-mapper``  a seeded random ``OneFormerTextMapper`` (sizes in INPUT) run on INPUT's ``tokens``
+                 [B,num_text,L]; RESULT: ``text_queries`` and every state-dict tensor as ``weight/<name>``.
+"""
+import sys
+
+import numpy as np
+import torch
+import transformers
+from transformers.models.oneformer.modeling_oneformer import (
+    OneFormerHungarianMatcher,
+    OneFormerLoss,
+    OneFormerTextMapper,
+)
+
+
+def command_loss(data) -> dict:
+    draws = [torch.from_numpy(data[f"draw_{index}"]) for index in range(int(data["num_draws"]))]
+    real_rand = torch.rand
+
+    def injected_rand(*size, **kwargs):
+        if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)):
+            size = tuple(size[0])
+        if not draws:
+            raise AssertionError(f"transformers drew more random tensors than given (shape {size})")
+        draw = draws.pop(0)
+        if tuple(draw.shape) != tuple(size):
+            raise AssertionError(f"transformers asked torch.rand{tuple(size)}; next given draw is {tuple(draw.shape)}")
+        return draw.to(kwargs.get("device") or "cpu")
+
+    config = transformers.OneFormerConfig(contrastive_temperature=float(data["contrastive_temperature"]))
+    num_points = int(data["num_points"])
+    matcher = OneFormerHungarianMatcher(cost_class=config.class_weight, cost_dice=config.dice_weight,
+                                        cost_mask=config.mask_weight, num_points=num_points)
+    weight_dict = {"loss_cross_entropy": config.class_weight, "loss_mask": config.mask_weight,
+                   "loss_dice": config.dice_weight, "loss_contrastive": config.contrastive_weight}
+    loss = OneFormerLoss(num_classes=int(data["num_classes"]), matcher=matcher, weight_dict=weight_dict,
+                         eos_coef=config.no_object_weight, num_points=num_points,
+                         oversample_ratio=config.oversample_ratio,
+                         importance_sample_ratio=config.importance_sample_ratio,
+                         contrastive_temperature=config.contrastive_temperature)
+    batch_size, num_stages = int(data["batch_size"]), int(data["num_stages"])
+    mask_labels = [torch.from_numpy(data[f"target_masks_{b}"]) for b in range(batch_size)]
+    class_labels = [torch.from_numpy(data[f"target_labels_{b}"]) for b in range(batch_size)]
+    auxiliary = [{"class_queries_logits": torch.from_numpy(data[f"class_logits_{s}"]),
+                  "masks_queries_logits": torch.from_numpy(data[f"mask_logits_{s}"])} for s in range(1, num_stages)]
+    torch.rand = injected_rand
+    try:
+        losses = loss(masks_queries_logits=torch.from_numpy(data["mask_logits_0"]),
+                      class_queries_logits=torch.from_numpy(data["class_logits_0"]),
+                      contrastive_queries_logits=torch.from_numpy(data["contrastive_queries"]),
+                      mask_labels=mask_labels, class_labels=class_labels,
+                      text_queries=torch.from_numpy(data["text_queries"]), auxiliary_predictions=auxiliary,
+                      calculate_contrastive_loss=True)
+    finally:
+        torch.rand = real_rand
+    if draws:
+        raise AssertionError(f"{len(draws)} given random tensors were not used")
+    losses["loss_contrastive"].backward()
+    # the mask terms come back with shape (1,) (transformers' mask count is a 1-element tensor)
+    result = {name.replace("loss_cross_entropy", "loss_ce"): value.detach().reshape(()).numpy()
+              for name, value in losses.items()}
+    # OneFormerForUniversalSegmentation.get_loss_dict: each term times the weight whose name it contains
+    weighted = {name: value.detach().clone() for name, value in losses.items()}
+    for key, weight in weight_dict.items():
+        for name in weighted:
+            if key in name:
+                weighted[name] = weighted[name] * weight
+    result["total"] = sum(weighted.values()).reshape(()).numpy()
+    result["logit_scale_grad"] = loss.logit_scale.grad.numpy()
+    return result
+
+
+def command_text_mapper(data) -> dict:
+    config = transformers.OneFormerConfig(
+        hidden_dim=int(data["hidden_dim"]), text_encoder_context_length=int(data["context_length"]),
+        text_encoder_width=int(data["width"]), text_encoder_num_layers=int(data["num_layers"]),
+        text_encoder_vocab_size=int(data["vocab_size"]), text_encoder_proj_layers=int(data["projector_layers"]),
+        text_encoder_n_ctx=int(data["num_context"]))
+    torch.manual_seed(int(data["seed"]))
+    mapper = OneFormerTextMapper(config).eval()
+    # the constructor leaves the position embedding uninitialised: fill every tensor with seeded noise
+    generator = torch.Generator().manual_seed(int(data["seed"]))
+    with torch.no_grad():
+        for parameter in mapper.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+        text_queries = mapper(torch.from_numpy(data["tokens"]))
+    result = {"text_queries": text_queries.numpy()}
+    result.update({f"weight/{name}": value.numpy() for name, value in mapper.state_dict().items()})
+    return result
+
+
+def main(command: str, input_path: str, result_path: str) -> None:
+    commands = {"loss": command_loss, "text-mapper": command_text_mapper}
+    with np.load(input_path) as data:
+        result = commands[command](data)
+    np.savez(result_path, **result)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

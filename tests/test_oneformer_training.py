@@ -1,0 +1,125 @@
+"""OneFormer's training loss and text mapper: equal to transformers' OneFormerLoss (matcher and the same random
+points) and OneFormerTextMapper (same weights), plus hand-built cases of the contrastive term."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_oracle
+from test_criterion import NUM_POINTS, RecordingSampler, random_case, transformers_draw_order
+
+from modelscope_plugin.modeling.oneformer.criterion import (
+    OneFormerCriterion,
+    OneFormerTrainingOutput,
+    contrastive_loss,
+)
+from modelscope_plugin.modeling.oneformer.text_mapper import TextMapper
+
+
+def contrastive_inputs(seed, batch_size=2, num_queries=7, hidden_dim=6, num_context=3):
+    generator = torch.Generator().manual_seed(100 + seed)
+    contrastive_queries = torch.randn(batch_size, num_queries, hidden_dim, generator=generator)
+    # each image's text queries nearer its own queries than the other image's (the diagonal wins, by a margin that
+    # keeps the loss well away from 0 and from chance)
+    text_queries = (contrastive_queries + 0.8 * contrastive_queries.flip(0)
+                    + 0.1 * torch.randn(batch_size, num_queries, hidden_dim, generator=generator))
+    assert num_queries > num_context  # num_text entries then num_context prompt embeddings, as the mapper returns
+    return contrastive_queries, text_queries
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("seed", [0, 1])
+def test_losses_equal_transformers_oneformer_loss(tmp_path, seed):
+    num_classes, num_stages, batch_size, temperature = 5, 3, 2, 0.07
+    stages, targets, predictions = random_case(seed, num_classes=num_classes, num_stages=num_stages)
+    contrastive_queries, text_queries = contrastive_inputs(seed)
+    criterion = OneFormerCriterion(num_classes, num_points=NUM_POINTS, contrastive_temperature=temperature)
+    sampler = RecordingSampler([10 + seed, 20 + seed])
+    output = OneFormerTrainingOutput(predictions, contrastive_queries, text_queries)
+    losses = criterion(output, targets, sampler)
+    total = criterion.total(losses)
+    losses["loss_contrastive"].backward()
+    draws = transformers_draw_order(sampler.log, batch_size, num_stages)
+    arrays = {"num_classes": num_classes, "num_points": NUM_POINTS, "num_stages": num_stages,
+              "batch_size": batch_size, "num_draws": len(draws), "contrastive_temperature": temperature,
+              "contrastive_queries": contrastive_queries.numpy(), "text_queries": text_queries.numpy()}
+    for stage, (class_logits, mask_logits) in enumerate(stages):
+        arrays[f"class_logits_{stage}"] = class_logits.numpy()
+        arrays[f"mask_logits_{stage}"] = mask_logits.numpy()
+    for image, target in enumerate(targets):
+        arrays[f"target_masks_{image}"] = target.masks.numpy()
+        arrays[f"target_labels_{image}"] = target.labels.numpy()
+    for index, draw in enumerate(draws):
+        arrays[f"draw_{index}"] = draw.numpy()
+    np.savez(tmp_path / "input.npz", **arrays)
+    run_oracle("oneformer_training_oracle.py", "loss", tmp_path / "input.npz", tmp_path / "result.npz")
+    reference = np.load(tmp_path / "result.npz")
+
+    expected_names = {f"{name}{suffix}" for name in ("loss_ce", "loss_mask", "loss_dice")
+                      for suffix in ["", "_0", "_1"]} | {"loss_contrastive"}
+    assert set(losses) == expected_names == {name for name in reference.files if name.startswith("loss")}
+    for name, value in losses.items():
+        assert abs(value.item() - float(reference[name])) < 1e-5, (name, value.item(), float(reference[name]))
+    assert abs(total.item() - float(reference["total"])) < 1e-4 * abs(float(reference["total"]))
+    # the temperature is learned: same gradient on the log-scale
+    assert abs(criterion.logit_scale.grad.item() - float(reference["logit_scale_grad"])) < 1e-5
+    assert criterion.logit_scale.grad.abs().item() > 1e-3
+    # the case is not degenerate: the contrastive term is neither ~0 nor the chance level 2 log B
+    assert 0.05 < losses["loss_contrastive"].item() < 2 * math.log(batch_size) - 0.05
+
+
+def test_contrastive_loss_by_hand():
+    # two images, one query of width 2 each: image 0 along x, image 1 along y; texts equal to their images
+    image_queries = torch.tensor([[[1.0, 0.0]], [[0.0, 2.0]]])
+    text_queries = torch.tensor([[[3.0, 0.0]], [[0.0, 0.5]]])
+    log_scale = torch.tensor(math.log(10.0))
+    # similarities: identity * 10; each row's cross-entropy is log(1 + e^-10), mean over rows, both directions summed
+    expected = 2 * math.log(1 + math.exp(-10))
+    assert contrastive_loss(image_queries, text_queries, log_scale).item() == pytest.approx(expected, abs=1e-7)
+    # swapped texts: each row's cross-entropy is log(1 + e^10)
+    swapped = contrastive_loss(image_queries, text_queries.flip(0), log_scale).item()
+    assert swapped == pytest.approx(2 * math.log(1 + math.exp(10)), rel=1e-5)
+    # the scale is clamped at 100: log-scale 10 (e^10) acts as 100
+    clamped = contrastive_loss(image_queries, text_queries.flip(0), torch.tensor(10.0)).item()
+    assert clamped == pytest.approx(2 * math.log(1 + math.exp(100)), rel=1e-5)
+
+
+def test_total_weights_the_contrastive_term_once():
+    criterion = OneFormerCriterion(3, contrastive_weight=0.5)
+    terms = {"loss_ce": torch.tensor(1.0), "loss_mask": torch.tensor(1.0), "loss_dice": torch.tensor(1.0),
+             "loss_ce_0": torch.tensor(2.0), "loss_mask_0": torch.tensor(0.0), "loss_dice_0": torch.tensor(0.5),
+             "loss_contrastive": torch.tensor(3.0)}
+    assert criterion.total(terms).item() == pytest.approx(2 + 5 + 5 + 4 + 0 + 2.5 + 1.5)
+    assert criterion.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
+
+
+@pytest.mark.oracle
+def test_text_mapper_equals_transformers(tmp_path):
+    sizes = {"hidden_dim": 128, "context_length": 12, "width": 128, "num_layers": 2, "vocab_size": 60,
+             "projector_layers": 2, "num_context": 3}
+    generator = torch.Generator().manual_seed(0)
+    # (B, num_text, L): a start token, words, an end-of-text token (the largest id), zero padding
+    tokens = torch.zeros(2, 4, sizes["context_length"], dtype=torch.int64)
+    for image in range(2):
+        for entry in range(4):
+            length = int(torch.randint(1, 8, (), generator=generator))
+            tokens[image, entry, 0] = 57
+            tokens[image, entry, 1:1 + length] = torch.randint(1, 57, (length,), generator=generator)
+            tokens[image, entry, 1 + length] = 59
+    np.savez(tmp_path / "input.npz", seed=3, tokens=tokens.numpy(), **sizes)
+    run_oracle("oneformer_training_oracle.py", "text-mapper", tmp_path / "input.npz", tmp_path / "result.npz")
+    reference = np.load(tmp_path / "result.npz")
+    mapper = TextMapper(**sizes).eval()
+    state_dict = {name[len("weight/"):]: torch.from_numpy(reference[name]) for name in reference.files
+                  if name.startswith("weight/")}
+    # transformers' projector keeps each Linear in a Sequential (layers.i.0); the key table drops the ".0"
+    state_dict = {name.replace(".0.weight", ".weight").replace(".0.bias", ".bias")
+                  if name.startswith("text_projector.") else name: value for name, value in state_dict.items()}
+    mapper.load_state_dict(state_dict, strict=True)
+    with torch.no_grad():
+        ours = mapper(tokens)
+    theirs = torch.from_numpy(reference["text_queries"])
+    assert ours.shape == theirs.shape == (2, 4 + 3, 128)
+    assert (ours - theirs).abs().max().item() <= 1e-5 * theirs.abs().max().item()
+    # entries differ from one another, and the prompt embeddings follow the entries
+    assert (ours[0, 0] - ours[0, 1]).abs().max() > 1e-2 * theirs.abs().max()
