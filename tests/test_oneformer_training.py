@@ -8,12 +8,14 @@ import torch
 from conftest import run_oracle
 from test_criterion import NUM_POINTS, RecordingSampler, random_case, transformers_draw_order
 
+from modelscope_plugin.errors import TaskError
 from modelscope_plugin.modeling.oneformer.criterion import (
     OneFormerCriterion,
     OneFormerTrainingOutput,
     contrastive_loss,
 )
 from modelscope_plugin.modeling.oneformer.text_mapper import TextMapper
+from modelscope_plugin.modeling.oneformer.training_targets import sample_task, segments_from_map, task_target
 
 
 def contrastive_inputs(seed, batch_size=2, num_queries=7, hidden_dim=6, num_context=3):
@@ -123,3 +125,74 @@ def test_text_mapper_equals_transformers(tmp_path):
     assert (ours - theirs).abs().max().item() <= 1e-5 * theirs.abs().max().item()
     # entries differ from one another, and the prompt embeddings follow the entries
     assert (ours[0, 0] - ours[0, 1]).abs().max() > 1e-2 * theirs.abs().max()
+
+
+CLASS_NAMES = ("person", "car", "sky", "road", "tree")
+THING_CLASSES = (0, 1)
+
+
+def hand_built_scene():
+    """A 12 x 16 panoptic map: two persons, two cars, sky, road and tree (tree in two disjoint segments), one
+    segment id (9) that is in the mapping but covers no pixel, and segment id 0 mapped to road."""
+    segment_map = torch.zeros(12, 16, dtype=torch.int64)  # segment 0: road
+    segment_map[:4] = 7          # sky
+    segment_map[4:8, 0:3] = 3    # person
+    segment_map[4:8, 3:5] = 4    # person
+    segment_map[8:, 10:14] = 5   # car
+    segment_map[4:8, 12:16] = 6  # car
+    segment_map[4:8, 6:9] = 8    # tree
+    segment_map[8:12, 0:2] = 11  # tree again
+    segment_classes = {0: 3, 3: 0, 4: 0, 5: 1, 6: 1, 7: 2, 8: 4, 9: 2, 11: 4}
+    return segment_map, segment_classes
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("num_text", [12, 5])
+def test_targets_and_text_lists_equal_transformers_processor(tmp_path, num_text):
+    segment_map, segment_classes = hand_built_scene()
+    segment_ids = sorted(segment_classes)
+    np.savez(tmp_path / "input.npz", segment_map=segment_map.numpy(), segment_ids=np.array(segment_ids),
+             segment_classes=np.array([segment_classes[segment] for segment in segment_ids]),
+             class_names=np.array(CLASS_NAMES), thing_ids=np.array(THING_CLASSES), num_text=num_text)
+    run_oracle("oneformer_training_oracle.py", "targets", tmp_path / "input.npz", tmp_path / "result.npz")
+    reference = np.load(tmp_path / "result.npz")
+    labels, masks = segments_from_map(segment_map, segment_classes)
+    expected_counts = {"panoptic": 8, "instance": 4, "semantic": 5}
+    for task, count in expected_counts.items():
+        target, texts = task_target(labels, masks, task, CLASS_NAMES, THING_CLASSES, num_text)
+        assert target.labels.tolist() == reference[f"labels_{task}"].tolist(), task
+        assert torch.equal(target.masks, torch.from_numpy(reference[f"masks_{task}"]).float()), task
+        assert texts == reference[f"texts_{task}"].tolist(), task
+        assert len(target.labels) == count and len(texts) == num_text
+    # by hand: panoptic lists one text per segment, grouped by class in class order, then the padding
+    _, panoptic_texts = task_target(labels, masks, "panoptic", CLASS_NAMES, THING_CLASSES, num_text)
+    by_hand = (["a photo with a person"] * 2 + ["a photo with a car"] * 2 + ["a photo with a sky"]
+               + ["a photo with a road"] + ["a photo with a tree"] * 2)
+    assert panoptic_texts == (by_hand + ["an panoptic photo"] * num_text)[:num_text]
+    # semantic merges the two tree segments into one mask
+    semantic, _ = task_target(labels, masks, "semantic", CLASS_NAMES, THING_CLASSES, num_text)
+    tree = semantic.masks[semantic.labels.tolist().index(4)]
+    assert torch.equal(tree.bool(), (segment_map == 8) | (segment_map == 11))
+
+
+def test_task_sampling_is_a_third_each_and_per_image():
+    generator = torch.Generator().manual_seed(0)
+    tasks = [sample_task(generator) for _ in range(6000)]
+    for task in ("semantic", "instance", "panoptic"):
+        # 0.33 / 0.33 / 0.34, binomial standard deviation about 0.006
+        assert abs(tasks.count(task) / len(tasks) - 1 / 3) < 0.025, task
+    again = torch.Generator().manual_seed(0)
+    assert [sample_task(again) for _ in range(50)] == tasks[:50]
+
+
+def test_an_image_without_kept_segments_has_an_empty_target_and_padding_only():
+    segment_map = torch.full((6, 6), 2, dtype=torch.int64)
+    labels, masks = segments_from_map(segment_map, {2: 3})
+    target, texts = task_target(labels, masks, "instance", CLASS_NAMES, THING_CLASSES, 4)
+    assert target.labels.numel() == 0 and target.masks.shape == (0, 6, 6)
+    assert texts == ["an instance photo"] * 4
+    # a segment whose mask is empty (e.g. cropped away) is no target and no text
+    empty, texts = task_target(torch.tensor([0]), torch.zeros(1, 6, 6), "panoptic", CLASS_NAMES, THING_CLASSES, 2)
+    assert empty.labels.numel() == 0 and texts == ["an panoptic photo"] * 2
+    with pytest.raises(TaskError):
+        task_target(labels, masks, "depth", CLASS_NAMES, THING_CLASSES, 4)

@@ -11,8 +11,16 @@ Usage: oneformer_training_oracle.py COMMAND INPUT.npz RESULT.npz
                  ``logit_scale_grad``.
 ``text-mapper``  a seeded random ``OneFormerTextMapper`` (sizes in INPUT) run on INPUT's ``tokens``
                  [B,num_text,L]; RESULT: ``text_queries`` and every state-dict tensor as ``weight/<name>``.
+``targets``      ``OneFormerImageProcessor`` (class metadata from a class-info JSON written here from INPUT's
+                 ``class_names`` and ``thing_ids``, ``num_text``) on one image's ``segment_map`` [H,W] with the
+                 mapping ``segment_ids`` -> ``segment_classes``, once per task (one image per call: the processor
+                 counts classes across a batch's images); RESULT: ``labels_<task>``, ``masks_<task>``,
+                 ``texts_<task>``.
 """
+import json
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -100,8 +108,31 @@ def command_text_mapper(data) -> dict:
     return result
 
 
+def command_targets(data) -> dict:
+    class_names = [str(name) for name in data["class_names"]]
+    things = {int(index) for index in data["thing_ids"]}
+    segment_map = torch.from_numpy(data["segment_map"])
+    mapping = {int(segment): int(label) for segment, label in zip(data["segment_ids"], data["segment_classes"])}
+    image = np.zeros((3, *segment_map.shape), dtype=np.uint8)
+    result = {}
+    with tempfile.TemporaryDirectory() as folder:
+        class_info = {str(index): {"name": name, "isthing": int(index in things)}
+                      for index, name in enumerate(class_names)}
+        Path(folder, "class_info.json").write_text(json.dumps(class_info))
+        processor = transformers.OneFormerImageProcessor(repo_path=folder, class_info_file="class_info.json",
+                                                         num_text=int(data["num_text"]), do_resize=False,
+                                                         do_normalize=False, do_rescale=False)
+        for task in ("panoptic", "instance", "semantic"):
+            encoded = processor(images=[image], task_inputs=[task], segmentation_maps=[segment_map],
+                                instance_id_to_semantic_id=mapping, return_tensors="pt")
+            result[f"labels_{task}"] = np.asarray(encoded["class_labels"][0])
+            result[f"masks_{task}"] = np.asarray(encoded["mask_labels"][0])
+            result[f"texts_{task}"] = np.array(encoded["text_inputs"][0])
+    return result
+
+
 def main(command: str, input_path: str, result_path: str) -> None:
-    commands = {"loss": command_loss, "text-mapper": command_text_mapper}
+    commands = {"loss": command_loss, "text-mapper": command_text_mapper, "targets": command_targets}
     with np.load(input_path) as data:
         result = commands[command](data)
     np.savez(result_path, **result)
