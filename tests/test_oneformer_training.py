@@ -9,6 +9,7 @@ from conftest import run_oracle
 from test_criterion import NUM_POINTS, RecordingSampler, random_case, transformers_draw_order
 
 from modelscope_plugin.errors import TaskError
+from modelscope_plugin.modeling.matcher import SegmentationTarget
 from modelscope_plugin.modeling.oneformer.criterion import (
     OneFormerCriterion,
     OneFormerTrainingOutput,
@@ -196,3 +197,96 @@ def test_an_image_without_kept_segments_has_an_empty_target_and_padding_only():
     assert empty.labels.numel() == 0 and texts == ["an panoptic photo"] * 2
     with pytest.raises(TaskError):
         task_target(labels, masks, "depth", CLASS_NAMES, THING_CLASSES, 4)
+
+
+def random_text_tokens(generator, batch_size, num_text, context_length):
+    """(B, num_text, L) CLIP-like ids: start-of-text 49406, 1-6 words, end-of-text 49407 (the largest id), zeros."""
+    tokens = torch.zeros(batch_size, num_text, context_length, dtype=torch.int64)
+    for image in range(batch_size):
+        for entry in range(num_text):
+            length = int(torch.randint(1, 7, (), generator=generator))
+            tokens[image, entry, 0] = 49406
+            tokens[image, entry, 1:1 + length] = torch.randint(1, 49406, (length,), generator=generator)
+            tokens[image, entry, 1 + length] = 49407
+    return tokens
+
+
+@pytest.mark.oracle
+def test_training_checkpoint_loads_strictly_and_its_loss_equals_transformers(tmp_path):
+    """A random-weight ``is_training=True`` folder: strict loading keeps the text mapper; our forward_training and
+    OneFormerCriterion equal OneFormerForUniversalSegmentation's own loss (same pixels, per-image tasks, text
+    inputs, targets and random points)."""
+    from test_oneformer_parity import make_model_dir, prepared_pixels
+
+    from modelscope_plugin.checkpoints.io import read_checkpoint
+    from modelscope_plugin.checkpoints.oneformer import convert_hf_oneformer
+    from modelscope_plugin.model_dirs.load import load_model
+    from modelscope_plugin.modeling.oneformer.task_tokens import task_token_ids
+
+    single = prepared_pixels(tmp_path)
+    model_dir, _ = make_model_dir(tmp_path, ["--seed", "4", "--training", "--text-context", "4"], with_result=False)
+    config, network = load_model(model_dir)
+    assert config.text_mapper is not None and network.text_mapper is not None
+    state_dict = read_checkpoint(model_dir / "model.safetensors")
+    _, report = convert_hf_oneformer(state_dict, "swin", keep_text_mapper=True)
+    assert not any(key.startswith("model.text_mapper.") for key in report.dropped)
+    assert any(key.startswith("model.text_mapper.") for key in state_dict)
+    # loaded tensors are the file's: the projector's first layer, renamed
+    torch.testing.assert_close(network.text_mapper.text_projector.layers[0].weight,
+                               state_dict["model.text_mapper.text_projector.layers.0.0.weight"], rtol=0, atol=0)
+    # the same folder loads for inference without a text mapper when is_training is off
+    inference_network = __import__("modelscope_plugin.builders", fromlist=["build_oneformer"]).build_oneformer(
+        __import__("dataclasses").replace(config, text_mapper=None))
+    inference_state, inference_report = convert_hf_oneformer(state_dict, "swin")
+    inference_network.load_state_dict(inference_state, strict=True)
+    assert any(key.startswith("model.text_mapper.") for key in inference_report.dropped)
+
+    batch_size, num_points = 2, 3136
+    # two images: the prepared one and its mirror image, told different tasks
+    pixels = torch.cat([single, single.flip(-1)])
+    tasks = ["panoptic", "semantic"]
+    generator = torch.Generator().manual_seed(7)
+    num_text = config.num_queries - config.text_mapper.num_context
+    text_tokens = random_text_tokens(generator, batch_size, num_text, config.text_mapper.context_length)
+    height, width = pixels.shape[-2:]
+    targets = []
+    for count in (3, 2):
+        masks = (torch.nn.functional.interpolate(torch.randn(count, 1, 6, 8, generator=generator),
+                                                 size=(height, width), mode="bilinear",
+                                                 align_corners=False)[:, 0] > 0.3).float()
+        labels = torch.randint(0, config.num_classes, (count,), generator=generator)
+        targets.append(SegmentationTarget(labels=labels, masks=masks))
+    criterion = OneFormerCriterion(config.num_classes, num_points=num_points)
+    sampler = RecordingSampler([31, 32])
+    with torch.no_grad():
+        output = network.forward_training(pixels, tasks, text_tokens)
+        losses = criterion(output, targets, sampler)
+        total = criterion.total(losses)
+    num_stages = config.decoder_layers + 1
+    draws = transformers_draw_order(sampler.log, batch_size, num_stages)
+    arrays = {"model_dir": str(model_dir), "num_points": num_points, "batch_size": batch_size,
+              "num_draws": len(draws), "pixel_values": pixels.numpy(), "text_inputs": text_tokens.numpy(),
+              "task_inputs": torch.stack([task_token_ids(task, config.task_seq_len) for task in tasks]).numpy()}
+    for image, target in enumerate(targets):
+        arrays[f"target_masks_{image}"] = target.masks.numpy()
+        arrays[f"target_labels_{image}"] = target.labels.numpy()
+    for index, draw in enumerate(draws):
+        arrays[f"draw_{index}"] = draw.numpy()
+    np.savez(tmp_path / "input.npz", **arrays)
+    run_oracle("oneformer_training_oracle.py", "model-loss", tmp_path / "input.npz", tmp_path / "result.npz")
+    reference = np.load(tmp_path / "result.npz")
+
+    for name, theirs in (("contrastive_queries", output.contrastive_queries), ("text_queries", output.text_queries)):
+        expected = torch.from_numpy(reference[name])
+        assert theirs.shape == expected.shape, name
+        assert (theirs - expected).abs().max().item() <= 1e-5 * expected.abs().max().item(), name
+    weights = {"loss_ce": 2.0, "loss_mask": 5.0, "loss_dice": 5.0, "loss_contrastive": 0.5}
+    assert set(losses) == {name for name in reference.files if name.startswith("loss")}
+    report_differences = {}
+    for name, value in losses.items():
+        weight = weights[name.rsplit("_", 1)[0] if name.rsplit("_", 1)[-1].isdigit() else name]
+        report_differences[name] = abs(weight * value.item() - float(reference[name]))
+        assert report_differences[name] < 1e-5 * max(1.0, abs(float(reference[name]))), (name, value.item())
+    assert abs(total.item() - float(reference["total"])) < 1e-5 * abs(float(reference["total"]))
+    print("largest weighted-term difference", max(report_differences.values()), "total", total.item())
+    assert len(losses) == 3 * num_stages + 1 and losses["loss_contrastive"].item() > 0.01

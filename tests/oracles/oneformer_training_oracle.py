@@ -11,6 +11,11 @@ Usage: oneformer_training_oracle.py COMMAND INPUT.npz RESULT.npz
                  ``logit_scale_grad``.
 ``text-mapper``  a seeded random ``OneFormerTextMapper`` (sizes in INPUT) run on INPUT's ``tokens``
                  [B,num_text,L]; RESULT: ``text_queries`` and every state-dict tensor as ``weight/<name>``.
+``model-loss``   a training folder (``oneformer_oracle.py make --training``) loaded with dropout 0, run by
+                 ``OneFormerForUniversalSegmentation.forward`` on INPUT's ``pixel_values``, ``task_inputs``
+                 [B,task_seq_len], ``text_inputs`` [B,num_text,L] and targets, ``torch.rand`` replaced by the given
+                 draws (as ``loss``); RESULT: its weighted ``loss_*`` terms (``get_loss_dict``), ``total`` (its
+                 ``loss``), ``contrastive_queries`` and ``text_queries``.
 ``targets``      ``OneFormerImageProcessor`` (class metadata from a class-info JSON written here from INPUT's
                  ``class_names`` and ``thing_ids``, ``num_text``) on one image's ``segment_map`` [H,W] with the
                  mapping ``segment_ids`` -> ``segment_classes``, once per task (one image per call: the processor
@@ -32,9 +37,10 @@ from transformers.models.oneformer.modeling_oneformer import (
 )
 
 
-def command_loss(data) -> dict:
+def injected_draws(data):
+    """A stand-in for ``torch.rand`` returning INPUT's ``draw_{i}`` in order (checking each shape), and the list of
+    draws not yet used."""
     draws = [torch.from_numpy(data[f"draw_{index}"]) for index in range(int(data["num_draws"]))]
-    real_rand = torch.rand
 
     def injected_rand(*size, **kwargs):
         if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)):
@@ -46,6 +52,12 @@ def command_loss(data) -> dict:
             raise AssertionError(f"transformers asked torch.rand{tuple(size)}; next given draw is {tuple(draw.shape)}")
         return draw.to(kwargs.get("device") or "cpu")
 
+    return injected_rand, draws
+
+
+def command_loss(data) -> dict:
+    injected_rand, draws = injected_draws(data)
+    real_rand = torch.rand
     config = transformers.OneFormerConfig(contrastive_temperature=float(data["contrastive_temperature"]))
     num_points = int(data["num_points"])
     matcher = OneFormerHungarianMatcher(cost_class=config.class_weight, cost_dice=config.dice_weight,
@@ -86,6 +98,41 @@ def command_loss(data) -> dict:
                 weighted[name] = weighted[name] * weight
     result["total"] = sum(weighted.values()).reshape(()).numpy()
     result["logit_scale_grad"] = loss.logit_scale.grad.numpy()
+    return result
+
+
+def command_model_loss(data) -> dict:
+    model = transformers.OneFormerForUniversalSegmentation.from_pretrained(
+        str(data["model_dir"]), dropout=0.0, train_num_points=int(data["num_points"])).eval()
+    batch_size = int(data["batch_size"])
+    mask_labels = [torch.from_numpy(data[f"target_masks_{b}"]) for b in range(batch_size)]
+    class_labels = [torch.from_numpy(data[f"target_labels_{b}"]) for b in range(batch_size)]
+    recorded = {}
+    get_loss_dict = model.get_loss_dict
+
+    def recording_get_loss_dict(*arguments, **kwargs):
+        recorded.update(get_loss_dict(*arguments, **kwargs))
+        return recorded
+
+    model.get_loss_dict = recording_get_loss_dict
+    injected_rand, draws = injected_draws(data)
+    real_rand = torch.rand
+    torch.rand = injected_rand
+    try:
+        with torch.no_grad():
+            output = model(pixel_values=torch.from_numpy(data["pixel_values"]),
+                           task_inputs=torch.from_numpy(data["task_inputs"]),
+                           text_inputs=torch.from_numpy(data["text_inputs"]), mask_labels=mask_labels,
+                           class_labels=class_labels)
+    finally:
+        torch.rand = real_rand
+    if draws:
+        raise AssertionError(f"{len(draws)} given random tensors were not used")
+    result = {name.replace("loss_cross_entropy", "loss_ce"): value.reshape(()).numpy()
+              for name, value in recorded.items()}
+    result["total"] = output.loss.reshape(()).numpy()
+    result["contrastive_queries"] = output.transformer_decoder_contrastive_queries.numpy()
+    result["text_queries"] = output.text_queries.numpy()
     return result
 
 
@@ -132,7 +179,8 @@ def command_targets(data) -> dict:
 
 
 def main(command: str, input_path: str, result_path: str) -> None:
-    commands = {"loss": command_loss, "text-mapper": command_text_mapper, "targets": command_targets}
+    commands = {"loss": command_loss, "text-mapper": command_text_mapper, "targets": command_targets,
+                "model-loss": command_model_loss}
     with np.load(input_path) as data:
         result = commands[command](data)
     np.savez(result_path, **result)
