@@ -1,5 +1,6 @@
 """OneFormer's text side, used only by the training loss: each image's text list ("a photo with a {class}" per
-target segment, padded with "a photo", ``text_lists.py``), as CLIP token ids, becomes one embedding per entry.
+target segment, padded with the task's sentence, ``training_targets.py``), as CLIP token ids, becomes one
+embedding per entry.
 
 A CLIP-style text encoder (token + learned position embeddings, pre-norm transformer with quick-GELU MLPs, final
 LayerNorm, the feature at the end-of-text token, the largest id) feeds a ReLU MLP projector to the decoder's width;
