@@ -22,6 +22,7 @@ from modelscope_plugin.modeling.mask2former.model import Mask2Former
 from modelscope_plugin.modeling.mask2former.pixel_decoder import MSDeformAttnPixelDecoder
 from modelscope_plugin.modeling.mask2former.transformer_decoder import MultiScaleMaskedTransformerDecoder
 from modelscope_plugin.modeling.oneformer.model import OneFormer, QueryTransformer
+from modelscope_plugin.modeling.oneformer.text_mapper import TextMapper
 
 
 def build_backbone(config):
@@ -120,4 +121,9 @@ def build_oneformer(config: OneFormerConfig) -> OneFormer:
             num_layers=config.query_transformer_layers,
         ),
         task_sequence_length=config.task_seq_len, mask_dim=config.hidden_dim, use_task_norm=config.use_task_norm,
+        text_mapper=None if config.text_mapper is None else TextMapper(
+            hidden_dim=config.hidden_dim, context_length=config.text_mapper.context_length,
+            width=config.text_mapper.width, num_layers=config.text_mapper.num_layers,
+            vocab_size=config.text_mapper.vocab_size, projector_layers=config.text_mapper.projector_layers,
+            num_context=config.text_mapper.num_context),
     )

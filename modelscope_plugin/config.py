@@ -274,6 +274,20 @@ def eomt_large_coco_panoptic() -> EomtConfig:
 
 
 @dataclass
+class OneFormerTextMapperConfig:
+    """Training only: the text mapper of OneFormer's query-text contrastive loss (transformers' ``text_encoder_*``
+    fields; ``width`` must equal ``hidden_dim`` when ``num_context`` > 0)."""
+
+    context_length: int = 77
+    width: int = 256
+    num_layers: int = 6
+    vocab_size: int = 49408
+    projector_layers: int = 2
+    num_context: int = 16
+    """Learned prompt embeddings appended after each image's num_text = num_queries - num_context text queries."""
+
+
+@dataclass
 class OneFormerConfig:
     """OneFormer (Jain et al., CVPR 2023): Mask2Former's backbone, pixel decoder and masked-attention decoder, with
     queries conditioned on the task. Defaults: ``shi-labs/oneformer_coco_swin_large`` (Swin-L, 150 queries, 133 COCO
@@ -314,6 +328,8 @@ class OneFormerConfig:
     antialiased bilinear, ImageNet mean and std; then padded bottom/right to a multiple of 32 as the original
     OneFormer (transformers pads a lone image not at all)."""
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    text_mapper: Optional[OneFormerTextMapperConfig] = None
+    """Training only (folders saved with ``is_training=True``): the text mapper; None for inference-only models."""
 
     @property
     def num_classes(self) -> int:

@@ -83,16 +83,29 @@ def oneformer_head_rules():
          lambda m: ("rename", "query_transformer." + query_names[m[2]].format(m[1]) + f".{m[3]}")),
         (module + r"decoder\.query_transformer\.decoder\.norm\." + _WB,
          lambda m: ("rename", f"query_transformer.norm.{m[1]}")),
-        (r"text_mapper\..*", lambda m: ("drop", "text encoder of the training-only query-text contrastive loss")),
         (r"criterion\.(empty_weight|logit_scale)", lambda m: ("drop", "loss buffer, not part of the network")),
     ]
 
 
-def convert_hf_oneformer(state_dict: Dict[str, Tensor], backbone_model_type: str) -> Tuple[Dict[str, Tensor],
-                                                                                           KeymapReport]:
+def text_mapper_rules(keep: bool):
+    """The training checkpoints' text mapper (``modeling/oneformer/text_mapper.py``, named as transformers' but for
+    the projector's Sequential wrappers), kept for a network built with one, else dropped."""
+    if not keep:
+        return [(r"text_mapper\..*", lambda m: ("drop", "text encoder of the training-only contrastive loss"))]
+    return [
+        (r"text_mapper\.text_projector\.layers\.(\d+)\.0\." + _WB,
+         lambda m: ("rename", f"text_mapper.text_projector.layers.{m[1]}.{m[2]}")),
+        (r"text_mapper\.(text_encoder\..+|prompt_ctx\.weight)", lambda m: ("rename", f"text_mapper.{m[1]}")),
+    ]
+
+
+def convert_hf_oneformer(state_dict: Dict[str, Tensor], backbone_model_type: str,
+                         keep_text_mapper: bool = False) -> Tuple[Dict[str, Tensor], KeymapReport]:
     """HF OneFormer state dict with a "swin" or "dinat" backbone -> (this package's state dict, report of sources
-    and dropped keys). Raises ``KeymapError`` on a key no rule claims or a conversion that is not one-to-one."""
+    and dropped keys); a training checkpoint's text mapper is converted with ``keep_text_mapper``, else dropped.
+    Raises ``KeymapError`` on a key no rule claims or a conversion that is not one-to-one."""
     backbone_rules = {"swin": swin_rules, "dinat": dinat_rules}.get(backbone_model_type)
     if backbone_rules is None:
         raise KeymapError(f"OneFormer backbone {backbone_model_type!r} is not supported (swin or dinat)")
-    return apply_rules(state_dict, backbone_rules() + pixel_decoder_rules() + oneformer_head_rules())
+    return apply_rules(state_dict, backbone_rules() + pixel_decoder_rules() + oneformer_head_rules()
+                       + text_mapper_rules(keep_text_mapper))

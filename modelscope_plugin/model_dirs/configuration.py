@@ -120,10 +120,10 @@ def _check_dataclass(instance, where: str, prefix: str, names: Dict[str, str]) -
 def _check_value(value, declared, name: str, where: str, path: str, names: Dict[str, str]) -> None:
     origin, arguments = typing.get_origin(declared), typing.get_args(declared)
     reason = None
-    if origin is typing.Union:  # a choice of config dataclasses (the backbone)
+    if origin is typing.Union:  # a choice of config dataclasses (the backbone), or an optional one
         if not isinstance(value, arguments):
             reason = f"is not one of {', '.join(argument.__name__ for argument in arguments)}"
-        else:
+        elif value is not None:
             _check_dataclass(value, where, path + ".", names)
     elif origin is tuple:
         reason = _tuple_reason(value, arguments)

@@ -16,7 +16,13 @@ from typing import Optional
 from modelscope_plugin.builders import build_oneformer
 from modelscope_plugin.checkpoints.io import load_strict, read_checkpoint
 from modelscope_plugin.checkpoints.oneformer import convert_hf_oneformer
-from modelscope_plugin.config import DinatConfig, OneFormerConfig, PreprocessConfig, SwinConfig
+from modelscope_plugin.config import (
+    DinatConfig,
+    OneFormerConfig,
+    OneFormerTextMapperConfig,
+    PreprocessConfig,
+    SwinConfig,
+)
 from modelscope_plugin.data.categories import coco_split_of_count
 from modelscope_plugin.errors import CheckpointError
 from modelscope_plugin.model_dirs.configuration import check_config
@@ -104,6 +110,12 @@ def config_from_hf_oneformer(values: dict, preprocess: PreprocessConfig) -> OneF
         class_names=tuple(id2label[index] for index in sorted(id2label)),
         category_ids=category_ids, task=task,
         preprocess=preprocess,
+        text_mapper=OneFormerTextMapperConfig(
+            context_length=values.get("text_encoder_context_length", 77),
+            width=values.get("text_encoder_width", 256), num_layers=values.get("text_encoder_num_layers", 6),
+            vocab_size=values.get("text_encoder_vocab_size", 49408),
+            projector_layers=values.get("text_encoder_proj_layers", 2),
+            num_context=values.get("text_encoder_n_ctx", 16)) if values.get("is_training", False) else None,
     )
 
 
@@ -125,7 +137,8 @@ def load_hf_oneformer_dir(model_dir, task: Optional[str] = None):
     weights = next((model_dir / name for name in WEIGHT_FILES if (model_dir / name).is_file()), None)
     if weights is None:
         raise CheckpointError(f"{model_dir} has none of {', '.join(WEIGHT_FILES)}")
-    state_dict, _ = convert_hf_oneformer(read_checkpoint(weights), values["backbone_config"]["model_type"])
+    state_dict, _ = convert_hf_oneformer(read_checkpoint(weights), values["backbone_config"]["model_type"],
+                                         keep_text_mapper=config.text_mapper is not None)
     network = build_oneformer(config)
     load_strict(network, state_dict, checkpoint_name=str(weights))
     return config, network.eval()

@@ -230,12 +230,21 @@ def command_make(args):
         encoder_layers=args.encoder_layers, decoder_layers=args.decoder_layers + 1,
         num_attention_heads=args.heads, query_dec_layers=args.query_layers, task_seq_len=args.task_seq_len,
         text_encoder_context_length=args.task_seq_len, use_task_norm=not args.no_task_norm,
-        id2label=id2label, label2id={name: index for index, name in id2label.items()})
+        id2label=id2label, label2id={name: index for index, name in id2label.items()},
+        # a training checkpoint (text mapper included): its width is the decoder's, its prompts ``--text-context``
+        **({"is_training": True, "text_encoder_width": args.hidden, "text_encoder_num_layers": 2,
+            "text_encoder_n_ctx": args.text_context} if args.training else {}))
     torch.manual_seed(args.seed)
     model = transformers.OneFormerForUniversalSegmentation(config).eval()
     with np.load(args.calibration_pixels) as data:
         calibration = torch.from_numpy(np.ascontiguousarray(data["pixel_values"]))
+    # shaped as an inference model (no text inputs, no training-time dropout), then saved as configured
+    flagged = [module for module in model.modules() if getattr(module, "is_training", False)]
+    for module in flagged:
+        module.is_training = False
     shape_weights(model, torch.Generator().manual_seed(args.seed + 1), calibration)
+    for module in flagged:
+        module.is_training = True
     model.save_pretrained(args.out_dir, safe_serialization=not args.torch_bin)
     if args.result:
         run_model_dir(args.out_dir, args.calibration_pixels, TASKS, args.result)
@@ -344,6 +353,8 @@ def main(argv=None):
     make.add_argument("--labels", type=int, default=7)
     make.add_argument("--task-seq-len", type=int, default=77)
     make.add_argument("--no-task-norm", action="store_true")
+    make.add_argument("--training", action="store_true", help="is_training=True: the text mapper is saved too")
+    make.add_argument("--text-context", type=int, default=4, help="text_encoder_n_ctx with --training")
     make.add_argument("--torch-bin", action="store_true", help="write pytorch_model.bin instead of safetensors")
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--calibration-pixels", required=True,

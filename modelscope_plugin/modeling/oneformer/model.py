@@ -7,8 +7,11 @@ stride-4 mask features (as the reference wires it: their sine position encoding 
 memory's position); the task query, normalised by the decoder's LayerNorm, is appended as the last
 query. Mask2Former's masked-attention decoder then refines all of them and predicts classes and masks for each, so
 the outputs have ``num_queries`` rows, the task query's included (as in the reference implementations).
+
+Training (``forward_training``) tells each image its own task and also returns what the contrastive loss compares:
+the queries entering the masked-attention decoder and the text mapper's embeddings of each image's text list.
 """
-from typing import Optional
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -22,7 +25,9 @@ from modelscope_plugin.modeling.mask2former.transformer_decoder import (
     MultiScaleMaskedTransformerDecoder,
     SelfAttentionLayer,
 )
+from modelscope_plugin.modeling.oneformer.criterion import OneFormerTrainingOutput
 from modelscope_plugin.modeling.oneformer.task_tokens import task_token_ids
+from modelscope_plugin.modeling.oneformer.text_mapper import TextMapper
 
 
 class QueryTransformer(nn.Module):
@@ -56,7 +61,8 @@ class QueryTransformer(nn.Module):
 class OneFormer(nn.Module):
     def __init__(self, backbone: nn.Module, pixel_decoder: MSDeformAttnPixelDecoder,
                  transformer_decoder: MultiScaleMaskedTransformerDecoder, query_transformer: QueryTransformer,
-                 task_sequence_length: int, mask_dim: int, use_task_norm: bool = True):
+                 task_sequence_length: int, mask_dim: int, use_task_norm: bool = True,
+                 text_mapper: Optional[TextMapper] = None):
         super().__init__()
         if transformer_decoder.query_feat is not None:
             raise ValueError("OneFormer's transformer decoder takes its initial queries (learned_queries=False)")
@@ -71,19 +77,38 @@ class OneFormer(nn.Module):
         self.query_input_projection = nn.Conv2d(mask_dim, hidden_dim, kernel_size=1)
         nn.init.xavier_uniform_(self.query_input_projection.weight)
         nn.init.zeros_(self.query_input_projection.bias)
+        self.text_mapper = text_mapper
 
-    def task_query(self, task: str, batch_size: int, reference: torch.Tensor) -> torch.Tensor:
-        """(B, C): the task MLP on the task sentence's token ids read as floats (normalised if ``use_task_norm``)."""
-        # (task_seq_len,) -> (B, task_seq_len)
-        tokens = task_token_ids(task, self.task_sequence_length).to(reference.device, reference.dtype)
-        query = self.task_mlp(tokens[None].expand(batch_size, -1))
+    def task_query(self, task: Union[str, Sequence[str]], batch_size: int, reference: torch.Tensor) -> torch.Tensor:
+        """(B, C): the task MLP on the task sentence's token ids read as floats (normalised if ``use_task_norm``);
+        ``task``: one for the batch or one per image."""
+        tasks = [task] * batch_size if isinstance(task, str) else list(task)
+        if len(tasks) != batch_size:
+            raise ValueError(f"{len(tasks)} tasks for {batch_size} images")
+        # (B, task_seq_len)
+        tokens = torch.stack([task_token_ids(name, self.task_sequence_length) for name in tasks])
+        query = self.task_mlp(tokens.to(reference.device, reference.dtype))
         return self.transformer_decoder.decoder_norm(query) if self.use_task_norm else query
 
-    def forward(self, images: torch.Tensor, task: str = "panoptic",
+    def forward(self, images: torch.Tensor, task: Union[str, Sequence[str]] = "panoptic",
                 return_auxiliary: Optional[bool] = None) -> Mask2FormerOutput:
-        """images: (B, 3, H, W) normalised and padded; task: "panoptic", "semantic" or "instance". Returns raw logits
-        for ``num_queries`` queries, the last being the task query (earlier decoder stages too when
-        ``return_auxiliary``, by default in training)."""
+        """images: (B, 3, H, W) normalised and padded; task: "panoptic", "semantic" or "instance" (or one per
+        image). Returns raw logits for ``num_queries`` queries, the last being the task query (earlier decoder
+        stages too when ``return_auxiliary``, by default in training)."""
+        return self.predict(images, task, return_auxiliary)[0]
+
+    def forward_training(self, images: torch.Tensor, tasks: Sequence[str],
+                         text_tokens: torch.Tensor) -> OneFormerTrainingOutput:
+        """images: (B, 3, H, W); tasks: one per image; text_tokens: (B, num_text, context_length) CLIP ids of each
+        image's text list, num_text = num_queries - the text mapper's prompt embeddings. Auxiliary stages included."""
+        if self.text_mapper is None:
+            raise ValueError("this OneFormer has no text mapper (build it with a text_mapper config to train)")
+        predictions, contrastive_queries = self.predict(images, tasks, return_auxiliary=True)
+        return OneFormerTrainingOutput(predictions, contrastive_queries, self.text_mapper(text_tokens))
+
+    def predict(self, images: torch.Tensor, task: Union[str, Sequence[str]],
+                return_auxiliary: Optional[bool]) -> Tuple[Mask2FormerOutput, torch.Tensor]:
+        """(logits, (B, Q, C) queries entering the masked-attention decoder: object queries, then the task query)."""
         features = self.backbone(images)
         mask_features, multi_scale_features = self.pixel_decoder(features)
         batch_size = images.shape[0]
@@ -102,9 +127,11 @@ class OneFormer(nn.Module):
         # (Q - 1, B, C) + (1, B, C) -> (Q, B, C)
         queries = torch.cat([object_queries, task_query[None]], dim=0)
         predictions = decoder(multi_scale_features, mask_features, return_auxiliary, queries=queries)
-        return Mask2FormerOutput(
+        output = Mask2FormerOutput(
             class_logits=predictions.class_logits[-1],
             mask_logits=predictions.mask_logits[-1],
             auxiliary_class_logits=predictions.class_logits[:-1],
             auxiliary_mask_logits=predictions.mask_logits[:-1],
         )
+        # (Q, B, C) -> (B, Q, C)
+        return output, queries.permute(1, 0, 2)
