@@ -6,7 +6,7 @@ ORACLE := .venv-oracle
 # torch is pinned here only to take the build this machine holds locally; setup.cfg declares ranges.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-fast lint clean
+.PHONY: demo test test-fast test-slow lint clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ lint: $(VENV)/.installed
 
 test: $(VENV)/.installed $(ORACLE)/.installed lint
 	$(VENV)/bin/python -m pytest -q -m "not slow" tests
+
+# the slow tests: full-size parity (Swin-L on a photo, EasyCV R50, transformers R50), two full-size R50 training
+# iterations, the demo models' 200-scene figures and the 48-step learning check (about an hour on 2 cores)
+test-slow: $(VENV)/.installed $(ORACLE)/.installed
+	$(VENV)/bin/python -m pytest -q -m slow tests
 
 test-fast: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q -m "not slow and not oracle" tests
