@@ -5,9 +5,12 @@ cfg_options={...}))``.
 An EoMT (a Hugging Face EoMT folder, or one with a configuration.json of model type "eomt") trains with EoMT's recipe
 (``training/eomt.py``): Mask2Former's criterion on the final and every query block's prediction, layer-wise lr decay
 groups (``train.optimizer.layer_decay``, default 0.8; ``paramwise_options`` are refused), AdamW 1e-4, weight decay
-0.05, no gradient clipping, poly decay; masked attention annealed by the trainer's iteration
-(``EomtMaskAnnealingHook``; ``train.mask_annealing`` {starts, ends, power}, default the official placement over the
-run), so a resumed run continues the schedule; the training crop is the network's square ``image_size``. Its output
+0.05, no gradient clipping, and the official schedule per iteration (``train.lr_scheduler`` of type
+``EomtWarmupPolyLR`` {warmup: [500, 1000], power: 0.9, total_iters: the run's}: the parts outside the ViT warm up
+linearly first, then the ViT, then polynomial decay; any other scheduler may replace it); masked attention annealed
+by the trainer's iteration (``EomtMaskAnnealingHook``; ``train.mask_annealing`` {starts, ends, power}, default the
+official placement over the run, which needs at least query blocks + 2 iterations: checked when the trainer is
+built), so a resumed run continues both schedules; the training crop is the network's square ``image_size``. Its output
 folder holds the HF files (``config.json`` + ``model.safetensors``) and a configuration.json with its classes.
 
 A FastInst model directory (``model.type`` "fastinst") trains the instance task with ``FastInstCriterion`` (location
@@ -114,7 +117,14 @@ from modelscope_plugin.training.data import (
     point_seed,
     row_kind,
 )
-from modelscope_plugin.training.eomt import EomtMaskAnnealingHook, MaskAnnealing, build_layer_decay_optimizer
+from modelscope_plugin.training.eomt import (
+    EOMT_SCHEDULER_TYPE,
+    EomtMaskAnnealingHook,
+    MaskAnnealing,
+    build_eomt_scheduler,
+    build_layer_decay_optimizer,
+    eomt_schedule_from,
+)
 from modelscope_plugin.training.evaluation import evaluate_network, flat_metric_values
 from modelscope_plugin.training.lr_policy import PolicyLR, lr_policy_from
 from modelscope_plugin.training.optimizer import build_optimizer, parameter_rules_from
@@ -159,12 +169,13 @@ FASTINST_TRAINING_CONFIG = {
 FASTINST_MILESTONE_FRACTIONS = (327778 / 368750, 355092 / 368750)
 
 # official EoMT (training/eomt.py): AdamW 1e-4, weight decay 0.05, layer-wise lr decay 0.8, no gradient clipping,
-# poly decay with power 0.9 per iteration (its two-stage warm-up is not part of this default)
+# per iteration a linear warm-up of the parts outside the ViT (500 steps), then of the ViT (1000), then poly decay 0.9
 EOMT_TRAINING_CONFIG = {
     "train": {
         "dataloader": {"batch_size_per_gpu": 2, "workers_per_gpu": 0},
         "optimizer": {"type": "AdamW", "lr": 1e-4, "weight_decay": 0.05, "layer_decay": 0.8},
-        "lr_scheduler": {"type": "PolynomialLR", "power": 0.9, "options": {"by_epoch": False}},
+        "lr_scheduler": {"type": EOMT_SCHEDULER_TYPE, "warmup": [500, 1000], "power": 0.9,
+                         "options": {"by_epoch": False}},
     },
 }
 TRAINING_CONFIG_OF_TYPE = {"fastinst": FASTINST_TRAINING_CONFIG, "eomt": EOMT_TRAINING_CONFIG}
@@ -209,6 +220,8 @@ class SegmentationTrainer(EpochBasedTrainer):
                                       "directory names its classes in its configuration")
         super().__init__(str(model), *arguments, **kwargs)
         if isinstance(self.model_config, EomtConfig):
+            if self.train_dataset is not None:  # the default placement needs enough iterations: named here
+                self.mask_annealing.steps(self.planned_iterations(), self.model_config.num_query_blocks)
             self.register_hook(EomtMaskAnnealingHook(self.mask_annealing))
         if self.eval_dataset is None and any(type(hook).__name__ == "EvaluationHook" for hook in self.hooks):
             raise TrainingConfigError("an EvaluationHook is configured (train.hooks / evaluation.period) but there is "
@@ -242,6 +255,11 @@ class SegmentationTrainer(EpochBasedTrainer):
         scheduler = cfg.safe_get("train.lr_scheduler") or {}
         if "policy" in scheduler:
             lr_policy_from(scheduler)
+        elif scheduler.get("type") == EOMT_SCHEDULER_TYPE:
+            if cfg.safe_get("model.type") != "eomt":
+                raise TrainingConfigError(f"train.lr_scheduler: {EOMT_SCHEDULER_TYPE} schedules an EoMT's parameter "
+                                          f"groups; this model is a {cfg.safe_get('model.type')!r}")
+            eomt_schedule_from(scheduler)
         return super().rebuild_config(cfg)
 
     def read_training_sections(self, cfg):
@@ -416,11 +434,21 @@ class SegmentationTrainer(EpochBasedTrainer):
             raise TrainingConfigError("train_dataset is needed to train")
         rank, world_size = rank_and_world_size()
         loader_cfg = self.cfg.train.get("dataloader", {})
-        per_rank = int(loader_cfg.get("batch_size_per_gpu", 2))
-        self.train_sampler = GlobalBatchSampler(len(self.train_dataset), per_rank * world_size, self._seed, rank,
+        self.train_sampler = GlobalBatchSampler(len(self.train_dataset), self.global_batch_size(), self._seed, rank,
                                                 world_size, shuffle=bool(loader_cfg.get("shuffle", True)))
         return DataLoader(PositionedDataset(self.train_dataset), batch_sampler=self.train_sampler, collate_fn=collate,
                           num_workers=int(loader_cfg.get("workers_per_gpu", 0)))
+
+    def global_batch_size(self) -> int:
+        """Images per training iteration over all ranks (``train.dataloader.batch_size_per_gpu`` x world size)."""
+        _, world_size = rank_and_world_size()
+        return int(self.cfg.train.get("dataloader", {}).get("batch_size_per_gpu", 2)) * world_size
+
+    def planned_iterations(self) -> int:
+        """The run's training iterations, known before its data loader is built (``max_iters`` once training)."""
+        if self._train_iters_per_epoch is not None:
+            return self._max_epochs * int(self._train_iters_per_epoch)
+        return self._max_epochs * (len(self.train_dataset) // self.global_batch_size())
 
     # ------------------------------------------------------------------ optimisation
     def create_optimizer_and_scheduler(self):
@@ -437,6 +465,11 @@ class SegmentationTrainer(EpochBasedTrainer):
         if scheduler_cfg and "policy" in scheduler_cfg:  # EasyCV / mmcv form: set per iteration
             self.lr_scheduler = PolicyLR(self.optimizer, lr_policy_from(scheduler_cfg), self.iters_per_epoch,
                                          self.max_epochs)
+            return self.optimizer, self.lr_scheduler, optimizer_options, {"by_epoch": False}
+        if scheduler_cfg and scheduler_cfg.get("type") == EOMT_SCHEDULER_TYPE:  # groups flagged "vit" (eomt.py)
+            schedule = eomt_schedule_from(scheduler_cfg)
+            self.lr_scheduler = build_eomt_scheduler(self.optimizer, schedule.total_iters or self.max_iters,
+                                                     schedule.warmup, schedule.power)
             return self.optimizer, self.lr_scheduler, optimizer_options, {"by_epoch": False}
         if scheduler_cfg:
             scheduler_cfg = dict(deepcopy(scheduler_cfg))
