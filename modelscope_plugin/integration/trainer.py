@@ -48,8 +48,8 @@ duplicate images
 ================================  ===================================================================================
 
 A checkpoint without a configuration.json (a Hugging Face folder, an EasyCV export, a FastInst release file, a
-detectron2 ``.pkl``; ``class_names=`` where it records none) is first written as a model directory under
-``{work_dir}/input_model`` (``model_directory_for_training``), which the trainer then reads.
+detectron2 ``.pkl``; ``class_names=`` / ``thing_ids=`` where it records none) is first written as a model directory
+under ``{work_dir}/input_model`` (``model_directory_for_training``), which the trainer then reads.
 
 Configuration (``configuration.json`` of the model dir, then ``cfg_options``; defaults in ``DEFAULT_TRAINING_CONFIG``):
 ``train.max_epochs``, ``train.train_iters_per_epoch``, ``train.dataloader.{batch_size_per_gpu,workers_per_gpu}``,
@@ -200,7 +200,7 @@ class SegmentationTrainer(EpochBasedTrainer):
     """Finetunes a Mask2Former, FastInst or EoMT model directory; see the module docstring for the configuration."""
 
     def __init__(self, model: str, *arguments, categories: Optional[List[Dict[str, Any]]] = None,
-                 class_names: Optional[List[str]] = None, **kwargs):
+                 class_names: Optional[List[str]] = None, thing_ids: Optional[List[int]] = None, **kwargs):
         if not isinstance(model, (str, Path)):
             raise TrainingConfigError("model must be a model directory, a checkpoint file or a supported hub id "
                                       "(a str)")
@@ -211,13 +211,14 @@ class SegmentationTrainer(EpochBasedTrainer):
         self._train_dataset_argument = kwargs.get("train_dataset")
         if synthesized_configuration(model) is not None:  # a checkpoint without a configuration.json
             work_dir = Path(kwargs.get("work_dir") or "./work_dir")
-            directory = model_directory_for_training(model, work_dir / "input_model", class_names)
+            directory = model_directory_for_training(model, work_dir / "input_model", class_names, thing_ids)
             self._notes.append(f"{model}: the checkpoint was written as the model directory {directory} to train "
                                "from")
             model = directory
-        elif class_names is not None:
-            raise TrainingConfigError("class_names is for checkpoints without a configuration.json; a model "
-                                      "directory names its classes in its configuration")
+        elif class_names is not None or thing_ids is not None:
+            given = "class_names" if class_names is not None else "thing_ids"
+            raise TrainingConfigError(f"{given} is for checkpoints without a configuration.json; a model directory "
+                                      "names its classes and things in its configuration")
         super().__init__(str(model), *arguments, **kwargs)
         if isinstance(self.model_config, EomtConfig):
             if self.train_dataset is not None:  # the default placement needs enough iterations: named here
@@ -569,11 +570,13 @@ class SegmentationTrainer(EpochBasedTrainer):
         return self._metric_values
 
 
-def model_directory_for_training(checkpoint, directory: Path, class_names: Optional[List[str]] = None) -> Path:
+def model_directory_for_training(checkpoint, directory: Path, class_names: Optional[List[str]] = None,
+                                 thing_ids: Optional[List[int]] = None) -> Path:
     """A checkpoint without a configuration.json (Hugging Face folder, EasyCV export, FastInst release, detectron2
     ``.pkl``) written as the model directory the trainer reads (Mask2Former: the native layout; FastInst: the hub
-    layout), replacing an earlier copy there (a resumed run rewrites the same weights)."""
-    config, network = load_model(checkpoint, class_names=class_names)
+    layout), replacing an earlier copy there (a resumed run rewrites the same weights); ``class_names`` /
+    ``thing_ids`` as ``load_model`` takes them (the thing classes first, their class head rows with them)."""
+    config, network = load_model(checkpoint, class_names=class_names, thing_ids=thing_ids)
     return write_output_dir(directory, config, network)
 
 
