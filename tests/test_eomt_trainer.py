@@ -188,6 +188,8 @@ def test_the_default_schedule_is_the_two_stage_warm_up(trained):
                         "blocks.2.mlp.fc1.weight": 0.0}
     assert rates[1]["class_head.weight"] == pytest.approx(2e-6)
     assert rates[1]["blocks.3.attention.qkv.weight"] == 0.0 and rates[1]["blocks.2.mlp.fc1.weight"] == 0.0
+    # a run shorter than the warm-ups is said when the trainer is built
+    assert any("the warm-ups [500, 1000] last the whole run of 2 iterations" in note for note in trainer._notes)
 
 
 def test_two_stage_warm_up_and_default_annealing_resume_where_the_run_stopped(tmp_path):

@@ -223,6 +223,13 @@ class SegmentationTrainer(EpochBasedTrainer):
         if isinstance(self.model_config, EomtConfig):
             if self.train_dataset is not None:  # the default placement needs enough iterations: named here
                 self.mask_annealing.steps(self.planned_iterations(), self.model_config.num_query_blocks)
+                scheduler = self.cfg.safe_get("train.lr_scheduler") or {}
+                if scheduler.get("type") == EOMT_SCHEDULER_TYPE:
+                    warmup = eomt_schedule_from(scheduler).warmup
+                    if sum(warmup) >= self.planned_iterations():
+                        self._notes.append(f"train.lr_scheduler: the warm-ups {list(warmup)} last the whole run of "
+                                           f"{self.planned_iterations()} iterations; the ViT never reaches its "
+                                           "learning rate (set train.lr_scheduler.warmup for short runs)")
             self.register_hook(EomtMaskAnnealingHook(self.mask_annealing))
         if self.eval_dataset is None and any(type(hook).__name__ == "EvaluationHook" for hook in self.hooks):
             raise TrainingConfigError("an EvaluationHook is configured (train.hooks / evaluation.period) but there is "
