@@ -170,3 +170,57 @@ def test_training_from_a_checkpoint_without_names_takes_them_from_model_classes(
     assert written.class_names == tuple(NAMES)  # the checkpoint as it was given, before its head was replaced
     result = pipeline(Tasks.image_segmentation, model=str(tmp_path / "work" / "output"), device="cpu")(str(IMAGE))
     assert result["masks"] is not None
+
+
+def test_training_from_a_checkpoint_without_things_writes_the_things_first(five_class_pkl, tmp_path):
+    from modelscope.trainers import build_trainer
+
+    from modelscope_plugin.data.datasets import as_ms_dataset
+    from modelscope_plugin.data.synthetic import SceneConfig, SyntheticSplit, write_dataset
+    from modelscope_plugin.errors import TrainingConfigError
+
+    scenes = tmp_path / "scenes"
+    write_dataset(scenes, "train", 2, seed=0, config=SceneConfig(image_size=64, min_thing_size=10, max_thing_size=30,
+                                                                 max_things=5))
+    arguments = dict(model=str(five_class_pkl), train_dataset=as_ms_dataset(SyntheticSplit(scenes, "train")
+                                                                             .panoptic_rows()),
+                     work_dir=str(tmp_path / "work"), class_names=NAMES, thing_ids=[4, 2],
+                     cfg_options={"train.max_epochs": 1})
+    build_trainer("mask2former-segmentation", arguments)
+    configuration = json.loads((tmp_path / "work" / "input_model" / "configuration.json").read_text())
+    model_config = configuration["model"]["config"]
+    # NAMES = road, tree, car, sky, person: classes 4 (person) and 2 (car) are the things, then the rest in order
+    assert model_config["class_names"] == ["person", "car", "road", "tree", "sky"]
+    assert (model_config["num_things_classes"], model_config["num_stuff_classes"]) == (2, 3)
+    _, plain = load_model(five_class_pkl, class_names=NAMES)
+    _, written = load_model(tmp_path / "work" / "input_model")
+    head = "transformer_decoder.class_embed."
+    plain_weights, written_weights = plain.state_dict(), written.state_dict()
+    for name in ("weight", "bias"):
+        original = plain_weights[head + name]
+        by_hand = torch.stack([original[4], original[2], original[0], original[1], original[3], original[5]])
+        assert torch.equal(written_weights[head + name], by_hand), name
+        assert not torch.equal(written_weights[head + name], original)
+    others = [key for key in plain_weights if not key.startswith(head)]
+    assert [key for key in others if not torch.equal(plain_weights[key], written_weights[key])] == []
+    # a model directory records its things: thing_ids are refused for it when the trainer is built
+    with pytest.raises(TrainingConfigError, match="thing_ids is for checkpoints without a configuration.json"):
+        build_trainer("mask2former-segmentation", dict(arguments, model=str(tmp_path / "work" / "input_model"),
+                                                       class_names=None, work_dir=str(tmp_path / "other")))
+
+
+def test_the_train_command_takes_thing_ids(five_class_pkl, tmp_path):
+    from modelscope_plugin.data.synthetic import SceneConfig, write_dataset
+
+    scenes = tmp_path / "scenes"
+    small = SceneConfig(image_size=64, min_thing_size=10, max_thing_size=30, max_things=5)
+    write_dataset(scenes, "train", 2, seed=0, config=small)
+    write_dataset(scenes, "val", 1, seed=1, config=small)
+    classes = tmp_path / "model_classes.txt"
+    classes.write_text("\n".join(NAMES) + "\n")
+    assert main(["train", "--data", str(scenes), "--model", str(five_class_pkl), "--epochs", "1", "--batch-size", "2",
+                 "--image-size", "64", "--num-points", "64", "--workers", "0", "--work-dir", str(tmp_path / "work"),
+                 "--model-classes", str(classes), "--thing-ids", "4,2"]) == 0
+    written, _ = load_model(tmp_path / "work" / "input_model")
+    assert written.class_names == ("person", "car", "road", "tree", "sky")
+    assert (written.num_things_classes, written.num_stuff_classes) == (2, 3)

@@ -33,18 +33,28 @@ OPTIONS = {
 
 
 class Recorder(Hook):
-    """Per training iteration: the network's masked-attention probabilities; each parameter's learning rate at the
-    start of the run."""
+    """Per training iteration: the network's masked-attention probabilities and the learning rates of ``WATCHED``
+    parameters; each parameter's base learning rate (before the schedule's factor) at the start of the run."""
+
+    WATCHED = ("class_head.weight", "blocks.3.attention.qkv.weight", "blocks.2.mlp.fc1.weight")
 
     def __init__(self):
         self.probabilities = {}
-        self.learning_rates = {}
+        self.base_learning_rates = {}
+        self.iteration_learning_rates = {}
+
+    def learning_rate_of(self, trainer, key):
+        network = trainer.unwrap_module(trainer.model)
+        lr_of = {id(parameter): group[key] for group in trainer.optimizer.param_groups
+                 for parameter in group["params"]}
+        return {name: lr_of[id(parameter)] for name, parameter in network.named_parameters()}
 
     def before_run(self, trainer):
-        network = trainer.unwrap_module(trainer.model)
-        lr_of = {id(parameter): group["lr"] for group in trainer.optimizer.param_groups
-                 for parameter in group["params"]}
-        self.learning_rates = {name: lr_of[id(parameter)] for name, parameter in network.named_parameters()}
+        self.base_learning_rates = self.learning_rate_of(trainer, "initial_lr")
+
+    def before_train_iter(self, trainer):
+        rates = self.learning_rate_of(trainer, "lr")
+        self.iteration_learning_rates[trainer.iter] = {name: rates[name] for name in self.WATCHED}
 
     def after_train_iter(self, trainer):
         network = trainer.unwrap_module(trainer.model)
@@ -149,7 +159,7 @@ def test_a_new_class_set_reinitialises_the_class_head_only(trained):
 
 
 def test_layer_wise_learning_rates(trained):
-    rates = trained["recorder"].learning_rates
+    rates = trained["recorder"].base_learning_rates
     # lr 1e-3, layer decay 0.5, 4 ViT blocks: block b at 1e-3 * 0.5 ** (3 - b), the embeddings as block 0
     assert rates["blocks.3.attention.qkv.weight"] == pytest.approx(1e-3)
     assert rates["blocks.2.mlp.fc1.weight"] == pytest.approx(5e-4)
@@ -169,12 +179,27 @@ def test_mask_annealing_follows_the_iteration(trained):
     assert probabilities[1] == pytest.approx([0.5 ** 0.9, 1.0])
 
 
-def test_default_annealing_resumes_where_the_run_stopped(tmp_path):
+def test_the_default_schedule_is_the_two_stage_warm_up(trained):
+    trainer = trained["trainer"]
+    assert isinstance(trainer.lr_scheduler, torch.optim.lr_scheduler.LambdaLR)
+    # warm-up 500 then 1000 steps: iteration 1 runs the parts outside the ViT at 1 / 500 of their rate, the ViT at 0
+    rates = trained["recorder"].iteration_learning_rates
+    assert rates[0] == {"class_head.weight": 0.0, "blocks.3.attention.qkv.weight": 0.0,
+                        "blocks.2.mlp.fc1.weight": 0.0}
+    assert rates[1]["class_head.weight"] == pytest.approx(2e-6)
+    assert rates[1]["blocks.3.attention.qkv.weight"] == 0.0 and rates[1]["blocks.2.mlp.fc1.weight"] == 0.0
+    # a run shorter than the warm-ups is said when the trainer is built
+    assert any("the warm-ups [500, 1000] last the whole run of 2 iterations" in note for note in trainer._notes)
+
+
+def test_two_stage_warm_up_and_default_annealing_resume_where_the_run_stopped(tmp_path):
     model_dir = tiny_hf_eomt(tmp_path / "hf_eomt")
     write_dataset(tmp_path / "data", "train", 2, seed=0, config=SceneConfig.scaled(64))
     # 8 iterations, 2 query blocks: the official placement's unit 8 // 4 = 2, block 0 over [2, 4), block 1 [4, 6)
     options = {key: value for key, value in OPTIONS.items() if key != "train.mask_annealing"}
-    options.update({"train.max_epochs": 8, "train.checkpoint.period": {"interval": 4, "by_epoch": False}})
+    options.update({"train.max_epochs": 8, "train.checkpoint.period": {"interval": 4, "by_epoch": False},
+                    "train.lr_scheduler": {"type": "EomtWarmupPolyLR", "warmup": [2, 2], "power": 0.9,
+                                           "options": {"by_epoch": False}}})
     uninterrupted_recorder = Recorder()
     uninterrupted = make_trainer(model_dir, tmp_path / "data", tmp_path / "uninterrupted", options,
                                  [uninterrupted_recorder])
@@ -183,6 +208,17 @@ def test_default_annealing_resumes_where_the_run_stopped(tmp_path):
     expected = [[1.0, 1.0], [1.0, 1.0], [1.0, 1.0], [half, 1.0], [0.0, 1.0], [0.0, half], [0.0, 0.0], [0.0, 0.0]]
     for step, values in enumerate(expected):
         assert uninterrupted_recorder.probabilities[step] == pytest.approx(values), step
+    # lr 1e-3, layer decay 0.5; the head warms up over iterations 0-1 and decays over 2-7 (6 steps), the ViT stays
+    # at 0 until 2, warms up over 2-3 and decays over 4-7 (4 steps); blocks.2 at half the rate of blocks.3
+    head = [0.0, 5e-4, 1e-3, 1e-3 * (5 / 6) ** 0.9, 1e-3 * (4 / 6) ** 0.9, 1e-3 * (3 / 6) ** 0.9,
+            1e-3 * (2 / 6) ** 0.9, 1e-3 * (1 / 6) ** 0.9]
+    last_block = [0.0, 0.0, 0.0, 5e-4, 1e-3, 1e-3 * 0.75 ** 0.9, 1e-3 * 0.5 ** 0.9, 1e-3 * 0.25 ** 0.9]
+    assert head[3] == pytest.approx(8.4867e-4, rel=1e-4) and last_block[5] == pytest.approx(7.7189e-4, rel=1e-4)
+    for step in range(8):
+        rates = uninterrupted_recorder.iteration_learning_rates[step]
+        assert rates["class_head.weight"] == pytest.approx(head[step], abs=1e-12), step
+        assert rates["blocks.3.attention.qkv.weight"] == pytest.approx(last_block[step], abs=1e-12), step
+        assert rates["blocks.2.mlp.fc1.weight"] == pytest.approx(last_block[step] / 2, abs=1e-12), step
     resumed_recorder = Recorder()
     resumed = make_trainer(model_dir, tmp_path / "data", tmp_path / "resumed", options, [resumed_recorder])
     resumed.train(checkpoint_path=str(tmp_path / "uninterrupted" / "iter_4"))
@@ -190,6 +226,11 @@ def test_default_annealing_resumes_where_the_run_stopped(tmp_path):
     assert sorted(resumed_recorder.probabilities) == [4, 5, 6, 7]
     assert all(resumed_recorder.probabilities[step] == uninterrupted_recorder.probabilities[step]
                for step in range(4, 8))
+    assert sorted(resumed_recorder.iteration_learning_rates) == [4, 5, 6, 7]
+    for step in range(4, 8):
+        rates = resumed_recorder.iteration_learning_rates[step]
+        assert rates["class_head.weight"] == pytest.approx(head[step], abs=1e-12), step
+        assert rates["blocks.3.attention.qkv.weight"] == pytest.approx(last_block[step], abs=1e-12), step
 
 
 def test_configuration_errors_surface_when_the_trainer_is_built(tmp_path):
@@ -199,9 +240,24 @@ def test_configuration_errors_surface_when_the_trainer_is_built(tmp_path):
             ({"train.optimizer.paramwise_options": {"backbone_lr_multiplier": 0.1}}, "layer_decay"),
             ({"train.augmentation": {"image_size": 128}}, "trains on its image_size 64"),
             ({"train.mask_annealing": {"starts": [0], "ends": [2]}}, "for the model's 2 query blocks"),
-            ({"train.mask_annealing": {"starts": [3, 1], "ends": [2, 3]}}, "block 0 starts at 3")):
+            ({"train.mask_annealing": {"starts": [3, 1], "ends": [2, 3]}}, "block 0 starts at 3"),
+            ({"train.lr_scheduler": {"type": "EomtWarmupPolyLR", "warmup": [500]}}, "warmup must be two step"),
+            ({"train.lr_scheduler": {"type": "EomtWarmupPolyLR", "options": {"by_epoch": True}}}, "by_epoch false"),
+            ({"train.lr_scheduler": {"type": "EomtWarmupPolyLR", "cycles": 2}}, r"unknown train.lr_scheduler keys")):
         with pytest.raises(TrainingConfigError, match=message):
             make_trainer(model_dir, tmp_path / "data", tmp_path / "work", dict(OPTIONS, **overrides))
+
+
+def test_a_run_too_short_for_the_default_annealing_fails_when_the_trainer_is_built(tmp_path):
+    model_dir = tiny_hf_eomt(tmp_path / "hf_eomt")
+    write_dataset(tmp_path / "data", "train", 2, seed=0, config=SceneConfig.scaled(64))
+    # 2 images in batches of 2 for 3 epochs: 3 iterations, fewer than the 2 query blocks + 2 the placement needs
+    options = {key: value for key, value in OPTIONS.items() if key != "train.mask_annealing"}
+    options["train.max_epochs"] = 3
+    with pytest.raises(TrainingConfigError, match="3 iterations are too few to anneal 2 query blocks"):
+        make_trainer(model_dir, tmp_path / "data", tmp_path / "work", options)
+    options["train.max_epochs"] = 4  # 4 iterations: unit 1
+    assert make_trainer(model_dir, tmp_path / "data", tmp_path / "work", options).iter == 0
 
 
 def test_the_train_command_finetunes_an_eomt_folder(tmp_path):

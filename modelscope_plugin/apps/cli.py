@@ -13,13 +13,12 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from modelscope_plugin.errors import CommandError
 from modelscope_plugin.integration.pipeline import build_pipeline
+from modelscope_plugin.model_dirs.classes import THING_IDS_HELP, thing_ids_option
 from modelscope_plugin.ranks import join_torchrun_group, sum_over_ranks
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 TASK_CHOICES = ("panoptic", "semantic", "instance")
-THING_IDS_HELP = ("the class indices that are things, for a checkpoint that does not say (a detectron2 .pkl, a Hugging "
-                  "Face folder): panoptic then keeps instances of those classes apart")
 CLASSES_HELP = ("one class name per line, in class order, for a checkpoint that records none (a detectron2 .pkl of an "
                 "unknown class set, a Hugging Face folder with placeholder labels, an EasyCV export without names)")
 
@@ -117,14 +116,6 @@ def model_class_names(classes_file: Optional[str]) -> Optional[List[str]]:
     if not Path(classes_file).is_file():
         raise CommandError(f"--classes {classes_file}: no such file")
     return read_class_names(classes_file)
-
-
-def thing_ids_option(text: str) -> List[int]:
-    """``--thing-ids 0,2,5``: class indices."""
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated class indices, e.g. 0,2,5, not {text!r}") from None
 
 
 def shard(images: Sequence[Path], rank: int, world_size: int) -> List[Path]:

@@ -5,9 +5,12 @@ cfg_options={...}))``.
 An EoMT (a Hugging Face EoMT folder, or one with a configuration.json of model type "eomt") trains with EoMT's recipe
 (``training/eomt.py``): Mask2Former's criterion on the final and every query block's prediction, layer-wise lr decay
 groups (``train.optimizer.layer_decay``, default 0.8; ``paramwise_options`` are refused), AdamW 1e-4, weight decay
-0.05, no gradient clipping, poly decay; masked attention annealed by the trainer's iteration
-(``EomtMaskAnnealingHook``; ``train.mask_annealing`` {starts, ends, power}, default the official placement over the
-run), so a resumed run continues the schedule; the training crop is the network's square ``image_size``. Its output
+0.05, no gradient clipping, and the official schedule per iteration (``train.lr_scheduler`` of type
+``EomtWarmupPolyLR`` {warmup: [500, 1000], power: 0.9, total_iters: the run's}: the parts outside the ViT warm up
+linearly first, then the ViT, then polynomial decay; any other scheduler may replace it); masked attention annealed
+by the trainer's iteration (``EomtMaskAnnealingHook``; ``train.mask_annealing`` {starts, ends, power}, default the
+official placement over the run, which needs at least query blocks + 2 iterations: checked when the trainer is
+built), so a resumed run continues both schedules; the training crop is the network's square ``image_size``. Its output
 folder holds the HF files (``config.json`` + ``model.safetensors``) and a configuration.json with its classes.
 
 A FastInst model directory (``model.type`` "fastinst") trains the instance task with ``FastInstCriterion`` (location
@@ -45,8 +48,8 @@ duplicate images
 ================================  ===================================================================================
 
 A checkpoint without a configuration.json (a Hugging Face folder, an EasyCV export, a FastInst release file, a
-detectron2 ``.pkl``; ``class_names=`` where it records none) is first written as a model directory under
-``{work_dir}/input_model`` (``model_directory_for_training``), which the trainer then reads.
+detectron2 ``.pkl``; ``class_names=`` / ``thing_ids=`` where it records none) is first written as a model directory
+under ``{work_dir}/input_model`` (``model_directory_for_training``), which the trainer then reads.
 
 Configuration (``configuration.json`` of the model dir, then ``cfg_options``; defaults in ``DEFAULT_TRAINING_CONFIG``):
 ``train.max_epochs``, ``train.train_iters_per_epoch``, ``train.dataloader.{batch_size_per_gpu,workers_per_gpu}``,
@@ -114,7 +117,14 @@ from modelscope_plugin.training.data import (
     point_seed,
     row_kind,
 )
-from modelscope_plugin.training.eomt import EomtMaskAnnealingHook, MaskAnnealing, build_layer_decay_optimizer
+from modelscope_plugin.training.eomt import (
+    EOMT_SCHEDULER_TYPE,
+    EomtMaskAnnealingHook,
+    MaskAnnealing,
+    build_eomt_scheduler,
+    build_layer_decay_optimizer,
+    eomt_schedule_from,
+)
 from modelscope_plugin.training.evaluation import evaluate_network, flat_metric_values
 from modelscope_plugin.training.lr_policy import PolicyLR, lr_policy_from
 from modelscope_plugin.training.optimizer import build_optimizer, parameter_rules_from
@@ -159,12 +169,13 @@ FASTINST_TRAINING_CONFIG = {
 FASTINST_MILESTONE_FRACTIONS = (327778 / 368750, 355092 / 368750)
 
 # official EoMT (training/eomt.py): AdamW 1e-4, weight decay 0.05, layer-wise lr decay 0.8, no gradient clipping,
-# poly decay with power 0.9 per iteration (its two-stage warm-up is not part of this default)
+# per iteration a linear warm-up of the parts outside the ViT (500 steps), then of the ViT (1000), then poly decay 0.9
 EOMT_TRAINING_CONFIG = {
     "train": {
         "dataloader": {"batch_size_per_gpu": 2, "workers_per_gpu": 0},
         "optimizer": {"type": "AdamW", "lr": 1e-4, "weight_decay": 0.05, "layer_decay": 0.8},
-        "lr_scheduler": {"type": "PolynomialLR", "power": 0.9, "options": {"by_epoch": False}},
+        "lr_scheduler": {"type": EOMT_SCHEDULER_TYPE, "warmup": [500, 1000], "power": 0.9,
+                         "options": {"by_epoch": False}},
     },
 }
 TRAINING_CONFIG_OF_TYPE = {"fastinst": FASTINST_TRAINING_CONFIG, "eomt": EOMT_TRAINING_CONFIG}
@@ -189,7 +200,7 @@ class SegmentationTrainer(EpochBasedTrainer):
     """Finetunes a Mask2Former, FastInst or EoMT model directory; see the module docstring for the configuration."""
 
     def __init__(self, model: str, *arguments, categories: Optional[List[Dict[str, Any]]] = None,
-                 class_names: Optional[List[str]] = None, **kwargs):
+                 class_names: Optional[List[str]] = None, thing_ids: Optional[List[int]] = None, **kwargs):
         if not isinstance(model, (str, Path)):
             raise TrainingConfigError("model must be a model directory, a checkpoint file or a supported hub id "
                                       "(a str)")
@@ -200,15 +211,25 @@ class SegmentationTrainer(EpochBasedTrainer):
         self._train_dataset_argument = kwargs.get("train_dataset")
         if synthesized_configuration(model) is not None:  # a checkpoint without a configuration.json
             work_dir = Path(kwargs.get("work_dir") or "./work_dir")
-            directory = model_directory_for_training(model, work_dir / "input_model", class_names)
+            directory = model_directory_for_training(model, work_dir / "input_model", class_names, thing_ids)
             self._notes.append(f"{model}: the checkpoint was written as the model directory {directory} to train "
                                "from")
             model = directory
-        elif class_names is not None:
-            raise TrainingConfigError("class_names is for checkpoints without a configuration.json; a model "
-                                      "directory names its classes in its configuration")
+        elif class_names is not None or thing_ids is not None:
+            given = "class_names" if class_names is not None else "thing_ids"
+            raise TrainingConfigError(f"{given} is for checkpoints without a configuration.json; a model directory "
+                                      "names its classes and things in its configuration")
         super().__init__(str(model), *arguments, **kwargs)
         if isinstance(self.model_config, EomtConfig):
+            if self.train_dataset is not None:  # the default placement needs enough iterations: named here
+                self.mask_annealing.steps(self.planned_iterations(), self.model_config.num_query_blocks)
+                scheduler = self.cfg.safe_get("train.lr_scheduler") or {}
+                if scheduler.get("type") == EOMT_SCHEDULER_TYPE:
+                    warmup = eomt_schedule_from(scheduler).warmup
+                    if sum(warmup) >= self.planned_iterations():
+                        self._notes.append(f"train.lr_scheduler: the warm-ups {list(warmup)} last the whole run of "
+                                           f"{self.planned_iterations()} iterations; the ViT never reaches its "
+                                           "learning rate (set train.lr_scheduler.warmup for short runs)")
             self.register_hook(EomtMaskAnnealingHook(self.mask_annealing))
         if self.eval_dataset is None and any(type(hook).__name__ == "EvaluationHook" for hook in self.hooks):
             raise TrainingConfigError("an EvaluationHook is configured (train.hooks / evaluation.period) but there is "
@@ -242,6 +263,11 @@ class SegmentationTrainer(EpochBasedTrainer):
         scheduler = cfg.safe_get("train.lr_scheduler") or {}
         if "policy" in scheduler:
             lr_policy_from(scheduler)
+        elif scheduler.get("type") == EOMT_SCHEDULER_TYPE:
+            if cfg.safe_get("model.type") != "eomt":
+                raise TrainingConfigError(f"train.lr_scheduler: {EOMT_SCHEDULER_TYPE} schedules an EoMT's parameter "
+                                          f"groups; this model is a {cfg.safe_get('model.type')!r}")
+            eomt_schedule_from(scheduler)
         return super().rebuild_config(cfg)
 
     def read_training_sections(self, cfg):
@@ -416,11 +442,21 @@ class SegmentationTrainer(EpochBasedTrainer):
             raise TrainingConfigError("train_dataset is needed to train")
         rank, world_size = rank_and_world_size()
         loader_cfg = self.cfg.train.get("dataloader", {})
-        per_rank = int(loader_cfg.get("batch_size_per_gpu", 2))
-        self.train_sampler = GlobalBatchSampler(len(self.train_dataset), per_rank * world_size, self._seed, rank,
+        self.train_sampler = GlobalBatchSampler(len(self.train_dataset), self.global_batch_size(), self._seed, rank,
                                                 world_size, shuffle=bool(loader_cfg.get("shuffle", True)))
         return DataLoader(PositionedDataset(self.train_dataset), batch_sampler=self.train_sampler, collate_fn=collate,
                           num_workers=int(loader_cfg.get("workers_per_gpu", 0)))
+
+    def global_batch_size(self) -> int:
+        """Images per training iteration over all ranks (``train.dataloader.batch_size_per_gpu`` x world size)."""
+        _, world_size = rank_and_world_size()
+        return int(self.cfg.train.get("dataloader", {}).get("batch_size_per_gpu", 2)) * world_size
+
+    def planned_iterations(self) -> int:
+        """The run's training iterations, known before its data loader is built (``max_iters`` once training)."""
+        if self._train_iters_per_epoch is not None:
+            return self._max_epochs * int(self._train_iters_per_epoch)
+        return self._max_epochs * (len(self.train_dataset) // self.global_batch_size())
 
     # ------------------------------------------------------------------ optimisation
     def create_optimizer_and_scheduler(self):
@@ -437,6 +473,11 @@ class SegmentationTrainer(EpochBasedTrainer):
         if scheduler_cfg and "policy" in scheduler_cfg:  # EasyCV / mmcv form: set per iteration
             self.lr_scheduler = PolicyLR(self.optimizer, lr_policy_from(scheduler_cfg), self.iters_per_epoch,
                                          self.max_epochs)
+            return self.optimizer, self.lr_scheduler, optimizer_options, {"by_epoch": False}
+        if scheduler_cfg and scheduler_cfg.get("type") == EOMT_SCHEDULER_TYPE:  # groups flagged "vit" (eomt.py)
+            schedule = eomt_schedule_from(scheduler_cfg)
+            self.lr_scheduler = build_eomt_scheduler(self.optimizer, schedule.total_iters or self.max_iters,
+                                                     schedule.warmup, schedule.power)
             return self.optimizer, self.lr_scheduler, optimizer_options, {"by_epoch": False}
         if scheduler_cfg:
             scheduler_cfg = dict(deepcopy(scheduler_cfg))
@@ -536,11 +577,13 @@ class SegmentationTrainer(EpochBasedTrainer):
         return self._metric_values
 
 
-def model_directory_for_training(checkpoint, directory: Path, class_names: Optional[List[str]] = None) -> Path:
+def model_directory_for_training(checkpoint, directory: Path, class_names: Optional[List[str]] = None,
+                                 thing_ids: Optional[List[int]] = None) -> Path:
     """A checkpoint without a configuration.json (Hugging Face folder, EasyCV export, FastInst release, detectron2
     ``.pkl``) written as the model directory the trainer reads (Mask2Former: the native layout; FastInst: the hub
-    layout), replacing an earlier copy there (a resumed run rewrites the same weights)."""
-    config, network = load_model(checkpoint, class_names=class_names)
+    layout), replacing an earlier copy there (a resumed run rewrites the same weights); ``class_names`` /
+    ``thing_ids`` as ``load_model`` takes them (the thing classes first, their class head rows with them)."""
+    config, network = load_model(checkpoint, class_names=class_names, thing_ids=thing_ids)
     return write_output_dir(directory, config, network)
 
 

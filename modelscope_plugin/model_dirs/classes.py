@@ -4,8 +4,9 @@ Post-processing counts the first ``num_things_classes`` classes as things. ``thi
 classes the first ones: the class head's rows (and the class names and dataset ids) are reordered, things first in
 their order, then the stuff classes, then the no-object row; the network's scores are unchanged, only their order.
 """
+import argparse
 from dataclasses import replace
-from typing import Dict, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 
@@ -13,6 +14,16 @@ from modelscope_plugin.config import Mask2FormerConfig
 from modelscope_plugin.errors import ModelDirError
 
 CLASS_HEAD = "transformer_decoder.class_embed."
+THING_IDS_HELP = ("the class indices that are things, for a checkpoint that does not say (a detectron2 .pkl, a Hugging "
+                  "Face folder): panoptic then keeps instances of those classes apart")
+
+
+def thing_ids_option(text: str) -> List[int]:
+    """``--thing-ids 0,2,5``: class indices (an argparse ``type``)."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated class indices, e.g. 0,2,5, not {text!r}") from None
 
 
 def things_first(config: Mask2FormerConfig, state_dict: Dict[str, torch.Tensor], thing_ids: Sequence[int],

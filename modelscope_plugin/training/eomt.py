@@ -14,7 +14,7 @@ optimiser of the official EoMT training (Kerssies et al., CVPR 2025).
   warms up over ``warmup[1]`` steps; each then decays as ``(1 - progress) ** 0.9`` to the last step.
 """
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from modelscope.trainers.hooks.builder import HOOKS
@@ -225,3 +225,42 @@ class EomtMaskAnnealingHook(Hook):
     def before_train_iter(self, trainer):
         anneal_masks(trainer.unwrap_module(trainer.model), trainer.iter, self.starts, self.ends,
                      self.annealing.power)
+
+
+EOMT_SCHEDULER_TYPE = "EomtWarmupPolyLR"
+"""``train.lr_scheduler.type`` of the official schedule (``build_eomt_scheduler``)."""
+
+
+@dataclass
+class EomtSchedule:
+    """``train.lr_scheduler`` of type ``EOMT_SCHEDULER_TYPE``: the warm-up steps (outside the ViT, then the ViT), the
+    decay's power, and the run's iterations (``total_iters``; None: the trainer's)."""
+
+    warmup: Tuple[int, int] = (500, 1000)
+    power: float = 0.9
+    total_iters: Optional[int] = None
+
+
+def eomt_schedule_from(values: Mapping[str, Any], where: str = "train.lr_scheduler") -> EomtSchedule:
+    """An ``EomtSchedule`` from ``{type, warmup, power, total_iters, options: {by_epoch: false}}``, or a
+    ``TrainingConfigError`` naming what is wrong."""
+    values = dict(values)
+    values.pop("type", None)
+    options = dict(values.pop("options", None) or {})
+    if options.get("by_epoch", False) or set(options) - {"by_epoch"}:
+        raise TrainingConfigError(f"{where}.options: {EOMT_SCHEDULER_TYPE} steps per iteration; only "
+                                  f"by_epoch false is accepted, not {options}")
+    known = {"warmup", "power", "total_iters"}
+    if set(values) - known:
+        raise TrainingConfigError(f"unknown {where} keys {sorted(set(values) - known)}; known: {sorted(known)}")
+    warmup = tuple(values.get("warmup", EomtSchedule.warmup))
+    if len(warmup) != 2 or not all(isinstance(steps, int) and steps >= 0 for steps in warmup):
+        raise TrainingConfigError(f"{where}.warmup must be two step counts >= 0 (outside the ViT, then the ViT), "
+                                  f"not {values.get('warmup')}")
+    power = float(values.get("power", EomtSchedule.power))
+    if not power > 0:
+        raise TrainingConfigError(f"{where}.power must be above 0, not {power}")
+    total_iters = values.get("total_iters")
+    if total_iters is not None and not (isinstance(total_iters, int) and total_iters > 0):
+        raise TrainingConfigError(f"{where}.total_iters must be a positive int, not {total_iters}")
+    return EomtSchedule((warmup[0], warmup[1]), power, total_iters)

@@ -31,6 +31,7 @@ import torch
 from modelscope_plugin.config import Mask2FormerConfig, ResNetConfig, SwinConfig
 from modelscope_plugin.data.layouts import FORMATS, read_class_names
 from modelscope_plugin.errors import ModelDirError
+from modelscope_plugin.model_dirs.classes import THING_IDS_HELP, thing_ids_option
 
 ARCHITECTURES = {
     # the unit tests' network (about 2 M parameters)
@@ -166,6 +167,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                         "(EasyCV export, FastInst release, detectron2 .pkl) to start from")
     parser.add_argument("--model-classes", default=None, metavar="FILE",
                         help="--model's own class names, one per line, for a checkpoint that records none")
+    parser.add_argument("--thing-ids", type=thing_ids_option, default=None, metavar="I,J,...",
+                        help=f"--model's {THING_IDS_HELP}")
     parser.add_argument("--architecture", choices=sorted(ARCHITECTURES) + sorted(FASTINST_ARCHITECTURES),
                         default="small")
     parser.add_argument("--work-dir", required=True)
@@ -284,6 +287,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         if not Path(arguments.model_classes).is_file():
             raise ModelDirError(f"--model-classes {arguments.model_classes}: no such file")
         arguments_of_trainer["class_names"] = read_class_names(arguments.model_classes)
+    if arguments.thing_ids is not None:
+        arguments_of_trainer["thing_ids"] = arguments.thing_ids
     if arguments.launcher:
         arguments_of_trainer["launcher"] = arguments.launcher
     trainer = build_trainer("mask2former-segmentation", arguments_of_trainer)
