@@ -264,3 +264,22 @@ def test_semantic_rows_are_refused_when_the_trainer_is_built(tmp_path):
     write_dataset(tmp_path / "data", "train", 2, seed=0, config=SceneConfig.scaled(64))
     with pytest.raises(TrainingDataError, match="OneFormer trains on panoptic rows.*kind 'semantic'"):
         make_trainer(model_dir, tmp_path / "data", tmp_path / "work", rows="semantic")
+
+
+def test_a_resumed_run_continues_tasks_weights_and_logit_scale(tmp_path):
+    model_dir = tiny_hf_oneformer(tmp_path / "hf_oneformer")
+    write_dataset(tmp_path / "data", "train", 2, seed=0, config=SceneConfig.scaled(64))
+    options = dict(OPTIONS, **{"train.max_epochs": 4, "train.checkpoint.period": {"interval": 2, "by_epoch": False}})
+    uninterrupted_recorder, resumed_recorder = BatchRecorder(), BatchRecorder()
+    uninterrupted = make_trainer(model_dir, tmp_path / "data", tmp_path / "uninterrupted", options,
+                                 [uninterrupted_recorder])
+    uninterrupted.train()
+    resumed = make_trainer(model_dir, tmp_path / "data", tmp_path / "resumed", options, [resumed_recorder])
+    resumed.train(checkpoint_path=str(tmp_path / "uninterrupted" / "iter_2"))
+    assert resumed.iter == 4 and len(resumed_recorder.batches) == 2
+    assert [batch.tasks for batch in resumed_recorder.batches] == \
+        [batch.tasks for batch in uninterrupted_recorder.batches[2:]]
+    expected = uninterrupted.unwrap_module(uninterrupted.model).state_dict()
+    actual = resumed.unwrap_module(resumed.model).state_dict()
+    assert [key for key in expected if not torch.equal(expected[key], actual[key])] == []
+    assert torch.equal(resumed.criterion.logit_scale.detach(), uninterrupted.criterion.logit_scale.detach())

@@ -446,8 +446,11 @@ class SegmentationTrainer(EpochBasedTrainer):
         per_rank = int(loader_cfg.get("batch_size_per_gpu", 2))
         self.train_sampler = GlobalBatchSampler(len(self.train_dataset), per_rank * world_size, self._seed, rank,
                                                 world_size, shuffle=bool(loader_cfg.get("shuffle", True)))
+        # the loader's own generator: each epoch's iterator draws its workers' base seed from it, not from the global
+        # RNG that dropout (OneFormer's query transformer) reads, so a resumed run draws what an uninterrupted one does
         return DataLoader(PositionedDataset(self.train_dataset), batch_sampler=self.train_sampler, collate_fn=collate,
-                          num_workers=int(loader_cfg.get("workers_per_gpu", 0)))
+                          num_workers=int(loader_cfg.get("workers_per_gpu", 0)),
+                          generator=torch.Generator().manual_seed(self._seed))
 
     # ------------------------------------------------------------------ optimisation
     def create_optimizer_and_scheduler(self):
