@@ -283,3 +283,18 @@ def test_a_resumed_run_continues_tasks_weights_and_logit_scale(tmp_path):
     actual = resumed.unwrap_module(resumed.model).state_dict()
     assert [key for key in expected if not torch.equal(expected[key], actual[key])] == []
     assert torch.equal(resumed.criterion.logit_scale.detach(), uninterrupted.criterion.logit_scale.detach())
+
+
+def test_evaluation_runs_the_network_on_its_default_task(tmp_path):
+    model_dir = tiny_hf_oneformer(tmp_path / "hf_oneformer")
+    write_dataset(tmp_path / "data", "train", 2, seed=0, config=SceneConfig.scaled(64))
+    write_dataset(tmp_path / "data", "val", 1, seed=1, config=SceneConfig.scaled(64))
+    trainer = build_trainer("mask2former-segmentation", dict(
+        model=str(model_dir), train_dataset=as_ms_dataset(SyntheticSplit(tmp_path / "data", "train").panoptic_rows()),
+        eval_dataset=as_ms_dataset(SyntheticSplit(tmp_path / "data", "val").panoptic_rows()),
+        work_dir=str(tmp_path / "work"), categories=CATEGORIES,
+        cfg_options=dict(OPTIONS, **{"train.max_epochs": 1, "train.task": "panoptic"}), seed=7))
+    assert trainer.model_config.task == "panoptic"
+    trainer.train()
+    values = trainer.evaluate()
+    assert "PQ" in json.dumps(values), values
