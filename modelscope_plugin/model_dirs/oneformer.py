@@ -7,7 +7,8 @@ Options the published models do not use and this package does not build are refu
 Classes: 133 are taken as COCO panoptic (80 things then 53 stuff, COCO's category ids, task panoptic), 80 as COCO
 things (task instance); any other count as that many classes with ids 0..K-1, all stuff, task semantic (the
 panoptic and instance post-processing here takes the things to be the first classes, which ADE20K's and
-Cityscapes' orders are not).
+Cityscapes' orders are not); a configuration.json beside the HF files (``write_hub_oneformer_dir``, the trainer's
+output) records the classes, dataset ids, task and preprocessing (``with_configuration``).
 """
 import json
 from dataclasses import asdict, replace
