@@ -298,3 +298,26 @@ def test_evaluation_runs_the_network_on_its_default_task(tmp_path):
     trainer.train()
     values = trainer.evaluate()
     assert "PQ" in json.dumps(values), values
+
+
+@pytest.mark.oracle
+def test_transformers_runs_the_written_folder_as_this_package_does(tmp_path):
+    """An inference folder written here (no transformers) loads in OneFormerForUniversalSegmentation, which predicts
+    what this package's network does for each task."""
+    config = tiny_config(text_mapper=None)
+    torch.manual_seed(3)
+    network = build_oneformer(config).eval()
+    written = write_hub_oneformer_dir(tmp_path / "out", config, network)
+    pixels = torch.from_numpy(np.random.default_rng(1).normal(size=(1, 3, 64, 96)).astype(np.float32))
+    np.savez(tmp_path / "pixels.npz", pixel_values=pixels.numpy())
+    run_oracle("oneformer_oracle.py", "run", "--model-dir", written, "--pixels", tmp_path / "pixels.npz",
+               "--result", tmp_path / "result.npz")
+    reference = np.load(tmp_path / "result.npz")
+    for task in ("panoptic", "semantic", "instance"):
+        with torch.no_grad():
+            output = network(pixels, task)
+        theirs_class = torch.from_numpy(reference[f"class_{task}"])
+        theirs_masks = torch.from_numpy(reference[f"masks_{task}"])
+        assert theirs_class.shape == output.class_logits.shape and theirs_masks.shape == output.mask_logits.shape
+        assert (output.class_logits - theirs_class).abs().max() < 1e-4 * max(1.0, theirs_class.abs().max()), task
+        assert (output.mask_logits - theirs_masks).abs().max() < 1e-4 * max(1.0, theirs_masks.abs().max()), task
