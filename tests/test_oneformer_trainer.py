@@ -321,3 +321,20 @@ def test_transformers_runs_the_written_folder_as_this_package_does(tmp_path):
         assert theirs_class.shape == output.class_logits.shape and theirs_masks.shape == output.mask_logits.shape
         assert (output.class_logits - theirs_class).abs().max() < 1e-4 * max(1.0, theirs_class.abs().max()), task
         assert (output.mask_logits - theirs_masks).abs().max() < 1e-4 * max(1.0, theirs_masks.abs().max()), task
+
+
+def test_the_train_command_finetunes_a_oneformer_folder(tmp_path):
+    from modelscope_plugin.apps.cli import main
+
+    model_dir = tiny_hf_oneformer(tmp_path / "hf_oneformer")
+    write_dataset(tmp_path / "data", "train", 2, seed=0, config=SceneConfig.scaled(64))
+    write_dataset(tmp_path / "data", "val", 1, seed=1, config=SceneConfig.scaled(64))
+    code = main(["train", "--model", str(model_dir), "--data", str(tmp_path / "data"), "--work-dir",
+                 str(tmp_path / "work"), "--epochs", "1", "--batch-size", "1", "--image-size", "64", "--workers", "0",
+                 "--num-points", "64", "--min-scale", "1", "--max-scale", "1"])
+    assert code == 0
+    config, network = load_model(tmp_path / "work" / "output")
+    assert isinstance(config, OneFormerConfig) and config.category_ids == tuple(c.id for c in SYNTHETIC_CATEGORIES)
+    assert network.text_mapper is not None
+    report = json.loads((tmp_path / "work" / "metrics.json").read_text())
+    assert report["task"] == "panoptic" and "PQ" in report["metrics"]
