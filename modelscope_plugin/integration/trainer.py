@@ -1,6 +1,6 @@
-"""ModelScope trainer for this package's Mask2Former, FastInst and EoMT: ``build_trainer('mask2former-segmentation',
-dict(model=<dir, checkpoint or hub id>, train_dataset=MsDataset, eval_dataset=MsDataset, work_dir=...,
-cfg_options={...}))``.
+"""ModelScope trainer for this package's Mask2Former, FastInst, EoMT and OneFormer:
+``build_trainer('mask2former-segmentation', dict(model=<dir, checkpoint or hub id>, train_dataset=MsDataset,
+eval_dataset=MsDataset, work_dir=..., cfg_options={...}))``.
 
 An EoMT (a Hugging Face EoMT folder, or one with a configuration.json of model type "eomt") trains with EoMT's recipe
 (``training/eomt.py``): Mask2Former's criterion on the final and every query block's prediction, layer-wise lr decay
@@ -12,6 +12,16 @@ by the trainer's iteration (``EomtMaskAnnealingHook``; ``train.mask_annealing`` 
 official placement over the run, which needs at least query blocks + 2 iterations: checked when the trainer is
 built), so a resumed run continues both schedules; the training crop is the network's square ``image_size``. Its output
 folder holds the HF files (``config.json`` + ``model.safetensors``) and a configuration.json with its classes.
+
+A OneFormer (a Hugging Face OneFormer folder, or one with a configuration.json of model type "oneformer") trains on
+panoptic rows with a task drawn per image (``training/oneformer.py``: seeded by seed, epoch and image, so independent
+of ranks and resumes), that task's targets and text list ("a photo with a {class}", tokenised by the package's CLIP
+tokenizer), and ``OneFormerCriterion`` (transformers' OneFormerLoss; ``train.loss.contrastive_weight`` /
+``contrastive_temperature``; its learned logit scale is optimised with the network, without weight decay); the
+class head covers every class whatever ``train.task`` (the default inference task). A folder without a text mapper
+(an inference checkpoint, ``is_training`` false) trains without the contrastive term, as transformers does (logged).
+Its output folder holds the HF files (``config.json`` with ``is_training`` and the text mapper when there is one,
+``model.safetensors``, ``preprocessor_config.json``) and a configuration.json with its classes.
 
 A FastInst model directory (``model.type`` "fastinst") trains the instance task with ``FastInstCriterion`` (location
 cost, proposal loss, ground-truth mask-guided learning) and official FastInst's defaults (AdamW 1e-4, weight decay
@@ -84,7 +94,7 @@ from modelscope.utils.config import ConfigDict
 from modelscope.utils.constant import ModeKeys, TrainerStages
 from torch.utils.data import DataLoader
 
-from modelscope_plugin.config import EomtConfig, FastInstConfig, PreprocessConfig
+from modelscope_plugin.config import EomtConfig, FastInstConfig, OneFormerConfig, PreprocessConfig
 from modelscope_plugin.errors import TrainingConfigError, TrainingDataError
 from modelscope_plugin.evaluation.metrics import COCO_INSTANCE_METRIC, PANOPTIC_QUALITY_METRIC, SEMANTIC_METRIC
 from modelscope_plugin.integration import hub
@@ -100,6 +110,7 @@ from modelscope_plugin.model_dirs.load import load_model, load_model_dir
 from modelscope_plugin.modeling.criterion import Mask2FormerCriterion
 from modelscope_plugin.modeling.fastinst.criterion import FastInstCriterion
 from modelscope_plugin.modeling.matcher import HungarianMatcher
+from modelscope_plugin.modeling.oneformer.criterion import OneFormerCriterion, OneFormerTrainingOutput
 from modelscope_plugin.modeling.point_sampling import PointSampler
 from modelscope_plugin.ranks import rank_and_world_size
 from modelscope_plugin.training import amp, distributed  # noqa: F401  (register SegmentationAMPOptimizerHook, SegmentationDDPHook)
@@ -127,6 +138,7 @@ from modelscope_plugin.training.eomt import (
 )
 from modelscope_plugin.training.evaluation import evaluate_network, flat_metric_values
 from modelscope_plugin.training.lr_policy import PolicyLR, lr_policy_from
+from modelscope_plugin.training.oneformer import OneFormerTrainingDataset
 from modelscope_plugin.training.optimizer import build_optimizer, parameter_rules_from
 
 TRAINER_NAME = "mask2former-segmentation"
@@ -197,7 +209,8 @@ def _rows(dataset) -> Any:
 
 @TRAINERS.register_module(module_name=TRAINER_NAME, force=True)
 class SegmentationTrainer(EpochBasedTrainer):
-    """Finetunes a Mask2Former, FastInst or EoMT model directory; see the module docstring for the configuration."""
+    """Finetunes a Mask2Former, FastInst, EoMT or OneFormer model directory; see the module docstring for the
+    configuration."""
 
     def __init__(self, model: str, *arguments, categories: Optional[List[Dict[str, Any]]] = None,
                  class_names: Optional[List[str]] = None, thing_ids: Optional[List[int]] = None, **kwargs):
@@ -298,7 +311,8 @@ class SegmentationTrainer(EpochBasedTrainer):
                                    for index, (category_id, name)
                                    in enumerate(zip(config.category_ids, config.class_names))]
         # an instance network classifies things only (stuff segments of panoptic rows are not targets)
-        head_categories = ([c for c in training_categories if c.isthing] if self.task == "instance"
+        head_categories = ([c for c in training_categories if c.isthing]
+                           if self.task == "instance" and not isinstance(config, OneFormerConfig)
                            else training_categories)
         preprocess = train_cfg.get("preprocess")
         if preprocess:  # e.g. the test-time size of a new dataset; saved with the finetuned model
@@ -320,6 +334,17 @@ class SegmentationTrainer(EpochBasedTrainer):
         self.categories = training_categories
         self.model_config = config
         loss = settings_from(LossConfig, train_cfg.get("loss", {}), "train.loss")
+        if isinstance(config, OneFormerConfig):
+            if config.text_mapper is None:
+                self._notes.append(f"{self.model_dir}: no text mapper (an inference checkpoint, is_training false): "
+                                   "OneFormer trains without the query-text contrastive term, as transformers does")
+            self.criterion = OneFormerCriterion(
+                config.num_classes, class_weight=loss.class_weight, mask_weight=loss.mask_weight,
+                dice_weight=loss.dice_weight, contrastive_weight=loss.contrastive_weight,
+                no_object_weight=loss.no_object_weight, contrastive_temperature=loss.contrastive_temperature,
+                num_points=loss.num_points, oversample_ratio=loss.oversample_ratio,
+                importance_sample_ratio=loss.importance_sample_ratio)
+            return network
         if isinstance(config, FastInstConfig):
             self.criterion = FastInstCriterion(
                 config.num_classes, class_weight=loss.class_weight, mask_weight=loss.mask_weight,
@@ -392,6 +417,8 @@ class SegmentationTrainer(EpochBasedTrainer):
                 raise TrainingConfigError(f"train.augmentation: the training crop is {canvas}x{canvas}, but an EoMT "
                                           f"trains on its image_size {self.model_config.image_size}")
         augmentation = settings_from(AugmentationConfig, augmentation_values, "train.augmentation")
+        if isinstance(self.model_config, OneFormerConfig):  # per-image tasks, targets and text lists
+            return OneFormerTrainingDataset(rows, self.categories, self.model_config, augmentation, seed=self._seed)
         return SegmentationTrainingDataset(rows, self.categories, self.task, self.model_config.preprocess,
                                            augmentation, seed=self._seed)
 
@@ -444,8 +471,11 @@ class SegmentationTrainer(EpochBasedTrainer):
         loader_cfg = self.cfg.train.get("dataloader", {})
         self.train_sampler = GlobalBatchSampler(len(self.train_dataset), self.global_batch_size(), self._seed, rank,
                                                 world_size, shuffle=bool(loader_cfg.get("shuffle", True)))
+        # the loader's own generator: each epoch's iterator draws its workers' base seed from it, not from the global
+        # RNG that dropout (OneFormer's query transformer) reads, so a resumed run draws what an uninterrupted one does
         return DataLoader(PositionedDataset(self.train_dataset), batch_sampler=self.train_sampler, collate_fn=collate,
-                          num_workers=int(loader_cfg.get("workers_per_gpu", 0)))
+                          num_workers=int(loader_cfg.get("workers_per_gpu", 0)),
+                          generator=torch.Generator().manual_seed(self._seed))
 
     def global_batch_size(self) -> int:
         """Images per training iteration over all ranks (``train.dataloader.batch_size_per_gpu`` x world size)."""
@@ -467,6 +497,10 @@ class SegmentationTrainer(EpochBasedTrainer):
             self.optimizer = build_layer_decay_optimizer(self.unwrap_module(self.model), optimizer_cfg)
         else:
             self.optimizer = build_optimizer(self.unwrap_module(self.model), optimizer_cfg, rules, self.parameter_name)
+        if isinstance(self.criterion, OneFormerCriterion) and self.model_config.text_mapper is not None:
+            # the contrastive loss's learned logit scale (a parameter of transformers' model, through its loss),
+            # at the base rate without weight decay
+            self.optimizer.add_param_group({"params": [self.criterion.logit_scale], "weight_decay": 0.0})
         lr_options: Dict[str, Any] = {}
         self.lr_scheduler = None
         scheduler_cfg = self.cfg.train.get("lr_scheduler")
@@ -503,8 +537,14 @@ class SegmentationTrainer(EpochBasedTrainer):
     def train_step(self, model, inputs: TrainingBatch):
         model.train()
         self._mode = ModeKeys.TRAIN
-        output = model(inputs.images)
-        self.criterion.to(output.class_logits.device)  # its class-weight buffer follows the network
+        if isinstance(self.model_config, OneFormerConfig):
+            if inputs.text_tokens is not None:
+                output = model(inputs.images, inputs.tasks, True, inputs.text_tokens)
+            else:  # no text mapper: no contrastive term
+                output = OneFormerTrainingOutput(model(inputs.images, inputs.tasks, True), None, None)
+        else:
+            output = model(inputs.images)
+        self.criterion.to(inputs.images.device)  # its class-weight buffer follows the network
         sampler = PointSampler.from_seeds([point_seed(self._seed, self.iter, position)
                                            for position in inputs.positions])
         if isinstance(self.criterion, FastInstCriterion):  # its guided passes re-run the network's decoder layers
@@ -515,7 +555,8 @@ class SegmentationTrainer(EpochBasedTrainer):
         if not torch.isfinite(total):
             raise FloatingPointError(f"iteration {self.iter}: the loss is {total.item()} (images "
                                      f"{inputs.indices}); lower train.optimizer.lr or check the targets")
-        names = [name for name in ("loss_ce", "loss_mask", "loss_dice", "loss_proposal") if name in losses]
+        names = [name for name in ("loss_ce", "loss_mask", "loss_dice", "loss_proposal", "loss_contrastive")
+                 if name in losses]
         logged = torch.stack([total.detach()] + [losses[name].detach() for name in names])
         _, world_size = rank_and_world_size()
         if world_size > 1:

@@ -43,7 +43,7 @@ def load_model_dir(model_dir, task: Optional[str] = None) -> LoadedModel:
         return load_hf_eomt_dir(model_dir, task=task, configuration=configuration["model"].get("config"))
     if model_type == "oneformer":
         # a Hugging Face OneFormer folder with a configuration.json for ModelScope
-        return load_hf_oneformer_dir(model_dir, task=task)
+        return load_hf_oneformer_dir(model_dir, task=task, configuration=configuration["model"].get("config"))
     return load_mask2former_dir(model_dir, configuration, MODEL_TYPES[model_type](), task=task)
 
 

@@ -7,15 +7,19 @@ Options the published models do not use and this package does not build are refu
 Classes: 133 are taken as COCO panoptic (80 things then 53 stuff, COCO's category ids, task panoptic), 80 as COCO
 things (task instance); any other count as that many classes with ids 0..K-1, all stuff, task semantic (the
 panoptic and instance post-processing here takes the things to be the first classes, which ADE20K's and
-Cityscapes' orders are not).
+Cityscapes' orders are not); a configuration.json beside the HF files (``write_hub_oneformer_dir``, the trainer's
+output) records the classes, dataset ids, task and preprocessing (``with_configuration``).
 """
 import json
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Optional
+from typing import Any, Dict, Optional
+
+import torch
 
 from modelscope_plugin.builders import build_oneformer
 from modelscope_plugin.checkpoints.io import load_strict, read_checkpoint
-from modelscope_plugin.checkpoints.oneformer import convert_hf_oneformer
+from modelscope_plugin.checkpoints.oneformer import convert_hf_oneformer, to_hf_oneformer
 from modelscope_plugin.config import (
     DinatConfig,
     OneFormerConfig,
@@ -24,7 +28,7 @@ from modelscope_plugin.config import (
     SwinConfig,
 )
 from modelscope_plugin.data.categories import coco_split_of_count
-from modelscope_plugin.errors import CheckpointError
+from modelscope_plugin.errors import CheckpointError, ModelDirError
 from modelscope_plugin.model_dirs.configuration import check_config
 from modelscope_plugin.model_dirs.hf import read_hf_config
 
@@ -119,8 +123,9 @@ def config_from_hf_oneformer(values: dict, preprocess: PreprocessConfig) -> OneF
     )
 
 
-def load_hf_oneformer_dir(model_dir, task: Optional[str] = None):
-    """(config, network) from a ``save_pretrained`` folder; weights strictly loaded."""
+def load_hf_oneformer_dir(model_dir, task: Optional[str] = None, configuration: Optional[Dict[str, Any]] = None):
+    """(config, network) from a ``save_pretrained`` folder; weights strictly loaded. ``configuration``: the
+    ``model.config`` of a hub-layout ``configuration.json`` beside the HF files (``with_configuration``)."""
     model_dir = Path(model_dir)
     config_path = model_dir / "config.json"
     values = read_hf_config(model_dir)
@@ -131,6 +136,8 @@ def load_hf_oneformer_dir(model_dir, task: Optional[str] = None):
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise CheckpointError(f"{config_path} lacks or mistypes a OneFormer field ({type(error).__name__}: "
                               f"{error})") from error
+    if configuration:
+        config = with_configuration(config, configuration, model_dir)
     if task:
         config.task = task
     check_config(config, str(config_path))
@@ -142,3 +149,116 @@ def load_hf_oneformer_dir(model_dir, task: Optional[str] = None):
     network = build_oneformer(config)
     load_strict(network, state_dict, checkpoint_name=str(weights))
     return config, network.eval()
+
+
+CLASS_FIELDS = ("class_names", "category_ids", "num_things_classes", "num_stuff_classes", "task")
+"""``OneFormerConfig`` fields a hub-layout ``configuration.json`` (``model.config``) records beside the HF files: what
+``config.json``'s id2label cannot say (things / stuff, dataset ids, task), plus ``preprocess``."""
+
+
+def with_configuration(config: OneFormerConfig, values: Dict[str, Any], model_dir: Path) -> OneFormerConfig:
+    """``config`` with the ``model.config`` values of a hub-layout ``configuration.json`` (``CLASS_FIELDS`` and
+    ``preprocess``) over it; the class count must stay the HF folder's."""
+    unknown = set(values) - set(CLASS_FIELDS) - {"preprocess"}
+    if unknown:
+        raise ModelDirError(f"{model_dir}/configuration.json: unknown OneFormer model.config keys {sorted(unknown)} "
+                            f"(known: {sorted(CLASS_FIELDS + ('preprocess',))})")
+    changes = {key: tuple(value) if isinstance(value, list) else value for key, value in values.items()
+               if key != "preprocess"}
+    if "preprocess" in values:
+        changes["preprocess"] = replace(config.preprocess, **{
+            key: tuple(value) if isinstance(value, list) else value for key, value in values["preprocess"].items()})
+    updated = replace(config, **changes)
+    if updated.num_classes != config.num_classes or len(updated.class_names) != config.num_classes:
+        raise ModelDirError(f"{model_dir}/configuration.json: {updated.num_things_classes} things + "
+                            f"{updated.num_stuff_classes} stuff classes, {len(updated.class_names)} names, for the "
+                            f"{config.num_classes} classes of config.json")
+    return updated
+
+
+def hf_backbone_config(backbone) -> Dict[str, Any]:
+    """SwinConfig / DinatConfig -> the ``backbone_config`` of a OneFormer config.json (``backbone_from_hf``'s
+    inverse, with the fixed fields transformers needs to build the backbone)."""
+    stages = [f"stage{index + 1}" for index in range(len(backbone.depths))]
+    values: Dict[str, Any] = {"embed_dim": backbone.embed_dim, "depths": list(backbone.depths),
+                              "num_heads": list(backbone.num_heads), "mlp_ratio": backbone.mlp_ratio,
+                              "drop_path_rate": backbone.drop_path_rate, "out_features": stages,
+                              "out_indices": list(range(1, len(stages) + 1)), **_FIXED_BACKBONE}
+    if isinstance(backbone, SwinConfig):
+        values.update(model_type="swin", window_size=backbone.window_size)
+    else:
+        values.update(model_type="dinat", kernel_size=backbone.kernel_size,
+                      dilations=[list(stage) for stage in backbone.dilations],
+                      layer_scale_init_value=backbone.layer_scale_init)
+    return values
+
+
+def hf_config_of_oneformer(config: OneFormerConfig) -> Dict[str, Any]:
+    """The HF ``config.json`` ``config_from_hf_oneformer`` reads back as ``config``'s network (``is_training`` and
+    the ``text_encoder_*`` fields when it has a text mapper)."""
+    values: Dict[str, Any] = {
+        "architectures": ["OneFormerForUniversalSegmentation"], "model_type": "oneformer",
+        "backbone_config": hf_backbone_config(config.backbone), **_FIXED,
+        "hidden_dim": config.hidden_dim, "conv_dim": config.hidden_dim, "mask_dim": config.hidden_dim,
+        "num_queries": config.num_queries, "num_attention_heads": config.num_heads,
+        "encoder_layers": config.encoder_layers, "encoder_feedforward_dim": config.encoder_feedforward_dim,
+        "decoder_layers": config.decoder_layers + 1, "dim_feedforward": config.decoder_feedforward_dim,
+        "query_dec_layers": config.query_transformer_layers, "task_seq_len": config.task_seq_len,
+        "use_task_norm": config.use_task_norm,
+        "id2label": {str(index): name for index, name in enumerate(config.class_names)},
+        "label2id": {name: index for index, name in enumerate(config.class_names)},
+        "is_training": config.text_mapper is not None,
+    }
+    mapper = config.text_mapper
+    if mapper is not None:
+        values.update(text_encoder_context_length=mapper.context_length, text_encoder_width=mapper.width,
+                      text_encoder_num_layers=mapper.num_layers, text_encoder_vocab_size=mapper.vocab_size,
+                      text_encoder_proj_layers=mapper.projector_layers, text_encoder_n_ctx=mapper.num_context)
+    return values
+
+
+def write_hf_oneformer_dir(directory, config: OneFormerConfig, network: torch.nn.Module,
+                           logit_scale: Optional[torch.Tensor] = None) -> Path:
+    """``network`` as a Hugging Face OneFormer folder (``config.json`` + ``model.safetensors`` in HF key names, the
+    text mapper included when there is one, ``preprocessor_config.json`` with the resizing and normalisation), the
+    inverse of ``load_hf_oneformer_dir`` (which reads the classes from id2label alone). ``logit_scale``: the
+    contrastive loss's learned scale, saved as transformers' ``criterion.logit_scale``."""
+    from safetensors.torch import save_file
+
+    if config.num_classes != len(config.class_names):
+        raise ModelDirError(f"{config.num_classes} classes but {len(config.class_names)} class names to write")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    hf_values = hf_config_of_oneformer(config)
+    state_dict = to_hf_oneformer(network.state_dict(), hf_values["backbone_config"]["model_type"])
+    if isinstance(config.backbone, SwinConfig):
+        # SwinModel's final LayerNorm, which the backbone never applies (dropped when read): its initial values
+        width = config.backbone.embed_dim * 2 ** (len(config.backbone.depths) - 1)
+        state_dict["model.pixel_level_module.encoder.swin.layernorm.weight"] = torch.ones(width)
+        state_dict["model.pixel_level_module.encoder.swin.layernorm.bias"] = torch.zeros(width)
+    if logit_scale is not None:
+        state_dict["criterion.logit_scale"] = logit_scale.detach().reshape(())
+    save_file({key: tensor.detach().cpu().contiguous() for key, tensor in state_dict.items()},
+              str(directory / WEIGHT_FILES[0]))
+    (directory / "config.json").write_text(json.dumps(hf_values, indent=2), encoding="utf-8")
+    preprocess = config.preprocess
+    (directory / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "OneFormerImageProcessor",
+        "size": {"shortest_edge": preprocess.short_side, "longest_edge": preprocess.long_side_max},
+        "image_mean": [value / 255.0 for value in preprocess.mean],
+        "image_std": [value / 255.0 for value in preprocess.std]}, indent=2), encoding="utf-8")
+    return directory
+
+
+def write_hub_oneformer_dir(directory, config: OneFormerConfig, network: torch.nn.Module,
+                            logit_scale: Optional[torch.Tensor] = None) -> Path:
+    """``network`` as a hub-layout OneFormer directory ``load_model`` / ``pipeline()`` read: the HF files
+    (``write_hf_oneformer_dir``) and a ``configuration.json`` of model type "oneformer" whose ``model.config``
+    records the ``CLASS_FIELDS`` and preprocessing. Rewrites the files of an earlier write."""
+    directory = write_hf_oneformer_dir(directory, config, network, logit_scale)
+    recorded = {key: value for key, value in asdict(config).items() if key in CLASS_FIELDS}
+    recorded["preprocess"] = asdict(config.preprocess)
+    (directory / "configuration.json").write_text(json.dumps({
+        "framework": "pytorch", "task": "image-segmentation", "model": {"type": "oneformer", "config": recorded},
+        "pipeline": {"type": "mask2former-segmentation"}}, indent=2), encoding="utf-8")
+    return directory

@@ -30,11 +30,12 @@ from modelscope.trainers.hooks.checkpoint.load_checkpoint_hook import LoadCheckp
 from modelscope.trainers.hooks.priority import Priority
 
 from modelscope_plugin.checkpoints import io as checkpoint_io
-from modelscope_plugin.config import EomtConfig, FastInstConfig
+from modelscope_plugin.config import EomtConfig, FastInstConfig, OneFormerConfig
 from modelscope_plugin.errors import CheckpointError
 from modelscope_plugin.model_dirs.eomt import write_hub_eomt_dir
 from modelscope_plugin.model_dirs.fastinst import write_hub_dir
 from modelscope_plugin.model_dirs.native import write_model_dir
+from modelscope_plugin.model_dirs.oneformer import write_hub_oneformer_dir
 
 logger = logging.getLogger(__name__)
 
@@ -112,10 +113,14 @@ def latest_checkpoint(work_dir) -> Optional[str]:
     return best
 
 
-def write_output_dir(directory: Path, config, network: torch.nn.Module) -> Path:
+def write_output_dir(directory: Path, config, network: torch.nn.Module,
+                     logit_scale: Optional[torch.Tensor] = None) -> Path:
     """The trained network as a model directory ``pipeline()`` loads: Mask2Former in the native layout, FastInst in
-    the hub layout (with its category ids and test-time preprocessing), EoMT as HF files beside a configuration.json
-    (``model_dirs.eomt.write_hub_eomt_dir``)."""
+    the hub layout (with its category ids and test-time preprocessing), EoMT and OneFormer as HF files beside a
+    configuration.json (``model_dirs.eomt.write_hub_eomt_dir``, ``model_dirs.oneformer.write_hub_oneformer_dir``;
+    ``logit_scale``: OneFormer's learned contrastive scale, saved with it)."""
+    if isinstance(config, OneFormerConfig):
+        return write_hub_oneformer_dir(directory, config, network, logit_scale)
     if isinstance(config, EomtConfig):
         return write_hub_eomt_dir(directory, config, network)
     if isinstance(config, FastInstConfig):
@@ -135,9 +140,16 @@ class SegmentationCheckpointProcessor(CheckpointProcessor):
             state["optimizer"] = trainer.optimizer.state_dict()
             if trainer.lr_scheduler is not None:
                 state["lr_scheduler"] = trainer.lr_scheduler.state_dict()
+        criterion = getattr(trainer, "criterion", None)
+        learned = criterion is not None and any(True for _ in criterion.parameters())
+        if learned:  # OneFormer's contrastive logit scale trains with the network
+            state["criterion"] = criterion.state_dict()
         _atomic_save(state, state_file)
         _atomic_save({"state_dict": network.state_dict()}, model_file)
-        write_output_dir(Path(output_dir), trainer.model_config, network)
+        # the logit scale learns only beside a text mapper (else it stays at its initial value, not worth saving)
+        contrastive = learned and getattr(trainer.model_config, "text_mapper", None) is not None
+        write_output_dir(Path(output_dir), trainer.model_config, network,
+                         getattr(criterion, "logit_scale", None) if contrastive else None)
 
     def load_checkpoints(self, checkpoint_path_prefix, trainer, load_all_state, strict):
         model_file, state_file = checkpoint_files(checkpoint_path_prefix)
@@ -152,6 +164,8 @@ class SegmentationCheckpointProcessor(CheckpointProcessor):
             raise FileNotFoundError(f"checkpoint {checkpoint_path_prefix}: no trainer state {state_file} "
                                     "to resume from")
         state = read_trainer_state(state_file)
+        if "criterion" in state:
+            trainer.criterion.load_state_dict(state["criterion"])
         trainer.optimizer.load_state_dict(state["optimizer"])
         if trainer.lr_scheduler is not None:
             trainer.lr_scheduler.load_state_dict(state["lr_scheduler"])

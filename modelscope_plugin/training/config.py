@@ -23,6 +23,10 @@ class LossConfig:
     """FastInst only: weight of the location cost in the matching (a query matches only instances it lies in)."""
     proposal_weight: float = 20.0
     """FastInst only: weight of the instance-activation (proposal) cross-entropy."""
+    contrastive_weight: float = 0.5
+    """OneFormer only: weight of the query-text contrastive term."""
+    contrastive_temperature: float = 0.07
+    """OneFormer only: initial temperature of the contrastive term (its logit scale, log(1 / temperature), learns)."""
 
 
 @dataclass

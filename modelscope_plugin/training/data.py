@@ -22,7 +22,7 @@ Randomness never comes from a global generator: the augmentation of dataset item
 what an item becomes does not depend on the rank or worker that loads it, nor on a resume.
 """
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Mapping, Sequence
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -297,6 +297,10 @@ class TrainingSample:
     target: SegmentationTarget
     index: int
     """Dataset index."""
+    task: Optional[str] = None
+    """OneFormer: the task drawn for the image (``target`` is that task's)."""
+    text_tokens: Optional[torch.Tensor] = None
+    """OneFormer with a text mapper: (num_text, context_length) CLIP ids of the image's text list."""
 
 
 class SegmentationTrainingDataset(Dataset):
@@ -366,10 +370,15 @@ class TrainingBatch:
     """Dataset index of each image."""
     positions: List[int]
     """Position of each image in the global batch (the same for any number of ranks)."""
+    tasks: Optional[List[str]] = None
+    """OneFormer: each image's task."""
+    text_tokens: Optional[torch.Tensor] = None
+    """OneFormer with a text mapper: (B, num_text, context_length) CLIP ids."""
 
     def to(self, device) -> "TrainingBatch":
         return TrainingBatch(self.images.to(device), [SegmentationTarget(t.labels.to(device), t.masks.to(device))
-                                                      for t in self.targets], self.indices, self.positions)
+                                                      for t in self.targets], self.indices, self.positions,
+                             self.tasks, None if self.text_tokens is None else self.text_tokens.to(device))
 
 
 class GlobalBatchSampler(Sampler):
@@ -427,8 +436,12 @@ class PositionedDataset(Dataset):
 
 def collate(items: Sequence[tuple]) -> TrainingBatch:
     samples = [sample for sample, _ in items]
+    tasks = [sample.task for sample in samples] if samples[0].task is not None else None
+    text_tokens = (torch.stack([sample.text_tokens for sample in samples]) if samples[0].text_tokens is not None
+                   else None)
     return TrainingBatch(torch.stack([sample.image for sample in samples]), [sample.target for sample in samples],
-                         [sample.index for sample in samples], [position for _, position in items])
+                         [sample.index for sample in samples], [position for _, position in items], tasks,
+                         text_tokens)
 
 
 def point_seed(seed: int, step: int, position: int) -> int:

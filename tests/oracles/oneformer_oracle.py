@@ -12,6 +12,7 @@ Subcommands:
             ``class_<task>`` [B,Q,K+1], ``masks_<task>`` [B,Q,H/4,W/4] and the ``task_inputs_<task>`` [task_seq_len]
             that OneFormerProcessor made from "the task is <task>" with a real CLIP tokenizer (``clip_tokenizer``).
 ``tokens``  the task inputs of OneFormerProcessor (CLIPTokenizer) and of open_clip's own CLIP tokenizer.
+``texts``   open_clip's CLIP token ids of the texts in a json list, at ``--context-length``.
 ``preprocess``  OneFormerImageProcessor's ``pixel_values`` [3,H,W] of each image (one image per call: no batch
             padding).
 ``postprocess`` OneFormerProcessor's post-processing of stored logits for one task at a target size.
@@ -292,6 +293,13 @@ def command_tokens(args):
     np.savez(args.result, **result)
 
 
+def command_texts(args):
+    from open_clip.tokenizer import SimpleTokenizer
+
+    texts = json.loads(Path(args.texts).read_text())
+    np.savez(args.result, open_clip=SimpleTokenizer()(texts, context_length=args.context_length).numpy())
+
+
 def command_preprocess(args):
     from PIL import Image
     from transformers import OneFormerImageProcessor
@@ -372,6 +380,11 @@ def main(argv=None):
     tokens.add_argument("--task-seq-len", type=int, default=77)
     tokens.add_argument("--result", required=True)
     tokens.set_defaults(func=command_tokens)
+    texts = commands.add_parser("texts", help="open_clip's CLIP token ids of the texts in a json list")
+    texts.add_argument("--texts", required=True)
+    texts.add_argument("--context-length", type=int, default=77)
+    texts.add_argument("--result", required=True)
+    texts.set_defaults(func=command_texts)
     preprocess = commands.add_parser("preprocess", help="OneFormerImageProcessor's pixel_values for images")
     preprocess.add_argument("--images", nargs="+", required=True)
     preprocess.add_argument("--short-side", type=int, default=800)

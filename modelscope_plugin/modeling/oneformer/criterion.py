@@ -11,7 +11,7 @@ as transformers' ``OneFormerConfig`` (2 / 5 / 5 / 0.5).
 """
 import math
 from dataclasses import dataclass
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,10 +27,11 @@ from modelscope_plugin.modeling.point_sampling import PointSampler
 class OneFormerTrainingOutput:
     predictions: Mask2FormerOutput
     """Final and auxiliary class / mask logits, as at inference."""
-    contrastive_queries: torch.Tensor
+    contrastive_queries: Optional[torch.Tensor]
     """(B, Q, C): the queries entering the masked-attention decoder (object queries, then the task query)."""
-    text_queries: torch.Tensor
-    """(B, num_text + num_context, C): the text mapper's embeddings of each image's text list."""
+    text_queries: Optional[torch.Tensor]
+    """(B, num_text + num_context, C): the text mapper's embeddings of each image's text list; None for a network
+    without a text mapper, which trains without the contrastive term (as transformers with ``is_training`` false)."""
 
 
 def contrastive_loss(contrastive_queries: torch.Tensor, text_queries: torch.Tensor,
@@ -64,8 +65,10 @@ class OneFormerCriterion(nn.Module):
     def forward(self, output: OneFormerTrainingOutput, targets: Sequence[SegmentationTarget],
                 sampler: PointSampler) -> Dict[str, torch.Tensor]:
         """Unweighted terms: ``loss_ce`` / ``loss_mask`` / ``loss_dice`` per stage (auxiliary i with ``_i``) and
-        ``loss_contrastive``."""
+        ``loss_contrastive`` (left out without text queries)."""
         losses = self.mask2former(output.predictions, targets, sampler)
+        if output.text_queries is None:
+            return losses
         losses["loss_contrastive"] = contrastive_loss(output.contrastive_queries, output.text_queries,
                                                       self.logit_scale)
         return losses

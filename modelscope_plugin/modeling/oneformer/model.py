@@ -91,10 +91,14 @@ class OneFormer(nn.Module):
         return self.transformer_decoder.decoder_norm(query) if self.use_task_norm else query
 
     def forward(self, images: torch.Tensor, task: Union[str, Sequence[str]] = "panoptic",
-                return_auxiliary: Optional[bool] = None) -> Mask2FormerOutput:
+                return_auxiliary: Optional[bool] = None, text_tokens: Optional[torch.Tensor] = None
+                ) -> Union[Mask2FormerOutput, OneFormerTrainingOutput]:
         """images: (B, 3, H, W) normalised and padded; task: "panoptic", "semantic" or "instance" (or one per
         image). Returns raw logits for ``num_queries`` queries, the last being the task query (earlier decoder
-        stages too when ``return_auxiliary``, by default in training)."""
+        stages too when ``return_auxiliary``, by default in training). With ``text_tokens``: ``forward_training``
+        (so that a data-parallel wrapper sees the training pass)."""
+        if text_tokens is not None:
+            return self.forward_training(images, task, text_tokens)
         return self.predict(images, task, return_auxiliary)[0]
 
     def forward_training(self, images: torch.Tensor, tasks: Sequence[str],

@@ -1,0 +1,340 @@
+"""Finetuning OneFormer through ModelScope's build_trainer: a tiny random OneFormer with a text mapper written as a
+Hugging Face folder (this package's writer, no transformers), two synthetic 64 x 64 scenes; per-image tasks and
+text lists, the contrastive term and its learned scale, class-head re-initialisation, the output folder in
+``pipeline()``; a folder without a text mapper trains without the contrastive term. The writer
+(``to_hf_oneformer``, ``write_hub_oneformer_dir``) reads back exactly, and its names equal transformers'."""
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_oracle
+from modelscope.trainers import build_trainer
+from modelscope.trainers.hooks.hook import Hook
+from safetensors.torch import load_file
+from test_oneformer_model import tiny_oneformer_config
+
+from modelscope_plugin.builders import build_oneformer
+from modelscope_plugin.checkpoints.oneformer import to_hf_oneformer
+from modelscope_plugin.config import DinatConfig, OneFormerConfig, OneFormerTextMapperConfig, SwinConfig
+from modelscope_plugin.data.datasets import as_ms_dataset
+from modelscope_plugin.data.synthetic import SYNTHETIC_CATEGORIES, SceneConfig, SyntheticSplit, write_dataset
+from modelscope_plugin.errors import KeymapError, TrainingDataError
+from modelscope_plugin.model_dirs.load import load_model
+from modelscope_plugin.model_dirs.oneformer import (
+    load_hf_oneformer_dir,
+    write_hf_oneformer_dir,
+    write_hub_oneformer_dir,
+)
+from modelscope_plugin.modeling.oneformer.clip_tokenizer import END_OF_TEXT, START_OF_TEXT, clip_tokenizer
+
+SWIN = SwinConfig(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), window_size=4)
+DINAT = DinatConfig(embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 1, 2, 2), kernel_size=3,
+                    dilations=((2,), (1,), (1, 2), (2,)), mlp_ratio=2.0, layer_scale_init=0.5)
+TEXT_MAPPER = OneFormerTextMapperConfig(context_length=8, width=64, num_layers=1, projector_layers=2, num_context=2)
+
+
+def tiny_config(backbone=SWIN, text_mapper=TEXT_MAPPER):
+    """5 classes (3 things), 6 queries, width 64 (the text mapper's heads are width // 64), CLIP's vocabulary."""
+    config = replace(tiny_oneformer_config(backbone), hidden_dim=64, text_mapper=text_mapper,
+                     class_names=("cat", "dog", "car", "grass", "sky"), category_ids=(3, 5, 7, 11, 13),
+                     num_things_classes=3, num_stuff_classes=2)
+    return config
+
+
+@pytest.mark.parametrize("backbone", [SWIN, DINAT], ids=["swin", "dinat"])
+@pytest.mark.parametrize("with_text_mapper", [True, False], ids=["text_mapper", "inference"])
+def test_writer_round_trip_is_exact(tmp_path, backbone, with_text_mapper):
+    config = tiny_config(backbone, TEXT_MAPPER if with_text_mapper else None)
+    config.preprocess.short_side, config.preprocess.long_side_max = 96, 160
+    config.task = "instance"
+    torch.manual_seed(0)
+    network = build_oneformer(config)
+    written = write_hub_oneformer_dir(tmp_path / "out", config, network, logit_scale=torch.tensor(2.5))
+    loaded_config, loaded = load_model(written)
+    original, read_back = network.state_dict(), loaded.state_dict()
+    assert set(read_back) == set(original)
+    assert any(key.startswith("text_mapper.") for key in read_back) == with_text_mapper
+    for key, tensor in original.items():
+        assert torch.equal(read_back[key], tensor), key
+    assert loaded_config == config
+    # the HF folder alone keeps the network, the text mapper and the preprocessing (classes: by count only)
+    hf_config, hf_network = load_hf_oneformer_dir(written)
+    assert hf_config.text_mapper == config.text_mapper and hf_config.preprocess == config.preprocess
+    assert hf_config.class_names == config.class_names and hf_config.category_ids == (0, 1, 2, 3, 4)
+    weights = load_file(written / "model.safetensors")
+    assert float(weights["criterion.logit_scale"]) == 2.5
+    assert json.loads((written / "config.json").read_text())["is_training"] == with_text_mapper
+
+
+def test_writer_refuses_a_key_it_has_no_name_for():
+    network = build_oneformer(tiny_config())
+    state_dict = dict(network.state_dict(), **{"extra.weight": torch.zeros(1)})
+    with pytest.raises(KeymapError, match="extra.weight"):
+        to_hf_oneformer(state_dict, "swin")
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("backbone", ["swin", "dinat"])
+def test_written_folder_has_transformers_names_and_values(tmp_path, backbone):
+    """A transformers-made training folder (text mapper saved), read and written back: every tensor of the
+    original under the same name, except the loss's empty-class weights, which the network does not hold."""
+    pixels = np.random.default_rng(0).normal(size=(1, 3, 64, 64)).astype(np.float32)
+    np.savez(tmp_path / "pixels.npz", pixel_values=pixels)
+    arguments = ["--backbone", backbone, "--training", "--layer-scale", "0.5"] if backbone == "dinat" \
+        else ["--training"]
+    run_oracle("oneformer_oracle.py", "make", *arguments, "--calibration-pixels", tmp_path / "pixels.npz",
+               "--out-dir", tmp_path / "hf")
+    config, network = load_model(tmp_path / "hf")
+    assert config.text_mapper is not None
+    original = load_file(tmp_path / "hf" / "model.safetensors")
+    written = load_file(write_hub_oneformer_dir(tmp_path / "out", config, network,
+                                                original["criterion.logit_scale"]) / "model.safetensors")
+    assert set(original) - set(written) == {"criterion.empty_weight"} and set(written) <= set(original)
+    for key, tensor in written.items():
+        if "swin.layernorm" not in key:  # never applied by the backbone; written with its initial values
+            assert torch.equal(tensor, original[key]), key
+
+
+CATEGORIES = [{"id": c.id, "name": c.name, "isthing": c.isthing} for c in SYNTHETIC_CATEGORIES]
+CLASS_NAMES = [c.name for c in SYNTHETIC_CATEGORIES]
+THING_INDICES = {index for index, c in enumerate(SYNTHETIC_CATEGORIES) if c.isthing}
+OPTIONS = {
+    "train.max_epochs": 2, "train.dataloader.batch_size_per_gpu": 2, "train.optimizer.lr": 1e-3,
+    "train.augmentation": {"image_size": 64, "min_scale": 1.0, "max_scale": 1.0, "flip_probability": 0.0},
+    "train.preprocess": {"short_side": 64, "long_side_max": 64},
+    "train.loss": {"num_points": 64}, "train.logging": {"interval": 1},
+    "train.checkpoint.period": {"interval": 1, "by_epoch": False},
+}
+PADDING = {"a semantic photo", "an instance photo", "an panoptic photo"}
+
+
+class BatchRecorder(Hook):
+    """Each training iteration's batch (tasks, targets, text tokens)."""
+
+    def __init__(self):
+        self.batches = []
+
+    def before_train_iter(self, trainer):
+        self.batches.append(trainer.data_batch)
+
+
+def tiny_hf_oneformer(directory: Path, text_mapper=TEXT_MAPPER) -> Path:
+    torch.manual_seed(0)
+    config = tiny_config(text_mapper=text_mapper)
+    return write_hf_oneformer_dir(directory, config, build_oneformer(config).eval())
+
+
+def make_trainer(model_dir, data_root, work_dir, options=OPTIONS, callbacks=(), rows="panoptic"):
+    split = SyntheticSplit(Path(data_root), "train")
+    return build_trainer("mask2former-segmentation", dict(
+        model=str(model_dir), train_dataset=as_ms_dataset(getattr(split, f"{rows}_rows")()),
+        work_dir=str(work_dir), categories=CATEGORIES, cfg_options=dict(options), callbacks=list(callbacks),
+        seed=7))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("oneformer_training")
+    model_dir = tiny_hf_oneformer(root / "hf_oneformer")
+    write_dataset(root / "data", "train", 2, seed=0, config=SceneConfig.scaled(64))
+    recorder = BatchRecorder()
+    trainer = make_trainer(model_dir, root / "data", root / "work", callbacks=[recorder])
+    network = trainer.unwrap_module(trainer.model)
+    before = {name: tensor.clone() for name, tensor in network.state_dict().items()}
+    losses = []
+    criterion_forward = trainer.criterion.forward
+    trainer.criterion.forward = lambda *arguments: losses.append(criterion_forward(*arguments)) or losses[-1]
+    trainer.train()
+    return dict(trainer=trainer, root=root, model_dir=model_dir, before=before, losses=losses,
+                batches=recorder.batches)
+
+
+def decoded_texts(tokens: torch.Tensor):
+    """(num_text, L) CLIP ids -> the texts among the candidates whose tokens they are."""
+    candidates = [f"a photo with a {name}" for name in CLASS_NAMES] + sorted(PADDING)
+    by_tokens = {tuple(row.tolist()): text
+                 for text, row in zip(candidates, clip_tokenizer().tokenize(candidates, tokens.shape[1]))}
+    return [by_tokens.get(tuple(row.tolist())) for row in tokens]
+
+
+def test_two_iterations_with_the_contrastive_term_and_the_output_in_the_pipeline(trained):
+    from modelscope.pipelines import pipeline
+    from modelscope.utils.constant import Tasks
+
+    trainer = trained["trainer"]
+    assert isinstance(trainer.model_config, OneFormerConfig) and trainer.iter == 2
+    assert len(trained["losses"]) == 2
+    for losses in trained["losses"]:
+        # 2 masked-attention layers: the final prediction and 2 earlier stages, plus the contrastive term
+        assert {"loss_ce", "loss_mask", "loss_dice", "loss_ce_0", "loss_dice_1", "loss_contrastive"} <= set(losses)
+        assert "loss_ce_2" not in losses and torch.isfinite(losses["loss_contrastive"])
+    output = trained["root"] / "work" / "output"
+    configuration = json.loads((output / "configuration.json").read_text())
+    assert configuration["model"]["type"] == "oneformer"
+    assert configuration["model"]["config"]["category_ids"] == [c.id for c in SYNTHETIC_CATEGORIES]
+    assert json.loads((output / "config.json").read_text())["is_training"] is True
+    segmenter = pipeline(Tasks.image_segmentation, model=str(output), device="cpu")
+    trained_weights = trainer.unwrap_module(trainer.model).state_dict()
+    loaded_weights = segmenter.model.network.state_dict()
+    assert trained_weights.keys() == loaded_weights.keys()
+    assert any(key.startswith("text_mapper.") for key in loaded_weights)
+    assert all(torch.equal(trained_weights[key], value) for key, value in loaded_weights.items())
+    assert any(not torch.equal(trained["before"][key], trained_weights[key]) for key in trained_weights)
+    # the text mapper and the learned logit scale trained too
+    assert any(not torch.equal(trained["before"][key], trained_weights[key]) for key in trained_weights
+               if key.startswith("text_mapper."))
+    logit_scale = float(load_file(output / "model.safetensors")["criterion.logit_scale"])
+    assert logit_scale == pytest.approx(float(trainer.criterion.logit_scale.detach()))
+    assert abs(logit_scale - math.log(1 / 0.07)) > 1e-4
+    assert segmenter.model.config.class_names == tuple(CLASS_NAMES)
+    result = segmenter(str(trained["root"] / "data" / "train" / "000001.png"))
+    assert set(result["labels"]) <= set(CLASS_NAMES)
+
+
+def test_each_image_gets_its_task_its_targets_and_its_text_list(trained):
+    num_text = 6 - TEXT_MAPPER.num_context
+    for batch in trained["batches"]:
+        assert batch.text_tokens.shape == (2, num_text, TEXT_MAPPER.context_length)
+        for task, target, tokens in zip(batch.tasks, batch.targets, batch.text_tokens):
+            assert task in ("panoptic", "semantic", "instance")
+            labels = target.labels.tolist()
+            if task == "instance":
+                assert set(labels) <= THING_INDICES
+            if task == "semantic":
+                assert len(labels) == len(set(labels))
+            texts = decoded_texts(tokens)
+            # one text per segment, grouped by class in class order, at most num_text, then the task's padding
+            named = [f"a photo with a {CLASS_NAMES[label]}" for label in sorted(labels)][:num_text]
+            assert texts[:len(named)] == named
+            padding = {"panoptic": "an panoptic photo", "semantic": "a semantic photo",
+                       "instance": "an instance photo"}[task]
+            assert texts[len(named):] == [padding] * (num_text - len(named))
+            assert tokens[:, 0].eq(START_OF_TEXT).all() and tokens.eq(END_OF_TEXT).sum() == num_text
+
+
+def test_tasks_depend_on_seed_epoch_and_image_only(trained):
+    dataset = trained["trainer"].train_dataset
+    first = [dataset[index].task for index in range(len(dataset))]
+    again = [dataset[index].task for index in reversed(range(len(dataset)))][::-1]
+    assert first == again
+    tasks_by_epoch = []
+    for epoch in range(12):
+        dataset.set_epoch(epoch)
+        tasks_by_epoch.append(tuple(dataset[index].task for index in range(len(dataset))))
+    assert {task for tasks in tasks_by_epoch for task in tasks} == {"panoptic", "semantic", "instance"}
+
+
+def test_a_new_class_set_reinitialises_the_class_head_only(trained):
+    trainer, before = trained["trainer"], trained["before"]
+    num_classes = len(SYNTHETIC_CATEGORIES)
+    assert any(f"class head re-initialised for a new class set: 5 classes -> {num_classes}" in note
+               and f"transformer_decoder.class_embed (6, 64) -> ({num_classes + 1}, 64)" in note
+               for note in trainer._notes)
+    _, original = load_model(trained["model_dir"])
+    original_weights = original.state_dict()
+    torch.manual_seed(7)
+    expected_head = torch.nn.Linear(64, num_classes + 1)
+    assert torch.equal(before["transformer_decoder.class_embed.weight"], expected_head.weight)
+    assert torch.equal(before["transformer_decoder.class_embed.bias"], expected_head.bias)
+    others = [key for key in original_weights if not key.startswith("transformer_decoder.class_embed.")]
+    assert [key for key in others if not torch.equal(original_weights[key], before[key])] == []
+
+
+def test_a_folder_without_text_mapper_trains_without_the_contrastive_term(tmp_path):
+    model_dir = tiny_hf_oneformer(tmp_path / "hf_oneformer", text_mapper=None)
+    write_dataset(tmp_path / "data", "train", 2, seed=0, config=SceneConfig.scaled(64))
+    trainer = make_trainer(model_dir, tmp_path / "data", tmp_path / "work", dict(OPTIONS, **{"train.max_epochs": 1}))
+    assert any("trains without the query-text contrastive term" in note for note in trainer._notes)
+    losses = []
+    criterion_forward = trainer.criterion.forward
+    trainer.criterion.forward = lambda *arguments: losses.append(criterion_forward(*arguments)) or losses[-1]
+    trainer.train()
+    assert len(losses) == 1 and "loss_ce" in losses[0] and "loss_contrastive" not in losses[0]
+    output = tmp_path / "work" / "output"
+    assert json.loads((output / "config.json").read_text())["is_training"] is False
+    assert "criterion.logit_scale" not in load_file(output / "model.safetensors")
+
+
+def test_semantic_rows_are_refused_when_the_trainer_is_built(tmp_path):
+    model_dir = tiny_hf_oneformer(tmp_path / "hf_oneformer")
+    write_dataset(tmp_path / "data", "train", 2, seed=0, config=SceneConfig.scaled(64))
+    with pytest.raises(TrainingDataError, match="OneFormer trains on panoptic rows.*kind 'semantic'"):
+        make_trainer(model_dir, tmp_path / "data", tmp_path / "work", rows="semantic")
+
+
+def test_a_resumed_run_continues_tasks_weights_and_logit_scale(tmp_path):
+    model_dir = tiny_hf_oneformer(tmp_path / "hf_oneformer")
+    write_dataset(tmp_path / "data", "train", 2, seed=0, config=SceneConfig.scaled(64))
+    options = dict(OPTIONS, **{"train.max_epochs": 4, "train.checkpoint.period": {"interval": 2, "by_epoch": False}})
+    uninterrupted_recorder, resumed_recorder = BatchRecorder(), BatchRecorder()
+    uninterrupted = make_trainer(model_dir, tmp_path / "data", tmp_path / "uninterrupted", options,
+                                 [uninterrupted_recorder])
+    uninterrupted.train()
+    resumed = make_trainer(model_dir, tmp_path / "data", tmp_path / "resumed", options, [resumed_recorder])
+    resumed.train(checkpoint_path=str(tmp_path / "uninterrupted" / "iter_2"))
+    assert resumed.iter == 4 and len(resumed_recorder.batches) == 2
+    assert [batch.tasks for batch in resumed_recorder.batches] == \
+        [batch.tasks for batch in uninterrupted_recorder.batches[2:]]
+    expected = uninterrupted.unwrap_module(uninterrupted.model).state_dict()
+    actual = resumed.unwrap_module(resumed.model).state_dict()
+    assert [key for key in expected if not torch.equal(expected[key], actual[key])] == []
+    assert torch.equal(resumed.criterion.logit_scale.detach(), uninterrupted.criterion.logit_scale.detach())
+
+
+def test_evaluation_runs_the_network_on_its_default_task(tmp_path):
+    model_dir = tiny_hf_oneformer(tmp_path / "hf_oneformer")
+    write_dataset(tmp_path / "data", "train", 2, seed=0, config=SceneConfig.scaled(64))
+    write_dataset(tmp_path / "data", "val", 1, seed=1, config=SceneConfig.scaled(64))
+    trainer = build_trainer("mask2former-segmentation", dict(
+        model=str(model_dir), train_dataset=as_ms_dataset(SyntheticSplit(tmp_path / "data", "train").panoptic_rows()),
+        eval_dataset=as_ms_dataset(SyntheticSplit(tmp_path / "data", "val").panoptic_rows()),
+        work_dir=str(tmp_path / "work"), categories=CATEGORIES,
+        cfg_options=dict(OPTIONS, **{"train.max_epochs": 1, "train.task": "panoptic"}), seed=7))
+    assert trainer.model_config.task == "panoptic"
+    trainer.train()
+    values = trainer.evaluate()
+    assert "PQ" in json.dumps(values), values
+
+
+@pytest.mark.oracle
+def test_transformers_runs_the_written_folder_as_this_package_does(tmp_path):
+    """An inference folder written here (no transformers) loads in OneFormerForUniversalSegmentation, which predicts
+    what this package's network does for each task."""
+    config = tiny_config(text_mapper=None)
+    torch.manual_seed(3)
+    network = build_oneformer(config).eval()
+    written = write_hub_oneformer_dir(tmp_path / "out", config, network)
+    pixels = torch.from_numpy(np.random.default_rng(1).normal(size=(1, 3, 64, 96)).astype(np.float32))
+    np.savez(tmp_path / "pixels.npz", pixel_values=pixels.numpy())
+    run_oracle("oneformer_oracle.py", "run", "--model-dir", written, "--pixels", tmp_path / "pixels.npz",
+               "--result", tmp_path / "result.npz")
+    reference = np.load(tmp_path / "result.npz")
+    for task in ("panoptic", "semantic", "instance"):
+        with torch.no_grad():
+            output = network(pixels, task)
+        theirs_class = torch.from_numpy(reference[f"class_{task}"])
+        theirs_masks = torch.from_numpy(reference[f"masks_{task}"])
+        assert theirs_class.shape == output.class_logits.shape and theirs_masks.shape == output.mask_logits.shape
+        assert (output.class_logits - theirs_class).abs().max() < 1e-4 * max(1.0, theirs_class.abs().max()), task
+        assert (output.mask_logits - theirs_masks).abs().max() < 1e-4 * max(1.0, theirs_masks.abs().max()), task
+
+
+def test_the_train_command_finetunes_a_oneformer_folder(tmp_path):
+    from modelscope_plugin.apps.cli import main
+
+    model_dir = tiny_hf_oneformer(tmp_path / "hf_oneformer")
+    write_dataset(tmp_path / "data", "train", 2, seed=0, config=SceneConfig.scaled(64))
+    write_dataset(tmp_path / "data", "val", 1, seed=1, config=SceneConfig.scaled(64))
+    code = main(["train", "--model", str(model_dir), "--data", str(tmp_path / "data"), "--work-dir",
+                 str(tmp_path / "work"), "--epochs", "1", "--batch-size", "1", "--image-size", "64", "--workers", "0",
+                 "--num-points", "64", "--min-scale", "1", "--max-scale", "1"])
+    assert code == 0
+    config, network = load_model(tmp_path / "work" / "output")
+    assert isinstance(config, OneFormerConfig) and config.category_ids == tuple(c.id for c in SYNTHETIC_CATEGORIES)
+    assert network.text_mapper is not None
+    report = json.loads((tmp_path / "work" / "metrics.json").read_text())
+    assert report["task"] == "panoptic" and "PQ" in report["metrics"]
