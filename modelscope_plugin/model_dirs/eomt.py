@@ -14,7 +14,7 @@ Semantic inference runs on sliding windows (``EomtConfig.semantic_windows``) whe
 semantic checkpoints are trained and evaluated on windows).
 """
 import json
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -26,7 +26,7 @@ from modelscope_plugin.checkpoints.io import load_strict, read_checkpoint
 from modelscope_plugin.config import EomtConfig, PreprocessConfig
 from modelscope_plugin.data.categories import coco_split_of_count
 from modelscope_plugin.errors import CheckpointError, ModelDirError
-from modelscope_plugin.model_dirs.hf import read_hf_config
+from modelscope_plugin.model_dirs.hf import read_hf_config, with_recorded_fields
 
 VARIANTS = ("eomt", "eomt_dinov3")
 # DINOv3 options this package's blocks implement, with the value they must have
@@ -98,26 +98,6 @@ CLASS_FIELDS = ("class_names", "category_ids", "num_things_classes", "num_stuff_
 ``config.json``'s id2label cannot say (things / stuff, dataset ids, task), plus ``preprocess``."""
 
 
-def with_configuration(config: EomtConfig, values: Dict[str, Any], model_dir: Path) -> EomtConfig:
-    """``config`` with the ``model.config`` values of a hub-layout ``configuration.json`` (``CLASS_FIELDS`` and
-    ``preprocess``) over it; the class count must stay the HF folder's."""
-    unknown = set(values) - set(CLASS_FIELDS) - {"preprocess"}
-    if unknown:
-        raise ModelDirError(f"{model_dir}/configuration.json: unknown EoMT model.config keys {sorted(unknown)} "
-                            f"(known: {sorted(CLASS_FIELDS + ('preprocess',))})")
-    changes = {key: tuple(value) if isinstance(value, list) else value for key, value in values.items()
-               if key != "preprocess"}
-    if "preprocess" in values:
-        changes["preprocess"] = replace(config.preprocess, **{
-            key: tuple(value) if isinstance(value, list) else value for key, value in values["preprocess"].items()})
-    updated = replace(config, **changes)
-    if updated.num_classes != config.num_classes or len(updated.class_names) != config.num_classes:
-        raise ModelDirError(f"{model_dir}/configuration.json: {updated.num_things_classes} things + "
-                            f"{updated.num_stuff_classes} stuff classes, {len(updated.class_names)} names, for the "
-                            f"{config.num_classes} classes of config.json")
-    return updated
-
-
 def hf_config_of_eomt(config: EomtConfig) -> Dict[str, Any]:
     """The HF ``config.json`` ``config_from_hf_eomt`` reads back as ``config``'s network."""
     values: Dict[str, Any] = {
@@ -177,7 +157,7 @@ def write_hub_eomt_dir(directory, config: EomtConfig, network: torch.nn.Module) 
 
 def load_hf_eomt_dir(model_dir, task: Optional[str] = None, configuration: Optional[Dict[str, Any]] = None):
     """(config, network) from a ``save_pretrained`` folder; weights strictly loaded. ``configuration``: the
-    ``model.config`` of a hub-layout ``configuration.json`` beside the HF files (``with_configuration``)."""
+    ``model.config`` of a hub-layout ``configuration.json`` beside the HF files (``hf.with_recorded_fields``)."""
     model_dir = Path(model_dir)
     values = read_hf_config(model_dir)
     config = config_from_hf_eomt(values)
@@ -188,7 +168,7 @@ def load_hf_eomt_dir(model_dir, task: Optional[str] = None, configuration: Optio
     # by the checkpoint's own task, not a task asked for at load
     config.semantic_windows = config.task == "semantic" if split is None else split
     if configuration:
-        config = with_configuration(config, configuration, model_dir)
+        config = with_recorded_fields(config, configuration, CLASS_FIELDS, model_dir, "EoMT")
     if task:
         config.task = task
     state_dict, _ = convert_hf_eomt(read_checkpoint(weights), values["model_type"])

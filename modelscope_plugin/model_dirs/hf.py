@@ -187,3 +187,24 @@ def load_hf_model_dir(model_dir, task: Optional[str] = None, class_names: Option
     network = build_mask2former(config)
     load_strict(network, state_dict, checkpoint_name=str(weights))
     return config, network.eval()
+
+
+def with_recorded_fields(config, values: Dict[str, Any], fields: Tuple[str, ...], model_dir: Path, model_name: str):
+    """An HF EoMT / OneFormer ``config`` with the ``model.config`` values a hub-layout ``configuration.json`` records
+    beside the HF files (``fields``, what ``config.json``'s id2label cannot say: things / stuff, dataset ids, task;
+    and ``preprocess``) over it; the class count must stay the HF folder's."""
+    unknown = set(values) - set(fields) - {"preprocess"}
+    if unknown:
+        raise ModelDirError(f"{model_dir}/configuration.json: unknown {model_name} model.config keys "
+                            f"{sorted(unknown)} (known: {sorted(fields + ('preprocess',))})")
+    changes = {key: tuple(value) if isinstance(value, list) else value for key, value in values.items()
+               if key != "preprocess"}
+    if "preprocess" in values:
+        changes["preprocess"] = replace(config.preprocess, **{
+            key: tuple(value) if isinstance(value, list) else value for key, value in values["preprocess"].items()})
+    updated = replace(config, **changes)
+    if updated.num_classes != config.num_classes or len(updated.class_names) != config.num_classes:
+        raise ModelDirError(f"{model_dir}/configuration.json: {updated.num_things_classes} things + "
+                            f"{updated.num_stuff_classes} stuff classes, {len(updated.class_names)} names, for the "
+                            f"{config.num_classes} classes of config.json")
+    return updated

@@ -8,10 +8,10 @@ Classes: 133 are taken as COCO panoptic (80 things then 53 stuff, COCO's categor
 things (task instance); any other count as that many classes with ids 0..K-1, all stuff, task semantic (the
 panoptic and instance post-processing here takes the things to be the first classes, which ADE20K's and
 Cityscapes' orders are not); a configuration.json beside the HF files (``write_hub_oneformer_dir``, the trainer's
-output) records the classes, dataset ids, task and preprocessing (``with_configuration``).
+output) records the classes, dataset ids, task and preprocessing (``hf.with_recorded_fields``).
 """
 import json
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -30,7 +30,7 @@ from modelscope_plugin.config import (
 from modelscope_plugin.data.categories import coco_split_of_count
 from modelscope_plugin.errors import CheckpointError, ModelDirError
 from modelscope_plugin.model_dirs.configuration import check_config
-from modelscope_plugin.model_dirs.hf import read_hf_config
+from modelscope_plugin.model_dirs.hf import read_hf_config, with_recorded_fields
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # config.json fields whose other values this package does not implement, with the value they must have
@@ -125,7 +125,7 @@ def config_from_hf_oneformer(values: dict, preprocess: PreprocessConfig) -> OneF
 
 def load_hf_oneformer_dir(model_dir, task: Optional[str] = None, configuration: Optional[Dict[str, Any]] = None):
     """(config, network) from a ``save_pretrained`` folder; weights strictly loaded. ``configuration``: the
-    ``model.config`` of a hub-layout ``configuration.json`` beside the HF files (``with_configuration``)."""
+    ``model.config`` of a hub-layout ``configuration.json`` beside the HF files (``hf.with_recorded_fields``)."""
     model_dir = Path(model_dir)
     config_path = model_dir / "config.json"
     values = read_hf_config(model_dir)
@@ -137,7 +137,7 @@ def load_hf_oneformer_dir(model_dir, task: Optional[str] = None, configuration: 
         raise CheckpointError(f"{config_path} lacks or mistypes a OneFormer field ({type(error).__name__}: "
                               f"{error})") from error
     if configuration:
-        config = with_configuration(config, configuration, model_dir)
+        config = with_recorded_fields(config, configuration, CLASS_FIELDS, model_dir, "OneFormer")
     if task:
         config.task = task
     check_config(config, str(config_path))
@@ -154,26 +154,6 @@ def load_hf_oneformer_dir(model_dir, task: Optional[str] = None, configuration: 
 CLASS_FIELDS = ("class_names", "category_ids", "num_things_classes", "num_stuff_classes", "task")
 """``OneFormerConfig`` fields a hub-layout ``configuration.json`` (``model.config``) records beside the HF files: what
 ``config.json``'s id2label cannot say (things / stuff, dataset ids, task), plus ``preprocess``."""
-
-
-def with_configuration(config: OneFormerConfig, values: Dict[str, Any], model_dir: Path) -> OneFormerConfig:
-    """``config`` with the ``model.config`` values of a hub-layout ``configuration.json`` (``CLASS_FIELDS`` and
-    ``preprocess``) over it; the class count must stay the HF folder's."""
-    unknown = set(values) - set(CLASS_FIELDS) - {"preprocess"}
-    if unknown:
-        raise ModelDirError(f"{model_dir}/configuration.json: unknown OneFormer model.config keys {sorted(unknown)} "
-                            f"(known: {sorted(CLASS_FIELDS + ('preprocess',))})")
-    changes = {key: tuple(value) if isinstance(value, list) else value for key, value in values.items()
-               if key != "preprocess"}
-    if "preprocess" in values:
-        changes["preprocess"] = replace(config.preprocess, **{
-            key: tuple(value) if isinstance(value, list) else value for key, value in values["preprocess"].items()})
-    updated = replace(config, **changes)
-    if updated.num_classes != config.num_classes or len(updated.class_names) != config.num_classes:
-        raise ModelDirError(f"{model_dir}/configuration.json: {updated.num_things_classes} things + "
-                            f"{updated.num_stuff_classes} stuff classes, {len(updated.class_names)} names, for the "
-                            f"{config.num_classes} classes of config.json")
-    return updated
 
 
 def hf_backbone_config(backbone) -> Dict[str, Any]:
