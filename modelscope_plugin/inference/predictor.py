@@ -7,7 +7,7 @@ turns one image's logits into masks, labels, scores and boxes (``postprocess``).
 model's ``InferenceConfig``; a call parameter overrides it for that call.
 """
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -52,6 +52,14 @@ def error_entry(index: int, item: Any, error: Exception) -> Dict[str, Any]:
     return {"masks": [], "labels": [], "scores": [],
             "error": {"index": index, "input": describe_input(item), "type": type(error).__name__,
                       "message": str(error)}}
+
+
+def image_logits(image: PreparedImage, output, position: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The class and mask logits of the image at ``position`` in a batch's network output: (Q, K + 1) and (Q, h, w);
+    for an image cut into windows, whose windows are the whole batch, every row: (N, Q, K + 1) and (N, Q, h, w)."""
+    if image.window_starts:
+        return output.class_logits, output.mask_logits
+    return output.class_logits[position], output.mask_logits[position]
 
 
 class Predictor:
@@ -168,13 +176,9 @@ class Predictor:
         results: List[Optional[Dict[str, Any]]] = [None] * len(images)
         for indices, batch in group_by_padded_size(images):
             output = self.run(batch, parameters.task)
-            if images[indices[0]].window_starts:  # one image's windows
-                results[indices[0]] = self.postprocess(images[indices[0]], output.class_logits, output.mask_logits,
-                                                       parameters)
-                continue
             for position, index in enumerate(indices):
-                results[index] = self.postprocess(images[index], output.class_logits[position],
-                                                  output.mask_logits[position], parameters)
+                class_logits, mask_logits = image_logits(images[index], output, position)
+                results[index] = self.postprocess(images[index], class_logits, mask_logits, parameters)
         return results
 
     def predict_list(self, items: Sequence[ImageInput], parameters: PostprocessParameters, batch_size: int = 1,

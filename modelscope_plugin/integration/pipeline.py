@@ -10,7 +10,7 @@ from modelscope.utils.constant import Frameworks, Tasks
 
 from modelscope_plugin import visualization
 from modelscope_plugin.errors import USER_ERRORS, CommandError
-from modelscope_plugin.inference.predictor import PostprocessParameters, Predictor
+from modelscope_plugin.inference.predictor import PostprocessParameters, Predictor, image_logits
 from modelscope_plugin.inference.preprocess import PreparedImage
 from modelscope_plugin.integration.model import SegmentationModel
 from modelscope_plugin.integration.registry import PIPELINE_TYPES
@@ -123,10 +123,8 @@ class SegmentationPipeline(Pipeline):
 
     def forward(self, inputs: Dict[str, Any], task: Optional[str] = None) -> Dict[str, Any]:
         image: PreparedImage = inputs["image"]
-        output = self.predictor.run(image.network_input(), task)
-        if image.window_starts:  # (N windows, Q, ...), merged by post-processing
-            return {"image": image, "class_logits": output.class_logits, "mask_logits": output.mask_logits}
-        return {"image": image, "class_logits": output.class_logits[0], "mask_logits": output.mask_logits[0]}
+        class_logits, mask_logits = image_logits(image, self.predictor.run(image.network_input(), task))
+        return {"image": image, "class_logits": class_logits, "mask_logits": mask_logits}
 
     def postprocess(self, inputs: Dict[str, Any], parameters: PostprocessParameters) -> Dict[str, Any]:
         return self.predictor.postprocess(inputs["image"], inputs["class_logits"], inputs["mask_logits"], parameters)

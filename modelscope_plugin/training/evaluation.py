@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
-from modelscope_plugin.inference.predictor import Predictor
+from modelscope_plugin.inference.predictor import Predictor, image_logits
 from modelscope_plugin.ranks import merge_metrics, rank_and_world_size
 
 
@@ -52,10 +52,7 @@ def evaluate_network(network: torch.nn.Module, config, rows: Sequence[Mapping[st
                     image = predictor.prepare(row["image_path"], task)
                     runs[key] = image, predictor.run(image.network_input(), task)
                 image, output = runs[key]
-                # windows: (N windows, Q, ...) merged by post-processing; otherwise the batch of one
-                class_logits, mask_logits = ((output.class_logits, output.mask_logits) if image.window_starts
-                                             else (output.class_logits[0], output.mask_logits[0]))
-                outputs[task] = predictor.postprocess(image, class_logits, mask_logits, task_parameters)
+                outputs[task] = predictor.postprocess(image, *image_logits(image, output), task_parameters)
             for metric, task in zip(metrics, tasks):
                 metric.add(outputs[task], row)
     finally:
