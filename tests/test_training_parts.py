@@ -9,6 +9,7 @@ from conftest import tiny_config
 from modelscope_plugin.builders import build_mask2former
 from modelscope_plugin.config import PreprocessConfig
 from modelscope_plugin.data.synthetic import SYNTHETIC_CATEGORIES, SceneConfig, write_dataset
+from modelscope_plugin.errors import TrainingConfigError
 from modelscope_plugin.training.checkpoint import portable_rng_state, restore_rng_state
 from modelscope_plugin.training.class_head import adapt_class_head
 from modelscope_plugin.training.config import AugmentationConfig, LossConfig, ParameterGroupConfig, settings_from
@@ -139,8 +140,18 @@ def test_new_class_set_replaces_only_the_class_head():
 
 
 def test_unknown_settings_and_bad_rows_are_named(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown train.loss keys \['num_point'\]"):
+    with pytest.raises(TrainingConfigError, match=r"unknown train.loss keys \['num_point'\]"):
         settings_from(LossConfig, {"num_point": 3}, "train.loss")
+    # every wrong value in one error, each named with its key (before: a string reached the criterion mid-run)
+    with pytest.raises(TrainingConfigError) as raised:
+        settings_from(AugmentationConfig, {"image_size": "512", "flip_probability": True, "short_sides": [480, "x"]},
+                      "train.augmentation")
+    assert str(raised.value).split("; ") == [
+        "train.augmentation.flip_probability = True is not of type float",
+        "train.augmentation.image_size = '512' is not of type int",
+        "train.augmentation.short_sides = [480, 'x'] is not a list of int values"]
+    accepted = settings_from(AugmentationConfig, {"min_scale": 1, "short_sides": [480, 512]}, "train.augmentation")
+    assert accepted.min_scale == 1.0 and isinstance(accepted.min_scale, float) and accepted.short_sides == (480, 512)
     split = write_dataset(tmp_path, "train", 1, seed=0, config=SceneConfig(image_size=64, max_thing_size=30))
     rows = split.panoptic_rows()
     things_only = contiguous_categories([c for c in SYNTHETIC_CATEGORIES if c.isthing])

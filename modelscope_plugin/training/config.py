@@ -1,7 +1,9 @@
 """Typed training settings, read once from the ModelScope trainer configuration (``train.loss``,
 ``train.augmentation``, ``train.optimizer.paramwise_options``). Defaults are Mask2Former's COCO recipe."""
 from dataclasses import dataclass, fields
-from typing import Any, Mapping, Tuple, Type, TypeVar
+from typing import Any, Mapping, Tuple, Type, TypeVar, get_args, get_origin, get_type_hints
+
+from ..errors import TrainingConfigError
 
 Settings = TypeVar("Settings")
 
@@ -70,10 +72,37 @@ class ParameterGroupConfig:
 
 
 def settings_from(settings_class: Type[Settings], values: Mapping[str, Any], where: str) -> Settings:
-    """A dataclass from a config mapping; an unknown key is an error naming it and ``where`` it was."""
+    """A dataclass from a config mapping; one ``TrainingConfigError`` names every unknown key and every value whose
+    type is not its field's annotation (ints are accepted for floats, lists for tuples, bools only for bools)."""
     values = dict(values or {})
+    annotations = get_type_hints(settings_class)
     known = {field.name for field in fields(settings_class)}
+    problems = []
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"unknown {where} keys {unknown}; known: {sorted(known)}")
-    return settings_class(**values)
+        problems.append(f"unknown {where} keys {unknown}; known: {sorted(known)}")
+    settings = {}
+    for name in sorted(set(values) & known):
+        value, annotation = values[name], annotations[name]
+        if get_origin(annotation) is tuple:
+            item_type = get_args(annotation)[0]
+            if not isinstance(value, (list, tuple)) or not all(_fits(item, item_type) for item in value):
+                problems.append(f"{where}.{name} = {value!r} is not a list of {item_type.__name__} values")
+                continue
+            value = tuple(value)
+        elif not _fits(value, annotation):
+            problems.append(f"{where}.{name} = {value!r} is not of type {annotation.__name__}")
+            continue
+        settings[name] = float(value) if annotation is float else value
+    if problems:
+        raise TrainingConfigError("; ".join(problems))
+    return settings_class(**settings)
+
+
+def _fits(value: Any, expected: type) -> bool:
+    """Whether a config value may stand for a field of type ``expected`` (a bool is never a number here)."""
+    if isinstance(value, bool) or expected is bool:
+        return isinstance(value, bool) and expected is bool
+    if expected is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, expected)

@@ -73,10 +73,7 @@ def parameter_rules_from(values: Mapping[str, Any], where: str = "train.optimize
     unknown option or bad pattern."""
     values = dict(values or {})
     if not any(isinstance(value, Mapping) for value in values.values()):
-        try:
-            return settings_from(ParameterGroupConfig, values, where)
-        except ValueError as error:
-            raise TrainingConfigError(str(error)) from error
+        return settings_from(ParameterGroupConfig, values, where)
     rules, problems = [], []
     for pattern, options in values.items():
         if not isinstance(options, Mapping):
