@@ -120,6 +120,44 @@ def test_hugging_face_names_of_a_built_in_set_bring_its_split_and_ids():
         name_classes(replace(base, num_things_classes=2), ["a"], None, "x")
 
 
+@pytest.mark.parametrize("num_classes, task", [(150, "panoptic"), (19, "instance")])
+def test_a_panoptic_or_instance_task_of_ade20k_or_cityscapes_classes_puts_their_things_first(tmp_path, num_classes,
+                                                                                              task):
+    config = replace(resnet_config(), num_things_classes=num_classes, num_stuff_classes=0)
+    torch.manual_seed(0)
+    network = build_mask2former(config).eval()
+    pkl = write_detectron2_pkl(tmp_path / f"model_final_{num_classes}.pkl", network, config)
+    semantic_config, semantic = load_model(pkl)
+    assert (semantic_config.task, semantic_config.num_things_classes) == ("semantic", 0)
+    things_config, things = load_model(pkl, task=task)
+    assert things_config.task == task
+    if num_classes == 150:  # detectron2's ADE20K panoptic isthing flags: 100 things, 50 stuff
+        assert (things_config.num_things_classes, things_config.num_stuff_classes) == (100, 50)
+        assert things_config.class_names[:5] == ("bed", "window", "cabinet", "person", "door")
+        assert things_config.class_names[99] == "flag" and things_config.class_names[100:105] == (
+            "wall", "building", "sky", "floor", "tree")
+    else:  # Cityscapes' eight instance classes
+        assert things_config.class_names[:8] == ("person", "rider", "car", "truck", "bus", "train", "motorcycle",
+                                                 "bicycle")
+        assert things_config.class_names[8:] == ("road", "sidewalk", "building", "wall", "fence", "pole",
+                                                 "traffic light", "traffic sign", "vegetation", "terrain", "sky")
+    order = [semantic_config.class_names.index(name) for name in things_config.class_names] + [num_classes]
+    assert things_config.category_ids == tuple(semantic_config.category_ids[index] for index in order[:-1])
+    images = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected, reordered = semantic(images).class_logits, things(images).class_logits  # (1, Q, K + 1)
+    torch.testing.assert_close(reordered, expected[..., order], rtol=1e-6, atol=1e-5)
+
+
+def test_hugging_face_ade20k_names_are_recognised_in_their_label_files_spelling():
+    from modelscope_plugin.data.categories import ADE20K_HF_CLASSES
+
+    base = Mask2FormerConfig(num_things_classes=150, num_stuff_classes=0, source="hf", task="semantic")
+    ade = name_classes(base, [name + " " if name == "bed" else name for name in ADE20K_HF_CLASSES], None, "x")
+    assert (ade.num_things_classes, ade.task, ade.category_ids[:3]) == (0, "semantic", (0, 1, 2))
+    assert ADE20K_HF_CLASSES[8] == "windowpane" and ADE20K_CLASSES[8] == "window"
+
+
 def test_hugging_face_preprocessor_sizes_and_normalisation_are_read():
     base = PreprocessConfig(resize_backend="pil")
     read = preprocess_from_processor({"size": {"shortest_edge": 384, "longest_edge": 640}, "size_divisor": 64,

@@ -198,11 +198,39 @@ ADE20K_CLASSES: Tuple[str, ...] = (
     'traffic light', 'tray', 'trash can', 'fan', 'pier', 'crt screen', 'plate', 'monitor', 'bulletin board',
     'shower', 'radiator', 'glass, drinking glass', 'clock', 'flag',
 )
+# The same 150 classes as Hugging Face's ADE20K checkpoints name them in ``id2label`` (huggingface/label-files
+# ``ade20k-id2label.json``: one synonym each, e.g. 'windowpane' for 'window', 'bathtub' for 'tub').
+ADE20K_HF_CLASSES: Tuple[str, ...] = (
+    'wall', 'building', 'sky', 'floor', 'tree', 'ceiling', 'road', 'bed', 'windowpane', 'grass', 'cabinet',
+    'sidewalk', 'person', 'earth', 'door', 'table', 'mountain', 'plant', 'curtain', 'chair', 'car', 'water',
+    'painting', 'sofa', 'shelf', 'house', 'sea', 'mirror', 'rug', 'field', 'armchair', 'seat', 'fence', 'desk',
+    'rock', 'wardrobe', 'lamp', 'bathtub', 'railing', 'cushion', 'base', 'box', 'column', 'signboard',
+    'chest of drawers', 'counter', 'sand', 'sink', 'skyscraper', 'fireplace', 'refrigerator', 'grandstand', 'path',
+    'stairs', 'runway', 'case', 'pool table', 'pillow', 'screen door', 'stairway', 'river', 'bridge', 'bookcase',
+    'blind', 'coffee table', 'toilet', 'flower', 'book', 'hill', 'bench', 'countertop', 'stove', 'palm',
+    'kitchen island', 'computer', 'swivel chair', 'boat', 'bar', 'arcade machine', 'hovel', 'bus', 'towel', 'light',
+    'truck', 'tower', 'chandelier', 'awning', 'streetlight', 'booth', 'television receiver', 'airplane',
+    'dirt track', 'apparel', 'pole', 'land', 'bannister', 'escalator', 'ottoman', 'bottle', 'buffet', 'poster',
+    'stage', 'van', 'ship', 'fountain', 'conveyer belt', 'canopy', 'washer', 'plaything', 'swimming pool', 'stool',
+    'barrel', 'basket', 'waterfall', 'tent', 'bag', 'minibike', 'cradle', 'oven', 'ball', 'food', 'step', 'tank',
+    'trade name', 'microwave', 'pot', 'animal', 'bicycle', 'lake', 'dishwasher', 'screen', 'blanket', 'sculpture',
+    'hood', 'sconce', 'vase', 'traffic light', 'tray', 'ashcan', 'fan', 'pier', 'crt screen', 'plate', 'monitor',
+    'bulletin board', 'shower', 'radiator', 'glass', 'clock', 'flag',
+)
+# ADE20K's 100 thing classes (indices into ADE20K_CLASSES), the ``isthing`` flags of detectron2's ADE20K panoptic
+# registration (ADEChallengeData2016's panoptic annotations), which Mask2Former / OneFormer ADE20K panoptic models use.
+ADE20K_THING_INDICES: Tuple[int, ...] = (
+    7, 8, 10, 12, 14, 15, 18, 19, 20, 22, 23, 24, 27, 30, 31, 32, 33, 35, 36, 37, 38, 39, 41, 42, 43, 44, 45, 47, 49,
+    50, 53, 55, 56, 57, 58, 62, 64, 65, 66, 67, 69, 70, 71, 72, 73, 74, 75, 76, 78, 80, 81, 82, 83, 85, 86, 87, 88,
+    89, 90, 92, 93, 95, 97, 98, 102, 103, 104, 107, 108, 110, 111, 112, 115, 116, 118, 119, 120, 121, 123, 124, 125,
+    126, 127, 129, 130, 132, 133, 134, 135, 136, 137, 138, 139, 142, 143, 144, 146, 147, 148, 149,
+)
 # Cityscapes: the 19 evaluated classes in train-id order (semantic), and the 8 instance classes with their label ids.
 CITYSCAPES_CLASSES: Tuple[str, ...] = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation", "terrain",
     "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
 )
+CITYSCAPES_THING_INDICES: Tuple[int, ...] = tuple(range(11, 19))  # person .. bicycle: Cityscapes' instance classes
 CITYSCAPES_INSTANCE_CATEGORIES: List[Category] = [
     Category(24, "person", True, (220, 20, 60)), Category(25, "rider", True, (255, 0, 0)),
     Category(26, "car", True, (0, 0, 142)), Category(27, "truck", True, (0, 0, 70)),
@@ -221,22 +249,31 @@ class ClassTable(NamedTuple):
     """The first ``num_things_classes`` classes are things (the rest stuff), as post-processing expects."""
     task: str
     """What checkpoints trained on it answer by default."""
+    thing_indices: Tuple[int, ...]
+    """The classes that are things in the dataset's panoptic annotations (``isthing``), in class order; where they
+    are not the first ``num_things_classes``, ``classes.things_first`` moves them first for panoptic / instance."""
 
 
 BUILTIN_CLASS_TABLES: Tuple[ClassTable, ...] = (
     ClassTable("COCO panoptic", tuple(c.name for c in COCO_PANOPTIC_CATEGORIES),
-               tuple(c.id for c in COCO_PANOPTIC_CATEGORIES), len(COCO_THING_CATEGORIES), "panoptic"),
+               tuple(c.id for c in COCO_PANOPTIC_CATEGORIES), len(COCO_THING_CATEGORIES), "panoptic",
+               tuple(range(len(COCO_THING_CATEGORIES)))),
     ClassTable("COCO instance", tuple(c.name for c in COCO_THING_CATEGORIES),
-               tuple(c.id for c in COCO_THING_CATEGORIES), len(COCO_THING_CATEGORIES), "instance"),
-    ClassTable("ADE20K", ADE20K_CLASSES, tuple(range(len(ADE20K_CLASSES))), 0, "semantic"),
-    ClassTable("Cityscapes", CITYSCAPES_CLASSES, tuple(range(len(CITYSCAPES_CLASSES))), 0, "semantic"),
+               tuple(c.id for c in COCO_THING_CATEGORIES), len(COCO_THING_CATEGORIES), "instance",
+               tuple(range(len(COCO_THING_CATEGORIES)))),
+    ClassTable("ADE20K", ADE20K_CLASSES, tuple(range(len(ADE20K_CLASSES))), 0, "semantic", ADE20K_THING_INDICES),
+    ClassTable("ADE20K", ADE20K_HF_CLASSES, tuple(range(len(ADE20K_CLASSES))), 0, "semantic", ADE20K_THING_INDICES),
+    ClassTable("Cityscapes", CITYSCAPES_CLASSES, tuple(range(len(CITYSCAPES_CLASSES))), 0, "semantic",
+               CITYSCAPES_THING_INDICES),
     ClassTable("Cityscapes instance", tuple(c.name for c in CITYSCAPES_INSTANCE_CATEGORIES),
-               tuple(c.id for c in CITYSCAPES_INSTANCE_CATEGORIES), len(CITYSCAPES_INSTANCE_CATEGORIES), "instance"),
+               tuple(c.id for c in CITYSCAPES_INSTANCE_CATEGORIES), len(CITYSCAPES_INSTANCE_CATEGORIES), "instance",
+               tuple(range(len(CITYSCAPES_INSTANCE_CATEGORIES)))),
 )
 
 
 def class_table_of_count(num_classes: int) -> Optional[ClassTable]:
-    """The built-in class set with ``num_classes`` classes, or None (no two tables share a count)."""
+    """The built-in class set with ``num_classes`` classes, or None (only one dataset per count: ADE20K's two
+    spellings are the same classes)."""
     return next((table for table in BUILTIN_CLASS_TABLES if len(table.class_names) == num_classes), None)
 
 
@@ -252,7 +289,8 @@ def class_table_of_names(class_names: Sequence[str]) -> Optional[ClassTable]:
 
 def describe_class_tables() -> str:
     """"COCO panoptic (133), COCO instance (80), ..." for messages."""
-    return ", ".join(f"{table.dataset} ({len(table.class_names)})" for table in BUILTIN_CLASS_TABLES)
+    described = dict.fromkeys(f"{table.dataset} ({len(table.class_names)})" for table in BUILTIN_CLASS_TABLES)
+    return ", ".join(described)
 
 
 def coco_split_of_count(num_classes: int) -> Tuple[Tuple[int, ...], str, int]:

@@ -6,11 +6,12 @@ their order, then the stuff classes, then the no-object row; the network's score
 """
 import argparse
 from dataclasses import replace
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from modelscope_plugin.config import Mask2FormerConfig
+from modelscope_plugin.data.categories import ClassTable
 from modelscope_plugin.errors import ModelDirError
 
 CLASS_HEAD = "transformer_decoder.class_embed."
@@ -24,6 +25,14 @@ def thing_ids_option(text: str) -> List[int]:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated class indices, e.g. 0,2,5, not {text!r}") from None
+
+
+def builtin_thing_ids(table: Optional[ClassTable], task: Optional[str]) -> Optional[Tuple[int, ...]]:
+    """The thing classes of a built-in class set for a panoptic / instance ``task`` asked of a checkpoint whose
+    classes are that set but not ordered things first (ADE20K, Cityscapes); None where nothing is to move."""
+    if table is None or task not in ("panoptic", "instance") or table.num_things_classes > 0:
+        return None
+    return table.thing_indices
 
 
 def things_first(config: Mask2FormerConfig, state_dict: Dict[str, torch.Tensor], thing_ids: Sequence[int],
