@@ -15,7 +15,7 @@ pytestmark = pytest.mark.oracle
 @pytest.mark.parametrize("backbone, size, full_size", [
     ("swin-tiny-test", (256, 320), False),
     ("swin-t", (384, 512), True),
-    pytest.param("r50", (384, 512), True, marks=pytest.mark.slow),
+    ("r50", (384, 512), True),
 ])
 def test_logits_match_transformers(tmp_path, backbone, size, full_size):
     model_dir = tmp_path / "hf"

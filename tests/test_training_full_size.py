@@ -1,7 +1,6 @@
 """Full-size R50 Mask2Former (100 queries, 9 decoder layers, 133 classes): two training iterations at 512 x 512 on
 CPU with the package's criterion and parameter groups; the loss is finite and decreases on the repeated batch."""
 import numpy as np
-import pytest
 import torch
 
 from modelscope_plugin.builders import build_mask2former
@@ -14,9 +13,6 @@ from modelscope_plugin.modeling.point_sampling import PointSampler
 from modelscope_plugin.training.config import ParameterGroupConfig
 from modelscope_plugin.training.data import build_target, normalise
 from modelscope_plugin.training.optimizer import build_optimizer
-
-pytestmark = pytest.mark.slow
-
 
 def test_r50_trains_two_iterations_at_512():
     torch.manual_seed(0)
