@@ -1,6 +1,7 @@
 """Finetuning EoMT through ModelScope's build_trainer: a tiny random EoMT written as a Hugging Face folder (this
 package's writer, no transformers), two synthetic 64 x 64 scenes; deep supervision, class-head re-initialisation,
-layer-wise learning rates, mask annealing by iteration (and after a resume), the output folder in ``pipeline()``."""
+layer-wise learning rates, mask annealing by iteration (and after a resume), the output folder in ``pipeline()``, two
+gloo processes under torchrun equal to one process on the same global batch."""
 import json
 from pathlib import Path
 
@@ -231,6 +232,10 @@ def test_two_stage_warm_up_and_default_annealing_resume_where_the_run_stopped(tm
         rates = resumed_recorder.iteration_learning_rates[step]
         assert rates["class_head.weight"] == pytest.approx(head[step], abs=1e-12), step
         assert rates["blocks.3.attention.qkv.weight"] == pytest.approx(last_block[step], abs=1e-12), step
+    # the masked attention's random draws included (the resumed run restores the RNG): the uninterrupted weights
+    expected = load_model(tmp_path / "uninterrupted" / "output")[1].state_dict()
+    actual = load_model(tmp_path / "resumed" / "output")[1].state_dict()
+    assert [key for key in expected if not torch.equal(expected[key], actual[key])] == []
 
 
 def test_configuration_errors_surface_when_the_trainer_is_built(tmp_path):
@@ -275,3 +280,58 @@ def test_the_train_command_finetunes_an_eomt_folder(tmp_path):
     assert isinstance(config, EomtConfig) and config.category_ids == tuple(c.id for c in SYNTHETIC_CATEGORIES)
     report = json.loads((tmp_path / "work" / "metrics.json").read_text())
     assert report["task"] == "panoptic" and "PQ" in json.dumps(report["metrics"])
+
+
+def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_path):
+    from test_training import IterationRecorder, run_script
+
+    model_dir = tiny_hf_eomt(tmp_path / "hf_eomt")
+    write_dataset(tmp_path / "data", "train", 4, seed=0, config=SceneConfig.scaled(64))
+    # 3 epochs of 2 global batches of 2 images: 6 iterations; the default annealing's unit 6 // (2 + 2) = 1, block 0
+    # over [1, 2), block 1 over [2, 3): the probabilities are 1 or 0 (a draw between would be per rank); warm-ups of
+    # 1 and 2 iterations; a checkpoint every 3 iterations
+    options = {key: value for key, value in OPTIONS.items() if key != "train.mask_annealing"}
+    options.update({"train.max_epochs": 3, "train.checkpoint.period": {"interval": 3, "by_epoch": False},
+                    "train.lr_scheduler": {"type": "EomtWarmupPolyLR", "warmup": [1, 2],
+                                           "options": {"by_epoch": False}}})
+    recorder = IterationRecorder()
+    one = make_trainer(model_dir, tmp_path / "data", tmp_path / "one", options, [recorder])
+    one.train()
+    assert one.iter == 6
+    completed = run_script([model_dir, tmp_path / "data", tmp_path / "two",
+                            json.dumps(dict(options, **{"train.dataloader.batch_size_per_gpu": 1}))],
+                           launcher="pytorch")
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:]
+    ranks = [json.loads((tmp_path / "two" / f"rank_{rank}.json").read_text()) for rank in range(2)]
+    assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
+    assert ranks[0]["checksums"] == ranks[1]["checksums"]  # the ranks stayed in sync
+    # both ranks anneal by the global iteration (6 iterations, not the 12 batches of one image a rank would count)
+    expected_probabilities = [[1.0, 1.0], [1.0, 1.0], [0.0, 1.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]]
+    for rank in ranks:
+        assert sorted(rank["iterations"], key=int) == [str(step) for step in range(6)]
+        assert [rank["iterations"][str(step)]["probabilities"] for step in range(6)] == expected_probabilities
+        assert [rank["iterations"][str(step)]["learning_rates"] for step in range(6)] == \
+            [recorder.iterations[step]["learning_rates"] for step in range(6)]
+    assert [recorder.iterations[step]["probabilities"] for step in range(6)] == expected_probabilities
+    # one set of checkpoints and one output folder, written by rank 0
+    checkpoints = sorted(path.name for path in (tmp_path / "two").iterdir() if path.name.startswith("iter_"))
+    assert checkpoints == sorted(path.name for path in (tmp_path / "one").iterdir() if path.name.startswith("iter_"))
+    assert {"iter_3", "iter_6"} <= {name.split("_trainer_state")[0] for name in checkpoints}
+
+    _, expected_network = load_model(tmp_path / "one" / "output")
+    _, actual_network = load_model(tmp_path / "two" / "output")
+    expected, actual = expected_network.state_dict(), actual_network.state_dict()
+    initial = load_model(model_dir)[1].state_dict()  # its class head is re-initialised for the scenes' classes
+    movements = {key: (expected[key].double() - initial[key].double()).abs().max().item() for key in expected
+                 if initial[key].shape == expected[key].shape}
+    assert max(movements.values()) > 1e-4  # training moved the weights
+    # the key bias (rows 64:128 of each fused qkv bias) shifts every attention logit of a query alike, so softmax
+    # gives it a zero gradient; its computed gradient is rounding noise, which AdamW turns into lr-sized steps of
+    # the noise's sign (1e-4 apart between the runs); every other weight agrees
+    key_biases = {key: actual[key][64:128] - expected[key][64:128] for key in expected if key.endswith("qkv.bias")}
+    assert len(key_biases) == 4 and max(bias.abs().max().item() for bias in key_biases.values()) < 1e-3
+    for key in key_biases:
+        expected[key], actual[key] = torch.cat([expected[key][:64], expected[key][128:]]), \
+            torch.cat([actual[key][:64], actual[key][128:]])
+    differences = {key: (expected[key].double() - actual[key].double()).abs().max().item() for key in expected}
+    assert max(differences.values()) < 1e-5, max(differences, key=differences.get)
