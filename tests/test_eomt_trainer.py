@@ -180,17 +180,79 @@ def test_mask_annealing_follows_the_iteration(trained):
     assert probabilities[1] == pytest.approx([0.5 ** 0.9, 1.0])
 
 
-def test_the_default_schedule_is_the_two_stage_warm_up(trained):
+def test_the_default_schedule_scales_the_official_warm_up_to_a_run_of_two_iterations(trained):
     trainer = trained["trainer"]
     assert isinstance(trainer.lr_scheduler, torch.optim.lr_scheduler.LambdaLR)
-    # warm-up 500 then 1000 steps: iteration 1 runs the parts outside the ViT at 1 / 500 of their rate, the ViT at 0
+    # 2 iterations: the warm-ups 500 * 2 // 15000 = 0 and 1000 * 2 // 15000 = 0, so every group decays from its rate
+    # (lr 1e-3, layer decay 0.5) over 2 steps: factor 1, then (1 - 1 / 2) ** 0.9
     rates = trained["recorder"].iteration_learning_rates
-    assert rates[0] == {"class_head.weight": 0.0, "blocks.3.attention.qkv.weight": 0.0,
-                        "blocks.2.mlp.fc1.weight": 0.0}
-    assert rates[1]["class_head.weight"] == pytest.approx(2e-6)
-    assert rates[1]["blocks.3.attention.qkv.weight"] == 0.0 and rates[1]["blocks.2.mlp.fc1.weight"] == 0.0
-    # a run shorter than the warm-ups is said when the trainer is built
-    assert any("the warm-ups [500, 1000] last the whole run of 2 iterations" in note for note in trainer._notes)
+    assert rates[0] == pytest.approx({"class_head.weight": 1e-3, "blocks.3.attention.qkv.weight": 1e-3,
+                                      "blocks.2.mlp.fc1.weight": 5e-4}, abs=1e-15)
+    assert rates[1] == pytest.approx({"class_head.weight": 1e-3 * 0.5 ** 0.9,
+                                      "blocks.3.attention.qkv.weight": 1e-3 * 0.5 ** 0.9,
+                                      "blocks.2.mlp.fc1.weight": 5e-4 * 0.5 ** 0.9}, abs=1e-15)
+    assert any("the official warm-ups [500, 1000] are scaled to [0, 0] for the run of 2 iterations" in note
+               for note in trainer._notes)
+
+
+def scheduled_learning_rates(model_dir, data_root, work_dir, options, steps):
+    """The learning rates of class_head.weight (outside the ViT) and blocks.3.attention.qkv.weight (the last ViT
+    block) at each of ``steps`` under the trainer's schedule, without training; and the trainer."""
+    trainer = make_trainer(model_dir, data_root, work_dir, options)
+    trainer.train_dataloader = trainer.get_train_dataloader()  # the schedule's length needs it
+    optimizer, scheduler, *_ = trainer.create_optimizer_and_scheduler()
+    network = trainer.unwrap_module(trainer.model)
+    group_of = {id(parameter): index for index, group in enumerate(optimizer.param_groups)
+                for parameter in group["params"]}
+    head, last_block = group_of[id(network.class_head.weight)], group_of[id(network.blocks[3].attention.qkv.weight)]
+    rates = {step: (optimizer.param_groups[head]["initial_lr"] * scheduler.lr_lambdas[head](step),
+                    optimizer.param_groups[last_block]["initial_lr"] * scheduler.lr_lambdas[last_block](step))
+             for step in steps}
+    return rates, trainer
+
+
+def test_a_short_run_scales_the_official_warm_up_and_keeps_an_explicit_one(tmp_path):
+    model_dir = tiny_hf_eomt(tmp_path / "hf_eomt")
+    write_dataset(tmp_path / "data", "train", 2, seed=0, config=SceneConfig.scaled(64))
+    # 90 iterations (one batch of 2 images per epoch), lr 1e-3, the default annealing (unit 90 // 4 = 22)
+    options = {key: value for key, value in OPTIONS.items() if key != "train.mask_annealing"}
+    options["train.max_epochs"] = 90
+    steps = (0, 1, 2, 3, 4, 8, 9, 20, 89)
+    rates, trainer = scheduled_learning_rates(model_dir, tmp_path / "data", tmp_path / "scaled", options, steps)
+    # warm-ups 500 and 1000 scaled by 90 / 15000: 3 and 6 steps. Outside the ViT: 0, 1/3, 2/3, then decay over the
+    # 87 steps from 3; the ViT: 0 until 3, then 0, 1/6, ... 5/6 over 3-8, then decay over the 81 steps from 9
+    head = {0: 0.0, 1: 1 / 3, 2: 2 / 3, 3: 1.0, 4: (86 / 87) ** 0.9, 8: (82 / 87) ** 0.9, 9: (81 / 87) ** 0.9,
+            20: (70 / 87) ** 0.9, 89: (1 / 87) ** 0.9}
+    vit = {0: 0.0, 1: 0.0, 2: 0.0, 3: 0.0, 4: 1 / 6, 8: 5 / 6, 9: 1.0, 20: (70 / 81) ** 0.9, 89: (1 / 81) ** 0.9}
+    for step in steps:
+        assert rates[step][0] == pytest.approx(1e-3 * head[step], abs=1e-15), step
+        assert rates[step][1] == pytest.approx(1e-3 * vit[step], abs=1e-15), step
+    assert any("the official warm-ups [500, 1000] are scaled to [3, 6] for the run of 90 iterations" in note
+               for note in trainer._notes)
+    # the warm-up (9 steps) ends before the default annealing fades the first query block (from step 22)
+    assert trainer.mask_annealing.steps(90, 2) == ((22, 44), (44, 66))
+
+    # an explicit warm-up is kept as given, unscaled and without a note
+    options["train.lr_scheduler"] = {"type": "EomtWarmupPolyLR", "warmup": [10, 20], "options": {"by_epoch": False}}
+    rates, trainer = scheduled_learning_rates(model_dir, tmp_path / "data", tmp_path / "explicit", options, steps)
+    head = {0: 0.0, 1: 0.1, 2: 0.2, 3: 0.3, 4: 0.4, 8: 0.8, 9: 0.9, 20: (70 / 80) ** 0.9, 89: (1 / 80) ** 0.9}
+    vit = {0: 0.0, 1: 0.0, 2: 0.0, 3: 0.0, 4: 0.0, 8: 0.0, 9: 0.0, 20: 0.5, 89: (1 / 60) ** 0.9}
+    for step in steps:
+        assert rates[step][0] == pytest.approx(1e-3 * head[step], abs=1e-15), step
+        assert rates[step][1] == pytest.approx(1e-3 * vit[step], abs=1e-15), step
+    assert not any("warm-ups" in note for note in trainer._notes)
+
+    # a run of 15000 iterations or more keeps the official warm-up: 500 + 1000 steps, then decay over 13500
+    options = dict(options, **{"train.lr_scheduler": {"type": "EomtWarmupPolyLR", "total_iters": 15000,
+                                                      "options": {"by_epoch": False}}})
+    rates, trainer = scheduled_learning_rates(model_dir, tmp_path / "data", tmp_path / "long", options,
+                                              (250, 500, 1000, 1500, 8250))
+    assert [rate for rate, _ in rates.values()] == pytest.approx([5e-4, 1e-3, 1e-3 * (14000 / 14500) ** 0.9,
+                                                                  1e-3 * (13500 / 14500) ** 0.9,
+                                                                  1e-3 * (6750 / 14500) ** 0.9], abs=1e-15)
+    assert [rate for _, rate in rates.values()] == pytest.approx([0.0, 0.0, 5e-4, 1e-3, 1e-3 * 0.5 ** 0.9],
+                                                                 abs=1e-15)
+    assert not any("warm-ups" in note for note in trainer._notes)
 
 
 def test_two_stage_warm_up_and_default_annealing_resume_where_the_run_stopped(tmp_path):
@@ -238,6 +300,32 @@ def test_two_stage_warm_up_and_default_annealing_resume_where_the_run_stopped(tm
     assert [key for key in expected if not torch.equal(expected[key], actual[key])] == []
 
 
+def test_a_resumed_run_continues_the_scaled_warm_up(tmp_path):
+    model_dir = tiny_hf_eomt(tmp_path / "hf_eomt")
+    write_dataset(tmp_path / "data", "train", 2, seed=0, config=SceneConfig.scaled(64))
+    # 30 iterations: warm-ups 30 // 30 = 1 and 30 // 15 = 2 steps; a checkpoint at 15
+    options = {key: value for key, value in OPTIONS.items() if key != "train.mask_annealing"}
+    options.update({"train.max_epochs": 30, "train.checkpoint.period": {"interval": 15, "by_epoch": False}})
+    uninterrupted_recorder = Recorder()
+    make_trainer(model_dir, tmp_path / "data", tmp_path / "uninterrupted", options, [uninterrupted_recorder]).train()
+    resumed_recorder = Recorder()
+    resumed = make_trainer(model_dir, tmp_path / "data", tmp_path / "resumed", options, [resumed_recorder])
+    resumed.train(checkpoint_path=str(tmp_path / "uninterrupted" / "iter_15"))
+    assert resumed.iter == 30 and sorted(resumed_recorder.iteration_learning_rates) == list(range(15, 30))
+    # lr 1e-3: outside the ViT decaying over the 29 steps from 1, the ViT over the 27 steps from 3
+    for step in (15, 29):
+        rates = resumed_recorder.iteration_learning_rates[step]
+        assert rates == uninterrupted_recorder.iteration_learning_rates[step], step
+        assert rates["class_head.weight"] == pytest.approx(1e-3 * (1 - (step - 1) / 29) ** 0.9, abs=1e-15)
+        assert rates["blocks.3.attention.qkv.weight"] == pytest.approx(1e-3 * (1 - (step - 3) / 27) ** 0.9,
+                                                                       abs=1e-15)
+    assert uninterrupted_recorder.iteration_learning_rates[2]["blocks.3.attention.qkv.weight"] == \
+        pytest.approx(5e-4, abs=1e-15)  # the ViT half-way through its 2 warm-up steps
+    expected = load_model(tmp_path / "uninterrupted" / "output")[1].state_dict()
+    actual = load_model(tmp_path / "resumed" / "output")[1].state_dict()
+    assert [key for key in expected if not torch.equal(expected[key], actual[key])] == []
+
+
 def test_configuration_errors_surface_when_the_trainer_is_built(tmp_path):
     model_dir = tiny_hf_eomt(tmp_path / "hf_eomt")
     write_dataset(tmp_path / "data", "train", 2, seed=0, config=SceneConfig.scaled(64))
@@ -248,7 +336,12 @@ def test_configuration_errors_surface_when_the_trainer_is_built(tmp_path):
             ({"train.mask_annealing": {"starts": [3, 1], "ends": [2, 3]}}, "block 0 starts at 3"),
             ({"train.lr_scheduler": {"type": "EomtWarmupPolyLR", "warmup": [500]}}, "warmup must be two step"),
             ({"train.lr_scheduler": {"type": "EomtWarmupPolyLR", "options": {"by_epoch": True}}}, "by_epoch false"),
-            ({"train.lr_scheduler": {"type": "EomtWarmupPolyLR", "cycles": 2}}, r"unknown train.lr_scheduler keys")):
+            ({"train.lr_scheduler": {"type": "EomtWarmupPolyLR", "cycles": 2}}, r"unknown train.lr_scheduler keys"),
+            # the run has 2 iterations
+            ({"train.lr_scheduler": {"type": "EomtWarmupPolyLR", "warmup": [1, 1]}},
+             r"train.lr_scheduler.warmup \[1, 1\] \(2 steps\) does not end before the run of 2 iterations"),
+            ({"train.lr_scheduler": {"type": "EomtWarmupPolyLR", "warmup": [500, 1000]}},
+             r"warmup \[500, 1000\] \(1500 steps\) does not end before the run of 2 iterations")):
         with pytest.raises(TrainingConfigError, match=message):
             make_trainer(model_dir, tmp_path / "data", tmp_path / "work", dict(OPTIONS, **overrides))
 
