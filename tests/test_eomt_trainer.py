@@ -420,9 +420,12 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
     assert max(movements.values()) > 1e-4  # training moved the weights
     # the key bias (rows 64:128 of each fused qkv bias) shifts every attention logit of a query alike, so softmax
     # gives it a zero gradient; its computed gradient is rounding noise, which AdamW turns into lr-sized steps of
-    # the noise's sign (1e-4 apart between the runs); every other weight agrees
+    # the noise's sign (1e-4 apart between the runs here): bounded by twice the steps' summed learning rates;
+    # every other weight agrees
     key_biases = {key: actual[key][64:128] - expected[key][64:128] for key in expected if key.endswith("qkv.bias")}
-    assert len(key_biases) == 4 and max(bias.abs().max().item() for bias in key_biases.values()) < 1e-3
+    summed_rates = sum(max(recorder.iterations[step]["learning_rates"]) for step in range(6))
+    assert len(key_biases) == 4
+    assert max(bias.abs().max().item() for bias in key_biases.values()) < 2 * summed_rates
     for key in key_biases:
         expected[key], actual[key] = torch.cat([expected[key][:64], expected[key][128:]]), \
             torch.cat([actual[key][:64], actual[key][128:]])
