@@ -380,17 +380,17 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
 
     model_dir = tiny_hf_eomt(tmp_path / "hf_eomt")
     write_dataset(tmp_path / "data", "train", 4, seed=0, config=SceneConfig.scaled(64))
-    # 3 epochs of 2 global batches of 2 images: 6 iterations; the default annealing's unit 6 // (2 + 2) = 1, block 0
-    # over [1, 2), block 1 over [2, 3): the probabilities are 1 or 0 (a draw between would be per rank); warm-ups of
-    # 1 and 2 iterations; a checkpoint every 3 iterations
+    # 6 epochs of 2 global batches of 2 images: 12 iterations; the default annealing's unit 12 // (2 + 2) = 3, block 0
+    # over [3, 6), block 1 over [6, 9), so queries keep their masks by per-image draws in between; warm-ups of 1
+    # and 2 iterations; a checkpoint every 6 iterations
     options = {key: value for key, value in OPTIONS.items() if key != "train.mask_annealing"}
-    options.update({"train.max_epochs": 3, "train.checkpoint.period": {"interval": 3, "by_epoch": False},
+    options.update({"train.max_epochs": 6, "train.checkpoint.period": {"interval": 6, "by_epoch": False},
                     "train.lr_scheduler": {"type": "EomtWarmupPolyLR", "warmup": [1, 2],
                                            "options": {"by_epoch": False}}})
     recorder = IterationRecorder()
     one = make_trainer(model_dir, tmp_path / "data", tmp_path / "one", options, [recorder])
     one.train()
-    assert one.iter == 6
+    assert one.iter == 12
     completed = run_script([model_dir, tmp_path / "data", tmp_path / "two",
                             json.dumps(dict(options, **{"train.dataloader.batch_size_per_gpu": 1}))],
                            launcher="pytorch")
@@ -398,18 +398,21 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
     ranks = [json.loads((tmp_path / "two" / f"rank_{rank}.json").read_text()) for rank in range(2)]
     assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
     assert ranks[0]["checksums"] == ranks[1]["checksums"]  # the ranks stayed in sync
-    # both ranks anneal by the global iteration (6 iterations, not the 12 batches of one image a rank would count)
-    expected_probabilities = [[1.0, 1.0], [1.0, 1.0], [0.0, 1.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]]
+    # both ranks anneal by the global iteration (12 iterations, not the 24 batches of one image a rank would count)
+    two_thirds, one_third = (2 / 3) ** 0.9, (1 / 3) ** 0.9
+    expected_probabilities = [[1.0, 1.0]] * 4 + [[two_thirds, 1.0], [one_third, 1.0], [0.0, 1.0],
+                                                 [0.0, two_thirds], [0.0, one_third]] + [[0.0, 0.0]] * 3
+    probabilities = [recorder.iterations[step]["probabilities"] for step in range(12)]
+    assert probabilities == [pytest.approx(values, abs=1e-7) for values in expected_probabilities]
     for rank in ranks:
-        assert sorted(rank["iterations"], key=int) == [str(step) for step in range(6)]
-        assert [rank["iterations"][str(step)]["probabilities"] for step in range(6)] == expected_probabilities
-        assert [rank["iterations"][str(step)]["learning_rates"] for step in range(6)] == \
-            [recorder.iterations[step]["learning_rates"] for step in range(6)]
-    assert [recorder.iterations[step]["probabilities"] for step in range(6)] == expected_probabilities
+        assert sorted(rank["iterations"], key=int) == [str(step) for step in range(12)]
+        assert [rank["iterations"][str(step)]["probabilities"] for step in range(12)] == probabilities
+        assert [rank["iterations"][str(step)]["learning_rates"] for step in range(12)] == \
+            [recorder.iterations[step]["learning_rates"] for step in range(12)]
     # one set of checkpoints and one output folder, written by rank 0
     checkpoints = sorted(path.name for path in (tmp_path / "two").iterdir() if path.name.startswith("iter_"))
     assert checkpoints == sorted(path.name for path in (tmp_path / "one").iterdir() if path.name.startswith("iter_"))
-    assert {"iter_3", "iter_6"} <= {name.split("_trainer_state")[0] for name in checkpoints}
+    assert {"iter_6", "iter_12"} <= {name.split("_trainer_state")[0] for name in checkpoints}
 
     _, expected_network = load_model(tmp_path / "one" / "output")
     _, actual_network = load_model(tmp_path / "two" / "output")
@@ -423,7 +426,7 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
     # the noise's sign (1e-4 apart between the runs here): bounded by twice the steps' summed learning rates;
     # every other weight agrees
     key_biases = {key: actual[key][64:128] - expected[key][64:128] for key in expected if key.endswith("qkv.bias")}
-    summed_rates = sum(max(recorder.iterations[step]["learning_rates"]) for step in range(6))
+    summed_rates = sum(max(recorder.iterations[step]["learning_rates"]) for step in range(12))
     assert len(key_biases) == 4
     assert max(bias.abs().max().item() for bias in key_biases.values()) < 2 * summed_rates
     for key in key_biases:

@@ -9,7 +9,8 @@ groups (``train.optimizer.layer_decay``, default 0.8; ``paramwise_options`` are 
 ``EomtWarmupPolyLR`` {warmup: [500, 1000], scaled to a run shorter than 15000 iterations unless given (an explicit
 one must end before the run does), power: 0.9, total_iters: the run's}: the parts outside the ViT warm up
 linearly first, then the ViT, then polynomial decay; any other scheduler may replace it); masked attention annealed
-by the trainer's iteration (``EomtMaskAnnealingHook``; ``train.mask_annealing`` {starts, ends, power}, default the
+by the trainer's iteration, which queries keep their masks drawn per image from (seed, iteration, position in the
+global batch) (``EomtMaskAnnealingHook``; ``train.mask_annealing`` {starts, ends, power}, default the
 official placement over the run, which needs at least query blocks + 2 iterations: checked when the trainer is
 built), so a resumed run continues both schedules; the training crop is the network's square ``image_size``. Its output
 folder holds the HF files (``config.json`` + ``model.safetensors``) and a configuration.json with its classes.
@@ -138,6 +139,8 @@ from modelscope_plugin.training.eomt import (
     build_eomt_scheduler,
     build_layer_decay_optimizer,
     eomt_schedule_from,
+    mask_draw_seed,
+    seeded_mask_draws,
 )
 from modelscope_plugin.training.evaluation import evaluate_network, flat_metric_values
 from modelscope_plugin.training.lr_policy import PolicyLR, lr_policy_from
@@ -549,6 +552,10 @@ class SegmentationTrainer(EpochBasedTrainer):
                 output = model(inputs.images, inputs.tasks, True, inputs.text_tokens)
             else:  # no text mapper: no contrastive term
                 output = OneFormerTrainingOutput(model(inputs.images, inputs.tasks, True), None, None)
+        elif isinstance(self.model_config, EomtConfig):  # masked-attention draws seeded per image (eomt.py)
+            seeds = [mask_draw_seed(self._seed, self.iter, position) for position in inputs.positions]
+            draws = seeded_mask_draws(seeds, self.model_config.num_query_blocks, self.model_config.num_queries)
+            output = model(inputs.images, mask_draws=draws.to(inputs.images.device))
         else:
             output = model(inputs.images)
         self.criterion.to(inputs.images.device)  # its class-weight buffer follows the network

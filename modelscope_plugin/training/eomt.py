@@ -6,6 +6,9 @@ optimiser of the official EoMT training (Kerssies et al., CVPR 2025).
 - Masked attention: query block ``i`` keeps its mask with probability 1 until step ``starts[i]``, then
   ``(1 - progress) ** power`` (polynomial, power 0.9) until ``ends[i]``, 0 from there on; the blocks anneal one
   after another, so a finished network runs without masks.
+  Which queries keep their masks is drawn per image from a seed of (seed, step, position in the global batch)
+  (``seeded_mask_draws``), so two ranks train as one process on the same global batch, and a resumed run as an
+  uninterrupted one.
 - Learning rates: ``lr`` for the queries, heads, upscaling layers and the ViT's final norm; ViT block ``b`` of ``N``
   at ``lr * layer_decay ** (N - 1 - b)``, the embeddings (patches, class / register tokens, positions) as block 0.
 - Optimiser: ``torch.optim.AdamW`` with weight decay 0.05 on every parameter.
@@ -19,6 +22,7 @@ optimiser of the official EoMT training (Kerssies et al., CVPR 2025).
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from modelscope.trainers.hooks.builder import HOOKS
 from modelscope.trainers.hooks.hook import Hook
@@ -72,6 +76,25 @@ def anneal_masks(network: Eomt, step: int, starts: Sequence[int], ends: Sequence
     with torch.no_grad():
         network.attention_mask_probabilities.copy_(torch.tensor(values))
     return values
+
+
+MASK_DRAW_STREAM = 1
+"""The word that follows (seed, step, position) in a mask-draw seed, so that an image's masked-attention draws and
+its point sampler (``training.data.point_seed``: the same three words) are independent."""
+
+
+def mask_draw_seed(seed: int, step: int, position: int) -> int:
+    """Seed of the masked-attention draws of the image at ``position`` of the global batch of ``step``."""
+    state = np.random.SeedSequence([seed, step, position, MASK_DRAW_STREAM]).generate_state(1, np.uint64)[0]
+    return int(state % (2 ** 63))
+
+
+def seeded_mask_draws(seeds: Sequence[int], num_query_blocks: int, num_queries: int) -> torch.Tensor:
+    """(B, num_query_blocks, num_queries) uniform draws in [0, 1) for ``Eomt.forward``'s ``mask_draws``, image
+    ``b``'s from a generator seeded with ``seeds[b]``: the same whatever the ranks and batch an image trains in, and
+    after a resume."""
+    return torch.stack([torch.rand((num_query_blocks, num_queries), generator=torch.Generator().manual_seed(seed))
+                        for seed in seeds])
 
 
 VIT_PARTS = ("blocks", "embeddings", "norm")
