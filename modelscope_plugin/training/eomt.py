@@ -16,7 +16,7 @@ optimiser of the official EoMT training (Kerssies et al., CVPR 2025).
   over the first ``warmup[0]`` steps while the ViT (blocks, embeddings, final norm) stays at rate 0, then the ViT
   warms up over ``warmup[1]`` steps; each then decays as ``(1 - progress) ** 0.9`` to the last step. The official
   warm-ups, 500 and 1000 steps, take a tenth of a run of ``WARMUP_SCALING_STEPS`` (15000) steps and less of the
-  official runs (88716 steps for COCO, 39120 for ADE20K); in a shorter run, unless set explicitly, both are scaled
+  official runs (88716 steps for COCO, about 39120 for ADE20K); in a shorter run, unless set explicitly, both are scaled
   to it (``default_warmup``), so they still take at most a tenth of the run.
 """
 from dataclasses import dataclass
