@@ -1,6 +1,7 @@
 """Finetuning EoMT through ModelScope's build_trainer: a tiny random EoMT written as a Hugging Face folder (this
 package's writer, no transformers), two synthetic 64 x 64 scenes; deep supervision, class-head re-initialisation,
-layer-wise learning rates, mask annealing by iteration (and after a resume), the output folder in ``pipeline()``."""
+layer-wise learning rates, mask annealing by iteration (and after a resume), the output folder in ``pipeline()``, two
+gloo processes under torchrun equal to one process on the same global batch."""
 import json
 from pathlib import Path
 
@@ -179,17 +180,79 @@ def test_mask_annealing_follows_the_iteration(trained):
     assert probabilities[1] == pytest.approx([0.5 ** 0.9, 1.0])
 
 
-def test_the_default_schedule_is_the_two_stage_warm_up(trained):
+def test_the_default_schedule_scales_the_official_warm_up_to_a_run_of_two_iterations(trained):
     trainer = trained["trainer"]
     assert isinstance(trainer.lr_scheduler, torch.optim.lr_scheduler.LambdaLR)
-    # warm-up 500 then 1000 steps: iteration 1 runs the parts outside the ViT at 1 / 500 of their rate, the ViT at 0
+    # 2 iterations: the warm-ups 500 * 2 // 15000 = 0 and 1000 * 2 // 15000 = 0, so every group decays from its rate
+    # (lr 1e-3, layer decay 0.5) over 2 steps: factor 1, then (1 - 1 / 2) ** 0.9
     rates = trained["recorder"].iteration_learning_rates
-    assert rates[0] == {"class_head.weight": 0.0, "blocks.3.attention.qkv.weight": 0.0,
-                        "blocks.2.mlp.fc1.weight": 0.0}
-    assert rates[1]["class_head.weight"] == pytest.approx(2e-6)
-    assert rates[1]["blocks.3.attention.qkv.weight"] == 0.0 and rates[1]["blocks.2.mlp.fc1.weight"] == 0.0
-    # a run shorter than the warm-ups is said when the trainer is built
-    assert any("the warm-ups [500, 1000] last the whole run of 2 iterations" in note for note in trainer._notes)
+    assert rates[0] == pytest.approx({"class_head.weight": 1e-3, "blocks.3.attention.qkv.weight": 1e-3,
+                                      "blocks.2.mlp.fc1.weight": 5e-4}, abs=1e-15)
+    assert rates[1] == pytest.approx({"class_head.weight": 1e-3 * 0.5 ** 0.9,
+                                      "blocks.3.attention.qkv.weight": 1e-3 * 0.5 ** 0.9,
+                                      "blocks.2.mlp.fc1.weight": 5e-4 * 0.5 ** 0.9}, abs=1e-15)
+    assert any("the official warm-ups [500, 1000] are scaled to [0, 0] for the run of 2 iterations" in note
+               for note in trainer._notes)
+
+
+def scheduled_learning_rates(model_dir, data_root, work_dir, options, steps):
+    """The learning rates of class_head.weight (outside the ViT) and blocks.3.attention.qkv.weight (the last ViT
+    block) at each of ``steps`` under the trainer's schedule, without training; and the trainer."""
+    trainer = make_trainer(model_dir, data_root, work_dir, options)
+    trainer.train_dataloader = trainer.get_train_dataloader()  # the schedule's length needs it
+    optimizer, scheduler, *_ = trainer.create_optimizer_and_scheduler()
+    network = trainer.unwrap_module(trainer.model)
+    group_of = {id(parameter): index for index, group in enumerate(optimizer.param_groups)
+                for parameter in group["params"]}
+    head, last_block = group_of[id(network.class_head.weight)], group_of[id(network.blocks[3].attention.qkv.weight)]
+    rates = {step: (optimizer.param_groups[head]["initial_lr"] * scheduler.lr_lambdas[head](step),
+                    optimizer.param_groups[last_block]["initial_lr"] * scheduler.lr_lambdas[last_block](step))
+             for step in steps}
+    return rates, trainer
+
+
+def test_a_short_run_scales_the_official_warm_up_and_keeps_an_explicit_one(tmp_path):
+    model_dir = tiny_hf_eomt(tmp_path / "hf_eomt")
+    write_dataset(tmp_path / "data", "train", 2, seed=0, config=SceneConfig.scaled(64))
+    # 90 iterations (one batch of 2 images per epoch), lr 1e-3, the default annealing (unit 90 // 4 = 22)
+    options = {key: value for key, value in OPTIONS.items() if key != "train.mask_annealing"}
+    options["train.max_epochs"] = 90
+    steps = (0, 1, 2, 3, 4, 8, 9, 20, 89)
+    rates, trainer = scheduled_learning_rates(model_dir, tmp_path / "data", tmp_path / "scaled", options, steps)
+    # warm-ups 500 and 1000 scaled by 90 / 15000: 3 and 6 steps. Outside the ViT: 0, 1/3, 2/3, then decay over the
+    # 87 steps from 3; the ViT: 0 until 3, then 0, 1/6, ... 5/6 over 3-8, then decay over the 81 steps from 9
+    head = {0: 0.0, 1: 1 / 3, 2: 2 / 3, 3: 1.0, 4: (86 / 87) ** 0.9, 8: (82 / 87) ** 0.9, 9: (81 / 87) ** 0.9,
+            20: (70 / 87) ** 0.9, 89: (1 / 87) ** 0.9}
+    vit = {0: 0.0, 1: 0.0, 2: 0.0, 3: 0.0, 4: 1 / 6, 8: 5 / 6, 9: 1.0, 20: (70 / 81) ** 0.9, 89: (1 / 81) ** 0.9}
+    for step in steps:
+        assert rates[step][0] == pytest.approx(1e-3 * head[step], abs=1e-15), step
+        assert rates[step][1] == pytest.approx(1e-3 * vit[step], abs=1e-15), step
+    assert any("the official warm-ups [500, 1000] are scaled to [3, 6] for the run of 90 iterations" in note
+               for note in trainer._notes)
+    # the warm-up (9 steps) ends before the default annealing fades the first query block (from step 22)
+    assert trainer.mask_annealing.steps(90, 2) == ((22, 44), (44, 66))
+
+    # an explicit warm-up is kept as given, unscaled and without a note
+    options["train.lr_scheduler"] = {"type": "EomtWarmupPolyLR", "warmup": [10, 20], "options": {"by_epoch": False}}
+    rates, trainer = scheduled_learning_rates(model_dir, tmp_path / "data", tmp_path / "explicit", options, steps)
+    head = {0: 0.0, 1: 0.1, 2: 0.2, 3: 0.3, 4: 0.4, 8: 0.8, 9: 0.9, 20: (70 / 80) ** 0.9, 89: (1 / 80) ** 0.9}
+    vit = {0: 0.0, 1: 0.0, 2: 0.0, 3: 0.0, 4: 0.0, 8: 0.0, 9: 0.0, 20: 0.5, 89: (1 / 60) ** 0.9}
+    for step in steps:
+        assert rates[step][0] == pytest.approx(1e-3 * head[step], abs=1e-15), step
+        assert rates[step][1] == pytest.approx(1e-3 * vit[step], abs=1e-15), step
+    assert not any("warm-ups" in note for note in trainer._notes)
+
+    # a run of 15000 iterations or more keeps the official warm-up: 500 + 1000 steps, then decay over 13500
+    options = dict(options, **{"train.lr_scheduler": {"type": "EomtWarmupPolyLR", "total_iters": 15000,
+                                                      "options": {"by_epoch": False}}})
+    rates, trainer = scheduled_learning_rates(model_dir, tmp_path / "data", tmp_path / "long", options,
+                                              (250, 500, 1000, 1500, 8250))
+    assert [rate for rate, _ in rates.values()] == pytest.approx([5e-4, 1e-3, 1e-3 * (14000 / 14500) ** 0.9,
+                                                                  1e-3 * (13500 / 14500) ** 0.9,
+                                                                  1e-3 * (6750 / 14500) ** 0.9], abs=1e-15)
+    assert [rate for _, rate in rates.values()] == pytest.approx([0.0, 0.0, 5e-4, 1e-3, 1e-3 * 0.5 ** 0.9],
+                                                                 abs=1e-15)
+    assert not any("warm-ups" in note for note in trainer._notes)
 
 
 def test_two_stage_warm_up_and_default_annealing_resume_where_the_run_stopped(tmp_path):
@@ -231,6 +294,36 @@ def test_two_stage_warm_up_and_default_annealing_resume_where_the_run_stopped(tm
         rates = resumed_recorder.iteration_learning_rates[step]
         assert rates["class_head.weight"] == pytest.approx(head[step], abs=1e-12), step
         assert rates["blocks.3.attention.qkv.weight"] == pytest.approx(last_block[step], abs=1e-12), step
+    # the masked attention's random draws included (the resumed run restores the RNG): the uninterrupted weights
+    expected = load_model(tmp_path / "uninterrupted" / "output")[1].state_dict()
+    actual = load_model(tmp_path / "resumed" / "output")[1].state_dict()
+    assert [key for key in expected if not torch.equal(expected[key], actual[key])] == []
+
+
+def test_a_resumed_run_continues_the_scaled_warm_up(tmp_path):
+    model_dir = tiny_hf_eomt(tmp_path / "hf_eomt")
+    write_dataset(tmp_path / "data", "train", 2, seed=0, config=SceneConfig.scaled(64))
+    # 30 iterations: warm-ups 30 // 30 = 1 and 30 // 15 = 2 steps; a checkpoint at 15
+    options = {key: value for key, value in OPTIONS.items() if key != "train.mask_annealing"}
+    options.update({"train.max_epochs": 30, "train.checkpoint.period": {"interval": 15, "by_epoch": False}})
+    uninterrupted_recorder = Recorder()
+    make_trainer(model_dir, tmp_path / "data", tmp_path / "uninterrupted", options, [uninterrupted_recorder]).train()
+    resumed_recorder = Recorder()
+    resumed = make_trainer(model_dir, tmp_path / "data", tmp_path / "resumed", options, [resumed_recorder])
+    resumed.train(checkpoint_path=str(tmp_path / "uninterrupted" / "iter_15"))
+    assert resumed.iter == 30 and sorted(resumed_recorder.iteration_learning_rates) == list(range(15, 30))
+    # lr 1e-3: outside the ViT decaying over the 29 steps from 1, the ViT over the 27 steps from 3
+    for step in (15, 29):
+        rates = resumed_recorder.iteration_learning_rates[step]
+        assert rates == uninterrupted_recorder.iteration_learning_rates[step], step
+        assert rates["class_head.weight"] == pytest.approx(1e-3 * (1 - (step - 1) / 29) ** 0.9, abs=1e-15)
+        assert rates["blocks.3.attention.qkv.weight"] == pytest.approx(1e-3 * (1 - (step - 3) / 27) ** 0.9,
+                                                                       abs=1e-15)
+    assert uninterrupted_recorder.iteration_learning_rates[2]["blocks.3.attention.qkv.weight"] == \
+        pytest.approx(5e-4, abs=1e-15)  # the ViT half-way through its 2 warm-up steps
+    expected = load_model(tmp_path / "uninterrupted" / "output")[1].state_dict()
+    actual = load_model(tmp_path / "resumed" / "output")[1].state_dict()
+    assert [key for key in expected if not torch.equal(expected[key], actual[key])] == []
 
 
 def test_configuration_errors_surface_when_the_trainer_is_built(tmp_path):
@@ -243,7 +336,12 @@ def test_configuration_errors_surface_when_the_trainer_is_built(tmp_path):
             ({"train.mask_annealing": {"starts": [3, 1], "ends": [2, 3]}}, "block 0 starts at 3"),
             ({"train.lr_scheduler": {"type": "EomtWarmupPolyLR", "warmup": [500]}}, "warmup must be two step"),
             ({"train.lr_scheduler": {"type": "EomtWarmupPolyLR", "options": {"by_epoch": True}}}, "by_epoch false"),
-            ({"train.lr_scheduler": {"type": "EomtWarmupPolyLR", "cycles": 2}}, r"unknown train.lr_scheduler keys")):
+            ({"train.lr_scheduler": {"type": "EomtWarmupPolyLR", "cycles": 2}}, r"unknown train.lr_scheduler keys"),
+            # the run has 2 iterations
+            ({"train.lr_scheduler": {"type": "EomtWarmupPolyLR", "warmup": [1, 1]}},
+             r"train.lr_scheduler.warmup \[1, 1\] \(2 steps\) does not end before the run of 2 iterations"),
+            ({"train.lr_scheduler": {"type": "EomtWarmupPolyLR", "warmup": [500, 1000]}},
+             r"warmup \[500, 1000\] \(1500 steps\) does not end before the run of 2 iterations")):
         with pytest.raises(TrainingConfigError, match=message):
             make_trainer(model_dir, tmp_path / "data", tmp_path / "work", dict(OPTIONS, **overrides))
 
@@ -275,3 +373,64 @@ def test_the_train_command_finetunes_an_eomt_folder(tmp_path):
     assert isinstance(config, EomtConfig) and config.category_ids == tuple(c.id for c in SYNTHETIC_CATEGORIES)
     report = json.loads((tmp_path / "work" / "metrics.json").read_text())
     assert report["task"] == "panoptic" and "PQ" in json.dumps(report["metrics"])
+
+
+def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_path):
+    from test_training import IterationRecorder, run_script
+
+    model_dir = tiny_hf_eomt(tmp_path / "hf_eomt")
+    write_dataset(tmp_path / "data", "train", 4, seed=0, config=SceneConfig.scaled(64))
+    # 6 epochs of 2 global batches of 2 images: 12 iterations; the default annealing's unit 12 // (2 + 2) = 3, block 0
+    # over [3, 6), block 1 over [6, 9), so queries keep their masks by per-image draws in between; warm-ups of 1
+    # and 2 iterations; a checkpoint every 6 iterations
+    options = {key: value for key, value in OPTIONS.items() if key != "train.mask_annealing"}
+    options.update({"train.max_epochs": 6, "train.checkpoint.period": {"interval": 6, "by_epoch": False},
+                    "train.lr_scheduler": {"type": "EomtWarmupPolyLR", "warmup": [1, 2],
+                                           "options": {"by_epoch": False}}})
+    recorder = IterationRecorder()
+    one = make_trainer(model_dir, tmp_path / "data", tmp_path / "one", options, [recorder])
+    one.train()
+    assert one.iter == 12
+    completed = run_script([model_dir, tmp_path / "data", tmp_path / "two",
+                            json.dumps(dict(options, **{"train.dataloader.batch_size_per_gpu": 1}))],
+                           launcher="pytorch")
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:]
+    ranks = [json.loads((tmp_path / "two" / f"rank_{rank}.json").read_text()) for rank in range(2)]
+    assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
+    assert ranks[0]["checksums"] == ranks[1]["checksums"]  # the ranks stayed in sync
+    # both ranks anneal by the global iteration (12 iterations, not the 24 batches of one image a rank would count)
+    two_thirds, one_third = (2 / 3) ** 0.9, (1 / 3) ** 0.9
+    expected_probabilities = [[1.0, 1.0]] * 4 + [[two_thirds, 1.0], [one_third, 1.0], [0.0, 1.0],
+                                                 [0.0, two_thirds], [0.0, one_third]] + [[0.0, 0.0]] * 3
+    probabilities = [recorder.iterations[step]["probabilities"] for step in range(12)]
+    assert probabilities == [pytest.approx(values, abs=1e-7) for values in expected_probabilities]
+    for rank in ranks:
+        assert sorted(rank["iterations"], key=int) == [str(step) for step in range(12)]
+        assert [rank["iterations"][str(step)]["probabilities"] for step in range(12)] == probabilities
+        assert [rank["iterations"][str(step)]["learning_rates"] for step in range(12)] == \
+            [recorder.iterations[step]["learning_rates"] for step in range(12)]
+    # one set of checkpoints and one output folder, written by rank 0
+    checkpoints = sorted(path.name for path in (tmp_path / "two").iterdir() if path.name.startswith("iter_"))
+    assert checkpoints == sorted(path.name for path in (tmp_path / "one").iterdir() if path.name.startswith("iter_"))
+    assert {"iter_6", "iter_12"} <= {name.split("_trainer_state")[0] for name in checkpoints}
+
+    _, expected_network = load_model(tmp_path / "one" / "output")
+    _, actual_network = load_model(tmp_path / "two" / "output")
+    expected, actual = expected_network.state_dict(), actual_network.state_dict()
+    initial = load_model(model_dir)[1].state_dict()  # its class head is re-initialised for the scenes' classes
+    movements = {key: (expected[key].double() - initial[key].double()).abs().max().item() for key in expected
+                 if initial[key].shape == expected[key].shape}
+    assert max(movements.values()) > 1e-4  # training moved the weights
+    # the key bias (rows 64:128 of each fused qkv bias) shifts every attention logit of a query alike, so softmax
+    # gives it a zero gradient; its computed gradient is rounding noise, which AdamW turns into lr-sized steps of
+    # the noise's sign (1e-4 apart between the runs here): bounded by twice the steps' summed learning rates;
+    # every other weight agrees
+    key_biases = {key: actual[key][64:128] - expected[key][64:128] for key in expected if key.endswith("qkv.bias")}
+    summed_rates = sum(max(recorder.iterations[step]["learning_rates"]) for step in range(12))
+    assert len(key_biases) == 4
+    assert max(bias.abs().max().item() for bias in key_biases.values()) < 2 * summed_rates
+    for key in key_biases:
+        expected[key], actual[key] = torch.cat([expected[key][:64], expected[key][128:]]), \
+            torch.cat([actual[key][:64], actual[key][128:]])
+    differences = {key: (expected[key].double() - actual[key].double()).abs().max().item() for key in expected}
+    assert max(differences.values()) < 1e-5, max(differences, key=differences.get)

@@ -64,6 +64,35 @@ def test_annealing_steps_and_the_buffer_follow_the_blocks_in_turn():
         anneal_masks(network, 0, [1], [2])
 
 
+def test_given_mask_draws_decide_which_queries_keep_their_masks():
+    from modelscope_plugin.training.eomt import mask_draw_seed, seeded_mask_draws
+
+    network = tiny_network(num_query_blocks=2).train()
+    network.attention_mask_probabilities.fill_(0.5)
+    torch.manual_seed(3)
+    pixels = torch.randn(2, 3, 64, 64)
+    # the draws torch.rand would make, block by block: the same outputs
+    torch.manual_seed(5)
+    draws = torch.stack([torch.rand(2, 10), torch.rand(2, 10)], dim=1)
+    torch.manual_seed(5)
+    drawn_inside = network(pixels)
+    given = network(pixels, mask_draws=draws)
+    assert torch.equal(drawn_inside.mask_logits, given.mask_logits)
+    assert torch.equal(drawn_inside.class_logits, given.class_logits)
+    # draws of 1 exceed the probability 0.5 everywhere: no query keeps its mask, as if both blocks ran unmasked
+    unmasked = network(pixels, mask_draws=torch.ones(2, 2, 10))
+    network.attention_mask_probabilities.fill_(0.0)
+    torch.testing.assert_close(unmasked.mask_logits, network(pixels).mask_logits, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(given.mask_logits, unmasked.mask_logits, atol=1e-3)
+    with pytest.raises(ValueError, match=r"mask_draws of shape \(2, 10\); expected \(batch 2, 2 query blocks, 10"):
+        network(pixels, mask_draws=torch.rand(2, 10))
+    # seeded per image: an image's draws do not depend on the batch it is in, and differ between images and steps
+    one_batch = seeded_mask_draws([mask_draw_seed(7, 4, 0), mask_draw_seed(7, 4, 1)], 2, 10)
+    assert torch.equal(one_batch[1:], seeded_mask_draws([mask_draw_seed(7, 4, 1)], 2, 10))
+    assert not torch.equal(one_batch[0], one_batch[1])
+    assert not torch.equal(one_batch[0], seeded_mask_draws([mask_draw_seed(7, 5, 0)], 2, 10)[0])
+
+
 def test_layer_wise_learning_rates_and_adamw():
     network = tiny_network(num_layers=4)
     groups = eomt_parameter_groups(network, lr=1e-4, layer_decay=0.8, weight_decay=0.05)

@@ -56,6 +56,21 @@ class KillAfter(Hook):
             os.kill(os.getpid(), 9)
 
 
+class IterationRecorder(Hook):
+    """Per training iteration: the learning rate of each optimiser group and, for an EoMT, its masked-attention
+    probabilities."""
+
+    def __init__(self):
+        self.iterations = {}
+
+    def before_train_iter(self, trainer):
+        network = trainer.unwrap_module(trainer.model)
+        probabilities = getattr(network, "attention_mask_probabilities", None)
+        self.iterations[trainer.iter] = {
+            "learning_rates": [group["lr"] for group in trainer.optimizer.param_groups],
+            "probabilities": probabilities.tolist() if probabilities is not None else None}
+
+
 def make_trainer(model_dir, data_root, work_dir, options, callbacks=(), instance_rows=False, **kwargs):
     train = as_ms_dataset(SyntheticSplit(Path(data_root), "train").panoptic_rows())
     val_split = SyntheticSplit(Path(data_root), "val")
@@ -302,7 +317,8 @@ def main(argv=None):
     parser.add_argument("--no-mkldnn", action="store_true", help="batch-size-independent convolution kernels")
     arguments = parser.parse_args(argv)
     torch.backends.mkldnn.enabled = not arguments.no_mkldnn
-    callbacks = [KillAfter(arguments.kill_after)] if arguments.kill_after else []
+    recorder = IterationRecorder()
+    callbacks = [recorder, *([KillAfter(arguments.kill_after)] if arguments.kill_after else [])]
     extra = {"launcher": arguments.launcher} if arguments.launcher else {}
     trainer = make_trainer(arguments.model_dir, arguments.data_root, arguments.work_dir, json.loads(arguments.options),
                            callbacks=callbacks, **extra)
@@ -311,7 +327,8 @@ def main(argv=None):
     network = trainer.unwrap_module(trainer.model)
     checksums = {key: float(value.double().sum()) for key, value in network.state_dict().items()}
     world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    (Path(arguments.work_dir) / f"rank_{rank}.json").write_text(json.dumps({"world_size": world_size, "checksums": checksums}))
+    (Path(arguments.work_dir) / f"rank_{rank}.json").write_text(json.dumps({
+        "world_size": world_size, "checksums": checksums, "iterations": recorder.iterations}))
 
 
 if __name__ == "__main__":

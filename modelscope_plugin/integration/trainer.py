@@ -6,9 +6,11 @@ An EoMT (a Hugging Face EoMT folder, or one with a configuration.json of model t
 (``training/eomt.py``): Mask2Former's criterion on the final and every query block's prediction, layer-wise lr decay
 groups (``train.optimizer.layer_decay``, default 0.8; ``paramwise_options`` are refused), AdamW 1e-4, weight decay
 0.05, no gradient clipping, and the official schedule per iteration (``train.lr_scheduler`` of type
-``EomtWarmupPolyLR`` {warmup: [500, 1000], power: 0.9, total_iters: the run's}: the parts outside the ViT warm up
+``EomtWarmupPolyLR`` {warmup: [500, 1000], scaled to a run shorter than 15000 iterations unless given (an explicit
+one must end before the run does), power: 0.9, total_iters: the run's}: the parts outside the ViT warm up
 linearly first, then the ViT, then polynomial decay; any other scheduler may replace it); masked attention annealed
-by the trainer's iteration (``EomtMaskAnnealingHook``; ``train.mask_annealing`` {starts, ends, power}, default the
+by the trainer's iteration, which queries keep their masks drawn per image from (seed, iteration, position in the
+global batch) (``EomtMaskAnnealingHook``; ``train.mask_annealing`` {starts, ends, power}, default the
 official placement over the run, which needs at least query blocks + 2 iterations: checked when the trainer is
 built), so a resumed run continues both schedules; the training crop is the network's square ``image_size``. Its output
 folder holds the HF files (``config.json`` + ``model.safetensors``) and a configuration.json with its classes.
@@ -130,11 +132,15 @@ from modelscope_plugin.training.data import (
 )
 from modelscope_plugin.training.eomt import (
     EOMT_SCHEDULER_TYPE,
+    OFFICIAL_WARMUP,
+    WARMUP_SCALING_STEPS,
     EomtMaskAnnealingHook,
     MaskAnnealing,
     build_eomt_scheduler,
     build_layer_decay_optimizer,
     eomt_schedule_from,
+    mask_draw_seed,
+    seeded_mask_draws,
 )
 from modelscope_plugin.training.evaluation import evaluate_network, flat_metric_values
 from modelscope_plugin.training.lr_policy import PolicyLR, lr_policy_from
@@ -186,8 +192,8 @@ EOMT_TRAINING_CONFIG = {
     "train": {
         "dataloader": {"batch_size_per_gpu": 2, "workers_per_gpu": 0},
         "optimizer": {"type": "AdamW", "lr": 1e-4, "weight_decay": 0.05, "layer_decay": 0.8},
-        "lr_scheduler": {"type": EOMT_SCHEDULER_TYPE, "warmup": [500, 1000], "power": 0.9,
-                         "options": {"by_epoch": False}},
+        # no warmup: the official 500 + 1000 steps, scaled to runs shorter than 15000 (eomt.py default_warmup)
+        "lr_scheduler": {"type": EOMT_SCHEDULER_TYPE, "power": 0.9, "options": {"by_epoch": False}},
     },
 }
 TRAINING_CONFIG_OF_TYPE = {"fastinst": FASTINST_TRAINING_CONFIG, "eomt": EOMT_TRAINING_CONFIG}
@@ -237,12 +243,15 @@ class SegmentationTrainer(EpochBasedTrainer):
             if self.train_dataset is not None:  # the default placement needs enough iterations: named here
                 self.mask_annealing.steps(self.planned_iterations(), self.model_config.num_query_blocks)
                 scheduler = self.cfg.safe_get("train.lr_scheduler") or {}
-                if scheduler.get("type") == EOMT_SCHEDULER_TYPE:
-                    warmup = eomt_schedule_from(scheduler).warmup
-                    if sum(warmup) >= self.planned_iterations():
-                        self._notes.append(f"train.lr_scheduler: the warm-ups {list(warmup)} last the whole run of "
-                                           f"{self.planned_iterations()} iterations; the ViT never reaches its "
-                                           "learning rate (set train.lr_scheduler.warmup for short runs)")
+                if scheduler.get("type") == EOMT_SCHEDULER_TYPE:  # an explicit warm-up must fit the run: named here
+                    schedule = eomt_schedule_from(scheduler)
+                    total_steps = schedule.total_iters or self.planned_iterations()
+                    warmup = schedule.warmup_for(total_steps)
+                    if schedule.warmup is None and warmup != OFFICIAL_WARMUP:
+                        self._notes.append(f"train.lr_scheduler: the official warm-ups {list(OFFICIAL_WARMUP)} are "
+                                           f"scaled to {list(warmup)} for the run of {total_steps} iterations (at "
+                                           f"most a tenth of it; unscaled from {WARMUP_SCALING_STEPS}; set "
+                                           "train.lr_scheduler.warmup to choose)")
             self.register_hook(EomtMaskAnnealingHook(self.mask_annealing))
         if self.eval_dataset is None and any(type(hook).__name__ == "EvaluationHook" for hook in self.hooks):
             raise TrainingConfigError("an EvaluationHook is configured (train.hooks / evaluation.period) but there is "
@@ -510,8 +519,9 @@ class SegmentationTrainer(EpochBasedTrainer):
             return self.optimizer, self.lr_scheduler, optimizer_options, {"by_epoch": False}
         if scheduler_cfg and scheduler_cfg.get("type") == EOMT_SCHEDULER_TYPE:  # groups flagged "vit" (eomt.py)
             schedule = eomt_schedule_from(scheduler_cfg)
-            self.lr_scheduler = build_eomt_scheduler(self.optimizer, schedule.total_iters or self.max_iters,
-                                                     schedule.warmup, schedule.power)
+            total_steps = schedule.total_iters or self.max_iters
+            self.lr_scheduler = build_eomt_scheduler(self.optimizer, total_steps, schedule.warmup_for(total_steps),
+                                                     schedule.power)
             return self.optimizer, self.lr_scheduler, optimizer_options, {"by_epoch": False}
         if scheduler_cfg:
             scheduler_cfg = dict(deepcopy(scheduler_cfg))
@@ -542,6 +552,10 @@ class SegmentationTrainer(EpochBasedTrainer):
                 output = model(inputs.images, inputs.tasks, True, inputs.text_tokens)
             else:  # no text mapper: no contrastive term
                 output = OneFormerTrainingOutput(model(inputs.images, inputs.tasks, True), None, None)
+        elif isinstance(self.model_config, EomtConfig):  # masked-attention draws seeded per image (eomt.py)
+            seeds = [mask_draw_seed(self._seed, self.iter, position) for position in inputs.positions]
+            draws = seeded_mask_draws(seeds, self.model_config.num_query_blocks, self.model_config.num_queries)
+            output = model(inputs.images, mask_draws=draws.to(inputs.images.device))
         else:
             output = model(inputs.images)
         self.criterion.to(inputs.images.device)  # its class-weight buffer follows the network

@@ -6,16 +6,23 @@ optimiser of the official EoMT training (Kerssies et al., CVPR 2025).
 - Masked attention: query block ``i`` keeps its mask with probability 1 until step ``starts[i]``, then
   ``(1 - progress) ** power`` (polynomial, power 0.9) until ``ends[i]``, 0 from there on; the blocks anneal one
   after another, so a finished network runs without masks.
+  Which queries keep their masks is drawn per image from a seed of (seed, step, position in the global batch)
+  (``seeded_mask_draws``), so two ranks train as one process on the same global batch, and a resumed run as an
+  uninterrupted one.
 - Learning rates: ``lr`` for the queries, heads, upscaling layers and the ViT's final norm; ViT block ``b`` of ``N``
   at ``lr * layer_decay ** (N - 1 - b)``, the embeddings (patches, class / register tokens, positions) as block 0.
 - Optimiser: ``torch.optim.AdamW`` with weight decay 0.05 on every parameter.
 - Schedule (two-stage warm-up, then polynomial decay with power 0.9): the parts outside the ViT warm up linearly
   over the first ``warmup[0]`` steps while the ViT (blocks, embeddings, final norm) stays at rate 0, then the ViT
-  warms up over ``warmup[1]`` steps; each then decays as ``(1 - progress) ** 0.9`` to the last step.
+  warms up over ``warmup[1]`` steps; each then decays as ``(1 - progress) ** 0.9`` to the last step. The official
+  warm-ups, 500 and 1000 steps, take a tenth of a run of ``WARMUP_SCALING_STEPS`` (15000) steps and less of the
+  official runs (88716 steps for COCO, about 39120 for ADE20K); in a shorter run, unless set explicitly, both are scaled
+  to it (``default_warmup``), so they still take at most a tenth of the run.
 """
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from modelscope.trainers.hooks.builder import HOOKS
 from modelscope.trainers.hooks.hook import Hook
@@ -69,6 +76,25 @@ def anneal_masks(network: Eomt, step: int, starts: Sequence[int], ends: Sequence
     with torch.no_grad():
         network.attention_mask_probabilities.copy_(torch.tensor(values))
     return values
+
+
+MASK_DRAW_STREAM = 1
+"""The word that follows (seed, step, position) in a mask-draw seed, so that an image's masked-attention draws and
+its point sampler (``training.data.point_seed``: the same three words) are independent."""
+
+
+def mask_draw_seed(seed: int, step: int, position: int) -> int:
+    """Seed of the masked-attention draws of the image at ``position`` of the global batch of ``step``."""
+    state = np.random.SeedSequence([seed, step, position, MASK_DRAW_STREAM]).generate_state(1, np.uint64)[0]
+    return int(state % (2 ** 63))
+
+
+def seeded_mask_draws(seeds: Sequence[int], num_query_blocks: int, num_queries: int) -> torch.Tensor:
+    """(B, num_query_blocks, num_queries) uniform draws in [0, 1) for ``Eomt.forward``'s ``mask_draws``, image
+    ``b``'s from a generator seeded with ``seeds[b]``: the same whatever the ranks and batch an image trains in, and
+    after a resume."""
+    return torch.stack([torch.rand((num_query_blocks, num_queries), generator=torch.Generator().manual_seed(seed))
+                        for seed in seeds])
 
 
 VIT_PARTS = ("blocks", "embeddings", "norm")
@@ -227,23 +253,54 @@ class EomtMaskAnnealingHook(Hook):
                      self.annealing.power)
 
 
+OFFICIAL_WARMUP = (500, 1000)
+"""The official warm-up steps: the parts outside the ViT, then the ViT."""
+WARMUP_SCALING_STEPS = 15000
+"""The shortest run that keeps ``OFFICIAL_WARMUP`` unscaled (the warm-ups then take a tenth of it)."""
+
+
+def default_warmup(total_steps: int) -> Tuple[int, int]:
+    """The warm-up of a run of ``total_steps`` that sets none: ``OFFICIAL_WARMUP`` from ``WARMUP_SCALING_STEPS``
+    steps on; in a shorter run both stages scaled by ``total_steps / WARMUP_SCALING_STEPS`` and rounded down
+    (``total_steps // 30`` and ``total_steps // 15``), so together they take at most a tenth of the run. They then
+    end before the default annealing (``annealing_steps``) starts to fade the first query block, at
+    ``total_steps // (blocks + 2)``, as in the official runs (for up to 8 query blocks)."""
+    if total_steps >= WARMUP_SCALING_STEPS:
+        return OFFICIAL_WARMUP
+    return (OFFICIAL_WARMUP[0] * total_steps // WARMUP_SCALING_STEPS,
+            OFFICIAL_WARMUP[1] * total_steps // WARMUP_SCALING_STEPS)
+
+
 EOMT_SCHEDULER_TYPE = "EomtWarmupPolyLR"
 """``train.lr_scheduler.type`` of the official schedule (``build_eomt_scheduler``)."""
 
 
 @dataclass
 class EomtSchedule:
-    """``train.lr_scheduler`` of type ``EOMT_SCHEDULER_TYPE``: the warm-up steps (outside the ViT, then the ViT), the
-    decay's power, and the run's iterations (``total_iters``; None: the trainer's)."""
+    """``train.lr_scheduler`` of type ``EOMT_SCHEDULER_TYPE``: the warm-up steps (outside the ViT, then the ViT;
+    None: ``default_warmup`` of the run), the decay's power, and the run's iterations (``total_iters``; None: the
+    trainer's)."""
 
-    warmup: Tuple[int, int] = (500, 1000)
+    warmup: Optional[Tuple[int, int]] = None
     power: float = 0.9
     total_iters: Optional[int] = None
 
+    def warmup_for(self, total_steps: int, where: str = "train.lr_scheduler") -> Tuple[int, int]:
+        """The warm-up steps of a run of ``total_steps``: the explicit ones, which must end before the run does
+        (else a ``TrainingConfigError`` naming them), or ``default_warmup``."""
+        if self.warmup is None:
+            return default_warmup(total_steps)
+        if sum(self.warmup) >= total_steps:
+            raise TrainingConfigError(
+                f"{where}.warmup {list(self.warmup)} ({sum(self.warmup)} steps) does not end before the run of "
+                f"{total_steps} iterations does: the ViT would never train at its learning rate; give warm-ups "
+                "that sum to fewer steps, or leave warmup out to have the official one scaled to the run")
+        return self.warmup
+
 
 def eomt_schedule_from(values: Mapping[str, Any], where: str = "train.lr_scheduler") -> EomtSchedule:
-    """An ``EomtSchedule`` from ``{type, warmup, power, total_iters, options: {by_epoch: false}}``, or a
-    ``TrainingConfigError`` naming what is wrong."""
+    """An ``EomtSchedule`` from ``{type, warmup (absent or null: the run's default), power, total_iters, options:
+    {by_epoch: false}}``, or a ``TrainingConfigError`` naming what is wrong."""
     values = dict(values)
     values.pop("type", None)
     options = dict(values.pop("options", None) or {})
@@ -253,14 +310,17 @@ def eomt_schedule_from(values: Mapping[str, Any], where: str = "train.lr_schedul
     known = {"warmup", "power", "total_iters"}
     if set(values) - known:
         raise TrainingConfigError(f"unknown {where} keys {sorted(set(values) - known)}; known: {sorted(known)}")
-    warmup = tuple(values.get("warmup", EomtSchedule.warmup))
-    if len(warmup) != 2 or not all(isinstance(steps, int) and steps >= 0 for steps in warmup):
-        raise TrainingConfigError(f"{where}.warmup must be two step counts >= 0 (outside the ViT, then the ViT), "
-                                  f"not {values.get('warmup')}")
+    warmup = values.get("warmup")
+    if warmup is not None:
+        warmup = tuple(warmup)
+        if len(warmup) != 2 or not all(isinstance(steps, int) and steps >= 0 for steps in warmup):
+            raise TrainingConfigError(f"{where}.warmup must be two step counts >= 0 (outside the ViT, then the "
+                                      f"ViT) or null, not {values.get('warmup')}")
+        warmup = (warmup[0], warmup[1])
     power = float(values.get("power", EomtSchedule.power))
     if not power > 0:
         raise TrainingConfigError(f"{where}.power must be above 0, not {power}")
     total_iters = values.get("total_iters")
     if total_iters is not None and not (isinstance(total_iters, int) and total_iters > 0):
         raise TrainingConfigError(f"{where}.total_iters must be a positive int, not {total_iters}")
-    return EomtSchedule((warmup[0], warmup[1]), power, total_iters)
+    return EomtSchedule(warmup, power, total_iters)

@@ -11,7 +11,8 @@ logits (bilinearly resized to the patch grid) are positive; the queries, class a
 The ``attention_mask_probabilities`` buffer (one value per query block, transformers' ``attn_mask_probs``)
 decides where: at inference a block is masked when its probability is >= 0.5 and unmasked otherwise, so 1 (the
 start of training) masks and 0 (trained checkpoints, whose masks were annealed away) does not. In training each
-query keeps its mask with that probability, drawn at random, as in the reference. transformers differs in one
+query keeps its mask with that probability, drawn at random, as in the reference (``forward``'s ``mask_draws``: the
+uniform draws given, so that they can be seeded per image; else ``torch.rand``). transformers differs in one
 case that trained checkpoints never reach: in a block with probability 0 after a block with a positive one, it
 reuses the previous block's mask; here (as in the original implementation) such a block is unmasked.
 """
@@ -99,9 +100,11 @@ class Eomt(nn.Module):
         mask_logits = torch.einsum("bqc,bchw->bqhw", self.mask_head(queries), patches)
         return self.class_head(queries), mask_logits
 
-    def attention_mask(self, mask_logits: torch.Tensor, num_tokens: int, probability: torch.Tensor) -> torch.Tensor:
+    def attention_mask(self, mask_logits: torch.Tensor, num_tokens: int, probability: torch.Tensor,
+                       draws: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, N, N) boolean mask, True where attention is allowed: each query sees the patches where its mask
-        logits, resized to the patch grid, are positive (see the module docstring for ``probability``)."""
+        logits, resized to the patch grid, are positive (see the module docstring for ``probability``); in training
+        a query whose uniform draw (``draws`` (B, Q), else ``torch.rand``) is above ``probability`` sees them all."""
         batch_size, num_queries = mask_logits.shape[:2]
         grid_size = self.embeddings.grid_size
         patch_start = num_queries + self.embeddings.num_prefix_tokens
@@ -110,7 +113,9 @@ class Eomt(nn.Module):
         query_sees_patch = resized.reshape(batch_size, num_queries, grid_size * grid_size) > 0
         if self.training:
             # each query keeps its mask with the block's probability
-            unmasked = torch.rand(batch_size, num_queries, device=mask_logits.device) > probability
+            if draws is None:
+                draws = torch.rand(batch_size, num_queries, device=mask_logits.device)
+            unmasked = draws.to(mask_logits.device) > probability
             query_sees_patch = query_sees_patch | unmasked[:, :, None]
         mask = torch.ones(batch_size, num_tokens, num_tokens, dtype=torch.bool, device=mask_logits.device)
         mask[:, :num_queries, patch_start:] = query_sees_patch
@@ -125,10 +130,17 @@ class Eomt(nn.Module):
         return [self.block_is_masked(block) for block in range(self.num_query_blocks)]
 
     def forward(self, pixels: torch.Tensor, return_auxiliary: Optional[bool] = None,
-                masked_blocks: Optional[List[bool]] = None) -> Mask2FormerOutput:
+                masked_blocks: Optional[List[bool]] = None,
+                mask_draws: Optional[torch.Tensor] = None) -> Mask2FormerOutput:
         """pixels: (B, 3, image_size, image_size) normalised; returns raw logits (and, when ``return_auxiliary``, by
         default in training, the predictions made before each query block, in block order). ``masked_blocks``: the
-        decisions of ``masked_blocks()`` made beforehand (a traced graph cannot read them from the buffer)."""
+        decisions of ``masked_blocks()`` made beforehand (a traced graph cannot read them from the buffer).
+        ``mask_draws``: (B, num_query_blocks, num_queries) uniform draws in [0, 1) deciding in training which queries
+        keep their masks (see ``attention_mask``); None: drawn with ``torch.rand``."""
+        if mask_draws is not None and tuple(mask_draws.shape) != (
+                pixels.shape[0], self.num_query_blocks, self.queries.num_embeddings):
+            raise ValueError(f"mask_draws of shape {tuple(mask_draws.shape)}; expected (batch {pixels.shape[0]}, "
+                             f"{self.num_query_blocks} query blocks, {self.queries.num_embeddings} queries)")
         if return_auxiliary is None:
             return_auxiliary = self.training
         if masked_blocks is None:
@@ -152,7 +164,8 @@ class Eomt(nn.Module):
                     auxiliary_mask_logits.append(mask_logits)
                 if masked:
                     attention_mask = self.attention_mask(
-                        mask_logits, tokens.shape[1], self.attention_mask_probabilities[query_block])
+                        mask_logits, tokens.shape[1], self.attention_mask_probabilities[query_block],
+                        mask_draws[:, query_block] if mask_draws is not None else None)
             tokens = block(tokens, attention_mask, rotary)
         class_logits, mask_logits = self.predict(self.norm(tokens))
         return Mask2FormerOutput(class_logits=class_logits, mask_logits=mask_logits,
