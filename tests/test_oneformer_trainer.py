@@ -14,6 +14,7 @@ import torch
 from conftest import run_oracle
 from modelscope.trainers import build_trainer
 from modelscope.trainers.hooks.hook import Hook
+from PIL import Image
 from safetensors.torch import load_file
 from test_oneformer_model import tiny_oneformer_config
 
@@ -22,7 +23,7 @@ from modelscope_plugin.checkpoints.oneformer import to_hf_oneformer
 from modelscope_plugin.config import DinatConfig, OneFormerConfig, OneFormerTextMapperConfig, SwinConfig
 from modelscope_plugin.data.datasets import as_ms_dataset
 from modelscope_plugin.data.synthetic import SYNTHETIC_CATEGORIES, SceneConfig, SyntheticSplit, write_dataset
-from modelscope_plugin.errors import KeymapError, TrainingDataError
+from modelscope_plugin.errors import KeymapError, TrainingConfigError
 from modelscope_plugin.model_dirs.load import load_model
 from modelscope_plugin.model_dirs.oneformer import (
     load_hf_oneformer_dir,
@@ -259,11 +260,103 @@ def test_a_folder_without_text_mapper_trains_without_the_contrastive_term(tmp_pa
     assert "criterion.logit_scale" not in load_file(output / "model.safetensors")
 
 
-def test_semantic_rows_are_refused_when_the_trainer_is_built(tmp_path):
+@pytest.mark.parametrize("rows", ["semantic", "instance"])
+def test_instance_and_label_rows_train_their_one_task(tmp_path, rows):
+    """Label rows train the semantic task on every image, instance rows the instance task (its class head: the
+    thing classes); each becomes the default task, and the log names it."""
     model_dir = tiny_hf_oneformer(tmp_path / "hf_oneformer")
     write_dataset(tmp_path / "data", "train", 2, seed=0, config=SceneConfig.scaled(64))
-    with pytest.raises(TrainingDataError, match="OneFormer trains on panoptic rows.*kind 'semantic'"):
-        make_trainer(model_dir, tmp_path / "data", tmp_path / "work", rows="semantic")
+    recorder = BatchRecorder()
+    trainer = make_trainer(model_dir, tmp_path / "data", tmp_path / "work", callbacks=[recorder], rows=rows)
+    assert trainer.oneformer_tasks == (rows,) and trainer.model_config.task == rows
+    assert any(f"OneFormer trains on {rows} rows" in note and f"every image's task is {rows}" in note
+               for note in trainer._notes)
+    expected_classes = len(THING_INDICES) if rows == "instance" else len(SYNTHETIC_CATEGORIES)
+    assert trainer.model_config.num_classes == expected_classes
+    losses = []
+    criterion_forward = trainer.criterion.forward
+    trainer.criterion.forward = lambda *arguments: losses.append(criterion_forward(*arguments)) or losses[-1]
+    trainer.train()
+    assert trainer.iter == 2 and len(recorder.batches) == 2
+    assert all(torch.isfinite(trainer.criterion.total(terms)) and "loss_contrastive" in terms for terms in losses)
+    padding = {"semantic": "a semantic photo", "instance": "an instance photo"}[rows]
+    num_text = 6 - TEXT_MAPPER.num_context
+    for batch in recorder.batches:
+        assert batch.tasks == [rows, rows]
+        for target, tokens in zip(batch.targets, batch.text_tokens):
+            labels = target.labels.tolist()
+            assert labels and (set(labels) <= THING_INDICES if rows == "instance" else len(set(labels)) == len(labels))
+            named = [f"a photo with a {CLASS_NAMES[label]}" for label in sorted(labels)][:num_text]
+            assert decoded_texts(tokens) == named + [padding] * (num_text - len(named))
+    assert json.loads((tmp_path / "work" / "output" / "configuration.json").read_text())["model"]["config"]["task"] \
+        == rows
+
+
+@pytest.mark.parametrize("rows, asked", [("semantic", "panoptic"), ("instance", "semantic")])
+def test_a_task_the_rows_cannot_train_is_refused_when_the_trainer_is_built(tmp_path, rows, asked):
+    model_dir = tiny_hf_oneformer(tmp_path / "hf_oneformer")
+    write_dataset(tmp_path / "data", "train", 2, seed=0, config=SceneConfig.scaled(64))
+    with pytest.raises(TrainingConfigError, match=f"train.task '{asked}'.* {rows} rows .*the {rows} task only"):
+        make_trainer(model_dir, tmp_path / "data", tmp_path / "work", dict(OPTIONS, **{"train.task": asked}),
+                     rows=rows)
+
+
+def processor_segment_map(dataset, row, rows):
+    """The row's annotation as OneFormerImageProcessor reads it: (H, W) class indices (void 255) for label rows,
+    (H, W) object numbers (void 0) and number -> class index for instance rows."""
+    from pycocotools import mask as mask_utils
+
+    if rows == "semantic":
+        with Image.open(row["label_path"]) as image:
+            values = np.asarray(image).astype(np.int64)
+        class_map = np.full(values.shape, 255, np.int64)
+        for category_id, class_index in dataset.class_index_of.items():
+            class_map[values == category_id] = class_index
+        return class_map, None, 255
+    objects = np.zeros((int(row["height"]), int(row["width"])), np.int64)
+    classes = {}
+    for number, annotation in enumerate(json.loads(row["annotations_json"]), start=1):
+        rle = dict(annotation["segmentation"], counts=annotation["segmentation"]["counts"].encode("ascii"))
+        mask = mask_utils.decode(rle).astype(bool)
+        assert not (objects[mask] != 0).any()  # one map holds them: no overlaps in the synthetic scenes
+        objects[mask] = number
+        classes[number] = dataset.class_index_of[int(annotation["category_id"])]
+    return objects, classes, 0
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("rows", ["semantic", "instance"])
+def test_instance_and_label_targets_equal_transformers_processor(tmp_path, rows):
+    """Without augmentation (64 x 64 scenes kept whole), each image's target and text list equal
+    OneFormerImageProcessor's for the rows' one task."""
+    from modelscope_plugin.training.config import AugmentationConfig
+    from modelscope_plugin.training.data import contiguous_categories
+    from modelscope_plugin.training.oneformer import OneFormerTrainingDataset
+
+    write_dataset(tmp_path / "data", "train", 2, seed=0, config=SceneConfig.scaled(64))
+    split_rows = getattr(SyntheticSplit(tmp_path / "data", "train"), f"{rows}_rows")()
+    config = tiny_config()
+    augmentation = AugmentationConfig(image_size=64, min_scale=1.0, max_scale=1.0, flip_probability=0.0)
+    dataset = OneFormerTrainingDataset(split_rows, contiguous_categories(CATEGORIES), config, augmentation)
+    num_text = dataset.num_text
+    for index, row in enumerate(split_rows):
+        sample = dataset[index]
+        assert sample.task == rows
+        segment_map, classes, ignore_index = processor_segment_map(dataset, row, rows)
+        arrays = dict(segment_map=segment_map, class_names=np.array(CLASS_NAMES),
+                      thing_ids=np.array(sorted(THING_INDICES)), num_text=num_text, tasks=np.array([rows]),
+                      ignore_index=ignore_index)
+        if classes is not None:
+            arrays.update(segment_ids=np.array(sorted(classes)),
+                          segment_classes=np.array([classes[number] for number in sorted(classes)]))
+        np.savez(tmp_path / "input.npz", **arrays)
+        run_oracle("oneformer_training_oracle.py", "targets", tmp_path / "input.npz", tmp_path / "result.npz")
+        reference = np.load(tmp_path / "result.npz")
+        assert sample.target.labels.tolist() == reference[f"labels_{rows}"].tolist()
+        assert torch.equal(sample.target.masks, torch.from_numpy(reference[f"masks_{rows}"]).float())
+        texts = reference[f"texts_{rows}"].tolist()
+        assert torch.equal(sample.text_tokens, clip_tokenizer().tokenize(texts, config.text_mapper.context_length))
+        assert any(text.startswith("a photo with a") for text in texts)
 
 
 def test_a_resumed_run_continues_tasks_weights_and_logit_scale(tmp_path):
