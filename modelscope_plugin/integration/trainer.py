@@ -76,9 +76,9 @@ Datasets: rows of ``modelscope_plugin.data.datasets.read_coco_panoptic`` (any ta
 (instance) or ``read_label_folders`` (semantic), or an ``MsDataset`` of them; or what ``MsDataset.load`` returns for a
 hub dataset shipped as an archive, read through a ``dataset.{train,val}`` section of type
 ``mask2former-coco-panoptic-dataset`` (its categories are the training categories unless given). Rows that cannot
-train ``train.task`` raise ``TrainingDataError`` when the trainer is built. ``cfg_options`` are merged before the
-configuration is read. The r50 card's EasyCV-written sections: ``build_trainer('easycv', ...)``
-(``integration.easycv_trainer``).
+train ``train.task`` raise ``TrainingDataError`` when the trainer is built (a OneFormer's: ``TrainingConfigError``).
+``cfg_options`` are merged before the configuration is read. The r50 card's EasyCV-written sections:
+``build_trainer('easycv', ...)`` (``integration.easycv_trainer``).
 """
 import os
 from copy import deepcopy
