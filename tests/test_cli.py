@@ -397,6 +397,43 @@ def test_export_mask2former_at_a_fixed_size_checked_with_onnxruntime(tiny_model_
     assert np.abs(mask_logits - reference.mask_logits.numpy()).max() < 1e-4 and mask_logits.shape[-2:] == (16, 24)
 
 
+def test_export_oneformer_bakes_the_task_into_the_graph_checked_with_onnxruntime(tiny_model_dir, tmp_path, capsys):
+    """A OneFormer folder exports for its default task, or the one --task names; each graph gives that task's logits
+    (within 1e-5 of the logit range), and the two tasks' graphs differ; --task on a Mask2Former is refused."""
+    import onnxruntime
+    import torch
+    from test_oneformer_trainer import tiny_hf_oneformer
+
+    from modelscope_plugin.model_dirs.load import load_model
+
+    model_dir = tiny_hf_oneformer(tmp_path / "hf_oneformer", text_mapper=None)
+    config, network = load_model(model_dir)
+    default, other = config.task, "panoptic" if config.task != "panoptic" else "semantic"
+    images = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(5))
+    logits = {}
+    for task, extra in ((default, []), (other, ["--task", other])):
+        output = tmp_path / f"oneformer_{task}.onnx"
+        assert main(["export", "--model", str(model_dir), "--output", str(output), "--example-size", "64x96",
+                     *extra]) == 0, capsys.readouterr().err
+        assert f"(task {task}); onnxruntime agrees" in capsys.readouterr().out
+        session = onnxruntime.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+        assert session.get_modelmeta().custom_metadata_map["task"] == task
+        assert session.get_inputs()[0].shape == [1, 3, 64, 96]
+        class_logits, mask_logits = session.run(None, {"images": images.numpy()})
+        with torch.no_grad():
+            reference = network(images, task)
+        for theirs, ours in ((class_logits, reference.class_logits), (mask_logits, reference.mask_logits)):
+            logit_range = max(1.0, float(ours.abs().max()))
+            assert np.abs(theirs - ours.numpy()).max() <= 1e-5 * logit_range, task
+        logits[task] = (class_logits, mask_logits)
+    # the task is in the graph: the two graphs' outputs differ far beyond the tolerance
+    assert np.abs(logits[default][0] - logits[other][0]).max() > 1e-2
+    assert np.abs(logits[default][1] - logits[other][1]).max() > 1e-2
+    assert main(["export", "--model", str(tiny_model_dir), "--output", str(tmp_path / "m2f.onnx"),
+                 "--task", "semantic"]) == 1
+    assert "--task is for OneFormer" in capsys.readouterr().err and not (tmp_path / "m2f.onnx").exists()
+
+
 def test_train_hands_its_options_to_the_finetune_script(capsys):
     assert main(["train", "--help"]) == 0
     assert "--work-dir" in capsys.readouterr().out

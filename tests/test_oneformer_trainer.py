@@ -5,15 +5,20 @@ text lists, the contrastive term and its learned scale, class-head re-initialisa
 (``to_hf_oneformer``, ``write_hub_oneformer_dir``) reads back exactly, and its names equal transformers'."""
 import json
 import math
+import os
+import socket
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import run_oracle
+from conftest import REPO, run_oracle
 from modelscope.trainers import build_trainer
 from modelscope.trainers.hooks.hook import Hook
+from PIL import Image
 from safetensors.torch import load_file
 from test_oneformer_model import tiny_oneformer_config
 
@@ -22,7 +27,7 @@ from modelscope_plugin.checkpoints.oneformer import to_hf_oneformer
 from modelscope_plugin.config import DinatConfig, OneFormerConfig, OneFormerTextMapperConfig, SwinConfig
 from modelscope_plugin.data.datasets import as_ms_dataset
 from modelscope_plugin.data.synthetic import SYNTHETIC_CATEGORIES, SceneConfig, SyntheticSplit, write_dataset
-from modelscope_plugin.errors import KeymapError, TrainingDataError
+from modelscope_plugin.errors import KeymapError, TrainingConfigError
 from modelscope_plugin.model_dirs.load import load_model
 from modelscope_plugin.model_dirs.oneformer import (
     load_hf_oneformer_dir,
@@ -259,11 +264,103 @@ def test_a_folder_without_text_mapper_trains_without_the_contrastive_term(tmp_pa
     assert "criterion.logit_scale" not in load_file(output / "model.safetensors")
 
 
-def test_semantic_rows_are_refused_when_the_trainer_is_built(tmp_path):
+@pytest.mark.parametrize("rows", ["semantic", "instance"])
+def test_instance_and_label_rows_train_their_one_task(tmp_path, rows):
+    """Label rows train the semantic task on every image, instance rows the instance task (its class head: the
+    thing classes); each becomes the default task, and the log names it."""
     model_dir = tiny_hf_oneformer(tmp_path / "hf_oneformer")
     write_dataset(tmp_path / "data", "train", 2, seed=0, config=SceneConfig.scaled(64))
-    with pytest.raises(TrainingDataError, match="OneFormer trains on panoptic rows.*kind 'semantic'"):
-        make_trainer(model_dir, tmp_path / "data", tmp_path / "work", rows="semantic")
+    recorder = BatchRecorder()
+    trainer = make_trainer(model_dir, tmp_path / "data", tmp_path / "work", callbacks=[recorder], rows=rows)
+    assert trainer.oneformer_tasks == (rows,) and trainer.model_config.task == rows
+    assert any(f"OneFormer trains on {rows} rows" in note and f"every image's task is {rows}" in note
+               for note in trainer._notes)
+    expected_classes = len(THING_INDICES) if rows == "instance" else len(SYNTHETIC_CATEGORIES)
+    assert trainer.model_config.num_classes == expected_classes
+    losses = []
+    criterion_forward = trainer.criterion.forward
+    trainer.criterion.forward = lambda *arguments: losses.append(criterion_forward(*arguments)) or losses[-1]
+    trainer.train()
+    assert trainer.iter == 2 and len(recorder.batches) == 2
+    assert all(torch.isfinite(trainer.criterion.total(terms)) and "loss_contrastive" in terms for terms in losses)
+    padding = {"semantic": "a semantic photo", "instance": "an instance photo"}[rows]
+    num_text = 6 - TEXT_MAPPER.num_context
+    for batch in recorder.batches:
+        assert batch.tasks == [rows, rows]
+        for target, tokens in zip(batch.targets, batch.text_tokens):
+            labels = target.labels.tolist()
+            assert labels and (set(labels) <= THING_INDICES if rows == "instance" else len(set(labels)) == len(labels))
+            named = [f"a photo with a {CLASS_NAMES[label]}" for label in sorted(labels)][:num_text]
+            assert decoded_texts(tokens) == named + [padding] * (num_text - len(named))
+    assert json.loads((tmp_path / "work" / "output" / "configuration.json").read_text())["model"]["config"]["task"] \
+        == rows
+
+
+@pytest.mark.parametrize("rows, asked", [("semantic", "panoptic"), ("instance", "semantic")])
+def test_a_task_the_rows_cannot_train_is_refused_when_the_trainer_is_built(tmp_path, rows, asked):
+    model_dir = tiny_hf_oneformer(tmp_path / "hf_oneformer")
+    write_dataset(tmp_path / "data", "train", 2, seed=0, config=SceneConfig.scaled(64))
+    with pytest.raises(TrainingConfigError, match=f"train.task '{asked}'.* {rows} rows .*the {rows} task only"):
+        make_trainer(model_dir, tmp_path / "data", tmp_path / "work", dict(OPTIONS, **{"train.task": asked}),
+                     rows=rows)
+
+
+def processor_segment_map(dataset, row, rows):
+    """The row's annotation as OneFormerImageProcessor reads it: (H, W) class indices (void 255) for label rows,
+    (H, W) object numbers (void 0) and number -> class index for instance rows."""
+    from pycocotools import mask as mask_utils
+
+    if rows == "semantic":
+        with Image.open(row["label_path"]) as image:
+            values = np.asarray(image).astype(np.int64)
+        class_map = np.full(values.shape, 255, np.int64)
+        for category_id, class_index in dataset.class_index_of.items():
+            class_map[values == category_id] = class_index
+        return class_map, None, 255
+    objects = np.zeros((int(row["height"]), int(row["width"])), np.int64)
+    classes = {}
+    for number, annotation in enumerate(json.loads(row["annotations_json"]), start=1):
+        rle = dict(annotation["segmentation"], counts=annotation["segmentation"]["counts"].encode("ascii"))
+        mask = mask_utils.decode(rle).astype(bool)
+        assert not (objects[mask] != 0).any()  # one map holds them: no overlaps in the synthetic scenes
+        objects[mask] = number
+        classes[number] = dataset.class_index_of[int(annotation["category_id"])]
+    return objects, classes, 0
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("rows", ["semantic", "instance"])
+def test_instance_and_label_targets_equal_transformers_processor(tmp_path, rows):
+    """Without augmentation (64 x 64 scenes kept whole), each image's target and text list equal
+    OneFormerImageProcessor's for the rows' one task."""
+    from modelscope_plugin.training.config import AugmentationConfig
+    from modelscope_plugin.training.data import contiguous_categories
+    from modelscope_plugin.training.oneformer import OneFormerTrainingDataset
+
+    write_dataset(tmp_path / "data", "train", 2, seed=0, config=SceneConfig.scaled(64))
+    split_rows = getattr(SyntheticSplit(tmp_path / "data", "train"), f"{rows}_rows")()
+    config = tiny_config()
+    augmentation = AugmentationConfig(image_size=64, min_scale=1.0, max_scale=1.0, flip_probability=0.0)
+    dataset = OneFormerTrainingDataset(split_rows, contiguous_categories(CATEGORIES), config, augmentation)
+    num_text = dataset.num_text
+    for index, row in enumerate(split_rows):
+        sample = dataset[index]
+        assert sample.task == rows
+        segment_map, classes, ignore_index = processor_segment_map(dataset, row, rows)
+        arrays = dict(segment_map=segment_map, class_names=np.array(CLASS_NAMES),
+                      thing_ids=np.array(sorted(THING_INDICES)), num_text=num_text, tasks=np.array([rows]),
+                      ignore_index=ignore_index)
+        if classes is not None:
+            arrays.update(segment_ids=np.array(sorted(classes)),
+                          segment_classes=np.array([classes[number] for number in sorted(classes)]))
+        np.savez(tmp_path / "input.npz", **arrays)
+        run_oracle("oneformer_training_oracle.py", "targets", tmp_path / "input.npz", tmp_path / "result.npz")
+        reference = np.load(tmp_path / "result.npz")
+        assert sample.target.labels.tolist() == reference[f"labels_{rows}"].tolist()
+        assert torch.equal(sample.target.masks, torch.from_numpy(reference[f"masks_{rows}"]).float())
+        texts = reference[f"texts_{rows}"].tolist()
+        assert torch.equal(sample.text_tokens, clip_tokenizer().tokenize(texts, config.text_mapper.context_length))
+        assert any(text.startswith("a photo with a") for text in texts)
 
 
 def test_a_resumed_run_continues_tasks_weights_and_logit_scale(tmp_path):
@@ -283,6 +380,79 @@ def test_a_resumed_run_continues_tasks_weights_and_logit_scale(tmp_path):
     actual = resumed.unwrap_module(resumed.model).state_dict()
     assert [key for key in expected if not torch.equal(expected[key], actual[key])] == []
     assert torch.equal(resumed.criterion.logit_scale.detach(), uninterrupted.criterion.logit_scale.detach())
+
+
+def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_path):
+    """torchrun with 2 ranks of 1 image = 1 process of 2 images: the same tasks per image (drawn from seed, epoch and
+    image, whichever rank reads it), the same weights and logit scale (the contrastive loss over the global batch)."""
+    from oneformer_training_worker import TaskRecorder
+    from oneformer_training_worker import make_trainer as make_worker_trainer
+
+    model_dir = tiny_hf_oneformer(tmp_path / "hf_oneformer")
+    write_dataset(tmp_path / "data", "train", 4, seed=0, config=SceneConfig.scaled(64))
+    # 2 epochs of 2 global batches of 2 images, flips; SGD with momentum, whose update is linear in the gradient
+    # (AdamW's first steps move each weight by +-lr whatever the size of its gradient, rounding noise included), the
+    # gradient clipped at norm 0.01 (the default); no weight decay, so that the text mapper moves through the
+    # contrastive term alone
+    options = dict(OPTIONS, **{"train.optimizer.type": "SGD", "train.optimizer.lr": 0.5,
+                               "train.optimizer.momentum": 0.9, "train.optimizer.weight_decay": 0.0,
+                               "train.augmentation": dict(OPTIONS["train.augmentation"], flip_probability=0.5)})
+    one_recorder = TaskRecorder()
+    with torch.backends.mkldnn.flags(enabled=False):  # oneDNN's convolution algorithm depends on the batch size
+        one = make_worker_trainer(model_dir, tmp_path / "data", tmp_path / "one", options, [one_recorder])
+        one.train()
+    environment = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(torch.get_num_threads()))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    two_options = dict(options, **{"train.dataloader.batch_size_per_gpu": 1})
+    completed = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+         str(REPO / "tests" / "oneformer_training_worker.py"), str(model_dir), str(tmp_path / "data"),
+         str(tmp_path / "two"), json.dumps(two_options)],
+        capture_output=True, text=True, timeout=900, env=environment, cwd=REPO)
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:]
+    ranks = [json.loads((tmp_path / "two" / f"rank_{rank}.json").read_text()) for rank in range(2)]
+    assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
+    assert ranks[0]["checksums"] == ranks[1]["checksums"]  # the ranks stayed in sync
+    assert ranks[0]["logit_scale"] == ranks[1]["logit_scale"]
+
+    # per iteration, rank r trained the r-th image of the one-process batch, told the same task
+    assert len(one_recorder.iterations) == 4 == len(ranks[0]["iterations"])
+    tasks_seen = set()
+    for step, one_step in enumerate(one_recorder.iterations):
+        for rank in range(2):
+            rank_step = ranks[rank]["iterations"][step]
+            assert rank_step["epoch"] == one_step["epoch"]
+            assert rank_step["indices"] == one_step["indices"][rank:rank + 1]
+            assert rank_step["tasks"] == one_step["tasks"][rank:rank + 1]
+        tasks_seen.update(one_step["tasks"])
+    # an image read by both ranks (in different epochs) gets the task of its (seed, epoch, index) either way
+    dataset = one.train_dataset
+    for step in ranks[0]["iterations"] + ranks[1]["iterations"]:
+        dataset.set_epoch(step["epoch"])
+        assert step["tasks"] == [dataset.task_of(index) for index in step["indices"]]
+    assert len(tasks_seen) > 1
+
+    expected = one.unwrap_module(one.model).state_dict()
+    _, two_network = load_model(tmp_path / "two" / "output")
+    actual = two_network.state_dict()
+    _, initial_network = load_model(model_dir)
+    initial = initial_network.state_dict()
+    differences = {key: (expected[key].double() - actual[key].double()).abs().max().item() for key in expected}
+    movements = {key: (expected[key].double() - initial[key].double()).abs().max().item() for key in expected
+                 if expected[key].shape == initial[key].shape}  # the class head was re-initialised
+    # measured: largest difference 1.5e-8, at most 1e-4 of how far a tensor moved; the text mapper (moved 1e-4, through
+    # the contrastive term alone, which needs the other rank's image and text) within 1e-8
+    relative = {key: differences[key] / movements[key] for key in movements if movements[key] > 1e-5}
+    worst = max(relative, key=relative.get)
+    text_mapper_keys = [key for key in movements if key.startswith("text_mapper.")]
+    assert max(movements.values()) > 5e-4  # training moved the weights
+    assert max(movements[key] for key in text_mapper_keys) > 5e-5
+    assert max(differences.values()) < 1e-6 and relative[worst] < 1e-3, (worst, relative[worst], differences[worst])
+    two_scale = float(load_file(tmp_path / "two" / "output" / "model.safetensors")["criterion.logit_scale"])
+    one_scale = float(one.criterion.logit_scale.detach())
+    assert abs(two_scale - one_scale) < 1e-5 < abs(one_scale - math.log(1 / 0.07))
 
 
 def test_evaluation_runs_the_network_on_its_default_task(tmp_path):

@@ -348,3 +348,74 @@ def test_a_tiny_oneformer_learns_repeated_synthetic_scenes():
     print("total loss, first 3 / last 3 steps:", totals[:3], totals[-3:])
     assert all(math.isfinite(value) for value in totals)
     assert sum(totals[-3:]) < 0.4 * sum(totals[:3])
+
+
+def test_a_tiny_oneformer_trained_on_repeated_scenes_segments_held_out_ones_above_chance(tmp_path):
+    """A tiny OneFormer from random weights, trained with the recipe's per-image tasks (redrawn every step), text
+    lists and whole loss on one repeated batch of 4 synthetic 64 x 64 scenes (flipped and rescaled as the recipe
+    augments): its loss falls, and on 16 held-out scenes of another seed, told the panoptic task, its panoptic quality
+    is above the untrained network's (measured: untrained PQ 0.0; trained PQ 2.5, its stuff classes 5.9, after 160
+    steps; the loss 32 -> 18)."""
+    from modelscope.metrics import build_metric
+    from test_oneformer_model import tiny_oneformer_config
+
+    from modelscope_plugin.config import OneFormerTextMapperConfig, SwinConfig
+    from modelscope_plugin.data.datasets import read_coco_panoptic
+    from modelscope_plugin.data.synthetic import SceneConfig, write_dataset
+    from modelscope_plugin.training.config import AugmentationConfig
+    from modelscope_plugin.training.data import collate, contiguous_categories
+    from modelscope_plugin.training.evaluation import evaluate_network
+    from modelscope_plugin.training.finetune import dataset_categories
+    from modelscope_plugin.training.oneformer import OneFormerTrainingDataset
+
+    size = 64
+    scenes = SceneConfig(image_size=size, min_thing_size=12, max_thing_size=28, max_things=4)
+    train = write_dataset(tmp_path, "train", 4, seed=0, config=scenes)
+    held_out = write_dataset(tmp_path, "val", 16, seed=1, config=scenes)
+    categories = contiguous_categories(dataset_categories(train.panoptic_json))
+    num_things = sum(category.isthing for category in categories)
+    config = replace(tiny_oneformer_config(SwinConfig(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2),
+                                                      window_size=4)),
+                     hidden_dim=64, num_queries=16, num_things_classes=num_things,
+                     num_stuff_classes=len(categories) - num_things,
+                     class_names=tuple(category.name for category in categories),
+                     category_ids=tuple(category.id for category in categories),
+                     text_mapper=OneFormerTextMapperConfig(context_length=8, width=64, num_layers=1,
+                                                           projector_layers=2, num_context=2))
+    config.preprocess.short_side, config.preprocess.long_side_max = size, size
+    torch.manual_seed(0)
+    network = build_oneformer(config)
+    rows, _ = read_coco_panoptic(str(train.panoptic_json), str(train.panoptic_folder), str(train.image_folder))
+    held_out_rows, _ = read_coco_panoptic(str(held_out.panoptic_json), str(held_out.panoptic_folder),
+                                          str(held_out.image_folder))
+    dataset = OneFormerTrainingDataset(rows, categories, config, AugmentationConfig(
+        image_size=size, min_scale=0.5, max_scale=1.5, flip_probability=0.5), seed=0)
+
+    def held_out_pq():
+        metric = build_metric({"type": "segmentation-panoptic-quality",
+                               "categories": [{"id": c.id, "name": c.name, "isthing": c.isthing} for c in categories]})
+        return evaluate_network(network, config, held_out_rows, [metric], ["panoptic"], torch.device("cpu"),
+                                thresholds={"panoptic": {"object_mask_threshold": 0.5}})["PQ"]
+
+    untrained = held_out_pq()
+    criterion = OneFormerCriterion(config.num_classes, num_points=256)
+    optimizer = torch.optim.AdamW(list(network.parameters()) + list(criterion.parameters()), lr=2e-3)
+    network.train()
+    losses, tasks = [], set()
+    for step in range(160):
+        dataset.set_epoch(step)  # each step: a new task and augmentation per image
+        batch = collate([(dataset[index], index) for index in range(len(dataset))])
+        tasks.update(batch.tasks)
+        output = network.forward_training(batch.images, batch.tasks, batch.text_tokens)
+        terms = criterion(output, batch.targets, PointSampler.from_seeds([10 * step + image for image in range(4)]))
+        total = criterion.total(terms)
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+        losses.append(total.item())
+    trained = held_out_pq()
+    print("loss first / last 10:", np.mean(losses[:10]), np.mean(losses[-10:]), "held-out PQ untrained", untrained,
+          "trained", trained)
+    assert tasks == {"panoptic", "semantic", "instance"}
+    assert np.mean(losses[-10:]) < 0.75 * np.mean(losses[:10]), (losses[:10], losses[-10:])
+    assert untrained < 0.5 and trained > 1.0 and trained > untrained + 1.0, (untrained, trained)

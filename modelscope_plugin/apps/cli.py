@@ -221,7 +221,7 @@ def evaluate(arguments) -> int:
 def export(arguments) -> int:
     """ONNX export with export.py; checked against the network with onnxruntime, then moved into place, so a failed
     export never replaces an existing file."""
-    from modelscope_plugin.apps.export import check_onnx, export_onnx, remove_onnx
+    from modelscope_plugin.apps.export import check_onnx, export_onnx, is_task_conditioned, remove_onnx
     from modelscope_plugin.integration import hub
     from modelscope_plugin.model_dirs.load import load_model
 
@@ -229,12 +229,19 @@ def export(arguments) -> int:
     if output.exists() and not arguments.overwrite:
         raise CommandError(f"{output} already exists; pass --overwrite to replace it (nothing was written)")
     model = hub.resolve_model_dir(arguments.model) if hub.is_supported_id(arguments.model) else arguments.model
-    _, network = load_model(model, class_names=model_class_names(arguments.classes), thing_ids=arguments.thing_ids)
+    config, network = load_model(model, class_names=model_class_names(arguments.classes),
+                                 thing_ids=arguments.thing_ids)
+    task = None
+    if is_task_conditioned(network):  # OneFormer: one task per graph, by default the model's own
+        task = arguments.task or config.task
+    elif arguments.task is not None:
+        raise CommandError(f"--task {arguments.task}: {arguments.model} is a {type(network).__name__}, whose logits "
+                           "do not depend on the task (--task is for OneFormer)")
     partial = output.parent / f".{output.name}.partial"
     remove_onnx(partial)  # a leftover of an interrupted export of this same file
     output.parent.mkdir(parents=True, exist_ok=True)
     try:
-        export_onnx(network, partial, example_size=arguments.example_size)
+        export_onnx(network, partial, example_size=arguments.example_size, task=task)
         largest = (check_onnx(network, partial, sizes=(arguments.example_size or (640, 640), arguments.check_size))
                    if arguments.check else None)
     except Exception as error:  # the exporter and onnxruntime raise their own types (e.g. an unsupported node)
@@ -243,7 +250,7 @@ def export(arguments) -> int:
     os.replace(partial, output)
     checked = (f"; onnxruntime agrees with the network to {largest:.2g} of the logit range"
                if largest is not None else "")
-    print(f"wrote {output}{checked}")
+    print(f"wrote {output}{f' (task {task})' if task else ''}{checked}")
     return EXIT_OK
 
 
@@ -358,12 +365,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_parser.set_defaults(handler=evaluate)
 
     export_parser = commands.add_parser(
-        "export", help="ONNX export (FastInst: dynamic size; Mask2Former, EoMT: one fixed size), checked with "
-                       "onnxruntime",
+        "export", help="ONNX export (FastInst: dynamic size; Mask2Former, OneFormer, EoMT: one fixed size), checked "
+                       "with onnxruntime",
         description="Writes the network (normalised, padded images -> class and mask logits) as ONNX, checks "
                     "onnxruntime's logits against the network, then moves the file into place. FastInst: dynamic "
                     "batch/height/width, checked at two sizes. Mask2Former: the graph takes (1, 3, H, W) at the "
-                    "--example-size only (pad images to it), checked there. EoMT: its own square input size only. "
+                    "--example-size only (pad images to it), checked there; OneFormer likewise, for one task "
+                    "(--task) baked into the graph. EoMT: its own square input size only. "
                     "Post-processing stays in Python.")
     export_parser.add_argument("--model", required=True, help="hub id, model directory, HF folder or checkpoint file")
     export_parser.add_argument("--classes", metavar="FILE", help=CLASSES_HELP)
@@ -374,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "multiples of 32 (default: EoMT's input size, else 640x640)")
     export_parser.add_argument("--check-size", type=padded_size, default=(480, 832), metavar="HxW",
                                help="a second input size the check runs at, for dynamic-size graphs (default 480x832)")
+    export_parser.add_argument("--task", choices=TASK_CHOICES, default=None,
+                               help="OneFormer: the task baked into the graph (default: the model's default task)")
     export_parser.add_argument("--no-check", dest="check", action="store_false", help="skip the onnxruntime check")
     export_parser.add_argument("--overwrite", action="store_true", help="replace an existing file")
     export_parser.set_defaults(handler=export)

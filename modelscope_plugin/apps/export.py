@@ -1,4 +1,5 @@
-"""ONNX export of a network: FastInst with dynamic input size, Mask2Former and EoMT at one fixed input size.
+"""ONNX export of a network: FastInst with dynamic input size, Mask2Former, OneFormer (one task) and EoMT at one
+fixed input size.
 
 The exported graph takes the pipeline's network input, ``images`` (B, 3, H, W) normalised and zero-padded to a
 multiple of 32 (``preprocessing.prepare_image``), and returns the raw ``class_logits`` (B, Q, K + 1) and
@@ -12,6 +13,8 @@ multiple of 32 (``preprocessing.prepare_image``), and returns the raw ``class_lo
   traced (1, 3, H, W) only, with torch's dynamo exporter (needs ``onnxscript``). Pad images to that size (zeros at
   the bottom and right, as ``prepare_image`` pads; the logits then depend on the canvas, as with any padding) and
   crop the masks to the resized image before post-processing.
+- OneFormer: as Mask2Former, for one task: the task is a network input whose tokens are constants, so the chosen
+  task's query is baked into the graph (recorded in the model's metadata as ``task``); export one graph per task.
 - EoMT: the square input its position embeddings (or rotary tables) were made for, ``image_size`` x ``image_size``,
   and no other, through the dynamo exporter. The graph is the network as it runs in inference: blocks whose
   masked-attention probability is below 0.5 (every trained checkpoint's) unmasked, the others masked.
@@ -22,7 +25,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from modelscope_plugin.errors import ExportError
+from modelscope_plugin.config import TASKS
+from modelscope_plugin.errors import ExportError, TaskError
 
 
 class LogitsOnly(nn.Module):
@@ -34,6 +38,18 @@ class LogitsOnly(nn.Module):
 
     def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         output = self.network(images)
+        return output.class_logits, output.mask_logits
+
+
+class OneFormerLogitsOnly(LogitsOnly):
+    """``LogitsOnly`` for OneFormer told one task (a graph constant)."""
+
+    def __init__(self, network: nn.Module, task: str):
+        super().__init__(network)
+        self.task = task
+
+    def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        output = self.network(images, self.task)
         return output.class_logits, output.mask_logits
 
 
@@ -66,16 +82,31 @@ def fixed_input_size(network: nn.Module) -> Optional[Tuple[int, int]]:
     return None
 
 
-def export_onnx(network: nn.Module, path, example_size: Optional[Tuple[int, int]] = None, opset: int = 18) -> Path:
+def is_task_conditioned(network: nn.Module) -> bool:
+    """Whether ``network`` takes the task as an input (OneFormer)."""
+    from modelscope_plugin.modeling.oneformer.model import OneFormer
+
+    return isinstance(network, OneFormer)
+
+
+def export_onnx(network: nn.Module, path, example_size: Optional[Tuple[int, int]] = None, opset: int = 18,
+                task: Optional[str] = None) -> Path:
     """Writes ``network`` (in eval mode) to ``path`` as ONNX: dynamic batch, height and width for FastInst, the
-    (1, 3, *example_size) input only for Mask2Former and EoMT (see the module docstring).
+    (1, 3, *example_size) input only for Mask2Former, OneFormer and EoMT (see the module docstring).
 
     ``example_size`` is the (height, width) traced (default: EoMT's input size, else 640 x 640); it must be a
     multiple of 32 (and, for FastInst, large enough that the stride-16 map holds at least as many pixels as
-    queries; for EoMT, its input size). An existing file at ``path`` is refused."""
+    queries; for EoMT, its input size). ``task``: OneFormer's task, baked into the graph (required there, refused
+    for the other networks, whose logits do not depend on it). An existing file at ``path`` is refused."""
     path = Path(path)
     if path.exists():
         raise FileExistsError(f"{path} exists; choose another output path (nothing is overwritten)")
+    if is_task_conditioned(network) != (task is not None):
+        raise ExportError(f"{type(network).__name__}: " + (
+            "the task is a network input; choose the one to bake into the graph (panoptic, semantic or instance)"
+            if task is None else f"task {task!r} given, but the network's logits do not depend on the task"))
+    if task is not None and task not in TASKS:
+        raise TaskError(f"task must be one of {TASKS}, got {task!r}")
     fixed_size = fixed_input_size(network)
     if example_size is None:
         example_size = fixed_size or (640, 640)
@@ -87,7 +118,10 @@ def export_onnx(network: nn.Module, path, example_size: Optional[Tuple[int, int]
     was_training = network.training
     network.eval()
     example = torch.zeros(1, 3, *example_size, device=next(network.parameters()).device)
-    wrapper = (EomtLogitsOnly(network) if fixed_size is not None else LogitsOnly(network)).eval()
+    if task is not None:
+        wrapper = OneFormerLogitsOnly(network, task).eval()
+    else:
+        wrapper = (EomtLogitsOnly(network) if fixed_size is not None else LogitsOnly(network)).eval()
     names = dict(input_names=["images"], output_names=["class_logits", "mask_logits"])
     try:
         with torch.no_grad():
@@ -101,12 +135,28 @@ def export_onnx(network: nn.Module, path, example_size: Optional[Tuple[int, int]
                 # file can be renamed and nothing is left beside it
                 torch.onnx.export(wrapper, (example,), str(path), dynamo=True, opset_version=opset,
                                   external_data=False, verbose=False, **names)
+        if task is not None:
+            record_task(path, task)
     except Exception as error:  # the exporters raise many types (SymbolicValueError, TorchExportError, ...)
         remove_onnx(path)
         raise ExportError(f"ONNX export of {type(network).__name__} failed: {type(error).__name__}: {error}") from error
     finally:
         network.train(was_training)
     return path
+
+
+def record_task(path: Path, task: str) -> None:
+    """Writes ``task`` into the ONNX model's metadata (``metadata_props``)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    onnx.helper.set_model_props(model, {"task": task})
+    onnx.save(model, str(path))
+
+
+def onnx_task(session) -> Optional[str]:
+    """The task baked into an onnxruntime session's graph (OneFormer), or None."""
+    return session.get_modelmeta().custom_metadata_map.get("task")
 
 
 def remove_onnx(path) -> None:
@@ -135,13 +185,17 @@ def check_onnx(network: nn.Module, path, sizes: Sequence[Tuple[int, int]] = ((64
     fixed_size = onnx_input_size(session)
     if fixed_size is not None:  # a fixed-size graph (Mask2Former) is checked at its own size only
         sizes = [fixed_size]
+    task = onnx_task(session)
+    if is_task_conditioned(network) and task is None:
+        raise ExportError(f"{path}: no task in the graph's metadata; OneFormer's logits depend on it")
+    arguments = (task,) if is_task_conditioned(network) else ()
     generator = torch.Generator().manual_seed(seed)
     network.eval()
     largest = 0.0
     for height, width in sizes:
         images = torch.randn(1, 3, height, width, generator=generator)
         with torch.no_grad():
-            output = network(images)
+            output = network(images, *arguments)
         class_logits, mask_logits = session.run(None, {"images": images.numpy()})
         for name, ours, theirs in (("class_logits", output.class_logits, class_logits),
                                    ("mask_logits", output.mask_logits, mask_logits)):

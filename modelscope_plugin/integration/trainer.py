@@ -16,11 +16,14 @@ built), so a resumed run continues both schedules; the training crop is the netw
 folder holds the HF files (``config.json`` + ``model.safetensors``) and a configuration.json with its classes.
 
 A OneFormer (a Hugging Face OneFormer folder, or one with a configuration.json of model type "oneformer") trains on
-panoptic rows with a task drawn per image (``training/oneformer.py``: seeded by seed, epoch and image, so independent
-of ranks and resumes), that task's targets and text list ("a photo with a {class}", tokenised by the package's CLIP
-tokenizer), and ``OneFormerCriterion`` (transformers' OneFormerLoss; ``train.loss.contrastive_weight`` /
-``contrastive_temperature``; its learned logit scale is optimised with the network, without weight decay); the
-class head covers every class whatever ``train.task`` (the default inference task). A folder without a text mapper
+rows of any kind with a task per image (``training/oneformer.py``): on panoptic rows drawn as the reference draws it
+(seeded by seed, epoch and image, so independent of ranks and resumes); instance rows train the instance task alone
+(the class head then covers the thing classes), label rows the semantic task alone, which also becomes the default
+task (a configured ``train.task`` they cannot train raises ``TrainingConfigError``); that task's targets and text
+list ("a photo with a {class}", tokenised by the package's CLIP tokenizer), and ``OneFormerCriterion``
+(transformers' OneFormerLoss; ``train.loss.contrastive_weight`` / ``contrastive_temperature``; its learned logit
+scale is optimised with the network, without weight decay); otherwise the class head covers every class whatever
+``train.task`` (the default inference task). A folder without a text mapper
 (an inference checkpoint, ``is_training`` false) trains without the contrastive term, as transformers does (logged).
 Its output folder holds the HF files (``config.json`` with ``is_training`` and the text mapper when there is one,
 ``model.safetensors``, ``preprocessor_config.json``) and a configuration.json with its classes.
@@ -75,9 +78,9 @@ Datasets: rows of ``modelscope_plugin.data.datasets.read_coco_panoptic`` (any ta
 (instance) or ``read_label_folders`` (semantic), or an ``MsDataset`` of them; or what ``MsDataset.load`` returns for a
 hub dataset shipped as an archive, read through a ``dataset.{train,val}`` section of type
 ``mask2former-coco-panoptic-dataset`` (its categories are the training categories unless given). Rows that cannot
-train ``train.task`` raise ``TrainingDataError`` when the trainer is built. ``cfg_options`` are merged before the
-configuration is read. The r50 card's EasyCV-written sections: ``build_trainer('easycv', ...)``
-(``integration.easycv_trainer``).
+train ``train.task`` raise ``TrainingDataError`` when the trainer is built (a OneFormer's: ``TrainingConfigError``).
+``cfg_options`` are merged before the configuration is read. The r50 card's EasyCV-written sections:
+``build_trainer('easycv', ...)`` (``integration.easycv_trainer``).
 """
 import os
 from copy import deepcopy
@@ -120,6 +123,7 @@ from modelscope_plugin.training.checkpoint import SegmentationLoadCheckpointHook
 from modelscope_plugin.training.class_head import adapt_class_head
 from modelscope_plugin.training.config import AugmentationConfig, LossConfig, settings_from
 from modelscope_plugin.training.data import (
+    TASKS_OF_ROW_KIND,
     GlobalBatchSampler,
     PositionedDataset,
     SegmentationTrainingDataset,
@@ -144,7 +148,7 @@ from modelscope_plugin.training.eomt import (
 )
 from modelscope_plugin.training.evaluation import evaluate_network, flat_metric_values
 from modelscope_plugin.training.lr_policy import PolicyLR, lr_policy_from
-from modelscope_plugin.training.oneformer import OneFormerTrainingDataset
+from modelscope_plugin.training.oneformer import OneFormerTrainingDataset, trainable_tasks
 from modelscope_plugin.training.optimizer import build_optimizer, parameter_rules_from
 
 TRAINER_NAME = "mask2former-segmentation"
@@ -228,6 +232,7 @@ class SegmentationTrainer(EpochBasedTrainer):
         # merged before the configuration is read (rebuild_config), so that they reach every section it reads
         self._cfg_options = kwargs.pop("cfg_options", None) or {}
         self._train_dataset_argument = kwargs.get("train_dataset")
+        self.oneformer_tasks = TASKS_OF_ROW_KIND["panoptic"][0]  # narrowed by the training rows (build_model)
         if synthesized_configuration(model) is not None:  # a checkpoint without a configuration.json
             work_dir = Path(kwargs.get("work_dir") or "./work_dir")
             directory = model_directory_for_training(model, work_dir / "input_model", class_names, thing_ids)
@@ -303,6 +308,8 @@ class SegmentationTrainer(EpochBasedTrainer):
     def build_model(self) -> torch.nn.Module:
         train_cfg = self.cfg.safe_get("train", {})
         config, network = load_model_dir(self.model_dir, task=train_cfg.get("task"))
+        if isinstance(config, OneFormerConfig) and self._train_dataset_argument is not None:
+            config = self.oneformer_task_for_rows(config, train_cfg.get("task"))
         self.task = config.task
         if isinstance(config, EomtConfig):
             self.mask_annealing = settings_from(MaskAnnealing, train_cfg.get("mask_annealing", {}),
@@ -319,10 +326,11 @@ class SegmentationTrainer(EpochBasedTrainer):
             training_categories = [TrainingCategory(category_id, name, index < config.num_things_classes)
                                    for index, (category_id, name)
                                    in enumerate(zip(config.category_ids, config.class_names))]
-        # an instance network classifies things only (stuff segments of panoptic rows are not targets)
-        head_categories = ([c for c in training_categories if c.isthing]
-                           if self.task == "instance" and not isinstance(config, OneFormerConfig)
-                           else training_categories)
+        # an instance network classifies things only (stuff segments of panoptic rows are not targets); a OneFormer
+        # covers every class unless its rows train the instance task alone
+        instance_only = (self.oneformer_tasks == ("instance",) if isinstance(config, OneFormerConfig)
+                         else self.task == "instance")
+        head_categories = [c for c in training_categories if c.isthing] if instance_only else training_categories
         preprocess = train_cfg.get("preprocess")
         if preprocess:  # e.g. the test-time size of a new dataset; saved with the finetuned model
             known = set(PreprocessConfig.__dataclass_fields__)
@@ -369,6 +377,30 @@ class SegmentationTrainer(EpochBasedTrainer):
             no_object_weight=loss.no_object_weight, num_points=loss.num_points,
             oversample_ratio=loss.oversample_ratio, importance_sample_ratio=loss.importance_sample_ratio)
         return network
+
+    def oneformer_task_for_rows(self, config: OneFormerConfig, requested: Optional[str]) -> OneFormerConfig:
+        """Reads which tasks the training rows can train (``oneformer_tasks``, logged) and checks the configured
+        ``train.task`` against them (``TrainingConfigError`` naming both); without one, a default task the rows
+        cannot train becomes the task they can."""
+        dataset = self._train_dataset_argument
+        if is_archive_dataset(dataset):  # a hub archive is read as COCO panoptic
+            kind, tasks, reason = "panoptic", TASKS_OF_ROW_KIND["panoptic"][0], ""
+        else:
+            kind, tasks, reason = trainable_tasks(_rows(dataset))
+        self.oneformer_tasks = tuple(tasks)
+        if len(tasks) > 1:
+            self._notes.append(f"OneFormer trains on {kind} rows: each image's task is drawn from "
+                               f"{' / '.join(tasks)} as the reference draws it")
+            return config
+        if requested is not None and requested not in tasks:
+            raise TrainingConfigError(f"train.task {requested!r}: OneFormer's training rows are {kind} rows "
+                                      f"({reason}), which train the {tasks[0]} task only")
+        self._notes.append(f"OneFormer trains on {kind} rows ({reason}): every image's task is {tasks[0]}")
+        if config.task != tasks[0]:
+            self._notes.append(f"the default task becomes {tasks[0]} (was {config.task}): the only task the "
+                               "training rows hold")
+            config = replace(config, task=tasks[0])
+        return config
 
     def get_metrics(self):
         metrics = self.cfg.safe_get("evaluation.metrics")

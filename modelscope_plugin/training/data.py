@@ -62,10 +62,9 @@ def row_kind(row: Mapping[str, Any]) -> str:
                             "modelscope_plugin.data.datasets readers")
 
 
-def check_rows_support_task(rows, task: str) -> str:
-    """The rows' one kind; raises ``TrainingDataError`` naming the kind and the reason when the rows mix kinds or
-    cannot train ``task``. Reads every row's fields once (a Hugging Face dataset, one schema for all rows: the first
-    row's non-empty fields)."""
+def rows_kind(rows) -> str:
+    """The rows' one kind; raises ``TrainingDataError`` when there are none or they mix kinds. Reads every row's
+    fields once (a Hugging Face dataset, one schema for all rows: the first row's non-empty fields)."""
     column_names = getattr(rows, "column_names", None)
     if column_names is not None:  # one schema for all rows: the first row with its None columns dropped
         first = {key: value for key, value in dict(rows[0]).items() if value is not None} if len(rows) else None
@@ -76,7 +75,13 @@ def check_rows_support_task(rows, task: str) -> str:
         raise TrainingDataError(f"training rows mix annotation kinds {sorted(kinds)}; use one reader's rows")
     if not kinds:
         raise TrainingDataError("no training rows")
-    kind = kinds.pop()
+    return kinds.pop()
+
+
+def check_rows_support_task(rows, task: str) -> str:
+    """The rows' one kind (``rows_kind``); raises ``TrainingDataError`` naming the kind and the reason when they
+    cannot train ``task``."""
+    kind = rows_kind(rows)
     supported, reason = TASKS_OF_ROW_KIND[kind]
     if task not in supported:
         first = dict(rows[0])

@@ -18,9 +18,10 @@ Usage: oneformer_training_oracle.py COMMAND INPUT.npz RESULT.npz
                  ``loss``), ``contrastive_queries`` and ``text_queries``.
 ``targets``      ``OneFormerImageProcessor`` (class metadata from a class-info JSON written here from INPUT's
                  ``class_names`` and ``thing_ids``, ``num_text``) on one image's ``segment_map`` [H,W] with the
-                 mapping ``segment_ids`` -> ``segment_classes``, once per task (one image per call: the processor
-                 counts classes across a batch's images); RESULT: ``labels_<task>``, ``masks_<task>``,
-                 ``texts_<task>``.
+                 mapping ``segment_ids`` -> ``segment_classes`` (without ``segment_ids``: the map holds class
+                 indices), ``ignore_index`` when given, once per task of ``tasks`` (default all three; one image per
+                 call: the processor counts classes across a batch's images); RESULT: ``labels_<task>``,
+                 ``masks_<task>``, ``texts_<task>``.
 """
 import json
 import sys
@@ -159,7 +160,10 @@ def command_targets(data) -> dict:
     class_names = [str(name) for name in data["class_names"]]
     things = {int(index) for index in data["thing_ids"]}
     segment_map = torch.from_numpy(data["segment_map"])
-    mapping = {int(segment): int(label) for segment, label in zip(data["segment_ids"], data["segment_classes"])}
+    mapping = ({int(segment): int(label) for segment, label in zip(data["segment_ids"], data["segment_classes"])}
+               if "segment_ids" in data else None)
+    ignore_index = int(data["ignore_index"]) if "ignore_index" in data else None
+    tasks = [str(task) for task in data["tasks"]] if "tasks" in data else ["panoptic", "instance", "semantic"]
     image = np.zeros((3, *segment_map.shape), dtype=np.uint8)
     result = {}
     with tempfile.TemporaryDirectory() as folder:
@@ -169,9 +173,9 @@ def command_targets(data) -> dict:
         processor = transformers.OneFormerImageProcessor(repo_path=folder, class_info_file="class_info.json",
                                                          num_text=int(data["num_text"]), do_resize=False,
                                                          do_normalize=False, do_rescale=False)
-        for task in ("panoptic", "instance", "semantic"):
+        for task in tasks:
             encoded = processor(images=[image], task_inputs=[task], segmentation_maps=[segment_map],
-                                instance_id_to_semantic_id=mapping, return_tensors="pt")
+                                instance_id_to_semantic_id=mapping, ignore_index=ignore_index, return_tensors="pt")
             result[f"labels_{task}"] = np.asarray(encoded["class_labels"][0])
             result[f"masks_{task}"] = np.asarray(encoded["mask_labels"][0])
             result[f"texts_{task}"] = np.array(encoded["text_inputs"][0])

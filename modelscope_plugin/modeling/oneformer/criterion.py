@@ -5,7 +5,10 @@ sampling (``modeling/criterion.py``), plus the query-text contrastive loss on th
 queries (before the masked-attention decoder, flattened to one vector) and its text queries (the text mapper's
 embeddings of its text list, flattened likewise) are L2-normalised; their (B, B) cosine similarities times a learned
 logit scale (initialised to log(1 / temperature), its exponential clamped at 100) go through a symmetric
-cross-entropy whose targets are the diagonal (image b with its own text). Returned terms are unweighted, the
+cross-entropy whose targets are the diagonal (image b with its own text). Under torch.distributed the batch is the
+global one, as the reference gathers it across GPUs: every rank computes the loss of all ranks' images and texts
+(``global_batch``), so that N ranks train as one process on the global batch, and the logit scale (outside the
+data-parallel network) gets the same gradient on every rank. Returned terms are unweighted, the
 cross-entropy named ``loss_ce`` as in ``Mask2FormerCriterion``; ``total`` weights class / mask / dice / contrastive
 as transformers' ``OneFormerConfig`` (2 / 5 / 5 / 0.5).
 """
@@ -21,6 +24,7 @@ from modelscope_plugin.modeling.criterion import Mask2FormerCriterion
 from modelscope_plugin.modeling.mask2former.model import Mask2FormerOutput
 from modelscope_plugin.modeling.matcher import HungarianMatcher, SegmentationTarget
 from modelscope_plugin.modeling.point_sampling import PointSampler
+from modelscope_plugin.ranks import rank_and_world_size
 
 
 @dataclass
@@ -34,12 +38,41 @@ class OneFormerTrainingOutput:
     without a text mapper, which trains without the contrastive term (as transformers with ``is_training`` false)."""
 
 
+class ScaledGradient(torch.autograd.Function):
+    """Identity whose backward multiplies the gradient by ``factor``."""
+
+    @staticmethod
+    def forward(context, tensor: torch.Tensor, factor: float) -> torch.Tensor:
+        context.factor = factor
+        return tensor.clone()
+
+    @staticmethod
+    def backward(context, gradient: torch.Tensor):
+        return gradient * context.factor, None
+
+
+def global_batch(features: torch.Tensor) -> torch.Tensor:
+    """(B, D) rows of this rank -> (N * B, D) rows of the N ranks in rank order (every rank holds B rows); ``features``
+    itself without a process group.
+
+    Each rank then computes the loss of the whole global batch. The other ranks' rows are constants here; this rank's
+    rows pass back N times their gradient, so that the data-parallel average of the ranks' gradients is that loss's
+    gradient (the sum over ranks of the gradient through each rank's own rows)."""
+    rank, world_size = rank_and_world_size()
+    if world_size == 1:
+        return features
+    gathered = [torch.empty_like(features) for _ in range(world_size)]
+    torch.distributed.all_gather(gathered, features.detach().contiguous())
+    gathered[rank] = ScaledGradient.apply(features, float(world_size))
+    return torch.cat(gathered)
+
+
 def contrastive_loss(contrastive_queries: torch.Tensor, text_queries: torch.Tensor,
                      logit_scale: torch.Tensor) -> torch.Tensor:
     """(B, Q, C), (B, T, C) with Q * C == T * C, scalar log-scale -> image-to-text + text-to-image cross-entropy."""
-    # (B, Q, C) -> (B, Q * C), unit length
-    image_features = F.normalize(contrastive_queries.float().flatten(1), dim=-1)
-    text_features = F.normalize(text_queries.float().flatten(1), dim=-1)
+    # (B, Q, C) -> (B, Q * C), unit length; then the global batch's rows (B_global, Q * C)
+    image_features = global_batch(F.normalize(contrastive_queries.float().flatten(1), dim=-1))
+    text_features = global_batch(F.normalize(text_queries.float().flatten(1), dim=-1))
     scale = torch.clamp(logit_scale.exp(), max=100)
     # (B_text, B_image)
     logits_per_text = text_features @ image_features.t() * scale
