@@ -81,7 +81,7 @@ class ExportError(RuntimeError):
 
 
 class CommandError(Exception):
-    """A command-line invocation that cannot run; reported in one line with exit code 2."""
+    """A command-line invocation that cannot run; reported in one line, exit code 1 (2 is argparse's usage error)."""
 
 
 USER_ERRORS = (ImageInputError, CheckpointError, ModelDirError, ModelNotAvailableError)
