@@ -5,13 +5,15 @@
 
 Each network is built with the shaped random weights the other benchmarks use (``gpu_check.build_model``:
 Mask2Former Swin-L / R50 with tests/oracles/hf_oracle.py's weights when transformers is importable, FastInst R50-D3
-shaped and calibrated; EoMT with ``eomt_speed.py``'s random weights) and one COCO image goes through exactly what
-``Predictor(precision="bf16")`` does: ``run`` (inference mode + bf16 autocast) then ``postprocess``, under
-``DtypeAudit``, a ``TorchDispatchMode`` that sees every aten op after autocast has cast its inputs. Per op, module
-and input dtype it records the FLOPs of matrix products (mm, addmm, bmm, baddbmm, convolution, SDPA: torch's
-``flop_counter`` formulas) and the bytes read and written by every other op. It prints the bf16 / fp32 shares of the
-matrix FLOPs, the largest fp32 matrix products with the module that ran them, the largest fp32 memory-bound ops
-(layer / group norm, softmax, gather, GELU, upsampling, ...) and the dtype conversions (``aten._to_copy``).
+shaped and calibrated; EoMT-L, or EoMT at ViT-B widths, with the builder's random initialisation) and one COCO image
+goes through exactly what ``Predictor(precision="bf16")`` does: ``run`` (inference mode + bf16 autocast) then
+``postprocess``, under ``DtypeAudit``, a ``TorchDispatchMode`` that sees every aten op after autocast has cast its
+inputs (composite ops such as linear or einsum are split by their own kernels, with autocast as the caller had it,
+so that their matrix products are seen). Per op, module and input dtype it records the FLOPs of matrix products
+(mm, addmm, bmm, baddbmm, convolution, SDPA: torch's ``flop_counter`` formulas) and the bytes read and written by
+every other op. It prints the bf16 / fp32 shares of the matrix FLOPs, the largest fp32 matrix products with the
+module that ran them, the largest fp32 memory-bound ops (layer / group norm, softmax, gather, GELU, upsampling, ...)
+and the dtype conversions (``aten._to_copy``).
 
 On a CPU without native bf16 units (AVX2) oneDNN's bf16 matrix products run in reference loops, 100-300x slower
 than fp32 (a Swin-L forward would take over an hour), so there the audit *emulates* them: a bf16 matrix product
@@ -312,7 +314,7 @@ def build(name: str, image: np.ndarray):
             config = dataclasses.replace(config, hidden_dim=768, num_layers=12, num_heads=12, mlp_dim=3072)
         config.class_names = tuple(f"class_{index}" for index in range(config.num_classes))
         config.category_ids = tuple(range(1, config.num_classes + 1))
-        torch.manual_seed(0)  # the builder's random initialisation (eomt_speed.py's weights are transformers' init)
+        torch.manual_seed(0)
         return config, build_eomt(config).eval()
     weights = "hf-oracle" if gpu_check.transformers_importable() else "demo"
     config, network, _, _ = gpu_check.build_model(name, None, weights, image)
