@@ -1,9 +1,10 @@
 """Inference precision: float32 by default, opt-in bfloat16 / float16 autocast.
 
-Under autocast the matrix products and convolutions run in the lower precision while deformable attention stays
-in float32 (``MultiScaleDeformableAttention`` turns autocast off for itself) and post-processing gets float32
-logits. bfloat16 works on GPUs and on CPUs, but is fast only where the CPU has native bfloat16 units (AVX-512
-BF16 / AMX; a warning says so otherwise); float16 only on CUDA.
+Under autocast the matrix products and convolutions run in the lower precision, deformable attention's sampling
+positions and attention weights stay in float32 (under float16 the whole layer does, ``MultiScaleDeformableAttention``
+turning autocast off for itself) and post-processing gets float32 logits; ``benchmarks/bf16_audit.py`` lists what
+runs in which dtype. bfloat16 works on GPUs and on CPUs, but is fast only where the CPU has native bfloat16 units
+(AVX-512 BF16 / AMX; a warning says so otherwise); float16 only on CUDA.
 """
 import contextlib
 import functools

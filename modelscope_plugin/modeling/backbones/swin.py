@@ -83,18 +83,20 @@ class WindowAttention(nn.Module):
         qkv = self.qkv(windows).reshape(
             num_windows_total, tokens, 3, self.num_heads, channels // self.num_heads).permute(2, 0, 3, 1, 4)
         query, key, value = qkv.unbind(0)
-        # (heads, N, N)
-        bias = self.relative_position_bias_table[self.relative_position_index.reshape(-1)]
+        # (heads, N, N), in the attention's dtype (bf16 under autocast: the per-window sum below is built in bf16;
+        # the mask's 0 and -100 are exact there)
+        bias = self.relative_position_bias_table[self.relative_position_index.reshape(-1)].to(query.dtype)
         bias = bias.view(tokens, tokens, self.num_heads).permute(2, 0, 1)
         if mask is not None:
             num_windows = mask.shape[0]
             # (batch, num_windows, heads, N, N) -> (batch * num_windows, heads, N, N)
-            bias = (bias[None, None] + mask[None, :, None]).expand(num_windows_total // num_windows, -1, -1, -1, -1)
+            bias = (bias[None, None] + mask.to(query.dtype)[None, :, None]).expand(
+                num_windows_total // num_windows, -1, -1, -1, -1)
             bias = bias.reshape(num_windows_total, self.num_heads, tokens, tokens)
         else:
             bias = bias[None]
         attended = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=bias.to(query.dtype),
+            query, key, value, attn_mask=bias,
             dropout_p=self.attention_dropout if self.training else 0.0
         )
         attended = attended.transpose(1, 2).reshape(num_windows_total, tokens, channels)

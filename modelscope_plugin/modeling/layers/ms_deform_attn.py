@@ -170,25 +170,34 @@ class MultiScaleDeformableAttention(nn.Module):
         Returns:
             (batch, num_queries, embed_dim)
 
-        Runs in float32 (float64 stays float64) even under autocast, as detectron2 and mmcv do: sampling positions
-        in half precision would be off by a fraction of a pixel.
+        Sampling positions and attention weights are computed in float32 (float64 stays float64) even under
+        autocast, as detectron2 and mmcv do: in half precision they would be off by a fraction of a pixel. The rest
+        runs in float32 too, except in inference under bfloat16 autocast, where the four projections run in
+        bfloat16 (as in detectron2, whose float32 ends at the sampling kernel) and the value table is gathered in
+        bfloat16 (products summed in float32).
         """
-        with torch.autocast(device_type=query.device.type, enabled=False):
-            return self._forward(upcast_half(query), reference_points.to(upcast_half(query).dtype),
-                                 upcast_half(value_input), spatial_shapes)
+        device_type = query.device.type
+        if (torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.bfloat16
+                and not torch.is_grad_enabled()):
+            return self._forward(query, reference_points, value_input, spatial_shapes, position_dtype=torch.float32)
+        with torch.autocast(device_type=device_type, enabled=False):
+            query = upcast_half(query)
+            return self._forward(query, reference_points, upcast_half(value_input), spatial_shapes,
+                                 position_dtype=query.dtype)
 
     def _forward(self, query: torch.Tensor, reference_points: torch.Tensor, value_input: torch.Tensor,
-                 spatial_shapes: List[Tuple[int, int]]) -> torch.Tensor:
+                 spatial_shapes: List[Tuple[int, int]], position_dtype: torch.dtype) -> torch.Tensor:
+        """``position_dtype``: the dtype of the sampling offsets, positions and attention weights."""
         batch_size, num_queries, _ = query.shape
         value = self.value_proj(value_input)
         # (batch, sum H*W, heads, head_dim)
         value = value.view(batch_size, value.shape[1], self.num_heads, self.embed_dim // self.num_heads)
         # (batch, queries, heads, levels, points, 2)
-        sampling_offsets = self.sampling_offsets(query).view(
+        sampling_offsets = self.sampling_offsets(query).to(position_dtype).view(
             batch_size, num_queries, self.num_heads, self.num_levels, self.num_points, 2
         )
         # (batch, queries, heads, levels * points), softmax over all levels and points of a head
-        attention_weights = self.attention_weights(query).view(
+        attention_weights = self.attention_weights(query).to(position_dtype).view(
             batch_size, num_queries, self.num_heads, self.num_levels * self.num_points
         )
         attention_weights = attention_weights.softmax(-1).view(
@@ -196,8 +205,9 @@ class MultiScaleDeformableAttention(nn.Module):
         )
         # offsets are in pixels of each level: divide by (width, height)
         offset_normalizer = torch.tensor(
-            [[width, height] for height, width in spatial_shapes], dtype=query.dtype, device=query.device
+            [[width, height] for height, width in spatial_shapes], dtype=position_dtype, device=query.device
         )
+        reference_points = reference_points.to(position_dtype)
         sampling_locations = (
             reference_points[:, :, None, :, None, :]
             + sampling_offsets / offset_normalizer[None, None, None, :, None, :]
