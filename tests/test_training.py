@@ -377,6 +377,39 @@ def test_a_checkpoint_with_one_rng_state_resumes_one_process_exactly(setup, drop
     assert [key for key in expected if not torch.equal(expected[key], actual[key])] == []
 
 
+def test_a_resume_with_another_world_size_restores_the_saved_ranks_and_re_seeds_the_others(
+        setup, drop_path_model_dir, two_gloo_ranks_with_drop_path, tmp_path, caplog):
+    _, data_root, _ = setup
+    uninterrupted_dir, uninterrupted = two_gloo_ranks_with_drop_path
+    options = dict(DROP_PATH_OPTIONS, **{"train.max_epochs": 2, "train.train_iters_per_epoch": 2})
+    # two saved states, one process: rank 0 restores state 0 (logged)
+    caplog.set_level("WARNING", logger="modelscope")
+    fewer_dir = tmp_path / "fewer"
+    fewer_dir.mkdir()
+    for path in uninterrupted_dir.glob("iter_2*.pth"):
+        shutil.copy(path, fewer_dir / path.name)
+    masks = RandomMaskRecorder()
+    one = make_trainer(drop_path_model_dir, data_root, fewer_dir, options, callbacks=[masks])
+    one.train(checkpoint_path=str(fewer_dir / "iter_2"))
+    assert masks.rng_digests[2] == uninterrupted[0]["rng_digests"]["2"]
+    assert "holds the RNG states of 2 ranks, this run has 1" in caplog.text
+    # one saved state, two processes: rank 0 restores it, rank 1 re-seeds with seed + 1 (seed 7)
+    more_dir = tmp_path / "more"
+    more_dir.mkdir()
+    shutil.copy(fewer_dir / "iter_2.pth", more_dir / "iter_2.pth")
+    state = torch.load(fewer_dir / "iter_2_trainer_state.pth", map_location="cpu", weights_only=True)
+    state["meta"]["rng_states"] = state["meta"]["rng_states"][:1]
+    torch.save(state, more_dir / "iter_2_trainer_state.pth")
+    completed = run_script([drop_path_model_dir, data_root, more_dir, json.dumps(options), "--resume",
+                            more_dir / "iter_2"], launcher="pytorch")
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:]
+    assert "holds the RNG states of 1 ranks, this run has 2" in completed.stdout + completed.stderr
+    ranks = [json.loads((more_dir / f"rank_{rank}.json").read_text()) for rank in range(2)]
+    seeded = hashlib.sha256(torch.Generator().manual_seed(8).get_state().numpy().tobytes()).hexdigest()
+    assert ranks[0]["rng_digests"]["2"] == uninterrupted[0]["rng_digests"]["2"]
+    assert ranks[1]["rng_digests"]["2"] == seeded
+
+
 @pytest.fixture
 def run_finetune_script(setup, monkeypatch):
     """``run(arguments)``: the finetune script on the module's scenes with the tiny network, building the trainer
