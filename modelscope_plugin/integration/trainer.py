@@ -44,8 +44,8 @@ whether it is the latest           resolve through this package's cache-first re
 ``launcher='pytorch'`` = CUDA      ``SegmentationDDPHook``: gloo on CPU, NCCL on GPU; DDP without ``device_ids`` on CPU
 + NCCL (``DDPHook``)
 resume fails on torch >= 2.6       ``SegmentationCheckpointHook``: every rank's RNG state in ``weights_only``-loadable
-                                   types,
-(numpy RNG state vs weights_only)  counters that resume where the run stopped, native model dir in ``{work_dir}/output``
+(numpy RNG state vs weights_only)  types, counters that resume where the run stopped, native model dir in
+                                   ``{work_dir}/output``
 every rank seeded with ``seed``:   rank r > 0 re-seeds with seed + r when training starts (detectron2's seed + rank),
 the same drop path / dropout       so each rank's images get their own drop path / dropout masks; rank 0 keeps the
 masks on every rank                stream seeded with ``seed``, so one process trains as before

@@ -205,7 +205,7 @@ class _PortableStateMixin:
 
     PRIORITY = Priority.LOWEST
     _end_of_epoch = False
-    _rng_states: List[Dict[str, Any]] = []
+    _rng_states: List[Dict[str, Any]] = []  # every rank's, gathered by _do_save for _create_training_state
 
     def __init__(self, *arguments, **kwargs):
         super().__init__(*arguments, **kwargs)
