@@ -25,7 +25,7 @@ from modelscope_plugin.data.synthetic import SyntheticSplit  # noqa: E402
 
 class NoDropout(Hook):
     """Dropout and stochastic depth off before training: their masks depend on how the global batch is split between
-    ranks (each rank draws its images' from the same seed)."""
+    ranks (each rank draws its images' masks from its own stream, seeded apart by rank)."""
 
     def before_run(self, trainer):
         for module in trainer.unwrap_module(trainer.model).modules():

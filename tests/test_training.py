@@ -1,14 +1,19 @@
-"""Finetuning through ModelScope's build_trainer: a short run that learns, kill-and-resume, 2-process gloo = 1 process.
+"""Finetuning through ModelScope's build_trainer: a short run that learns, kill-and-resume, 2-process gloo = 1 process,
+each gloo rank's own drop path masks, continued exactly on resume.
 
 Also runnable as a script (the killed and the torchrun runs are separate processes):
     python tests/test_training.py MODEL_DIR DATA_ROOT WORK_DIR OPTIONS_JSON [--kill-after N] [--launcher pytorch]
+        [--resume CHECKPOINT]
 """
 import argparse
+import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import REPO, shape_weights, tiny_config, write_native_model_dir  # noqa: E402
 from modelscope.trainers import build_trainer  # noqa: E402
 from modelscope.trainers.hooks.hook import Hook  # noqa: E402
+from torchvision.ops import StochasticDepth  # noqa: E402
 
 from modelscope_plugin.builders import build_mask2former  # noqa: E402
 from modelscope_plugin.data.datasets import as_ms_dataset  # noqa: E402
@@ -69,6 +75,26 @@ class IterationRecorder(Hook):
         self.iterations[trainer.iter] = {
             "learning_rates": [group["lr"] for group in trainer.optimizer.param_groups],
             "probabilities": probabilities.tolist() if probabilities is not None else None}
+
+
+class RandomMaskRecorder(Hook):
+    """Per training iteration: a digest of the global torch RNG state before it, and which images (rows) each drop
+    path of the network kept."""
+
+    def __init__(self):
+        self.rng_digests = {}
+        self.kept_rows = {}
+
+    def before_run(self, trainer):
+        network = trainer.unwrap_module(trainer.model)
+        for module in network.modules():
+            if isinstance(module, StochasticDepth) and module.p > 0:
+                module.register_forward_hook(lambda module, inputs, output: self.kept_rows[trainer.iter].append(
+                    output.flatten(1).ne(0).any(1).tolist()))
+
+    def before_train_iter(self, trainer):
+        self.rng_digests[trainer.iter] = hashlib.sha256(torch.random.get_rng_state().numpy().tobytes()).hexdigest()
+        self.kept_rows[trainer.iter] = []
 
 
 def make_trainer(model_dir, data_root, work_dir, options, callbacks=(), instance_rows=False, **kwargs):
@@ -257,6 +283,133 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(setup, 
     assert worst < 1e-5 < 1e-4 < moved, (worst, moved)
 
 
+# one image per rank, 2 iterations per epoch over the 4 scenes; checkpoints at iterations 2, 4 and 6
+DROP_PATH_OPTIONS = dict(RUN_OPTIONS, **{"train.dataloader.batch_size_per_gpu": 1})
+
+
+@pytest.fixture(scope="module")
+def drop_path_model_dir(setup):
+    """The tiny network with drop path on (rates 0 to 0.5 over its 8 Swin blocks)."""
+    _, _, root = setup
+    torch.manual_seed(0)
+    base = tiny_config()
+    config = tiny_config(backbone=replace(base.backbone, drop_path_rate=0.5))
+    network = build_mask2former(config).eval()
+    shape_weights(network)
+    return write_native_model_dir(root / "drop_path_model", config, network)
+
+
+@pytest.fixture(scope="module")
+def two_gloo_ranks_with_drop_path(setup, drop_path_model_dir):
+    """An uninterrupted 2-process gloo run with drop path on: (work dir, each rank's record)."""
+    _, data_root, root = setup
+    work_dir = root / "two_drop_path"
+    completed = run_script([drop_path_model_dir, data_root, work_dir, json.dumps(DROP_PATH_OPTIONS)],
+                           launcher="pytorch")
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:]
+    return work_dir, [json.loads((work_dir / f"rank_{rank}.json").read_text()) for rank in range(2)]
+
+
+def test_two_gloo_ranks_draw_their_own_drop_path_masks_and_rank_0_draws_what_one_process_draws(
+        setup, drop_path_model_dir, two_gloo_ranks_with_drop_path, tmp_path):
+    _, data_root, _ = setup
+    _, ranks = two_gloo_ranks_with_drop_path
+    assert [len(rank["kept_rows"]) for rank in ranks] == [6, 6]
+    assert all(len(rank["kept_rows"][iteration]) == 14 for rank in ranks for iteration in rank["kept_rows"])
+    for iteration in ranks[0]["kept_rows"]:
+        assert ranks[0]["rng_digests"][iteration] != ranks[1]["rng_digests"][iteration]
+    assert ranks[0]["kept_rows"] != ranks[1]["kept_rows"]
+    # both keep and drop: the masks are real draws
+    decisions = [kept for rank in ranks for forward in rank["kept_rows"].values() for kept in forward]
+    assert [True] in decisions and [False] in decisions
+    # one process, one image per iteration: the same global stream as rank 0 (seed 7)
+    masks = RandomMaskRecorder()
+    one = make_trainer(drop_path_model_dir, data_root, tmp_path / "one",
+                       dict(DROP_PATH_OPTIONS, **{"train.max_epochs": 1, "train.train_iters_per_epoch": 2}),
+                       callbacks=[masks])
+    one.train()
+    assert [masks.rng_digests[iteration] for iteration in (0, 1)] == [ranks[0]["rng_digests"][key] for key in "01"]
+    assert [masks.kept_rows[iteration] for iteration in (0, 1)] == [ranks[0]["kept_rows"][key] for key in "01"]
+
+
+def test_a_two_process_run_resumed_from_its_checkpoint_continues_every_rank_s_drop_path_masks(
+        setup, drop_path_model_dir, two_gloo_ranks_with_drop_path, tmp_path):
+    _, data_root, _ = setup
+    uninterrupted_dir, uninterrupted = two_gloo_ranks_with_drop_path
+    # the uninterrupted run's checkpoint after iteration 2, resumed in a work dir of its own
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    for path in uninterrupted_dir.glob("iter_2*.pth"):
+        shutil.copy(path, resumed_dir / path.name)
+    state = torch.load(resumed_dir / "iter_2_trainer_state.pth", map_location="cpu", weights_only=True)
+    assert len(state["meta"]["rng_states"]) == 2 and "rng_state" not in state["meta"]
+    completed = run_script([drop_path_model_dir, data_root, resumed_dir, json.dumps(DROP_PATH_OPTIONS), "--resume",
+                            resumed_dir / "iter_2"], launcher="pytorch")
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:]
+    resumed = [json.loads((resumed_dir / f"rank_{rank}.json").read_text()) for rank in range(2)]
+    for rank in range(2):
+        assert sorted(resumed[rank]["kept_rows"]) == ["2", "3", "4", "5"]
+        for iteration in resumed[rank]["kept_rows"]:
+            assert resumed[rank]["rng_digests"][iteration] == uninterrupted[rank]["rng_digests"][iteration]
+            assert resumed[rank]["kept_rows"][iteration] == uninterrupted[rank]["kept_rows"][iteration]
+        assert resumed[rank]["checksums"] == uninterrupted[rank]["checksums"]
+    expected, actual = final_weights(uninterrupted_dir), final_weights(resumed_dir)
+    assert [key for key in expected if not torch.equal(expected[key], actual[key])] == []
+
+
+def test_a_checkpoint_with_one_rng_state_resumes_one_process_exactly(setup, drop_path_model_dir, tmp_path):
+    """A checkpoint written before there was one RNG state per rank (``meta['rng_state']``)."""
+    _, data_root, _ = setup
+    uninterrupted = make_trainer(drop_path_model_dir, data_root, tmp_path / "uninterrupted", RUN_OPTIONS)
+    uninterrupted.train()
+    assert uninterrupted.iter == 6
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copy(tmp_path / "uninterrupted" / "iter_2.pth", resumed_dir / "iter_2.pth")
+    state = torch.load(tmp_path / "uninterrupted" / "iter_2_trainer_state.pth", map_location="cpu", weights_only=True)
+    assert len(state["meta"]["rng_states"]) == 1
+    state["meta"]["rng_state"] = state["meta"].pop("rng_states")[0]
+    torch.save(state, resumed_dir / "iter_2_trainer_state.pth")
+    resumed = make_trainer(drop_path_model_dir, data_root, resumed_dir, RUN_OPTIONS)
+    resumed.train(checkpoint_path=str(resumed_dir / "iter_2"))
+    assert resumed.iter == 6
+    expected, actual = final_weights(tmp_path / "uninterrupted"), final_weights(resumed_dir)
+    assert [key for key in expected if not torch.equal(expected[key], actual[key])] == []
+
+
+def test_a_resume_with_another_world_size_restores_the_saved_ranks_and_re_seeds_the_others(
+        setup, drop_path_model_dir, two_gloo_ranks_with_drop_path, tmp_path, caplog):
+    _, data_root, _ = setup
+    uninterrupted_dir, uninterrupted = two_gloo_ranks_with_drop_path
+    options = dict(DROP_PATH_OPTIONS, **{"train.max_epochs": 2, "train.train_iters_per_epoch": 2})
+    # two saved states, one process: rank 0 restores state 0 (logged)
+    caplog.set_level("WARNING", logger="modelscope")
+    fewer_dir = tmp_path / "fewer"
+    fewer_dir.mkdir()
+    for path in uninterrupted_dir.glob("iter_2*.pth"):
+        shutil.copy(path, fewer_dir / path.name)
+    masks = RandomMaskRecorder()
+    one = make_trainer(drop_path_model_dir, data_root, fewer_dir, options, callbacks=[masks])
+    one.train(checkpoint_path=str(fewer_dir / "iter_2"))
+    assert masks.rng_digests[2] == uninterrupted[0]["rng_digests"]["2"]
+    assert "holds the RNG states of 2 ranks, this run has 1" in caplog.text
+    # one saved state, two processes: rank 0 restores it, rank 1 re-seeds with seed + 1 (seed 7)
+    more_dir = tmp_path / "more"
+    more_dir.mkdir()
+    shutil.copy(fewer_dir / "iter_2.pth", more_dir / "iter_2.pth")
+    state = torch.load(fewer_dir / "iter_2_trainer_state.pth", map_location="cpu", weights_only=True)
+    state["meta"]["rng_states"] = state["meta"]["rng_states"][:1]
+    torch.save(state, more_dir / "iter_2_trainer_state.pth")
+    completed = run_script([drop_path_model_dir, data_root, more_dir, json.dumps(options), "--resume",
+                            more_dir / "iter_2"], launcher="pytorch")
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:]
+    assert "holds the RNG states of 1 ranks, this run has 2" in completed.stdout + completed.stderr
+    ranks = [json.loads((more_dir / f"rank_{rank}.json").read_text()) for rank in range(2)]
+    seeded = hashlib.sha256(torch.Generator().manual_seed(8).get_state().numpy().tobytes()).hexdigest()
+    assert ranks[0]["rng_digests"]["2"] == uninterrupted[0]["rng_digests"]["2"]
+    assert ranks[1]["rng_digests"]["2"] == seeded
+
+
 @pytest.fixture
 def run_finetune_script(setup, monkeypatch):
     """``run(arguments)``: the finetune script on the module's scenes with the tiny network, building the trainer
@@ -314,21 +467,23 @@ def main(argv=None):
     parser.add_argument("options")
     parser.add_argument("--kill-after", type=int, default=None)
     parser.add_argument("--launcher", default=None)
+    parser.add_argument("--resume", default=None, help="a checkpoint prefix to resume from")
     parser.add_argument("--no-mkldnn", action="store_true", help="batch-size-independent convolution kernels")
     arguments = parser.parse_args(argv)
     torch.backends.mkldnn.enabled = not arguments.no_mkldnn
-    recorder = IterationRecorder()
-    callbacks = [recorder, *([KillAfter(arguments.kill_after)] if arguments.kill_after else [])]
+    recorder, masks = IterationRecorder(), RandomMaskRecorder()
+    callbacks = [recorder, masks, *([KillAfter(arguments.kill_after)] if arguments.kill_after else [])]
     extra = {"launcher": arguments.launcher} if arguments.launcher else {}
     trainer = make_trainer(arguments.model_dir, arguments.data_root, arguments.work_dir, json.loads(arguments.options),
                            callbacks=callbacks, **extra)
-    trainer.train()
+    trainer.train(checkpoint_path=arguments.resume)
     rank = int(os.environ.get("RANK", 0))
     network = trainer.unwrap_module(trainer.model)
     checksums = {key: float(value.double().sum()) for key, value in network.state_dict().items()}
     world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     (Path(arguments.work_dir) / f"rank_{rank}.json").write_text(json.dumps({
-        "world_size": world_size, "checksums": checksums, "iterations": recorder.iterations}))
+        "world_size": world_size, "checksums": checksums, "iterations": recorder.iterations,
+        "rng_digests": masks.rng_digests, "kept_rows": masks.kept_rows}))
 
 
 if __name__ == "__main__":

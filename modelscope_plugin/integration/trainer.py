@@ -43,9 +43,12 @@ local model dir: asks the hub      ``get_or_download_model_dir`` never queries t
 whether it is the latest           resolve through this package's cache-first resolver
 ``launcher='pytorch'`` = CUDA      ``SegmentationDDPHook``: gloo on CPU, NCCL on GPU; DDP without ``device_ids`` on CPU
 + NCCL (``DDPHook``)
-resume fails on torch >= 2.6       ``SegmentationCheckpointHook``: RNG state in ``weights_only``-loadable types,
-                                   counters
-(numpy RNG state vs weights_only)  that resume where the run stopped, native model dir in ``{work_dir}/output``
+resume fails on torch >= 2.6       ``SegmentationCheckpointHook``: every rank's RNG state in ``weights_only``-loadable
+(numpy RNG state vs weights_only)  types, counters that resume where the run stopped, native model dir in
+                                   ``{work_dir}/output``
+every rank seeded with ``seed``:   rank r > 0 re-seeds with seed + r when training starts (detectron2's seed + rank),
+the same drop path / dropout       so each rank's images get their own drop path / dropout masks; rank 0 keeps the
+masks on every rank                stream seeded with ``seed``, so one process trains as before
 one parameter group                ``train.optimizer.paramwise_options``: backbone lr x 0.1, no weight decay on norms,
                                    embeddings and Swin position tables (detectron2 Mask2Former); or EasyCV's rules by
                                    parameter name (``{pattern: {lr_mult, weight_decay, decay_mult, ...}}``)
@@ -119,7 +122,7 @@ from modelscope_plugin.modeling.oneformer.criterion import OneFormerCriterion, O
 from modelscope_plugin.modeling.point_sampling import PointSampler
 from modelscope_plugin.ranks import rank_and_world_size
 from modelscope_plugin.training import amp, distributed  # noqa: F401  (register SegmentationAMPOptimizerHook, SegmentationDDPHook)
-from modelscope_plugin.training.checkpoint import SegmentationLoadCheckpointHook, write_output_dir
+from modelscope_plugin.training.checkpoint import SegmentationLoadCheckpointHook, seed_rank_rng, write_output_dir
 from modelscope_plugin.training.class_head import adapt_class_head
 from modelscope_plugin.training.config import AugmentationConfig, LossConfig, settings_from
 from modelscope_plugin.training.data import (
@@ -612,8 +615,11 @@ class SegmentationTrainer(EpochBasedTrainer):
         self.train_outputs = {"loss": total}
 
     def train_loop(self, data_loader):
-        """The stock loop, except that a resumed epoch starts at its next batch without loading the earlier ones,
-        and an epoch whose batches were all done before the resume only runs its end-of-epoch hooks."""
+        """The stock loop, except that each rank's global RNGs are seeded apart first (``seed_rank_rng``), a
+        resumed epoch starts at its next batch without loading the earlier ones, and an epoch whose batches were all
+        done before the resume only runs its end-of-epoch hooks."""
+        rank, _ = rank_and_world_size()
+        seed_rank_rng(self._seed, rank)
         self.invoke_hook(TrainerStages.before_run)
         self.model.train()
         for _ in range(self._epoch, self._max_epochs):

@@ -5,7 +5,11 @@ reads it back with ``weights_only=True``, which refuses numpy arrays; its counte
 saved at the end of an epoch (the epoch then runs its end-of-epoch hooks again on resume). The hooks here keep
 ModelScope's configuration and file names (``{work_dir}/iter_N.pth`` + ``iter_N_trainer_state.pth``, or
 ``epoch_N``) and change what is stored:
-- RNG states as plain Python values and tensors (``portable_rng_state``), loadable with ``weights_only=True``;
+- every rank's RNG states (``meta['rng_states']``, in rank order, gathered to rank 0, which alone writes) as plain
+  Python values and tensors (``portable_rng_state``), loadable with ``weights_only=True``; on resume rank r restores
+  state r. A checkpoint written before there was one state per rank holds one state (``meta['rng_state']``), read as
+  rank 0's. Resumed with more ranks than saved states, rank r without a state re-seeds with seed + r (logged): its
+  drop path / dropout masks then differ from the ones the saved run would have drawn;
 - ``epoch`` / ``inner_iter`` / ``iter`` = where training continues (the next epoch after an end-of-epoch save);
 - ``{work_dir}/output`` (``train.checkpoint.period.output_dir``) is a model directory in this package's native
   layout (``configuration.json`` + ``pytorch_model.pt``, ``demo.write_model_dir``; FastInst: the hub layout; EoMT: HF
@@ -19,7 +23,7 @@ import pickle
 import random
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -28,6 +32,7 @@ from modelscope.trainers.hooks.checkpoint.checkpoint_hook import BestCkptSaverHo
 from modelscope.trainers.hooks.checkpoint.checkpoint_processor import CheckpointProcessor
 from modelscope.trainers.hooks.checkpoint.load_checkpoint_hook import LoadCheckpointHook
 from modelscope.trainers.hooks.priority import Priority
+from modelscope.utils.torch_utils import set_random_seed
 
 from modelscope_plugin.checkpoints import io as checkpoint_io
 from modelscope_plugin.config import EomtConfig, FastInstConfig, OneFormerConfig
@@ -36,6 +41,7 @@ from modelscope_plugin.model_dirs.eomt import write_hub_eomt_dir
 from modelscope_plugin.model_dirs.fastinst import write_hub_dir
 from modelscope_plugin.model_dirs.native import write_model_dir
 from modelscope_plugin.model_dirs.oneformer import write_hub_oneformer_dir
+from modelscope_plugin.ranks import gather_objects, rank_and_world_size
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +70,23 @@ def restore_rng_state(state: Dict[str, Any]) -> None:
     torch.random.set_rng_state(state["cpu"])
     if torch.cuda.is_available() and state.get("cuda"):
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_rank_rng(seed: int, rank: int) -> None:
+    """Seeds rank ``rank``'s Python, numpy and torch (CPU and CUDA) global RNGs apart from the other ranks', so that
+    the masks drawn from them in the forward (drop path, dropout) differ between ranks' images: rank r > 0 with
+    seed + r (detectron2's ``seed_all_rng(seed + rank)``); rank 0 keeps the stream the trainer seeded with ``seed``
+    when it was built, so one process draws what it drew before ranks were seeded apart."""
+    if rank > 0:
+        set_random_seed(seed + rank)
+
+
+def saved_rng_states(meta: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """A checkpoint's RNG states in rank order: ``rng_states``, or the one state (``rng_state``) of a checkpoint
+    written before there was one per rank; empty if it holds none."""
+    if "rng_states" in meta:
+        return list(meta["rng_states"])
+    return [meta["rng_state"]] if meta.get("rng_state") is not None else []
 
 
 def _atomic_save(value: Any, path: Path) -> None:
@@ -182,6 +205,7 @@ class _PortableStateMixin:
 
     PRIORITY = Priority.LOWEST
     _end_of_epoch = False
+    _rng_states: List[Dict[str, Any]] = []  # every rank's, gathered by _do_save for _create_training_state
 
     def __init__(self, *arguments, **kwargs):
         super().__init__(*arguments, **kwargs)
@@ -195,12 +219,17 @@ class _PortableStateMixin:
         self._end_of_epoch = True
         super().after_train_epoch(trainer)
 
+    def _do_save(self, trainer, save_strategy):
+        # every rank takes part: each one's RNG state reaches rank 0, which alone writes the checkpoint
+        self._rng_states = gather_objects(portable_rng_state())
+        super()._do_save(trainer, save_strategy)
+
     def _create_training_state(self, trainer):
         if self._end_of_epoch:  # trainer.iter already counts the epoch's last iteration
             meta = {"epoch": trainer.epoch + 1, "inner_iter": 0, "iter": trainer.iter}
         else:
             meta = {"epoch": trainer.epoch, "inner_iter": trainer.inner_iter + 1, "iter": trainer.iter + 1}
-        meta["rng_state"] = portable_rng_state()
+        meta["rng_states"] = self._rng_states
         index = 0
         for hook in trainer.hooks:
             if hasattr(hook, "state_dict") and getattr(hook, "_should_save", True):
@@ -220,11 +249,28 @@ class SegmentationBestCheckpointHook(_PortableStateMixin, BestCkptSaverHook):
 
 
 class SegmentationLoadCheckpointHook(LoadCheckpointHook):
-    """Resumes from a checkpoint of the hooks above: weights strictly, optimizer, scheduler, counters, RNG."""
+    """Resumes from a checkpoint of the hooks above: weights strictly, optimizer, scheduler, counters, and this
+    rank's RNG state (re-seeded with seed + rank where the checkpoint holds none for this rank)."""
 
     def __init__(self, *arguments, **kwargs):
         super().__init__(*arguments, **kwargs)
         self.processor = SegmentationCheckpointProcessor()
+        self.reseed_with: Optional[int] = None  # the seed of a rank the checkpoint holds no RNG state for
+
+    def before_run(self, trainer):
+        self.logger = trainer.logger
+        if self.checkpoint_file is None:
+            return
+        meta = self.load_checkpoint(self.checkpoint_file, trainer, self.load_all_state, self.strict)
+        states = saved_rng_states(meta)
+        rank, world_size = rank_and_world_size()
+        self.rng_state = states[rank] if rank < len(states) else None
+        self.reseed_with = trainer._seed + rank if states and rank >= len(states) else None
+        if states and len(states) != world_size and rank == 0:
+            self.logger.warning(f"{self.checkpoint_file} holds the RNG states of {len(states)} ranks, this run has "
+                                f"{world_size}: rank r restores state r, a rank without one re-seeds with seed + r; "
+                                "the random masks (drop path, dropout) do not continue exactly as the saved run's")
+        self.need_load_rng_state = self.load_all_state
 
     @classmethod
     def load_checkpoint(cls, filename, trainer, load_all_state=True, strict=True):
@@ -238,4 +284,6 @@ class SegmentationLoadCheckpointHook(LoadCheckpointHook):
     def before_train_iter(self, trainer):
         if self.need_load_rng_state and self.rng_state is not None:
             restore_rng_state(self.rng_state)
+        elif self.need_load_rng_state and self.reseed_with is not None:
+            set_random_seed(self.reseed_with)
         self.need_load_rng_state = False
