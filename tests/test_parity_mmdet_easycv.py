@@ -188,8 +188,7 @@ def test_mmdet_semantic_matches_modelscope_builtin(tmp_path):
     assert_classes_depend_on_the_image(result)
 
 
-@pytest.mark.parametrize("backbone", ["r50-tiny-test", pytest.param("r50", marks=[pytest.mark.slow,
-                                                                                    pytest.mark.full_size])])
+@pytest.mark.parametrize("backbone", ["r50-tiny-test", pytest.param("r50", marks=pytest.mark.slow)])
 def test_easycv_r50_matches_easycv_pipeline(tmp_path, backbone):
     model_dir, result = tmp_path / "model", tmp_path / "result.npz"
     export = tmp_path / "mask2former_pan_export.pth"
@@ -208,7 +207,6 @@ def test_easycv_r50_matches_easycv_pipeline(tmp_path, backbone):
 
 
 @pytest.mark.slow
-@pytest.mark.full_size
 def test_mmdet_swin_large_full_size_on_a_real_photo(tmp_path):
     model_dir, result = tmp_path / "model", tmp_path / "result.npz"
     # as for full-size swin-t: classes fixed per query (an image-driven class head of gain 4 spread over 133 classes
