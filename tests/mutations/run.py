@@ -8,6 +8,11 @@ catches ("SURVIVED") is a gap in the suite.
     .venv/bin/python tests/mutations/run.py --only box_off_by_one panoptic_constant_score
     .venv/bin/python tests/mutations/run.py --no-oracle      # skip tests marked oracle (minutes each)
     .venv/bin/python tests/mutations/run.py --list
+    .venv/bin/python tests/mutations/run.py --only decoder_norm_eps \
+        --tests "tests/test_parity_transformers.py::test_logits_match_transformers[swin-t-size1-True]"
+
+``--tests`` takes files or node ids (parametrised ones included) and replaces every selected mutation's own
+selection; each test of the selection that passes with the bug planted is listed as a survivor.
 
 Mutations find their target by searching for the exact source snippet across ``modelscope_plugin/**/*.py`` (it
 must occur exactly once in the whole package), so they survive files being moved or renamed.
@@ -101,11 +106,14 @@ def copy_repository(destination: Path) -> Path:
 
 
 FAILED = re.compile(r"^(FAILED|ERROR) (\S+)")
+PASSED = re.compile(r"^PASSED (\S+)")
 
 
-def run_tests(copy: Path, tests: Sequence[str], markers: str, timeout: int) -> Tuple[List[str], str, float]:
+def run_tests(copy: Path, tests: Sequence[str], markers: str,
+              timeout: int) -> Tuple[List[str], List[str], str, float]:
+    """(failing node ids, passing node ids, pytest's summary line, seconds) of ``tests`` run in ``copy``."""
     environment = dict(os.environ, PYTHONPATH=str(copy), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    command = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", "-m", markers,
+    command = [sys.executable, "-m", "pytest", "-q", "-rfEp", "-p", "no:cacheprovider", "-m", markers,
                *[test for test in tests if (copy / test.split("::")[0]).exists()]]
     started = time.time()
     try:
@@ -115,16 +123,18 @@ def run_tests(copy: Path, tests: Sequence[str], markers: str, timeout: int) -> T
         output = (error.stdout or b"").decode() if isinstance(error.stdout, bytes) else (error.stdout or "")
         output += f"\nTIMEOUT after {timeout} s"
     failed = sorted({match.group(2) for line in output.splitlines() if (match := FAILED.match(line))})
+    passed = sorted({match.group(1) for line in output.splitlines() if (match := PASSED.match(line))})
     summary = next((line for line in reversed(output.splitlines()) if " in " in line and ("passed" in line or "failed" in line
                                                                                           or "error" in line)), output[-300:])
-    return failed, summary.strip(), time.time() - started
+    return failed, passed, summary.strip(), time.time() - started
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", help="mutation names to run (default: all)")
     parser.add_argument("--no-oracle", action="store_true", help="skip tests marked oracle")
-    parser.add_argument("--tests", nargs="*", help="override every mutation's test selection")
+    parser.add_argument("--tests", nargs="*",
+                        help="files or pytest node ids replacing every mutation's test selection")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per mutation")
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the temporary copies (their paths are printed)")
@@ -139,7 +149,7 @@ def main(argv=None) -> int:
     # every snippet is checked before anything runs, so a moved or edited line fails fast
     targets = {mutation.name: locate(package, mutation.original) for mutation in mutations}
     survivors = []
-    print("| mutation | bug | failing tests | pytest summary |\n|---|---|---|---|", flush=True)
+    print("| mutation | bug | failing tests | passing tests | pytest summary |\n|---|---|---|---|---|", flush=True)
     for mutation in mutations:
         temporary = Path(tempfile.mkdtemp(prefix=f"mutation_{mutation.name}_"))
         try:
@@ -147,7 +157,8 @@ def main(argv=None) -> int:
             target = copy / targets[mutation.name].relative_to(REPO)
             source = target.read_text()
             target.write_text(source.replace(mutation.original, mutation.replacement))
-            failed, summary, seconds = run_tests(copy, arguments.tests or mutation.tests, markers, arguments.timeout)
+            failed, passed, summary, seconds = run_tests(copy, arguments.tests or mutation.tests, markers,
+                                                         arguments.timeout)
         finally:
             if arguments.keep:
                 print(f"(kept {temporary})", file=sys.stderr)
@@ -156,7 +167,8 @@ def main(argv=None) -> int:
         if not failed:
             survivors.append(mutation.name)
         caught = "<br>".join(failed) if failed else "**SURVIVED**"
-        print(f"| {mutation.name} | {mutation.bug} | {caught} | {summary} ({seconds:.0f} s) |", flush=True)
+        print(f"| {mutation.name} | {mutation.bug} | {caught} | {'<br>'.join(passed) or '-'} | {summary} "
+              f"({seconds:.0f} s) |", flush=True)
     if survivors:
         print(f"\nsurvived: {', '.join(survivors)}")
     return 1 if survivors else 0
