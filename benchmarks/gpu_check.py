@@ -70,6 +70,7 @@ def import_package_without_modelscope() -> None:
 import_package_without_modelscope()
 sys.path.insert(0, str(REPOSITORY / "benchmarks"))
 import torchvision_stand_in  # noqa: E402
+from shaped_weights import shape_fastinst_weights  # noqa: E402
 
 # the networks take torchvision's ResNet blocks; without torchvision, the stand-in's while they are imported
 with torchvision_stand_in.installed_if_missing() as TORCHVISION_STAND_IN:
@@ -110,36 +111,6 @@ def model_config(name: str):
     config.class_names = tuple(f"class_{index}" for index in range(number_of_classes))
     config.category_ids = tuple(range(1, number_of_classes + 1))
     return config
-
-
-def shape_fastinst_weights(network: torch.nn.Module, seed: int = 0) -> None:
-    """Non-degenerate random FastInst outputs (after tests/oracles/fastinst_oracle.py's ``shape_weights``, without
-    its calibration): live batch-norm statistics, a defined meta position map, spread class logits and sparse masks
-    (a constant mask-feature channel with a negative coefficient)."""
-    generator = torch.Generator().manual_seed(seed)
-    decoder = network.transformer_decoder
-    with torch.no_grad():
-        for module in network.backbone.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.weight.copy_(1.0 + 0.1 * torch.randn(module.weight.shape, generator=generator))
-                module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=generator))
-                module.running_mean.copy_(0.1 * torch.randn(module.running_mean.shape, generator=generator))
-                module.running_var.copy_(0.5 + torch.rand(module.running_var.shape, generator=generator))
-        decoder.meta_pos_embed.copy_(torch.randn(decoder.meta_pos_embed.shape, generator=generator))
-        for layers in (decoder.class_embed_layers, decoder.mask_embed_layers):
-            for mlp in layers:
-                for linear in mlp.layers:
-                    linear.weight.copy_(torch.randn(linear.weight.shape, generator=generator)
-                                        * (2.0 / linear.weight.shape[1]) ** 0.5)
-                    linear.bias.zero_()
-        for mlp in decoder.class_embed_layers:
-            mlp.layers[-1].weight.mul_(4.0)
-        for linear in decoder.mask_features_layers:
-            linear.weight[-1] = 0
-            linear.bias[-1] = 1.0
-        for mlp in decoder.mask_embed_layers:
-            mlp.layers[-1].weight[-1] = 0
-            mlp.layers[-1].bias[-1] = 0
 
 
 def calibrate_fastinst_masks(network: torch.nn.Module, pixels: torch.Tensor, coverage: float = 0.1,

@@ -14,6 +14,7 @@ from modelscope_plugin.model_dirs.load import load_model_dir
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 from bf16_audit import DtypeAudit, agreement  # noqa: E402
+from shaped_weights import shape_fastinst_weights  # noqa: E402
 
 IMAGE = SHARED_DATA / "coco" / "val2017" / "000000439180.jpg"
 
@@ -58,31 +59,7 @@ def shaped_fastinst():
     config.category_ids = tuple(range(1, config.num_classes + 1))
     torch.manual_seed(0)
     network = build_fastinst(config).eval()
-    generator = torch.Generator().manual_seed(0)
-    decoder = network.transformer_decoder
-    with torch.no_grad():
-        for module in network.backbone.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.weight.copy_(1.0 + 0.1 * torch.randn(module.weight.shape, generator=generator))
-                module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=generator))
-                module.running_mean.copy_(0.1 * torch.randn(module.running_mean.shape, generator=generator))
-                module.running_var.copy_(0.5 + torch.rand(module.running_var.shape, generator=generator))
-        decoder.meta_pos_embed.copy_(torch.randn(decoder.meta_pos_embed.shape, generator=generator))
-        decoder.query_proposal.conv_proposal_cls_logits[2].weight.mul_(30.0)
-        for layers in (decoder.class_embed_layers, decoder.mask_embed_layers):
-            for mlp in layers:
-                for linear in mlp.layers:
-                    linear.weight.copy_(torch.randn(linear.weight.shape, generator=generator)
-                                        * (2.0 / linear.weight.shape[1]) ** 0.5)
-                    linear.bias.zero_()
-        for mlp in decoder.class_embed_layers:
-            mlp.layers[-1].weight.mul_(4.0)
-        for linear in decoder.mask_features_layers:
-            linear.weight[-1] = 0
-            linear.bias[-1] = 1.0
-        for mlp in decoder.mask_embed_layers:
-            mlp.layers[-1].weight[-1] = 0
-            mlp.layers[-1].bias[-1] = -2.0
+    shape_fastinst_weights(network, seed=0, proposal_gain=30.0, mask_offset=-2.0)
     return config, network
 
 
