@@ -28,6 +28,12 @@ What it does, all with pai-easycv 0.11.7's own code on CPU:
    ``{i}_cls_logits64``  float64, ``{i}_mask_logits64`` float64: the same network in float64 on the same input
                        (a ``.double()`` copy; no float32 rounding to flip attention masks)
    ``{i}_pan``         int32 [H, W], EasyCV's panoptic id map (``class + instance * 1000``; C = void)
+   ``{i}_ins_labels``  int64 [K], ``{i}_ins_bboxes`` float32 [K, 5] (x1, y1, x2, y2, score), ``{i}_ins_masks``
+                       uint8 [K, H, W]: what ``Mask2Former.instance_postprocess`` returned inside the pipeline's
+                       ``forward_test`` (the bundled config has ``instance_on=True``), in its order (top-k order,
+                       not grouped by class); the same keys and layout as ``mmdet_oracle.py``'s ``ins_results``
+   ``{i}_ins64_labels``, ``{i}_ins64_bboxes``, ``{i}_ins64_masks``: the same from EasyCV's ``forward_test`` on the
+                       float64 copy (network, resizing and ``instance_postprocess`` in float64)
    ``{i}_meta_json``   str, JSON of the image meta (img_shape, ori_shape, pad_shape, scale_factor, ...)
    ==================  =====================================================================
 
@@ -431,6 +437,7 @@ class PipelineRecorder:
         model.backbone.register_forward_pre_hook(self._backbone_input)
         model.head.register_forward_hook(self._head_output)
         forward_test, panoptic_postprocess = model.forward_test, model.panoptic_postprocess
+        instance_postprocess = model.instance_postprocess
 
         def recording_forward_test(img, img_metas, **kwargs):
             self.records['img_metas'] = img_metas[0][0]
@@ -441,8 +448,14 @@ class PipelineRecorder:
             self.records['pan'] = pan.cpu().numpy().astype(np.int32)
             return pan
 
+        def recording_instance_postprocess(mask_cls, mask_pred):
+            labels, bboxes, masks = instance_postprocess(mask_cls, mask_pred)
+            self.records['instances'] = (labels.astype(np.int64), bboxes.astype(np.float32), masks.astype(np.uint8))
+            return labels, bboxes, masks
+
         model.forward_test = recording_forward_test
         model.panoptic_postprocess = recording_panoptic_postprocess
+        model.instance_postprocess = recording_instance_postprocess
 
     def _backbone_input(self, module, inputs):
         self.records['input'] = inputs[0].detach().cpu().numpy().astype(np.float32)
@@ -479,7 +492,7 @@ def run_pipeline(model_dir: str, images: list[str]) -> tuple[dict, list[float]]:
     _check_loaded_weights(segmenter.predict_op.model, segmenter.model_path)
     recorder = PipelineRecorder(segmenter.predict_op.model)
     arrays: dict = {'images': np.array([os.path.abspath(p) for p in images])}
-    runtimes = []
+    runtimes, metas = [], []
     for i, image_path in enumerate(images):
         recorder.records.clear()
         start = time.perf_counter()
@@ -495,13 +508,21 @@ def run_pipeline(model_dir: str, images: list[str]) -> tuple[dict, list[float]]:
         arrays[f'{i}_cls_logits'] = records['cls_logits']
         arrays[f'{i}_mask_logits'] = records['mask_logits']
         arrays[f'{i}_pan'] = records['pan']
+        if 'instances' not in records:
+            raise RuntimeError('EasyCV did not run instance_postprocess (test_cfg.instance_on is off?)')
+        arrays[f'{i}_ins_labels'], arrays[f'{i}_ins_bboxes'], arrays[f'{i}_ins_masks'] = records['instances']
+        metas.append(records['img_metas'])
         meta = {k: v for k, v in records['img_metas'].items()}
         arrays[f'{i}_meta_json'] = np.array(json.dumps(meta, default=_json_default))
-    # backbone + head in float64 (forward_test's own first two lines), on a copy without the recording wrappers
+    # EasyCV's forward_test in float64 (network, resizing and instance post-processing), on a copy without the
+    # recording wrappers
     model64 = copy.deepcopy(segmenter.predict_op.model)
     model64.__dict__.pop('forward_test', None)
     model64.__dict__.pop('panoptic_postprocess', None)
+    model64.__dict__.pop('instance_postprocess', None)
     model64 = model64.double().eval()
+    head_outputs = {}
+    model64.head.register_forward_hook(lambda module, inputs, outputs: head_outputs.update(outputs))
     # EasyCV's pixel decoder casts its inputs with ``.float()`` (its guard against half precision): for this pass
     # only, ``.float()`` keeps float64 (the cast is a no-op on its float32 path, so nothing else changes)
     float_cast = torch.Tensor.float
@@ -509,9 +530,17 @@ def run_pipeline(model_dir: str, images: list[str]) -> tuple[dict, list[float]]:
     try:
         for i in range(len(images)):
             with torch.no_grad():
-                outputs = model64.head(model64.backbone(torch.from_numpy(arrays[f'{i}_input']).double()))
-            arrays[f'{i}_cls_logits64'] = outputs['pred_logits'][0].numpy()
-            arrays[f'{i}_mask_logits64'] = outputs['pred_masks'][0].numpy()
+                outputs = model64.forward_test([torch.from_numpy(arrays[f'{i}_input']).double()], [[metas[i]]],
+                                               encode=False)
+            arrays[f'{i}_cls_logits64'] = head_outputs['pred_logits'][0].numpy()
+            arrays[f'{i}_mask_logits64'] = head_outputs['pred_masks'][0].numpy()
+            height, width = arrays[f'{i}_pan'].shape
+            masks = outputs['detection_masks'][0]
+            arrays[f'{i}_ins64_labels'] = np.asarray(outputs['detection_classes'][0], dtype=np.int64)
+            arrays[f'{i}_ins64_bboxes'] = np.concatenate(
+                [outputs['detection_boxes'][0], outputs['detection_scores'][0][:, None]], 1).astype(np.float32)
+            arrays[f'{i}_ins64_masks'] = (np.asarray(masks, dtype=np.uint8) if len(masks)
+                                          else np.zeros((0, height, width), np.uint8))
     finally:
         torch.Tensor.float = float_cast
     return arrays, runtimes
@@ -531,7 +560,7 @@ def describe(arrays: dict, num_images: int, num_classes: int, runtimes: list[flo
         print(f'[{i}] {arrays["images"][i]}: ori {meta["ori_shape"]} -> img {meta["img_shape"]} pad'
               f' {meta["pad_shape"]}; queries kept {int(kept.sum())}/{len(kept)}; segments'
               f' {len(arrays[f"{i}_labels"])} ({things} things, {stuff} stuff), void {void:.1%};'
-              f' {runtimes[i]:.1f} s')
+              f' instances {len(arrays[f"{i}_ins_labels"])}; {runtimes[i]:.1f} s')
         print(f'    labels: {[str(label) for label in arrays[f"{i}_labels"]]}')
 
 
