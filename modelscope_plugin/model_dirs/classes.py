@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from modelscope_plugin.config import Mask2FormerConfig
-from modelscope_plugin.data.categories import ClassTable
+from modelscope_plugin.data.categories import ClassTable, class_table_of_names
 from modelscope_plugin.errors import ModelDirError
 
 CLASS_HEAD = "transformer_decoder.class_embed."
@@ -53,3 +53,20 @@ def things_first(config: Mask2FormerConfig, state_dict: Dict[str, torch.Tensor],
                      category_ids=tuple(category_ids[index] for index in order), num_things_classes=len(things),
                      num_stuff_classes=num_classes - len(things))
     return config, reordered
+
+
+def with_things_first(config: Mask2FormerConfig, state_dict: Dict[str, torch.Tensor],
+                      thing_ids: Optional[Sequence[int]], task: Optional[str],
+                      where: str) -> Tuple[Mask2FormerConfig, Dict[str, torch.Tensor]]:
+    """(config, native state dict) of a checkpoint that does not order its classes things first: ``thing_ids``
+    (the caller's or the checkpoint's), else for a panoptic / instance ``task`` the things of the built-in class set
+    its classes are (``builtin_thing_ids``), moved first (``things_first``); without ``task``, panoptic becomes the
+    default where there are things and stuff. Unchanged where no thing ids apply."""
+    if thing_ids is None:
+        thing_ids = builtin_thing_ids(class_table_of_names(config.class_names), task)
+    if thing_ids is None:
+        return config, state_dict
+    config, state_dict = things_first(config, state_dict, thing_ids, where)
+    config = replace(config, task=task or ("panoptic" if 0 < config.num_things_classes < config.num_classes
+                                           else config.task))
+    return config, state_dict

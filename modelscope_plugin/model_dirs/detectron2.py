@@ -19,9 +19,9 @@ from modelscope_plugin.builders import build_mask2former
 from modelscope_plugin.checkpoints.io import extract_state_dict, load_strict, read_checkpoint
 from modelscope_plugin.checkpoints.keymaps import convert_to_native
 from modelscope_plugin.config import Mask2FormerConfig, PreprocessConfig, ResNetConfig, SwinConfig
-from modelscope_plugin.data.categories import class_table_of_count, class_table_of_names, describe_class_tables
+from modelscope_plugin.data.categories import class_table_of_count, describe_class_tables
 from modelscope_plugin.errors import CheckpointError, ModelDirError
-from modelscope_plugin.model_dirs.classes import builtin_thing_ids, things_first
+from modelscope_plugin.model_dirs.classes import with_things_first
 from modelscope_plugin.model_dirs.configuration import check_config
 from modelscope_plugin.modeling.mask2former.model import Mask2Former
 
@@ -152,12 +152,7 @@ def load_detectron2_checkpoint(path, checkpoint: Optional[dict] = None, task: Op
     config = with_class_names(config_from_state_dict(raw, str(path)), class_names, str(path), task)
     check_config(config, str(path))
     state_dict = convert_to_native(raw, "detectron2")
-    if thing_ids is None:
-        thing_ids = builtin_thing_ids(class_table_of_names(config.class_names), task)
-    if thing_ids is not None:
-        config, state_dict = things_first(config, state_dict, thing_ids, str(path))
-        config = replace(config, task=task or ("panoptic" if 0 < config.num_things_classes < config.num_classes
-                                               else config.task))
+    config, state_dict = with_things_first(config, state_dict, thing_ids, task, str(path))
     network = build_mask2former(config)
     load_strict(network, state_dict, checkpoint_name=str(path))
     return config, network.eval()

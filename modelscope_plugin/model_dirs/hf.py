@@ -8,7 +8,7 @@ the caller gives; without either, loading fails asking for them. Names equal to 
 all counted as things and answer semantic segmentation by default; thing ids (the caller's, or a OneFormer-style
 ``metadata.thing_ids``) put those classes first as things (``classes.things_first``) and make panoptic the default;
 without them, a panoptic / instance ``task`` asked of ADE20K or Cityscapes classes puts that dataset's thing classes
-first (``classes.builtin_thing_ids``).
+first (``classes.with_things_first``).
 ``preprocessor_config.json``, where present, gives
 the test size, mean, std and size divisor, and (OneFormer-style ``metadata``) class names and thing ids.
 """
@@ -25,7 +25,7 @@ from modelscope_plugin.checkpoints.keymaps import convert_detectron2
 from modelscope_plugin.config import Mask2FormerConfig, PreprocessConfig, ResNetConfig, SwinConfig
 from modelscope_plugin.data.categories import class_table_of_names
 from modelscope_plugin.errors import CheckpointError, ModelDirError
-from modelscope_plugin.model_dirs.classes import builtin_thing_ids, things_first
+from modelscope_plugin.model_dirs.classes import with_things_first
 from modelscope_plugin.model_dirs.configuration import check_config
 
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -182,12 +182,7 @@ def load_hf_model_dir(model_dir, task: Optional[str] = None, class_names: Option
     check_config(config, str(config_path))
     state_dict = convert_detectron2(hf_to_detectron2(read_checkpoint(weights), values))
     thing_ids = recorded_thing_ids if thing_ids is None else thing_ids
-    if thing_ids is None:
-        thing_ids = builtin_thing_ids(class_table_of_names(config.class_names), task)
-    if thing_ids is not None:
-        config, state_dict = things_first(config, state_dict, thing_ids, str(model_dir))
-        config = replace(config, task=task or ("panoptic" if 0 < config.num_things_classes < config.num_classes
-                                               else config.task))
+    config, state_dict = with_things_first(config, state_dict, thing_ids, task, str(model_dir))
     network = build_mask2former(config)
     load_strict(network, state_dict, checkpoint_name=str(weights))
     return config, network.eval()
