@@ -16,12 +16,13 @@ Each bad input raises exactly one of these, with a message naming the input and 
 ``TrainingConfigError``    a trainer configuration or dataset the trainer cannot use
 ``CardError``              a model card that cannot be validated, assembled or published
 ``ExportError``            a network that cannot be exported, or whose exported graph disagrees with it
-``CommandError``           a command-line invocation that cannot run (exit code 2)
+``CommandError``           a command-line invocation that cannot run (exit code 1)
 ``TaskError``              a task name that is not panoptic, semantic or instance
 =========================  ===================================================================================
 
 ``USER_ERRORS`` catches the first four, which every entry point (pipeline, command line, browser demo) reports as
-one line; the command line maps them to exit code 1.
+one line; the command line maps them to exit code 1. Each can be built from its message alone, as ModelScope's
+``build_from_cfg`` re-raises an error from a registered class's constructor (``type(error)(f"{class}: {error}")``).
 """
 
 
@@ -50,9 +51,14 @@ class ModelNotAvailableError(RuntimeError):
 
 
 class DatasetProblemsError(ValueError):
-    """Raised with ``on_error="raise"``; ``problems`` lists every rejected row (``image_id``, ``reason``)."""
+    """Raised with ``on_error="raise"``; ``problems`` lists every rejected row (``image_id``, ``reason``). Built
+    from a message alone (ModelScope's re-raise), it keeps the message and lists no rows."""
 
     def __init__(self, problems):
+        if isinstance(problems, str):
+            self.problems = []
+            super().__init__(problems)
+            return
         self.problems = problems
         listed = "; ".join(f"{problem.image_id}: {problem.reason}" for problem in problems[:20])
         more = f" (and {len(problems) - 20} more)" if len(problems) > 20 else ""

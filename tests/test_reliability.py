@@ -318,3 +318,35 @@ def test_hugging_face_config_field_of_the_wrong_type_is_a_model_dir_error_at_loa
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(ModelDirError, match=r"config.json: num_queries = 'ten' is not a whole number"):
         load_model(tmp_path)
+
+
+ERROR_CLASSES = [value for value in vars(errors).values()
+                 if isinstance(value, type) and issubclass(value, Exception) and value.__module__ == errors.__name__]
+
+
+@pytest.mark.parametrize("error_class", ERROR_CLASSES, ids=lambda error_class: error_class.__name__)
+def test_errors_keep_their_type_through_modelscope_build_from_cfg(error_class):
+    """ModelScope's ``build_from_cfg`` re-raises a constructor's error as ``type(error)(f"{class}: {error}")``; each
+    of the package's errors must survive that with its type and message (``DatasetProblemsError`` once raised an
+    AttributeError there)."""
+    from modelscope.utils.registry import Registry, build_from_cfg
+
+    from modelscope_plugin.data.datasets import RowProblem
+
+    if error_class is errors.DatasetProblemsError:
+        original = error_class([RowProblem(image_id=7, reason="panoptic PNG missing")])
+    else:
+        original = error_class("seven is not a folder")
+
+    registry = Registry("reliability_test")
+
+    @registry.register_module(module_name="Failing")
+    class Failing:
+        def __init__(self):
+            raise original
+
+    with pytest.raises(error_class) as raised:
+        build_from_cfg({"type": "Failing"}, registry)
+    assert str(raised.value).startswith("Failing: ")
+    assert str(original) in str(raised.value)
+    assert raised.value.__cause__ is original
