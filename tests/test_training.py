@@ -283,6 +283,37 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(setup, 
     assert worst < 1e-5 < 1e-4 < moved, (worst, moved)
 
 
+def test_two_gloo_processes_evaluate_and_keep_the_best_checkpoint_with_both_ranks_rng_states(setup, tmp_path):
+    """Evaluation every 2 iterations and ModelScope's best-checkpoint saver (``train.checkpoint.best``, replaced by
+    SegmentationBestCheckpointHook) under torchrun: every rank gathers its RNG state in the saver, so a rank that
+    skipped it would hang the run; rank 0 writes the best checkpoint with both ranks' states."""
+    model_dir, data_root, _ = setup
+    options = dict(RUN_OPTIONS, **{"train.dataloader.batch_size_per_gpu": 1,
+                                   "evaluation.period": {"interval": 2, "by_epoch": False},
+                                   "train.checkpoint.best": {"metric_key": "PQ", "rule": "max", "by_epoch": False,
+                                                             "interval": 2}})
+    completed = run_script([model_dir, data_root, tmp_path / "two", json.dumps(options)], launcher="pytorch",
+                           timeout=600)
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:]
+    best_states = sorted((tmp_path / "two").glob("best_iter*_trainer_state.pth"))
+    assert len(best_states) == 1, best_states
+    best_state = torch.load(best_states[0], map_location="cpu", weights_only=True)
+    rng_states = best_state["meta"]["rng_states"]
+    assert len(rng_states) == 2
+    assert not torch.equal(rng_states[0]["cpu"], rng_states[1]["cpu"])  # rank 1 seeds seed + 1
+    iteration = best_state["meta"]["iter"]
+    regular = torch.load(tmp_path / "two" / f"iter_{iteration}_trainer_state.pth", map_location="cpu",
+                         weights_only=True)
+    assert [state["cpu"].tolist() for state in regular["meta"]["rng_states"]] == [
+        state["cpu"].tolist() for state in rng_states]
+    best_weights = torch.load(str(best_states[0])[: -len("_trainer_state.pth")] + ".pth", map_location="cpu",
+                              weights_only=True)["state_dict"]
+    regular_weights = torch.load(tmp_path / "two" / f"iter_{iteration}.pth", map_location="cpu",
+                                 weights_only=True)["state_dict"]
+    assert best_weights.keys() == regular_weights.keys()
+    assert all(torch.equal(best_weights[key], regular_weights[key]) for key in best_weights)
+
+
 # one image per rank, 2 iterations per epoch over the 4 scenes; checkpoints at iterations 2, 4 and 6
 DROP_PATH_OPTIONS = dict(RUN_OPTIONS, **{"train.dataloader.batch_size_per_gpu": 1})
 
