@@ -1,6 +1,8 @@
 """bf16 autocast through the Predictor: agreement with fp32 on shaped-weight networks, and matrix products that stay
 in bf16 (``benchmarks/bf16_audit.py``'s ``DtypeAudit`` counts their FLOPs by input dtype), so that a change that
 silently sends the bf16 path back to fp32 fails here."""
+import contextlib
+import re
 import sys
 
 import pytest
@@ -98,3 +100,73 @@ def test_audit_counts_flops_by_dtype_and_changes_no_result(emulate):
     flops = audit.matrix_flops_by_dtype()
     # linear 2*5*16*8 (twice: bf16 and fp32), convolution 2*4*27*36, einsum's bmm 2*5*5*16
     assert flops == {"bf16": 1280 + 7776 + 800, "fp32": 1280}, flops
+
+
+# ---- precision="auto": bf16 where the device has native bf16 units, else fp32 ---------------------------------
+@pytest.mark.parametrize("native", [False, True])
+def test_auto_precision_resolves_by_native_bf16_and_the_predictor_records_the_resolved_one(
+        tiny_model_dir, monkeypatch, caplog, native):
+    from modelscope_plugin.inference import precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    precision._log_auto.cache_clear()
+    caplog.set_level("INFO", logger=precision.__name__)
+    config, network = load_model_dir(tiny_model_dir)
+    expected = "bf16" if native else "fp32"
+    for _ in range(2):
+        assert Predictor(network, config, torch.device("cpu"), precision="auto").precision == expected
+    assert precision.resolve_precision("auto", "cpu") == expected
+    logged = [record.getMessage() for record in caplog.records if "precision 'auto'" in record.getMessage()]
+    assert logged == [f"precision 'auto' on cpu: {expected} ({'native' if native else 'no native'} bfloat16 units)"]
+    precision._log_auto.cache_clear()
+
+
+def test_auto_precision_on_this_cpu_and_on_cuda(monkeypatch):
+    from modelscope_plugin.inference import precision
+
+    # this VM: AVX2 without native bf16 -> fp32; a CPU with AVX-512 BF16 / AMX -> bf16
+    assert precision.resolve_precision("auto", "cpu") == ("bf16" if precision.cpu_has_native_bf16() else "fp32")
+    # CUDA: what torch.cuda.is_bf16_supported says without emulation (compute capability 8.0+)
+    asked = []
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    for supported in (True, False):
+        def is_bf16_supported(including_emulation=True, supported=supported):
+            asked.append(including_emulation)
+            return supported
+
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+        assert precision.resolve_precision("auto", "cuda:0") == ("bf16" if supported else "fp32")
+    assert asked == [False, False]  # native bf16 only: an emulated one is slower than fp32
+    assert precision.resolve_precision("auto", "meta") == "fp32"  # any other device
+
+
+@pytest.mark.parametrize("value", ["int8", "AUTO", "bfloat16", None])
+def test_unknown_precision_is_one_error_naming_it(tiny_model_dir, value):
+    config, network = load_model_dir(tiny_model_dir)
+    with pytest.raises(ValueError, match=rf"precision must be one of \['fp32', 'bf16', 'fp16', 'auto'\], "
+                                         rf"got {re.escape(repr(value))}"):
+        Predictor(network, config, torch.device("cpu"), precision=value)
+
+
+@pytest.mark.parametrize("mkldnn_bf16, capabilities, native", [
+    (False, {"architecture": "x86_64", "avx512_bf16": True}, False),  # oneDNN without bf16 (AVX2, this VM)
+    (True, {"architecture": "x86_64", "avx512_bf16": False, "amx_bf16": False}, False),  # AVX-512 without bf16 units
+    (True, {"architecture": "x86_64", "avx512_bf16": True, "amx_bf16": False}, True),  # Cooper Lake, Zen 4
+    (True, {"architecture": "x86_64", "avx512_bf16": False, "amx_bf16": True}, True),  # AMX
+    (True, {"architecture": "aarch64"}, True),  # Arm: oneDNN's own check
+])
+def test_native_bf16_on_x86_needs_the_bf16_instructions_not_only_avx512(monkeypatch, mkldnn_bf16, capabilities,
+                                                                         native):
+    """torch's ``_is_mkldnn_bf16_supported`` is oneDNN's "ISA >= avx512_core": true on AVX-512 CPUs whose bf16 runs
+    converted to fp32, where "auto" would pick a bf16 no faster than fp32."""
+    from modelscope_plugin.inference import precision
+
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: mkldnn_bf16)
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+    precision.cpu_has_native_bf16.cache_clear()
+    try:
+        assert precision.cpu_has_native_bf16() is native
+        assert precision.resolve_precision("auto", "cpu") == ("bf16" if native else "fp32")
+    finally:
+        precision.cpu_has_native_bf16.cache_clear()

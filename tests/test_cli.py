@@ -509,3 +509,36 @@ def test_export_eomt_at_its_input_size_checked_with_onnxruntime(tmp_path, capsys
     assert main(["export", "--model", str(model_dir), "--output", str(tmp_path / "cli.onnx"),
                  "--example-size", "96x96"]) == 1
     assert "64x64 input" in capsys.readouterr().err and not (tmp_path / "cli.onnx").exists()
+
+
+def test_precision_option_takes_auto_and_refuses_an_unknown_value(tiny_model_dir, image_folder, tmp_path, monkeypatch,
+                                                                   capsys):
+    from modelscope_plugin.apps import cli
+    from modelscope_plugin.inference.precision import APP_PRECISION, cpu_has_native_bf16
+
+    resolved = []
+
+    def build_pipeline(*arguments):
+        built = original(*arguments)
+        resolved.append(built.predictor.precision)
+        return built
+
+    original = cli.build_pipeline
+    monkeypatch.setattr(cli, "build_pipeline", build_pipeline)
+    image = sorted(image_folder.glob("*.png"))[0]
+    documents = {}
+    for precision in ("auto", "fp32"):
+        output = tmp_path / precision
+        assert main(["segment", str(image), "--model", str(tiny_model_dir), "--output", str(output), "--quiet",
+                     "--precision", precision]) == 0, capsys.readouterr().err
+        documents[precision] = json.loads((output / f"{image.stem}.json").read_text())["segments"]
+    native = cpu_has_native_bf16()
+    assert resolved == ["bf16" if native else "fp32", "fp32"]
+    if not native:  # "auto" is fp32 on this CPU: the same outputs
+        assert documents["auto"] == documents["fp32"]
+    for command in (["segment", "x.jpg", "--model", "m"], ["evaluate", "--model", "m", "--task", "panoptic",
+                                                           "--images", "i"], ["serve"]):
+        assert cli.build_parser().parse_args(command).precision == APP_PRECISION
+        assert cli.build_parser().parse_args(command + ["--precision", "auto"]).precision == "auto"
+        assert main(command + ["--precision", "int8"]) == 2
+        assert "invalid choice: 'int8'" in capsys.readouterr().err

@@ -82,3 +82,13 @@ def test_shipped_demo_run_prints_each_models_scores_and_no_preprocessor_warnings
     number = r"(mask )?[A-Z0-9]+ [0-9.]+"
     assert all(re.fullmatch(rf"{number}(, {number})+", line) for _, line in summaries), summaries
     assert demo.score_summary(scores["fastinst_synthetic-shapes"]).startswith("mask AP ")
+
+
+def test_demo_takes_precision_auto_and_prints_what_it_resolved_to(tiny_model_dir, tmp_path, capsys):
+    from modelscope_plugin.inference.precision import cpu_has_native_bf16
+
+    demo.main(["--model", str(tiny_model_dir), "--output", str(tmp_path / "demo"), "--data", str(tmp_path / "none"),
+               "--precision", "auto"])
+    resolved = "bf16" if cpu_has_native_bf16() else "fp32"
+    assert f"{tiny_model_dir.name}: synthetic scenes (seed {demo.SCENE_SEED}), precision {resolved}" in \
+        capsys.readouterr().out

@@ -26,6 +26,7 @@ from PIL import Image
 from modelscope_plugin import visualization
 from modelscope_plugin.apps.cli import main
 from modelscope_plugin.apps.demo import shipped_demo_models
+from modelscope_plugin.errors import CommandError
 
 gr = pytest.importorskip("gradio", reason="the [demo] extra (make test installs it)")
 from modelscope_plugin.apps import browser_demo  # noqa: E402  (needs gradio)
@@ -150,6 +151,19 @@ def test_serve_on_a_port_in_use_fails_with_one_line_before_the_models_load(capsy
     assert error == f"modelscope-seg serve: error: cannot listen on 127.0.0.1:{port}: Address already in use; " \
                     "choose another --port (0 picks a free one)\n"
     assert built == []  # the port is checked before any model loads
+
+
+def test_serve_builds_every_pipeline_with_the_precision_asked_for(monkeypatch, capsys):
+    built = []
+
+    def build_pipeline(*arguments):
+        built.append(arguments)
+        raise CommandError("stop here")
+
+    monkeypatch.setattr(browser_demo, "build_pipeline", build_pipeline)
+    assert main(["serve", "--model", MASK2FORMER, "--port", "0", "--precision", "auto"]) == 1
+    assert "stop here" in capsys.readouterr().err
+    assert [arguments[-1] for arguments in built] == ["auto"]
 
 
 def listening_addresses(pid: int) -> List[Tuple[str, int]]:

@@ -23,6 +23,7 @@ from PIL import Image
 from modelscope_plugin import visualization
 from modelscope_plugin.apps.demo import SAMPLES, demo_scenes
 from modelscope_plugin.errors import USER_ERRORS, CommandError
+from modelscope_plugin.inference.precision import APP_PRECISION
 from modelscope_plugin.inference.preprocess import load_image
 from modelscope_plugin.integration.pipeline import build_pipeline
 
@@ -47,10 +48,11 @@ on synthetic shapes only: on photos their labels name shapes and textures, not o
 
 
 def load_pipelines(models: Sequence[str], device: str, class_names: Optional[Sequence[str]] = None,
-                   thing_ids: Optional[Sequence[int]] = None) -> Dict[str, Any]:
+                   thing_ids: Optional[Sequence[int]] = None, precision: str = APP_PRECISION) -> Dict[str, Any]:
     """model (hub id, directory, Hugging Face folder or checkpoint file) -> its pipeline, all built before serving, so
-    that a bad model fails at start. ``class_names``, ``thing_ids``: for checkpoints that record none."""
-    return {model: build_pipeline(model, device, class_names, thing_ids) for model in models}
+    that a bad model fails at start. ``class_names``, ``thing_ids``: for checkpoints that record none; ``precision``:
+    the pipelines' (precision.py)."""
+    return {model: build_pipeline(model, device, class_names, thing_ids, precision) for model in models}
 
 
 def example_images(scene_folder: Path, data_folder: Optional[Path]) -> Tuple[List[Path], List[Path]]:
@@ -231,11 +233,12 @@ def launch(app: gr.Blocks, host: str = HOST, port: int = PORT) -> None:
 
 def serve(models: Sequence[str], host: str = HOST, port: int = PORT, device: str = "cpu",
           data_folder: Optional[Path] = None, scene_folder: Path = SCENE_FOLDER,
-          class_names: Optional[Sequence[str]] = None, thing_ids: Optional[Sequence[int]] = None) -> None:
+          class_names: Optional[Sequence[str]] = None, thing_ids: Optional[Sequence[int]] = None,
+          precision: str = APP_PRECISION) -> None:
     """``modelscope-seg serve``: checks the address, builds every pipeline, writes the example scenes, then serves
     until Ctrl-C."""
     port = available_port(host, port)
-    pipelines = load_pipelines(models, device, class_names, thing_ids)
+    pipelines = load_pipelines(models, device, class_names, thing_ids, precision)
     scenes, photos = example_images(scene_folder, data_folder)
     app = build_app(pipelines, scenes, photos)
     launch(app, host, port)

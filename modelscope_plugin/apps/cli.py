@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from modelscope_plugin.errors import CommandError
+from modelscope_plugin.inference.precision import APP_PRECISION, PRECISION_CHOICES
 from modelscope_plugin.integration.pipeline import build_pipeline
 from modelscope_plugin.model_dirs.classes import THING_IDS_HELP, thing_ids_option
 from modelscope_plugin.ranks import join_torchrun_group, sum_over_ranks
@@ -19,6 +20,8 @@ from modelscope_plugin.ranks import join_torchrun_group, sum_over_ranks
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 TASK_CHOICES = ("panoptic", "semantic", "instance")
+PRECISION_HELP = ("fp32, bf16 (autocast; fast only where the CPU has AVX-512 BF16 / AMX, or on a GPU), fp16 (CUDA) or "
+                  f"auto (bf16 where the device has native bf16 units, else fp32); default {APP_PRECISION}")
 CLASSES_HELP = ("one class name per line, in class order, for a checkpoint that records none (a detectron2 .pkl of an "
                 "unknown class set, a Hugging Face folder with placeholder labels, an EasyCV export without names)")
 
@@ -140,7 +143,7 @@ def segment(arguments) -> int:
     if arguments.resume:
         own_images = [image for image in own_images if not output_paths(image, output)["json"].is_file()]
     segmenter = build_pipeline(arguments.model, rank_device(arguments.device), model_class_names(arguments.classes),
-                               arguments.thing_ids)
+                               arguments.thing_ids, arguments.precision)
     parameters = {name: value for name, value in (
         ("task", arguments.task), ("object_mask_threshold", arguments.object_mask_threshold),
         ("overlap_threshold", arguments.overlap_threshold), ("score_thr", arguments.score_threshold),
@@ -209,7 +212,7 @@ def evaluate(arguments) -> int:
     # the dataset's own classes (COCO's only when the JSON lists COCO's)
     categories = annotation_categories(arguments.annotations) if arguments.annotations else None
     segmenter = build_pipeline(arguments.model, rank_device(arguments.device), model_class_names(arguments.classes),
-                               arguments.thing_ids)
+                               arguments.thing_ids, arguments.precision)
     results = run_evaluation(segmenter, rows, arguments.task, output_dir=str(output), categories=categories,
                              annotation_file=arguments.annotations if arguments.task == "instance" else None,
                              progress=not arguments.quiet, limit=arguments.limit)
@@ -305,6 +308,7 @@ def serve(arguments) -> int:
         raise CommandError("no --model given and no trained demo model in model_cards/demo")
     serve_app(models, host=arguments.host, port=arguments.port, device=arguments.device,
               class_names=model_class_names(arguments.classes), thing_ids=arguments.thing_ids,
+              precision=arguments.precision,
               data_folder=Path(arguments.data) if arguments.data else REPOSITORY.parent / "shared" / "data")
     return EXIT_OK
 
@@ -335,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="instance: drop detections below this score (0.5)")
     segment_parser.add_argument("--max-per-image", type=int, help="instance: top-k detections (100)")
     segment_parser.add_argument("--device", default="cpu", help="cpu, gpu, cuda:0 ... (default cpu)")
+    segment_parser.add_argument("--precision", choices=PRECISION_CHOICES, default=APP_PRECISION, help=PRECISION_HELP)
     segment_parser.add_argument("--batch-size", type=positive_int, default=1,
                                 help="images per forward pass (default 1)")
     segment_parser.add_argument("--output", default="outputs/segment", help="output folder (default outputs/segment)")
@@ -351,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_parser.add_argument("--classes", metavar="FILE", help=CLASSES_HELP)
     evaluate_parser.add_argument("--thing-ids", type=thing_ids_option, metavar="I,J,...", help=THING_IDS_HELP)
     evaluate_parser.add_argument("--device", default="cpu", help="cpu, gpu, cuda:0 ... (default cpu)")
+    evaluate_parser.add_argument("--precision", choices=PRECISION_CHOICES, default=APP_PRECISION, help=PRECISION_HELP)
     evaluate_parser.add_argument("--task", required=True, choices=TASK_CHOICES)
     evaluate_parser.add_argument("--images", required=True, help="image folder")
     evaluate_parser.add_argument("--annotations", help="COCO panoptic or instances JSON (panoptic, instance)")
@@ -437,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "to the network)")
     serve_parser.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 picks a free one)")
     serve_parser.add_argument("--device", default="cpu", help="cpu, gpu, cuda:0 ... (default cpu)")
+    serve_parser.add_argument("--precision", choices=PRECISION_CHOICES, default=APP_PRECISION, help=PRECISION_HELP)
     serve_parser.add_argument("--data", help="folder of the example photos, as for `make demo` (default: shared/data "
                                              "beside the repository; missing photos are left out)")
     serve_parser.set_defaults(handler=serve)

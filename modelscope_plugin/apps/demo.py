@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Tuple
 import numpy as np
 import torch
 
+from modelscope_plugin.inference.precision import APP_PRECISION, PRECISION_CHOICES
 from modelscope_plugin.model_dirs.native import write_model_dir
 
 REPOSITORY = Path(__file__).resolve().parents[2]
@@ -132,6 +133,9 @@ def main(argv=None) -> Dict[str, Dict[str, Any]]:
     parser.add_argument("--model", default=None, help="model directory or hub id (default: the shipped demo models)")
     parser.add_argument("--data", default=str(REPOSITORY.parent / "shared" / "data"),
                         help="folder of the sample photos")
+    parser.add_argument("--precision", choices=PRECISION_CHOICES, default=APP_PRECISION,
+                        help="fp32, bf16, fp16 (CUDA) or auto (bf16 where the CPU has native bf16 units, else fp32); "
+                             f"default {APP_PRECISION}")
     arguments = parser.parse_args(argv)
 
     from modelscope.pipelines import pipeline
@@ -158,8 +162,10 @@ def main(argv=None) -> Dict[str, Dict[str, Any]]:
             print(f"skipping missing sample {path}")
     scores = {}
     for name, (directory, task) in models.items():
-        segmenter = pipeline(Tasks.image_segmentation, model=str(directory), device="cpu")
-        print(f"{name}: synthetic scenes (seed {SCENE_SEED})")
+        segmenter = pipeline(Tasks.image_segmentation, model=str(directory), device="cpu",
+                             precision=arguments.precision)
+        precision = getattr(getattr(segmenter, "predictor", None), "precision", arguments.precision)  # as resolved
+        print(f"{name}: synthetic scenes (seed {SCENE_SEED}), precision {precision}")
         segment_images(segmenter, sorted(scenes.image_folder.glob("*.png")), output / name / "scenes")
         if task is not None:
             scores[name] = score_scenes(segmenter, task, scenes, output / name / "scores")

@@ -20,7 +20,7 @@ from modelscope_plugin.inference.postprocess import (
     semantic_inference,
     window_semantic_inference,
 )
-from modelscope_plugin.inference.precision import check_precision, inference_context
+from modelscope_plugin.inference.precision import inference_context, resolve_precision
 from modelscope_plugin.inference.preprocess import (
     ImageInput,
     PreparedImage,
@@ -66,7 +66,8 @@ class Predictor:
     """A loaded network and its configuration, answering images with the output contract.
 
     ``device``: where the network runs (default: where its parameters are); ``precision``: "fp32", "bf16"
-    (autocast, CPU or GPU) or "fp16" (CUDA), see ``precision.py``.
+    (autocast, CPU or GPU), "fp16" (CUDA) or "auto" (bf16 where the device has native bf16 units, else fp32; the
+    resolved one is ``self.precision``), see ``precision.py``.
     """
 
     def __init__(self, network: torch.nn.Module,
@@ -75,8 +76,7 @@ class Predictor:
         self.network = network
         self.config = config
         self.device = torch.device(device) if device is not None else next(network.parameters()).device
-        check_precision(precision, self.device)
-        self.precision = precision
+        self.precision = resolve_precision(precision, self.device)  # "auto" -> "bf16" or "fp32" here
 
     def parameters(self, task: Optional[str] = None, object_mask_threshold: Optional[float] = None,
                    overlap_threshold: Optional[float] = None, filter_low_score: Optional[bool] = None,

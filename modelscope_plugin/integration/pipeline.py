@@ -58,7 +58,8 @@ class SegmentationPipeline(Pipeline):
     ``on_error`` (lists): "raise" (default, as ModelScope: the first bad item raises) or "return" (an error entry per
     bad item, the others intact). ``max_postprocess_pixels`` (2048 * 2048; None: no cap): larger inputs are
     post-processed at that many pixels and their masks brought to full size by nearest neighbour (outputs.py).
-    Constructor: ``precision`` "fp32" (default), "bf16" (autocast; CPU or GPU) or "fp16" (CUDA), see precision.py;
+    Constructor: ``precision`` "fp32" (default), "bf16" (autocast; CPU or GPU), "fp16" (CUDA) or "auto" (bf16 where
+    the device has native bf16 units, else fp32), see precision.py;
     ``device`` as ModelScope ("cpu", "gpu", "cuda:0"); ``class_names``: the classes' names for a checkpoint that
     records none, ``thing_ids``: its thing classes (``load_model``).
     """
@@ -131,13 +132,20 @@ class SegmentationPipeline(Pipeline):
 
 
 def build_pipeline(model: str, device: str, class_names: Optional[Sequence[str]] = None,
-                   thing_ids: Optional[Sequence[int]] = None):
+                   thing_ids: Optional[Sequence[int]] = None, precision: str = "fp32"):
     """ModelScope's pipeline for ``model``; this package's own errors pass through, others are reported as a failed
-    model. ``class_names``, ``thing_ids``: for a checkpoint that records none (``load_model``)."""
+    model. ``class_names``, ``thing_ids``: for a checkpoint that records none (``load_model``); ``precision``: as the
+    pipeline's (an unknown one is a ``CommandError`` naming it, before the model loads)."""
     from modelscope.pipelines import pipeline
 
+    from modelscope_plugin.inference.precision import PRECISION_CHOICES
+
+    if precision not in PRECISION_CHOICES:
+        raise CommandError(f"precision must be one of {list(PRECISION_CHOICES)}, got {precision!r}")
     extra = {name: list(value) for name, value in (("class_names", class_names), ("thing_ids", thing_ids))
              if value is not None}
+    if precision != "fp32":  # the pipeline's default; ModelScope's own pipelines (other model types) take none
+        extra["precision"] = precision
     try:
         return pipeline(Tasks.image_segmentation, model=model, device=device, **extra)
     except USER_ERRORS:
