@@ -64,6 +64,11 @@ def first_argmax(values: torch.Tensor, weights: Optional[torch.Tensor] = None,
         weights = None if weights is None else weights.detach().numpy()
         _first_argmax_numpy(values.detach().numpy(), weights, index.numpy())
         return index
+    return _first_argmax_torch(values, weights, dtype)
+
+
+def _first_argmax_torch(values: torch.Tensor, weights: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """``first_argmax``'s loop in torch (any device)."""
     best = values[0].clone() if weights is None else values[0] * weights[0]
     current, better = torch.empty_like(best), torch.empty(best.shape, dtype=torch.bool, device=best.device)
     index = torch.zeros(values.shape[1:], dtype=dtype, device=values.device)
