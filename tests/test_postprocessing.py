@@ -237,3 +237,19 @@ def test_semantic_map_and_scores_follow_the_class_evidence():
     assert segments[0].score == pytest.approx(right[2] / right.sum(), abs=1e-6)
     assert segments[1].score == pytest.approx(left[0] / left.sum(), abs=1e-6)
     assert segments[0].mask.sum() == 12 and segments[1].mask[:, :3].all()
+
+
+def test_weighted_first_argmax_equals_argmax_of_the_product_on_both_paths():
+    """The numpy loop (CPU) and the torch loop (other devices, run here on the CPU) give argmax(0) of
+    weights * values, ties to the first, in the asked dtype."""
+    from modelscope_plugin.inference.postprocess import _first_argmax_torch
+
+    generator = torch.Generator().manual_seed(0)
+    values = torch.rand(7, 9, 11, generator=generator).round(decimals=1)  # many ties
+    weights = torch.tensor([1.0, 0.5, 1.0, 2.0, 0.5, 1.0, 2.0])
+    expected = (weights[:, None, None] * values).argmax(0)
+    for dtype in (torch.uint8, torch.int32, torch.long):
+        assert torch.equal(first_argmax(values, weights, dtype=dtype).long(), expected)
+        assert torch.equal(_first_argmax_torch(values, weights, dtype).long(), expected)
+        assert first_argmax(values, weights, dtype=dtype).dtype == dtype
+    assert torch.equal(_first_argmax_torch(values, None, torch.long), values.argmax(0))

@@ -9,7 +9,7 @@ padded-size intermediate; values agree with the three-step path to float32 round
 """
 import functools
 from dataclasses import dataclass, field
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -51,15 +51,65 @@ def masks_to_original_size(mask_logits: torch.Tensor, padded_size: Tuple[int, in
     return F.interpolate(cropped, size=original_size, mode="bilinear", align_corners=False)[0]
 
 
-def first_argmax(values: torch.Tensor) -> torch.Tensor:
-    """``values.argmax(0)`` for (N, H, W): a running maximum over the N maps, which reads memory in order where an
-    argmax over the leading dimension strides across it (2x faster here); ties go to the first, as argmax's."""
-    best, index = values[0].clone(), torch.zeros(values.shape[1:], dtype=torch.long, device=values.device)
+def first_argmax(values: torch.Tensor, weights: Optional[torch.Tensor] = None,
+                 dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """``values.argmax(0)`` for (N, H, W), or ``(weights[:, None, None] * values).argmax(0)`` with (N,) ``weights``: a
+    running maximum over the N maps, which reads memory in order where an argmax over the leading dimension strides
+    across it (2x faster here), each weighted map made when it is compared (the same float32 products, never all N
+    at once, updated in place); ties go to the first, as argmax's (NaN-free values). ``dtype``: of the (H, W)
+    result (uint8 for N <= 256: 8x less memory to update per map than int64). On the CPU the loop runs in numpy,
+    whose comparisons and masked writes are 2-5x faster than torch's here (same float32 arithmetic)."""
+    if values.device.type == "cpu":
+        index = torch.zeros(values.shape[1:], dtype=dtype)
+        weights = None if weights is None else weights.detach().numpy()
+        _first_argmax_numpy(values.detach().numpy(), weights, index.numpy())
+        return index
+    return _first_argmax_torch(values, weights, dtype)
+
+
+def _first_argmax_torch(values: torch.Tensor, weights: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """``first_argmax``'s loop in torch (any device)."""
+    best = values[0].clone() if weights is None else values[0] * weights[0]
+    current, better = torch.empty_like(best), torch.empty(best.shape, dtype=torch.bool, device=best.device)
+    index = torch.zeros(values.shape[1:], dtype=dtype, device=values.device)
     for position in range(1, values.shape[0]):
-        better = values[position] > best
-        best = torch.where(better, values[position], best)
+        if weights is None:
+            current = values[position]
+        else:
+            torch.mul(values[position], weights[position], out=current)
+        torch.gt(current, best, out=better)
+        torch.maximum(best, current, out=best)  # where(better, current, best) for values without NaN
         index.masked_fill_(better, position)
     return index
+
+
+def _first_argmax_numpy(values: np.ndarray, weights: Optional[np.ndarray], index: np.ndarray) -> None:
+    """``first_argmax``'s loop on (N, H, W) float32 arrays, writing the (H, W) result into ``index`` (zeros)."""
+    best = values[0].copy() if weights is None else values[0] * weights[0]
+    current, better = np.empty_like(best), np.empty(best.shape, dtype=bool)
+    for position in range(1, values.shape[0]):
+        if weights is None:
+            current = values[position]
+        else:
+            np.multiply(values[position], weights[position], out=current)
+        np.greater(current, best, out=better)
+        np.maximum(best, current, out=best)
+        np.putmask(index, better, position)
+
+
+def at_least(values: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``values >= threshold``; on the CPU by numpy, 5x faster than torch's comparison into bools here."""
+    if values.device.type == "cpu":
+        return torch.from_numpy(values.detach().numpy() >= threshold)
+    return values >= threshold
+
+
+def count_true(masks: torch.Tensor) -> List[int]:
+    """(N, P) bool -> the number of true values per row; on the CPU by numpy's ``count_nonzero`` (2 ms for 38 rows of
+    640x360 pixels, where torch's sum or ``count_nonzero`` first widens the bools to int64: 160 ms)."""
+    if masks.device.type == "cpu":
+        return [int(np.count_nonzero(row)) for row in masks.detach().numpy()]
+    return torch.count_nonzero(masks, dim=1).tolist()
 
 
 @dataclass
@@ -91,32 +141,34 @@ def panoptic_inference(class_logits: torch.Tensor, mask_logits: torch.Tensor, nu
     scores, labels = F.softmax(class_logits, dim=-1).max(-1)
     keep = labels.ne(num_classes) & (scores > object_mask_threshold)
     kept_scores, kept_labels = scores[keep], labels[keep]
-    mask_probabilities = masks_to_original_size(mask_logits[keep], padded_size, resized_size, original_size).sigmoid()
     if kept_labels.numel() == 0:
         return PanopticResult()
+    # (K, H, W) for the K kept queries
+    mask_probabilities = masks_to_original_size(mask_logits[keep], padded_size, resized_size, original_size).sigmoid_()
     # every pixel goes to the query with the highest score * mask probability
-    winner = first_argmax(kept_scores[:, None, None] * mask_probabilities)
+    count = kept_labels.shape[0]
+    winner = first_argmax(mask_probabilities, kept_scores, dtype=torch.uint8 if count <= 256 else torch.int32)
+    # pixels each query wins and pixels of its own mask, for all queries in one pass each
+    won_areas = torch.bincount(winner.flatten(), minlength=count).tolist()
+    own_masks = at_least(mask_probabilities, 0.5)
+    own_areas = count_true(own_masks.flatten(1))
     segment_masks = {}  # panoptic id -> (mask, score)
     instance_id = 1
-    for query in range(kept_labels.shape[0]):
-        label = int(kept_labels[query])
-        isthing = label < num_things_classes
-        own_mask = mask_probabilities[query] >= 0.5
-        won = winner == query
-        won_area = int(won.sum())
-        own_area = int(own_mask.sum())
-        if filter_low_score:
-            won = won & own_mask
+    for query, label in enumerate(kept_labels.tolist()):
+        won_area, own_area = won_areas[query], own_areas[query]
         if won_area == 0 or own_area == 0:
             continue
         if won_area / own_area < overlap_threshold:
             continue
-        if isthing:
+        won = winner == query
+        if filter_low_score:
+            won = won & own_masks[query]
+        if label < num_things_classes:
             panoptic_id = label + instance_id * INSTANCE_OFFSET
             instance_id += 1
         else:
             panoptic_id = label  # stuff queries of one class merge into one segment
-        if not won.any():
+        if filter_low_score and not won.any():  # else ``won`` has won_area > 0 pixels
             continue
         score = float(kept_scores[query])
         if panoptic_id in segment_masks:
@@ -241,7 +293,8 @@ def binary_masks_and_scores(mask_logits: torch.Tensor, padded_size, resized_size
         chunk = binary[start:start + step]
         torch.gt(probabilities, 0.5, out=chunk) if mask_from_probability else torch.gt(logits, 0.0, out=chunk)
         inside = torch.where(chunk, probabilities, 0.0).flatten(1).sum(1)
-        mask_scores[start:start + step] = inside / (torch.count_nonzero(chunk.flatten(1), dim=1) + 1e-6)
+        counts = torch.tensor(count_true(chunk.flatten(1)), dtype=torch.long, device=chunk.device)
+        mask_scores[start:start + step] = inside / (counts + 1e-6)
     return binary, mask_scores
 
 

@@ -13,7 +13,7 @@ resized to the network's square input and the long side is covered by overlappin
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
@@ -185,14 +185,26 @@ def transformers_rescaled_size(height: int, width: int, short_side: int, long_si
     return size, max(1, int(exact_size * width / height))
 
 
-def normalize_pixels(rgb: np.ndarray, config: PreprocessConfig) -> np.ndarray:
-    """(H, W, 3) uint8 RGB -> (H, W, 3) float32 ``(pixel - mean) / std`` the way the checkpoint's source computes it:
-    mmcv.imnormalize multiplies by the float32 reciprocal of std, torchvision (ModelScope's FastInst) divides."""
+def normalize_pixels(rgb: np.ndarray, config: PreprocessConfig, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB -> (3, H, W) float32 ``(pixel - mean) / std`` the way the checkpoint's source computes it:
+    mmcv.imnormalize multiplies by the float32 reciprocal of std, torchvision (ModelScope's FastInst) divides.
+    Written into ``out`` ((3, H, W) float32 on the CPU, e.g. the unpadded part of a padded tensor) when given.
+
+    One channel at a time with numpy's ufuncs: the same float32 operations as a broadcast over (H, W, 3), so the
+    same bits, 50x faster than that broadcast over a last axis of 3 (35 ms for a 640x360 image on the 2-core AVX2
+    VM), and outside torch's thread pool (whose parallel regions stall for tens of ms on a loaded machine)."""
+    if out is None:
+        out = torch.empty((3, *rgb.shape[:2]), dtype=torch.float32)
+    target = out.numpy()  # shares out's memory
     mean = np.asarray(config.mean, dtype=np.float32)
     if config.divide_by_std:
-        return (rgb.astype(np.float32) - mean) / np.asarray(config.std, dtype=np.float32)
-    inverse_std = (1.0 / np.asarray(config.std, dtype=np.float64)).astype(np.float32)
-    return (rgb.astype(np.float32) - mean) * inverse_std
+        scale, operation = np.asarray(config.std, dtype=np.float32), np.divide
+    else:
+        scale, operation = (1.0 / np.asarray(config.std, dtype=np.float64)).astype(np.float32), np.multiply
+    for channel in range(3):
+        np.subtract(rgb[:, :, channel], mean[channel], out=target[channel], dtype=np.float32)
+        operation(target[channel], scale[channel], out=target[channel])
+    return out
 
 
 def padded_size(resized_size: Tuple[int, int], size_divisor: int, minimum_feature_pixels: int = 0,
@@ -235,14 +247,15 @@ def prepare_image(rgb: np.ndarray, config: PreprocessConfig, minimum_feature_pix
     else:
         resized_height, resized_width = rescaled_size(height, width, config.short_side, config.long_side_max)
     resized = resize_rgb(rgb, resized_height, resized_width, config.resize_backend)
-    normalised = normalize_pixels(resized, config)
     padded_height, padded_width = padded_size((resized_height, resized_width), config.size_divisor,
                                               minimum_feature_pixels)
-    tensor = torch.zeros(3, padded_height, padded_width, dtype=torch.float32)
-    if config.pad_black:
-        black = normalize_pixels(np.zeros((1, 1, 3), dtype=np.uint8), config)[0, 0]
-        tensor[:] = torch.from_numpy(black)[:, None, None]
-    tensor[:, :resized_height, :resized_width] = torch.from_numpy(normalised).permute(2, 0, 1)
+    tensor = torch.empty(3, padded_height, padded_width, dtype=torch.float32)
+    normalize_pixels(resized, config, out=tensor[:, :resized_height, :resized_width])
+    # padding below and right of the image: black pixels normalised, or zeros (numpy, as above)
+    black = normalize_pixels(np.zeros((1, 1, 3), dtype=np.uint8), config).numpy() if config.pad_black else 0.0
+    padded = tensor.numpy()
+    padded[:, resized_height:, :] = black
+    padded[:, :resized_height, resized_width:] = black
     return PreparedImage(tensor=tensor, original_size=(height, width), resized_size=(resized_height, resized_width))
 
 
@@ -274,8 +287,7 @@ def prepare_windows(rgb: np.ndarray, config: PreprocessConfig, window_size: int)
     else:
         resized_height, resized_width = int(window_size * height / width), window_size
     resized = resize_rgb(rgb, resized_height, resized_width, config.resize_backend)
-    # (H, W, 3) -> (3, H, W)
-    tensor = torch.from_numpy(normalize_pixels(resized, config)).permute(2, 0, 1).contiguous()
+    tensor = normalize_pixels(resized, config)  # (3, H, W)
     return PreparedImage(tensor=tensor, original_size=(height, width), resized_size=(resized_height, resized_width),
                          window_starts=window_starts(max(resized_height, resized_width), window_size))
 

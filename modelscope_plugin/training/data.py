@@ -259,7 +259,7 @@ AUGMENTATIONS = {"large_scale_jitter": large_scale_jitter, "fastinst": fastinst_
 
 def normalise(rgb: np.ndarray, preprocess: PreprocessConfig) -> torch.Tensor:
     """(H, W, 3) uint8 -> (3, H, W) float32, normalised as at inference (``preprocessing.normalize_pixels``)."""
-    return torch.from_numpy(normalize_pixels(rgb, preprocess)).permute(2, 0, 1).contiguous()
+    return normalize_pixels(rgb, preprocess)
 
 
 def _segment_mask(ids: np.ndarray, segment: Mapping[str, Any]) -> np.ndarray:
