@@ -27,7 +27,7 @@ step() {  # name, command...: runs it, its output to the terminal and to $output
 }
 step swin-l .venv-oracle/bin/python benchmarks/pipeline_speed.py --backbone swin-l --runs 3 --bf16 yes
 step r50 .venv-oracle/bin/python benchmarks/pipeline_speed.py --backbone r50 --runs 3 --bf16 yes
-step eomt .venv-oracle/bin/python benchmarks/eomt_speed.py --runs 3 --bf16 yes
+step eomt .venv-oracle/bin/python benchmarks/eomt_speed.py --runs 3 --bf16
 step fastinst env GPU_CHECK_TIMEOUT=0 PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh --device cpu \
     --models fastinst-r50-d1,fastinst-r50-d3 --parity-models fastinst-r50-d3 --compile none \
     --output "$output/fastinst.json"

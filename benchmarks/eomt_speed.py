@@ -19,7 +19,10 @@ the random network's logits (which keep no query at the 0.8 object threshold) an
 confident query per annotated segment of the image, 38 kept, 32 segments), with the end-to-end ratio projected for a
 forward 5x faster (bf16 on a CPU with AMX: a projection, not a measurement). ``--model``: ViT widths ``large``
 (EoMT-L, default), ``base`` or ``small`` (same 200 queries, 133 classes, 640 input, so the same pre- and
-post-processing work). Prints the median of each and the ratios. Torch threads: ``--threads`` (default: torch's).
+post-processing work). ``--bf16``: also both pipelines and forwards under bf16 (``Predictor(precision="bf16")``;
+transformers' model under ``torch.autocast``, its logits widened to float32 for post-processing), timed only where it
+means something: on a CPU with native bf16 (AMX; ``benchmarks/amx_check.sh``). Prints the median of each and the
+ratios. Torch threads: ``--threads`` (default: torch's).
 """
 import argparse
 import statistics
@@ -120,6 +123,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--model", choices=sorted(MODELS), default="large", help="ViT widths under EoMT")
     parser.add_argument("--no-mask2former", action="store_true", help="skip Mask2Former Swin-L")
+    parser.add_argument("--bf16", action="store_true", help="also time bf16 (CPUs with native bf16 only)")
     args = parser.parse_args(argv)
     from types import SimpleNamespace
 
@@ -177,6 +181,19 @@ def main(argv=None):
         f"transformers {name} post, annotation logits": lambda: transformers_postprocess(annotated),
         f"ours {name} post, annotation logits": lambda: ours_postprocess(class_logits, mask_logits),
     }
+    if args.bf16:
+        bf16_predictor = Predictor(network, config, precision="bf16")
+
+        def transformers_bf16_forward():
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+                output = model(pixel_values=processor(images=image, return_tensors="pt")["pixel_values"])
+            output.class_queries_logits = output.class_queries_logits.float()
+            output.masks_queries_logits = output.masks_queries_logits.float()
+            return output
+
+        cases[f"transformers {name} bf16 end to end"] = lambda: transformers_postprocess(transformers_bf16_forward())
+        cases[f"ours {name} bf16 end to end"] = lambda: bf16_predictor(image, task="panoptic")
+        cases[f"ours {name} bf16 forward"] = lambda: bf16_predictor.run(pixels)
     if not args.no_mask2former:
         swin_config = swin_large_coco_panoptic()
         swin_predictor = Predictor(build_mask2former(swin_config).eval(), swin_config)
@@ -200,6 +217,11 @@ def main(argv=None):
 
     print(f"ours / transformers end to end: {ratio('end to end', 'end to end'):.2f} (target <= 0.8)")
     print(f"ours / transformers forward:    {ratio('forward', 'forward'):.2f} (target <= 1.0)")
+    if args.bf16:
+        print(f"bf16: ours / transformers bf16 end to end: {ratio('bf16 end to end', 'bf16 end to end'):.2f}; "
+              f"ours bf16 / transformers fp32 end to end: {ratio('bf16 end to end', 'end to end'):.2f}; "
+              f"ours bf16 / ours fp32 forward: "
+              f"{medians[f'ours {name} bf16 forward'] / medians[f'ours {name} forward']:.2f}")
     print(f"ours / transformers preprocess: {ratio('preprocess', 'preprocess'):.2f}; post-processing, network "
           f"logits: {ratio('post, network logits', 'post, network logits'):.2f}; annotation logits: "
           f"{ratio('post, annotation logits', 'post, annotation logits'):.2f}")
