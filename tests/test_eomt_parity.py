@@ -2,7 +2,7 @@
 tests/oracles/eomt_oracle.py in the oracle environment) loaded through ``load_model`` and this package's key table,
 both networks fed the same pixels (a COCO image resized and padded to the square input). Masked attention is
 checked on (probabilities 1), off (0, trained checkpoints) and half-annealed (first block off, later on); the
-DINOv3 variant (rotary embeddings, no key bias) on and off."""
+DINOv3 variant (rotary embeddings, no key bias) on and off; 14-pixel patches, and no register tokens."""
 import json
 
 import numpy as np
@@ -33,6 +33,11 @@ CASES = {
     "larger-annealing": (LARGER + ["--seed", "3", "--attn-mask-probs", "0,1,1"]),
     "dinov3-small-masked": (SMALL + ["--dinov3", "--seed", "1", "--attn-mask-probs", "1,1"]),
     "dinov3-larger-unmasked": (LARGER + ["--dinov3", "--seed", "2", "--attn-mask-probs", "0,0,0"]),
+    # DINOv2's 14-pixel patches (a 4x4 grid), no register tokens; later options override SMALL's
+    "patch14-no-registers-masked": (SMALL + ["--patch-size", "14", "--image-size", "56", "--registers", "0",
+                                             "--seed", "4", "--attn-mask-probs", "1,1"]),
+    "dinov3-patch14-masked": (SMALL + ["--dinov3", "--patch-size", "14", "--image-size", "56", "--seed", "5",
+                                       "--attn-mask-probs", "1,1"]),
 }
 IMAGE = SHARED_DATA / "coco" / "val2017" / "000000439180.jpg"
 
