@@ -212,6 +212,25 @@ def test_evaluate_writes_the_metrics_of_evaluation_evaluate(tiny_model_dir, segm
     assert "--labels" in capsys.readouterr().err
 
 
+def test_evaluate_semantic_label_values_from_zero(tiny_model_dir, segmenter, tmp_path, capsys):
+    """--no-reduce-zero-label: label value v is class v (PASCAL VOC, Cityscapes train ids), not v - 1 (ADE20K)."""
+    from modelscope_plugin.data.datasets import read_label_folders
+    from modelscope_plugin.evaluation import evaluate
+
+    images, labels = SHARED_DATA / "ade20k" / "images" / "validation", SHARED_DATA / "ade20k" / "annotations" / "validation"
+    arguments = ["evaluate", "--model", str(tiny_model_dir), "--task", "semantic", "--images", str(images),
+                 "--labels", str(labels), "--num-classes", "151", "--limit", "1", "--quiet"]
+    assert main(arguments + ["--no-reduce-zero-label", "--output", str(tmp_path / "from_zero")]) == 0
+    assert main(arguments + ["--output", str(tmp_path / "ade")]) == 0
+    capsys.readouterr()
+    from_zero = json.loads((tmp_path / "from_zero" / "metrics.json").read_text())
+    ade = json.loads((tmp_path / "ade" / "metrics.json").read_text())
+    rows, _ = read_label_folders(str(images), str(labels), 151, reduce_zero_label=False)
+    direct = json.loads(json.dumps(evaluate(segmenter, rows, "semantic", limit=1, progress=False)))
+    assert {key: value for key, value in from_zero.items() if key != "task"} == direct
+    assert from_zero["per_class"] != ade["per_class"]
+
+
 def test_card_push_dry_run_writes_a_loadable_folder_naming_this_package(tiny_model_dir, tmp_path, monkeypatch, capsys):
     destination = tmp_path / "upload"
     assert main(["card", "push", str(CARD), "--weights", str(tiny_model_dir), "--model-id", "someone/my-panoptic",

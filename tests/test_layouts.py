@@ -4,10 +4,13 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from modelscope_plugin.apps.cli import main as cli_main
+from modelscope_plugin.data.datasets import read_label_folders
 from modelscope_plugin.data.layouts import DatasetLayoutError, detect_layout
+from modelscope_plugin.errors import DatasetProblemsError
 from modelscope_plugin.data.synthetic import SYNTHETIC_CATEGORIES, SceneConfig, SyntheticSplit, write_dataset
 
 SCENES = SceneConfig(image_size=64, min_thing_size=10, max_thing_size=30, max_things=5)
@@ -127,8 +130,147 @@ def test_an_unknown_layout_is_a_clear_error(tmp_path):
     # a JSON without its image folder names what is missing
     (tmp_path / "annotations").mkdir()
     (tmp_path / "annotations" / "instances_train.json").write_text("{}")
-    with pytest.raises(DatasetLayoutError, match="no image folder train/ or images/train/"):
+    with pytest.raises(DatasetLayoutError, match="no image folder train/, images/train/ or images/"):
         detect_layout(tmp_path)
+
+
+def roboflow_layout(synthetic: Path, root: Path, project_category_used: bool = False) -> Path:
+    """Roboflow's COCO export: {train,valid}/_annotations.coco.json beside the images; category 0 names the project
+    and is the supercategory of the classes."""
+    for split, folder in (("train", "train"), ("val", "valid")):
+        shutil.copytree(synthetic / split, root / folder)
+        data = json.loads((synthetic / "annotations" / f"instances_{split}.json").read_text())
+        data["categories"] = [{"id": 0, "name": "shapes", "supercategory": "none"}] + [
+            dict(category, supercategory="shapes") for category in data["categories"]]
+        if project_category_used and split == "val":
+            data["annotations"][0]["category_id"] = 0
+        (root / folder / "_annotations.coco.json").write_text(json.dumps(data))
+    return root
+
+
+def test_roboflow_export(synthetic, tmp_path):
+    root = roboflow_layout(synthetic, tmp_path / "roboflow")
+    layout = detect_layout(root)
+    assert layout.format == "coco-instances" and (layout.train.name, layout.val.name) == ("train", "valid")
+    assert layout.train.image_folder == root / "train" and layout.val.annotation_file == root / "valid" / \
+        "_annotations.coco.json"
+    # the project-level category 0 is not a class
+    assert [(c["id"], c["name"]) for c in layout.categories] == list(enumerate(CLASS_NAMES[:4], start=1))
+    assert [row["image_path"] for row in layout.rows(layout.val)] == [
+        str(root / "valid" / "000001.png"), str(root / "valid" / "000002.png")]
+    # ... unless an annotation uses it
+    used = detect_layout(roboflow_layout(synthetic, tmp_path / "used", project_category_used=True))
+    assert [c["name"] for c in used.categories] == ["shapes"] + CLASS_NAMES[:4]
+
+
+def test_cvat_export_split_names_in_any_case_and_one_image_folder(synthetic, tmp_path):
+    cvat = tmp_path / "cvat"
+    (cvat / "annotations").mkdir(parents=True)
+    for split, subset in (("train", "Train"), ("val", "Validation")):
+        shutil.copy(synthetic / "annotations" / f"instances_{split}.json", cvat / "annotations" / f"instances_{subset}.json")
+        shutil.copytree(synthetic / split, cvat / "images" / subset)
+    layout = detect_layout(cvat)
+    assert (layout.train.name, layout.val.name) == ("Train", "Validation")
+    assert layout.val.image_folder == cvat / "images" / "Validation"
+    # both splits' images in images/ itself
+    flat = tmp_path / "flat"
+    (flat / "annotations").mkdir(parents=True)
+    shutil.copytree(synthetic / "train", flat / "images")
+    shutil.copy(synthetic / "annotations" / "instances_train.json", flat / "annotations" / "instances_train.json")
+    val = json.loads((synthetic / "annotations" / "instances_val.json").read_text())
+    for image in val["images"]:
+        shutil.copy(synthetic / "val" / image["file_name"], flat / "images" / f"val_{image['file_name']}")
+        image["file_name"] = f"val_{image['file_name']}"
+    (flat / "annotations" / "instances_val.json").write_text(json.dumps(val))
+    layout = detect_layout(flat)
+    assert layout.train.image_folder == layout.val.image_folder == flat / "images"
+    assert [Path(row["image_path"]).name for row in layout.rows(layout.val)] == ["val_000001.png", "val_000002.png"]
+
+
+VOC_PALETTE = [value for index in range(256) for value in (index * 37 % 256, index * 91 % 256, index * 53 % 256)]
+
+
+def voc_layout(synthetic: Path, root: Path, label_folder: str = "SegmentationClass") -> dict:
+    """PASCAL VOC: JPEGImages/, palette label PNGs (value = class; a row of 255, ignored, and a row of 0, background),
+    ImageSets/Segmentation/{train,val}.txt. Returns the label arrays written, by stem."""
+    from PIL import Image
+
+    (root / "JPEGImages").mkdir(parents=True)
+    (root / label_folder).mkdir()
+    (root / "ImageSets" / "Segmentation").mkdir(parents=True)
+    written = {}
+    for split in ("train", "val"):
+        stems = []
+        for path in sorted((synthetic / split).glob("*.png")):
+            stem = f"2007_{split}_{path.stem}"
+            Image.open(path).convert("RGB").save(root / "JPEGImages" / f"{stem}.jpg", quality=95)
+            labels = np.array(Image.open(synthetic / "annotations" / f"semantic_{split}" / path.name), np.uint8)
+            labels[0, :] = 255
+            labels[1, :] = 0
+            label_image = Image.fromarray(labels, mode="L").convert("P")
+            label_image.putpalette(VOC_PALETTE)
+            label_image.save(root / label_folder / f"{stem}.png")
+            written[stem] = labels
+            stems.append(stem)
+        (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(reversed(stems)) + "\n")
+    return written
+
+
+def test_pascal_voc_layout(synthetic, tmp_path):
+    from modelscope_plugin.data.datasets import load_label_map
+
+    root = tmp_path / "VOC2012"
+    written = voc_layout(synthetic, root)
+    layout = detect_layout(root)
+    assert layout.format == "pascal-voc" and layout.default_task == "semantic"
+    assert (layout.train.name, layout.val.name) == ("train", "val") and not layout.reduce_zero_label
+    assert layout.train.label_folder == root / "SegmentationClass"
+    # PASCAL VOC's 21 classes, value 0 = background
+    assert [c["name"] for c in layout.categories][:3] == ["background", "aeroplane", "bicycle"]
+    assert [c["id"] for c in layout.categories] == list(range(21))
+    rows = layout.rows(layout.train)
+    # the list's order, the JPEG of each stem
+    assert [row["image_id"] for row in rows] == ["2007_train_000002", "2007_train_000001"]
+    assert rows[0]["image_path"] == str(root / "JPEGImages" / "2007_train_000002.jpg")
+    # palette indices are the classes; 255 is ignored
+    labels = written["2007_train_000002"]
+    classes = load_label_map(rows[0], ignore_label=-1)
+    assert np.array_equal(classes, np.where(labels == 255, -1, labels.astype(np.int64)))
+    assert (classes[1] == 0).all() and (classes[0] == -1).all()  # background is a class, the boundary is not
+    # labelme2voc's class_names.txt names the classes
+    (root / "class_names.txt").write_text("_background_\n" + "\n".join(CLASS_NAMES) + "\n")
+    assert [c["name"] for c in detect_layout(root).categories] == ["_background_"] + CLASS_NAMES
+    # a value beyond the classes named is found by the reader
+    (root / "class_names.txt").write_text("_background_\ndisc\n")
+    with pytest.raises(DatasetProblemsError, match="label value 7 is beyond the 2 classes"):
+        detect_layout(root).rows(layout.train, on_error="raise")
+
+
+def test_pascal_voc_label_folder_holding_the_split(synthetic, tmp_path):
+    """SBD-augmented VOC: train_aug.txt (DeepLab's pairs of paths) names labels only SegmentationClassAug/ holds."""
+    root = tmp_path / "VOC2012"
+    voc_layout(synthetic, root, label_folder="SegmentationClassAug")
+    (root / "SegmentationClass").mkdir()
+    shutil.copy(root / "SegmentationClassAug" / "2007_train_000001.png", root / "SegmentationClass")
+    (root / "ImageSets" / "Segmentation" / "train_aug.txt").write_text("".join(
+        f"/JPEGImages/2007_train_{index}.jpg /SegmentationClassAug/2007_train_{index}.png\n"
+        for index in ("000001", "000002")))
+    layout = detect_layout(root, train_split="train_aug")
+    assert layout.train.label_folder == root / "SegmentationClassAug"
+    assert layout.train.stems == ["2007_train_000001", "2007_train_000002"]
+    assert len(layout.rows(layout.train, on_error="raise")) == 2
+
+
+def test_a_colour_label_map_is_refused_by_the_reader(synthetic, tmp_path):
+    from PIL import Image
+
+    root = semantic_layout(synthetic, tmp_path / "ade")
+    colour = root / "annotations" / "training" / "000001.png"
+    Image.open(colour).convert("RGB").save(colour)
+    rows, problems = read_label_folders(str(root / "images" / "training"), str(root / "annotations" / "training"), 7)
+    assert [row["image_id"] for row in rows] == ["000002"]
+    assert [problem.image_id for problem in problems] == ["000001"]
+    assert "is a RGB image: expected one label value per pixel" in problems[0].reason
 
 
 # ------------------------------------------------------------------------------------ the finetune script
@@ -165,6 +307,24 @@ def test_modelscope_seg_train_follows_the_data(synthetic, tmp_path, built_traine
 
     assert cli_main(train_command(synthetic, tmp_path / "panoptic")) == 0
     assert built_trainers[-1].task == "panoptic"
+
+    roboflow = roboflow_layout(synthetic, tmp_path / "roboflow")
+    assert cli_main(train_command(roboflow, tmp_path / "roboflow_instances")) == 0
+    trainer = built_trainers[-1]
+    assert trainer.task == "instance" and [c.name for c in trainer.categories] == CLASS_NAMES[:4]
+
+    voc = tmp_path / "VOC2012"
+    written = voc_layout(synthetic, voc)
+    assert cli_main(train_command(voc, tmp_path / "voc")) == 0
+    trainer = built_trainers[-1]
+    assert trainer.task == "semantic" and trainer.model_config.class_names[:2] == ("background", "aeroplane")
+    assert len(trainer.model_config.class_names) == 21
+    assert trainer.eval_dataset[0]["reduce_zero_label"] is False
+    # every training target is a class present in the written label maps, background (0) included
+    batch = next(iter(trainer.get_train_dataloader()))
+    present = set(np.unique(np.concatenate([labels.ravel() for labels in written.values()]))) - {255}
+    labels = {int(label) for target in batch.targets for label in target.labels}
+    assert labels and labels <= present
 
     # semantic folders cannot train instances: one error, before any model is written
     assert cli_main(train_command(ade, tmp_path / "refused", "--classes", str(ade / "classes.txt"),

@@ -204,7 +204,9 @@ def evaluate(arguments) -> int:
     else:
         if not (arguments.labels and arguments.num_classes):
             raise CommandError("--task semantic needs --labels (label PNG folder) and --num-classes")
-        rows, problems = datasets.read_label_folders(arguments.images, arguments.labels, arguments.num_classes)
+        rows, problems = datasets.read_label_folders(arguments.images, arguments.labels, arguments.num_classes,
+                                                     reduce_zero_label=not arguments.no_reduce_zero_label,
+                                                     ignore_value=arguments.ignore_value)
     for problem in problems:
         print(f"skipped: {problem}", file=sys.stderr)
     if not rows:
@@ -363,6 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_parser.add_argument("--panoptic-folder", help="COCO panoptic PNG folder (panoptic)")
     evaluate_parser.add_argument("--labels", help="label PNG folder (semantic)")
     evaluate_parser.add_argument("--num-classes", type=positive_int, help="number of classes (semantic)")
+    evaluate_parser.add_argument("--no-reduce-zero-label", action="store_true",
+                                 help="semantic: label value v is class v, 0 included (PASCAL VOC, Cityscapes train "
+                                      "ids; default: ADE20K's convention, 0 ignored and value v is class v - 1)")
+    evaluate_parser.add_argument("--ignore-value", type=int, default=255,
+                                 help="semantic: the ignored label value (default 255)")
     evaluate_parser.add_argument("--limit", type=positive_int, help="evaluate the first N images only")
     evaluate_parser.add_argument("--output", default="outputs/evaluate",
                                  help="output folder (default outputs/evaluate)")
@@ -421,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     push_parser.set_defaults(handler=card_push)
 
     # listed here for --help; main() hands everything after "train" to the finetune script's own parser
-    commands.add_parser("train", help="finetune on a COCO panoptic / COCO instances / semantic-folders dataset "
+    commands.add_parser("train", help="finetune on a COCO panoptic / COCO instances / semantic-folders / PASCAL VOC "
+                        "dataset "
                         "(options: modelscope-seg train --help)",
                         add_help=False)
 

@@ -240,30 +240,45 @@ def read_coco_instances(annotation_file: str, image_folder: str, on_error: str =
     return _finish(rows, problems, on_error)
 
 
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
 def read_label_folders(image_folder: str, label_folder: str, number_of_classes: int, on_error: str = "skip",
                        check_images: bool = True, label_suffix: str = ".png", reduce_zero_label: bool = True,
-                       ignore_value: int = IGNORE_LABEL) -> Tuple[List[Dict[str, Any]], List[RowProblem]]:
+                       ignore_value: int = IGNORE_LABEL,
+                       stems: Optional[Sequence[str]] = None) -> Tuple[List[Dict[str, Any]], List[RowProblem]]:
     """ADE20K-style image + label-PNG folders (paired by file stem) -> (rows, problems).
 
     Row: ``image_id`` (stem), ``file_name``, ``image_path``, ``label_path``, ``reduce_zero_label``,
     ``ignore_value``. Label values: ``ignore_value`` (255 unless declared) is ignored; with ``reduce_zero_label``
-    (ADE20K) 0 is ignored too and value v is class v - 1, else value v is class v. ``check_images`` decodes both
-    files, checks their sizes agree and that no value names a class beyond ``number_of_classes``."""
+    (ADE20K) 0 is ignored too and value v is class v - 1, else value v is class v. ``stems``: only these images, in
+    this order (PASCAL VOC's split lists), else every image of ``image_folder``. ``check_images`` decodes both
+    files, checks their sizes agree, that the label map holds one value per pixel (grayscale or palette, not a
+    colour rendering) and that no value names a class beyond ``number_of_classes``."""
+    if stems is None:
+        file_names = [name for name in sorted(os.listdir(image_folder))
+                      if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS]
+    else:
+        file_names = [next((stem + extension for extension in IMAGE_EXTENSIONS
+                            if os.path.isfile(os.path.join(image_folder, stem + extension))), stem + ".jpg")
+                      for stem in stems]
     rows, problems = [], []
     largest_allowed = number_of_classes if reduce_zero_label else number_of_classes - 1
-    for file_name in sorted(os.listdir(image_folder)):
-        stem, extension = os.path.splitext(file_name)
-        if extension.lower() not in (".jpg", ".jpeg", ".png", ".bmp", ".webp"):
-            continue
+    for file_name in file_names:
+        stem = os.path.splitext(file_name)[0]
         image_path = os.path.join(image_folder, file_name)
         label_path = os.path.join(label_folder, stem + label_suffix)
         if check_images:
             reason = _readable_pair(image_path, label_path, "label map")
             if reason is None:
                 with Image.open(label_path) as label_image:
-                    values = np.unique(np.asarray(label_image))
+                    mode, labels = label_image.mode, np.asarray(label_image)
+                values = np.unique(labels)
                 values = values[values != ignore_value]
-                if values.size and int(values.max()) > largest_allowed:
+                if labels.ndim != 2:
+                    reason = (f"label map {label_path} is a {mode} image: expected one label value per pixel "
+                              "(a grayscale or palette PNG), not a colour rendering")
+                elif values.size and int(values.max()) > largest_allowed:
                     reason = (f"label value {int(values.max())} is beyond the {number_of_classes} classes "
                               f"(ignore value {ignore_value}, reduce_zero_label {reduce_zero_label})")
         else:

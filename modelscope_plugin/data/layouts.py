@@ -4,17 +4,24 @@
 format              layout under the root (``{train}`` / ``{val}``: the split names)
 ==================  ==========================================================================================
 ``coco-panoptic``   ``annotations/panoptic_{train}.json``; PNGs in ``annotations/panoptic_{train}/`` (beside the
-                    JSON) or ``panoptic_{train}/``; images in ``{train}/`` or ``images/{train}/``. The synthetic
-                    generator's layout (``modelscope_plugin.data.synthetic``) is this one.
-``coco-instances``  ``annotations/instances_{train}.json``; images in ``{train}/`` or ``images/{train}/``
-                    (ModelScope's ``ImageInstanceSegmentationCocoDataset`` layout).
+                    JSON) or ``panoptic_{train}/``; images in ``{train}/``, ``images/{train}/`` or ``images/``.
+                    The synthetic generator's layout (``modelscope_plugin.data.synthetic``) is this one.
+``coco-instances``  ``annotations/instances_{train}.json``; images in ``{train}/``, ``images/{train}/`` or
+                    ``images/`` (ModelScope's ``ImageInstanceSegmentationCocoDataset`` layout; CVAT's COCO
+                    export). Or Roboflow's COCO export: ``{train}/_annotations.coco.json`` with the images
+                    beside it, splits ``train`` and ``valid``.
 ``semantic-folders`` ``images/{train}/`` and ``annotations/{train}/`` label PNGs paired by file stem (ADE20K's
                     ``ADEChallengeData2016``); class names from a file, one per line.
+``pascal-voc``      ``ImageSets/Segmentation/{train}.txt`` (one stem per line) naming images in ``JPEGImages/``
+                    and label PNGs (palette or grayscale) in ``SegmentationClass/`` (or ``SegmentationClassAug/``,
+                    ``SegmentationClassPNG/``); value 0 is the background class, 255 is ignored; class names from
+                    a file, else ``class_names.txt`` at the root (labelme's ``labelme2voc``), else PASCAL VOC's 21.
 ==================  ==========================================================================================
 
-Split names default to the JSON files matching ``*_train*.json`` / ``*_val*.json`` (COCO) and ``training`` /
-``validation`` (semantic folders). A root holding both panoptic and instance annotations (COCO itself) is read as
-``coco-panoptic``, whose rows carry instance and semantic targets too; ``forced_format`` forces one.
+Split names default to the JSON files whose split part starts with ``train`` / ``val`` in any case (COCO),
+``train`` / ``valid`` or ``val`` (Roboflow), ``training`` / ``validation`` (semantic folders) and ``train`` / ``val``
+(PASCAL VOC). A root holding both panoptic and instance annotations (COCO itself) is read as ``coco-panoptic``, whose
+rows carry instance and semantic targets too; ``forced_format`` forces one.
 """
 import json
 import logging
@@ -35,12 +42,22 @@ from modelscope_plugin.data.datasets import (
 from modelscope_plugin.errors import DatasetLayoutError
 
 logger = logging.getLogger(__name__)
-FORMATS = ("coco-panoptic", "coco-instances", "semantic-folders")
+FORMATS = ("coco-panoptic", "coco-instances", "semantic-folders", "pascal-voc")
 # the task a format trains by default
-DEFAULT_TASK = {"coco-panoptic": "panoptic", "coco-instances": "instance", "semantic-folders": "semantic"}
+DEFAULT_TASK = {"coco-panoptic": "panoptic", "coco-instances": "instance", "semantic-folders": "semantic",
+                "pascal-voc": "semantic"}
 # the kind of the rows a format's reader gives (``training.data.row_kind``)
-ROW_KIND_OF_FORMAT = {"coco-panoptic": "panoptic", "coco-instances": "instance", "semantic-folders": "semantic"}
+ROW_KIND_OF_FORMAT = {"coco-panoptic": "panoptic", "coco-instances": "instance", "semantic-folders": "semantic",
+                      "pascal-voc": "semantic"}
+# whether label value 0 is ignored (ADE20K's reduce-zero-label) unless the caller says
+REDUCE_ZERO_LABEL = {"semantic-folders": True, "pascal-voc": False}
 SEMANTIC_SPLITS = {"train": "training", "val": "validation"}
+ROBOFLOW_ANNOTATIONS = "_annotations.coco.json"
+ROBOFLOW_SPLITS = {"train": ("train",), "val": ("valid", "val")}
+VOC_LABEL_FOLDERS = ("SegmentationClass", "SegmentationClassAug", "SegmentationClassPNG")
+VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+               "tvmonitor")
 
 
 
@@ -53,7 +70,9 @@ class LayoutSplit:
     annotation_file: Optional[Path] = None
     """The COCO JSON (COCO formats)."""
     label_folder: Optional[Path] = None
-    """Panoptic PNGs (coco-panoptic) or label PNGs (semantic-folders)."""
+    """Panoptic PNGs (coco-panoptic) or label PNGs (semantic-folders, pascal-voc)."""
+    stems: Optional[List[str]] = None
+    """pascal-voc: the file stems the split's list names, in its order."""
 
 
 @dataclass
@@ -84,7 +103,7 @@ class DatasetLayout:
                                        filter_empty=filter_empty)[0]
         return read_label_folders(str(split.image_folder), str(split.label_folder), len(self.categories),
                                   on_error=on_error, reduce_zero_label=self.reduce_zero_label,
-                                  ignore_value=self.ignore_value)[0]
+                                  ignore_value=self.ignore_value, stems=split.stems)[0]
 
     def instance_evaluation_rows(self, split: LayoutSplit, on_error: str = "skip") -> List[Dict[str, Any]]:
         """Rows with ``annotations_json`` (COCO AP's ground truth) for ``split``: coco-instances rows; coco-panoptic:
@@ -119,10 +138,12 @@ def panoptic_row_as_instance_row(row: Dict[str, Any], categories: List[Dict[str,
 
 
 def _coco_split(root: Path, kind: str, prefix: str, name: Optional[str]) -> Optional[LayoutSplit]:
-    """The ``annotations/{kind}_{name}.json`` split (``name`` None: the one JSON matching ``{kind}_{prefix}*``)."""
+    """The ``annotations/{kind}_{name}.json`` split (``name`` None: the one JSON whose split part starts with
+    ``prefix`` in any case: ``train2017``, CVAT's ``Train``)."""
     annotations = root / "annotations"
     if name is None:
-        candidates = sorted(annotations.glob(f"{kind}_{prefix}*.json"))
+        candidates = sorted(path for path in annotations.glob(f"{kind}_*.json")
+                            if path.stem[len(kind) + 1:].lower().startswith(prefix))
         if not candidates:
             return None
         if len(candidates) > 1:
@@ -132,9 +153,11 @@ def _coco_split(root: Path, kind: str, prefix: str, name: Optional[str]) -> Opti
     annotation_file = annotations / f"{kind}_{name}.json"
     if not annotation_file.is_file():
         return None
-    image_folder = next((folder for folder in (root / name, root / "images" / name) if folder.is_dir()), None)
+    image_folder = next((folder for folder in (root / name, root / "images" / name, root / "images")
+                         if folder.is_dir()), None)
     if image_folder is None:
-        raise DatasetLayoutError(f"{root}: {annotation_file.name} found but no image folder {name}/ or images/{name}/")
+        raise DatasetLayoutError(f"{root}: {annotation_file.name} found but no image folder {name}/, images/{name}/ "
+                                 "or images/")
     split = LayoutSplit(name, image_folder, annotation_file)
     if kind == "panoptic":
         split.label_folder = next((folder for folder in (annotations / f"panoptic_{name}", root / f"panoptic_{name}")
@@ -145,12 +168,38 @@ def _coco_split(root: Path, kind: str, prefix: str, name: Optional[str]) -> Opti
     return split
 
 
+def _roboflow_split(root: Path, prefix: str, name: Optional[str]) -> Optional[LayoutSplit]:
+    """Roboflow's COCO export: ``{name}/_annotations.coco.json`` with the split's images beside it."""
+    for candidate in ([name] if name else ROBOFLOW_SPLITS[prefix]):
+        annotation_file = root / candidate / ROBOFLOW_ANNOTATIONS
+        if annotation_file.is_file():
+            return LayoutSplit(candidate, root / candidate, annotation_file)
+    return None
+
+
 def _semantic_split(root: Path, prefix: str, name: Optional[str]) -> Optional[LayoutSplit]:
     name = name or SEMANTIC_SPLITS[prefix]
     image_folder, label_folder = root / "images" / name, root / "annotations" / name
     if image_folder.is_dir() and label_folder.is_dir():
         return LayoutSplit(name, image_folder, label_folder=label_folder)
     return None
+
+
+def _voc_split(root: Path, prefix: str, name: Optional[str]) -> Optional[LayoutSplit]:
+    """``ImageSets/Segmentation/{name}.txt``: one stem per line (or DeepLab's ``train_aug.txt`` pairs of paths, whose
+    first names the image); the label folder is the first of ``VOC_LABEL_FOLDERS`` holding every listed stem's PNG
+    (else the one holding most: the reader lists the missing ones)."""
+    name = name or prefix
+    list_file = root / "ImageSets" / "Segmentation" / f"{name}.txt"
+    if not (list_file.is_file() and (root / "JPEGImages").is_dir()):
+        return None
+    stems = [Path(line.split()[0]).stem for line in list_file.read_text().splitlines() if line.strip()]
+    label_folders = [root / folder for folder in VOC_LABEL_FOLDERS if (root / folder).is_dir()]
+    if not label_folders:
+        raise DatasetLayoutError(f"{root}: {list_file.relative_to(root)} found but no label folder "
+                                 f"{'/, '.join(VOC_LABEL_FOLDERS)}/")
+    held = [sum((folder / f"{stem}.png").is_file() for stem in stems) for folder in label_folders]
+    return LayoutSplit(name, root / "JPEGImages", label_folder=label_folders[held.index(max(held))], stems=stems)
 
 
 def read_class_names(classes_file: str) -> List[str]:
@@ -161,13 +210,52 @@ def read_class_names(classes_file: str) -> List[str]:
     return [name.strip() for name in names]
 
 
+def _find_splits(root: Path, candidate: str, train_split: Optional[str], val_split: Optional[str]):
+    """(train, val) splits of ``candidate`` under ``root``; train None where the format is not there."""
+    if candidate == "semantic-folders":
+        find = lambda prefix, name: _semantic_split(root, prefix, name)  # noqa: E731
+    elif candidate == "pascal-voc":
+        find = lambda prefix, name: _voc_split(root, prefix, name)  # noqa: E731
+    else:
+        kind = "panoptic" if candidate == "coco-panoptic" else "instances"
+        find = lambda prefix, name: _coco_split(root, kind, prefix, name)  # noqa: E731
+    train = find("train", train_split)
+    if train is None and candidate == "coco-instances":
+        find = lambda prefix, name: _roboflow_split(root, prefix, name)  # noqa: E731
+        train = find("train", train_split)
+    return train, (find("val", val_split) if train else None)
+
+
+def _coco_categories(layout: DatasetLayout) -> List[Dict[str, Any]]:
+    """The train JSON's categories, less Roboflow's project-level category (``supercategory`` "none", the
+    supercategory of the others, used by no annotation of either split: it names the dataset, not a class)."""
+    with open(layout.train.annotation_file) as handle:
+        train = json.load(handle)
+    categories = train["categories"]
+    parents = {category.get("supercategory") for category in categories}
+    unused = [category for category in categories
+              if category.get("supercategory") == "none" and category["name"] in parents]
+    if unused:
+        used = {int(annotation["category_id"]) for annotation in train.get("annotations", [])}
+        if layout.val is not None:
+            with open(layout.val.annotation_file) as handle:
+                used |= {int(annotation["category_id"]) for annotation in json.load(handle).get("annotations", [])}
+        dropped = [category for category in unused if int(category["id"]) not in used]
+        if dropped:
+            logger.info("dataset %s: category %s left out (the supercategory of the others, never annotated)",
+                        layout.root, ", ".join(f"{c['id']} {c['name']!r}" for c in dropped))
+            categories = [category for category in categories if category not in dropped]
+    return [{"id": int(c["id"]), "name": c["name"], "isthing": bool(c.get("isthing", 1))} for c in categories]
+
+
 def detect_layout(root, forced_format: Optional[str] = None, train_split: Optional[str] = None,
                   val_split: Optional[str] = None, classes_file: Optional[str] = None,
-                  reduce_zero_label: bool = True, ignore_value: int = IGNORE_LABEL) -> DatasetLayout:
+                  reduce_zero_label: Optional[bool] = None, ignore_value: int = IGNORE_LABEL) -> DatasetLayout:
     """The layout of ``root`` (see the module docstring); ``forced_format`` forces one of ``FORMATS``.
 
-    ``classes_file`` (semantic folders, required there): line i names label value i, counted from 1 with
-    ``reduce_zero_label`` (ADE20K: value 0 is ignored), else from 0. Raises ``DatasetLayoutError`` naming what was
+    ``classes_file`` (semantic folders: required; PASCAL VOC: optional): line i names label value i, counted from 1
+    with ``reduce_zero_label`` (value 0 is ignored), else from 0; ``reduce_zero_label`` None: the format's
+    convention (ADE20K-style folders: True, PASCAL VOC: False). Raises ``DatasetLayoutError`` naming what was
     looked for when nothing matches."""
     root = Path(root)
     if forced_format is not None and forced_format not in FORMATS:
@@ -175,28 +263,25 @@ def detect_layout(root, forced_format: Optional[str] = None, train_split: Option
     if not root.is_dir():
         raise DatasetLayoutError(f"dataset folder {root} does not exist")
     for candidate in ([forced_format] if forced_format else list(FORMATS)):
-        if candidate == "semantic-folders":
-            train = _semantic_split(root, "train", train_split)
-            val = _semantic_split(root, "val", val_split) if train else None
-        else:
-            kind = "panoptic" if candidate == "coco-panoptic" else "instances"
-            train = _coco_split(root, kind, "train", train_split)
-            val = _coco_split(root, kind, "val", val_split) if train else None
+        train, val = _find_splits(root, candidate, train_split, val_split)
         if train is None:
             continue
-        layout = DatasetLayout(root, candidate, train, val, [], reduce_zero_label, ignore_value)
-        if candidate == "semantic-folders":
-            if classes_file is None:
+        reduce = REDUCE_ZERO_LABEL.get(candidate, True) if reduce_zero_label is None else reduce_zero_label
+        layout = DatasetLayout(root, candidate, train, val, [], reduce, ignore_value)
+        if candidate in REDUCE_ZERO_LABEL:
+            if classes_file is not None:
+                names = read_class_names(classes_file)
+            elif candidate == "pascal-voc":
+                labelme_names = root / "class_names.txt"
+                names = read_class_names(str(labelme_names)) if labelme_names.is_file() else list(VOC_CLASSES)
+            else:
                 raise DatasetLayoutError(f"{root}: semantic label folders need --classes FILE (one class name per "
                                          "line, line i = label value i)")
-            first_value = 1 if reduce_zero_label else 0
+            first_value = 1 if reduce else 0
             layout.categories = [{"id": first_value + index, "name": name, "isthing": False}
-                                 for index, name in enumerate(read_class_names(classes_file))]
+                                 for index, name in enumerate(names)]
         else:
-            with open(train.annotation_file) as handle:
-                categories = json.load(handle)["categories"]
-            layout.categories = [{"id": int(c["id"]), "name": c["name"], "isthing": bool(c.get("isthing", 1))}
-                                 for c in categories]
+            layout.categories = _coco_categories(layout)
             if candidate == "coco-panoptic" and val is not None:
                 instances = root / "annotations" / f"instances_{val.name}.json"
                 layout.instances_val_file = instances if instances.is_file() else None
@@ -205,8 +290,10 @@ def detect_layout(root, forced_format: Optional[str] = None, train_split: Option
         return layout
     looked_for = {
         "coco-panoptic": f"annotations/panoptic_{train_split or 'train*'}.json + PNG folder + images",
-        "coco-instances": f"annotations/instances_{train_split or 'train*'}.json + images",
+        "coco-instances": f"annotations/instances_{train_split or 'train*'}.json + images, or "
+                          f"{train_split or 'train'}/{ROBOFLOW_ANNOTATIONS} (Roboflow)",
         "semantic-folders": f"images/{train_split or 'training'}/ + annotations/{train_split or 'training'}/",
+        "pascal-voc": f"ImageSets/Segmentation/{train_split or 'train'}.txt + JPEGImages/ + SegmentationClass/",
     }
     expected = "; ".join(f"{name}: {looked_for[name]}" for name in ([forced_format] if forced_format else FORMATS))
     raise DatasetLayoutError(f"no known dataset layout under {root} (looked for {expected})")

@@ -6,7 +6,8 @@ evaluation.
     torchrun --nproc_per_node=2 -m modelscope_plugin.training.finetune ... --launcher pytorch
 
 ``--data`` is a dataset folder in one of the layouts of ``modelscope_plugin.data.layouts`` (COCO panoptic, COCO
-instances, ADE20K-style semantic folders with ``--classes FILE``; ``--format`` forces one, ``--train-split`` /
+instances (Roboflow's export too), ADE20K-style semantic folders with ``--classes FILE``, PASCAL VOC; ``--format``
+forces one, ``--train-split`` /
 ``--val-split`` name the splits); the default ``--task`` follows the data (panoptic / instance / semantic; FastInst:
 instance). ``--generate N`` writes N synthetic training scenes with ``--seed`` and N // 5 validation scenes with
 ``--seed + 1``, the held-out split, unless they exist (the synthetic layout is a COCO panoptic one). Instance
@@ -147,17 +148,21 @@ def dataset_categories(panoptic_json: Path) -> List[Dict[str, Any]]:
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, help="dataset folder: COCO panoptic, COCO instances or semantic "
-                        "folders (see modelscope_plugin.data.layouts)")
+    parser.add_argument("--data", required=True, help="dataset folder: COCO panoptic, COCO instances, semantic "
+                        "folders or PASCAL VOC (see modelscope_plugin.data.layouts)")
     parser.add_argument("--format", choices=FORMATS, default=None, help="force a layout (default: detected; "
                         "panoptic before instances when a folder holds both)")
     parser.add_argument("--train-split", default=None, help="training split name (default: the *_train*.json "
-                        "annotation file, or 'training' for semantic folders)")
-    parser.add_argument("--val-split", default=None, help="held-out split name (default: *_val*.json, 'validation')")
-    parser.add_argument("--classes", default=None, help="semantic folders: class names, one per line, line i = "
-                        "label value i (from 1; value 0 is ignored, ADE20K's reduce-zero-label)")
-    parser.add_argument("--no-reduce-zero-label", action="store_true",
-                        help="semantic folders: label value 0 is a class (the first line of --classes)")
+                        "annotation file, Roboflow's train/, 'training' for semantic folders, 'train' for VOC)")
+    parser.add_argument("--val-split", default=None, help="held-out split name (default: *_val*.json, Roboflow's "
+                        "valid/, 'validation', VOC's 'val')")
+    parser.add_argument("--classes", default=None, help="semantic folders, PASCAL VOC: class names, one per line, "
+                        "line i = label value i (semantic folders: from 1, value 0 is ignored, ADE20K's "
+                        "reduce-zero-label; VOC: from 0 = background; default VOC's 21 or class_names.txt)")
+    parser.add_argument("--no-reduce-zero-label", dest="reduce_zero_label", action="store_const", const=False,
+                        default=None, help="semantic folders: label value 0 is a class (the first line of --classes)")
+    parser.add_argument("--reduce-zero-label", dest="reduce_zero_label", action="store_const", const=True,
+                        help="PASCAL VOC: label value 0 is ignored and line i of --classes names value i, from 1")
     parser.add_argument("--ignore-value", type=int, default=255, help="semantic folders: ignored label value")
     parser.add_argument("--keep-empty-images", action="store_true",
                         help="instance training: keep images without objects (default: left out, as detectron2)")
@@ -227,7 +232,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         write_dataset(data, "train", arguments.generate, arguments.seed, scenes)
         write_dataset(data, "val", max(arguments.generate // 5, 1), arguments.seed + 1, scenes)
     layout = detect_layout(data, arguments.format, arguments.train_split, arguments.val_split, arguments.classes,
-                           reduce_zero_label=not arguments.no_reduce_zero_label, ignore_value=arguments.ignore_value)
+                           reduce_zero_label=arguments.reduce_zero_label, ignore_value=arguments.ignore_value)
     if layout.val is None:
         raise DatasetLayoutError(f"{data}: {layout.format} training split {layout.train.name!r} found, but no "
                                  "held-out split; name it with --val-split")
