@@ -185,6 +185,13 @@ def test_cvat_export_split_names_in_any_case_and_one_image_folder(synthetic, tmp
     layout = detect_layout(flat)
     assert layout.train.image_folder == layout.val.image_folder == flat / "images"
     assert [Path(row["image_path"]).name for row in layout.rows(layout.val)] == ["val_000001.png", "val_000002.png"]
+    # labelme2coco keeps its own folder in file_name (JPEGImages/x.jpg): the image is found by its name
+    train = json.loads((flat / "annotations" / "instances_train.json").read_text())
+    for image in train["images"]:
+        image["file_name"] = f"JPEGImages/{image['file_name']}"
+    (flat / "annotations" / "instances_train.json").write_text(json.dumps(train))
+    assert [row["image_path"] for row in detect_layout(flat).rows(layout.train, on_error="raise")] == [
+        str(flat / "images" / "000001.png"), str(flat / "images" / "000002.png")]
 
 
 VOC_PALETTE = [value for index in range(256) for value in (index * 37 % 256, index * 91 % 256, index * 53 % 256)]
@@ -257,8 +264,69 @@ def test_pascal_voc_label_folder_holding_the_split(synthetic, tmp_path):
         for index in ("000001", "000002")))
     layout = detect_layout(root, train_split="train_aug")
     assert layout.train.label_folder == root / "SegmentationClassAug"
-    assert layout.train.stems == ["2007_train_000001", "2007_train_000002"]
+    assert [image_id for image_id, _, _ in layout.train.pairs] == ["2007_train_000001", "2007_train_000002"]
     assert len(layout.rows(layout.train, on_error="raise")) == 2
+
+
+def cityscapes_layout(synthetic: Path, root: Path, label_kind: str = "labelTrainIds") -> dict:
+    """Cityscapes: leftImg8bit/{split}/{city}/*_leftImg8bit.png, gtFine/{split}/{city}/*_gtFine_{label_kind}.png
+    (train ids: value = class, 0 = road, a row of 255 ignored); the COCO panoptic JSON of csCreatePanopticImgs (string
+    image ids, file names without the city folder). Returns the label arrays written, by image id."""
+    from PIL import Image
+
+    written = {}
+    for split in ("train", "val"):
+        panoptic = json.loads((synthetic / "annotations" / f"panoptic_{split}.json").read_text())
+        (root / "gtFine" / f"cityscapes_panoptic_{split}").mkdir(parents=True)
+        for index, (image, annotation) in enumerate(zip(panoptic["images"], panoptic["annotations"])):
+            city = ("aachen", "bochum")[index % 2]
+            base = f"{city}_{('train', 'val').index(split):06d}_{index:06d}"
+            for folder in (root / "leftImg8bit" / split / city, root / "gtFine" / split / city):
+                folder.mkdir(parents=True, exist_ok=True)
+            shutil.copy(synthetic / split / image["file_name"], root / "leftImg8bit" / split / city / f"{base}_leftImg8bit.png")
+            labels = np.array(Image.open(synthetic / "annotations" / f"semantic_{split}" / image["file_name"]), np.uint8)
+            labels[0, :] = 255
+            Image.fromarray(labels).save(root / "gtFine" / split / city / f"{base}_gtFine_{label_kind}.png")
+            written[base] = labels
+            shutil.copy(synthetic / "annotations" / f"panoptic_{split}" / annotation["file_name"],
+                        root / "gtFine" / f"cityscapes_panoptic_{split}" / f"{base}_gtFine_panoptic.png")
+            image.update(id=base, file_name=f"{base}_leftImg8bit.png")
+            annotation.update(image_id=base, file_name=f"{base}_gtFine_panoptic.png")
+        (root / "gtFine" / f"cityscapes_panoptic_{split}.json").write_text(json.dumps(panoptic))
+    return written
+
+
+def test_cityscapes_layouts(synthetic, tmp_path):
+    from modelscope_plugin.data.datasets import load_label_map
+
+    root = tmp_path / "cityscapes"
+    written = cityscapes_layout(synthetic, root)
+    # with csCreatePanopticImgs' JSON: COCO panoptic, images found in their city folders, string ids numbered
+    layout = detect_layout(root)
+    assert layout.format == "coco-panoptic" and layout.train.label_folder == root / "gtFine" / "cityscapes_panoptic_train"
+    rows = layout.rows(layout.val, on_error="raise")
+    assert [row["image_path"] for row in rows] == [
+        str(root / "leftImg8bit" / "val" / "aachen" / "aachen_000001_000000_leftImg8bit.png"),
+        str(root / "leftImg8bit" / "val" / "bochum" / "bochum_000001_000001_leftImg8bit.png")]
+    assert [row["image_id"] for row in rows] == [1, 2]
+    original = json.loads((synthetic / "annotations" / "panoptic_val.json").read_text())["annotations"]
+    assert [[s["id"] for s in row["segments_info"]] for row in rows] == [
+        [s["id"] for s in annotation["segments_info"]] for annotation in original]
+    # the train-id label maps: the 19 classes, value = class (0 = road is a class), 255 ignored
+    layout = detect_layout(root, "cityscapes")
+    assert [c["name"] for c in layout.categories][:3] == ["road", "sidewalk", "building"]
+    assert [c["id"] for c in layout.categories] == list(range(19)) and not layout.reduce_zero_label
+    rows = layout.rows(layout.train, on_error="raise")
+    assert [row["image_id"] for row in rows] == ["aachen_000000_000000", "bochum_000000_000001"]
+    labels = written["bochum_000000_000001"].astype(np.int64)
+    assert np.array_equal(load_label_map(rows[1], ignore_label=-1), np.where(labels == 255, -1, labels))
+
+
+def test_cityscapes_without_train_ids_names_the_script_that_writes_them(synthetic, tmp_path):
+    root = tmp_path / "cityscapes"
+    cityscapes_layout(synthetic, root, label_kind="labelIds")
+    with pytest.raises(DatasetLayoutError, match="no \\*_gtFine_labelTrainIds.png: .*csCreateTrainIdLabelImgs"):
+        detect_layout(root, "cityscapes")
 
 
 def test_a_colour_label_map_is_refused_by_the_reader(synthetic, tmp_path):
@@ -312,6 +380,13 @@ def test_modelscope_seg_train_follows_the_data(synthetic, tmp_path, built_traine
     assert cli_main(train_command(roboflow, tmp_path / "roboflow_instances")) == 0
     trainer = built_trainers[-1]
     assert trainer.task == "instance" and [c.name for c in trainer.categories] == CLASS_NAMES[:4]
+
+    cityscapes = tmp_path / "cityscapes"
+    cityscapes_layout(synthetic, cityscapes)
+    assert cli_main(train_command(cityscapes, tmp_path / "cityscapes_panoptic")) == 0
+    trainer = built_trainers[-1]
+    assert trainer.task == "panoptic" and [c.name for c in trainer.categories] == CLASS_NAMES
+    assert len(next(iter(trainer.get_train_dataloader())).targets) == 2
 
     voc = tmp_path / "VOC2012"
     written = voc_layout(synthetic, voc)

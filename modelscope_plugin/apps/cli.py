@@ -428,8 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     push_parser.set_defaults(handler=card_push)
 
     # listed here for --help; main() hands everything after "train" to the finetune script's own parser
-    commands.add_parser("train", help="finetune on a COCO panoptic / COCO instances / semantic-folders / PASCAL VOC "
-                        "dataset "
+    commands.add_parser("train", help="finetune on a COCO panoptic / COCO instances / semantic-folders / PASCAL VOC / "
+                        "Cityscapes dataset "
                         "(options: modelscope-seg train --help)",
                         add_help=False)
 

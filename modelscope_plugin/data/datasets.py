@@ -116,6 +116,38 @@ def _readable_pair(image_path: str, label_path: str, what: str,
     return None
 
 
+class ImageFinder:
+    """A JSON's ``file_name`` -> its path under ``folder``: ``folder/file_name``, else the one file of that base name
+    anywhere under ``folder`` (exports whose ``file_name`` keeps the exporter's subfolder, such as labelme2coco's
+    ``JPEGImages/x.jpg``; Cityscapes' per-city folders). The folder is walked once, at the first miss."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self._paths_of_name: Optional[Dict[str, List[str]]] = None
+
+    def __call__(self, file_name: str) -> str:
+        direct = os.path.join(self.folder, file_name)
+        if os.path.isfile(direct):
+            return direct
+        if self._paths_of_name is None:
+            self._paths_of_name = {}
+            for parent, _, names in os.walk(self.folder):
+                for name in names:
+                    self._paths_of_name.setdefault(name, []).append(os.path.join(parent, name))
+        found = self._paths_of_name.get(os.path.basename(file_name), [])
+        return found[0] if len(found) == 1 else direct
+
+
+def _integer_image_ids(images: List[Dict[str, Any]]) -> Dict[str, int]:
+    """The JSON's image ids (as text) -> int image ids: the ids themselves where every one is an integer, else 1, 2,
+    ... in the ``images`` order (Cityscapes' panoptic JSON names its images by strings such as
+    ``frankfurt_000000_000294``)."""
+    raw_ids = [str(image["id"]) for image in images]
+    if all(raw_id.isdigit() for raw_id in raw_ids):
+        return {raw_id: int(raw_id) for raw_id in raw_ids}
+    return {raw_id: position for position, raw_id in enumerate(raw_ids, start=1)}
+
+
 def read_coco_panoptic(annotation_file: str, panoptic_folder: str, image_folder: str,
                        on_error: str = "skip", check_images: bool = True,
                        filter_empty: bool = False) -> Tuple[List[Dict[str, Any]], List[RowProblem]]:
@@ -129,15 +161,17 @@ def read_coco_panoptic(annotation_file: str, panoptic_folder: str, image_folder:
     with open(annotation_file) as handle:
         data = json.load(handle)
     known_categories = {int(category["id"]) for category in data["categories"]}
-    images = {int(image["id"]): image for image in data["images"]}
+    integer_id = _integer_image_ids(data["images"])
+    images = {integer_id[str(image["id"])]: image for image in data["images"]}
+    find_image = ImageFinder(image_folder)
     rows, problems = [], []
     for annotation in data["annotations"]:
-        image_id = annotation["image_id"]
-        image = images.get(int(image_id))
+        image_id = integer_id.get(str(annotation["image_id"]), annotation["image_id"])
+        image = images.get(image_id) if isinstance(image_id, int) else None
         if image is None:
             problems.append(RowProblem(image_id, "annotation for an image not listed in 'images'"))
             continue
-        image_path = os.path.join(image_folder, image["file_name"])
+        image_path = find_image(image["file_name"])
         panoptic_path = os.path.join(panoptic_folder, annotation["file_name"])
         unknown = sorted({int(s["category_id"]) for s in annotation["segments_info"]} - known_categories)
         reason = None
@@ -204,11 +238,12 @@ def read_coco_instances(annotation_file: str, image_folder: str, on_error: str =
     annotations_of: Dict[int, List[Dict[str, Any]]] = {}
     for annotation in data.get("annotations", []):
         annotations_of.setdefault(int(annotation["image_id"]), []).append(annotation)
+    find_image = ImageFinder(image_folder)
     rows, problems = [], []
     for image in data["images"]:
         image_id = int(image["id"])
         height, width = int(image["height"]), int(image["width"])
-        image_path = os.path.join(image_folder, image["file_name"])
+        image_path = find_image(image["file_name"])
         annotations = annotations_of.get(image_id, [])
         unknown = sorted({int(a["category_id"]) for a in annotations} - known_categories)
         if unknown:
@@ -245,29 +280,31 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 def read_label_folders(image_folder: str, label_folder: str, number_of_classes: int, on_error: str = "skip",
                        check_images: bool = True, label_suffix: str = ".png", reduce_zero_label: bool = True,
-                       ignore_value: int = IGNORE_LABEL,
-                       stems: Optional[Sequence[str]] = None) -> Tuple[List[Dict[str, Any]], List[RowProblem]]:
-    """ADE20K-style image + label-PNG folders (paired by file stem) -> (rows, problems).
+                       ignore_value: int = IGNORE_LABEL) -> Tuple[List[Dict[str, Any]], List[RowProblem]]:
+    """ADE20K-style image + label-PNG folders (every image of ``image_folder``, paired by file stem) -> (rows,
+    problems); see ``read_label_pairs``."""
+    pairs = []
+    for file_name in sorted(os.listdir(image_folder)):
+        stem, extension = os.path.splitext(file_name)
+        if extension.lower() in IMAGE_EXTENSIONS:
+            pairs.append((stem, os.path.join(image_folder, file_name), os.path.join(label_folder, stem + label_suffix)))
+    return read_label_pairs(pairs, number_of_classes, on_error, check_images, reduce_zero_label, ignore_value)
 
-    Row: ``image_id`` (stem), ``file_name``, ``image_path``, ``label_path``, ``reduce_zero_label``,
-    ``ignore_value``. Label values: ``ignore_value`` (255 unless declared) is ignored; with ``reduce_zero_label``
-    (ADE20K) 0 is ignored too and value v is class v - 1, else value v is class v. ``stems``: only these images, in
-    this order (PASCAL VOC's split lists), else every image of ``image_folder``. ``check_images`` decodes both
-    files, checks their sizes agree, that the label map holds one value per pixel (grayscale or palette, not a
-    colour rendering) and that no value names a class beyond ``number_of_classes``."""
-    if stems is None:
-        file_names = [name for name in sorted(os.listdir(image_folder))
-                      if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS]
-    else:
-        file_names = [next((stem + extension for extension in IMAGE_EXTENSIONS
-                            if os.path.isfile(os.path.join(image_folder, stem + extension))), stem + ".jpg")
-                      for stem in stems]
+
+def read_label_pairs(pairs: Sequence[Tuple[str, str, str]], number_of_classes: int, on_error: str = "skip",
+                     check_images: bool = True, reduce_zero_label: bool = True,
+                     ignore_value: int = IGNORE_LABEL) -> Tuple[List[Dict[str, Any]], List[RowProblem]]:
+    """(image id, image path, label PNG path) triples -> (rows, problems).
+
+    Row: ``image_id``, ``file_name``, ``image_path``, ``label_path``, ``reduce_zero_label``, ``ignore_value``. Label
+    values: ``ignore_value`` (255 unless declared) is ignored; with ``reduce_zero_label`` (ADE20K) 0 is ignored too
+    and value v is class v - 1, else value v is class v. ``check_images`` decodes both files, checks their sizes
+    agree, that the label map holds one value per pixel (grayscale or palette, not a colour rendering) and that no
+    value names a class beyond ``number_of_classes``."""
     rows, problems = [], []
     largest_allowed = number_of_classes if reduce_zero_label else number_of_classes - 1
-    for file_name in file_names:
-        stem = os.path.splitext(file_name)[0]
-        image_path = os.path.join(image_folder, file_name)
-        label_path = os.path.join(label_folder, stem + label_suffix)
+    for image_id, image_path, label_path in pairs:
+        image_path, label_path = str(image_path), str(label_path)
         if check_images:
             reason = _readable_pair(image_path, label_path, "label map")
             if reason is None:
@@ -285,10 +322,11 @@ def read_label_folders(image_folder: str, label_folder: str, number_of_classes: 
             missing = [p for p in (image_path, label_path) if not os.path.isfile(p)]
             reason = f"missing file {missing[0]}" if missing else None
         if reason:
-            problems.append(RowProblem(stem, reason))
+            problems.append(RowProblem(image_id, reason))
             continue
-        rows.append({"image_id": stem, "file_name": file_name, "image_path": image_path, "label_path": label_path,
-                     "reduce_zero_label": bool(reduce_zero_label), "ignore_value": int(ignore_value)})
+        rows.append({"image_id": image_id, "file_name": os.path.basename(image_path), "image_path": image_path,
+                     "label_path": label_path, "reduce_zero_label": bool(reduce_zero_label),
+                     "ignore_value": int(ignore_value)})
     return _finish(rows, problems, on_error)
 
 

@@ -16,41 +16,47 @@ format              layout under the root (``{train}`` / ``{val}``: the split na
                     and label PNGs (palette or grayscale) in ``SegmentationClass/`` (or ``SegmentationClassAug/``,
                     ``SegmentationClassPNG/``); value 0 is the background class, 255 is ignored; class names from
                     a file, else ``class_names.txt`` at the root (labelme's ``labelme2voc``), else PASCAL VOC's 21.
+``cityscapes``      ``leftImg8bit/{train}/{city}/*_leftImg8bit.png`` and
+                    ``gtFine/{train}/{city}/*_gtFine_labelTrainIds.png`` (the 19 train ids, 255 ignored). With
+                    ``gtFine/cityscapes_panoptic_{train}.json`` and its PNG folder (cityscapesscripts'
+                    ``csCreatePanopticImgs``) the root is read as ``coco-panoptic``.
 ==================  ==========================================================================================
 
 Split names default to the JSON files whose split part starts with ``train`` / ``val`` in any case (COCO),
 ``train`` / ``valid`` or ``val`` (Roboflow), ``training`` / ``validation`` (semantic folders) and ``train`` / ``val``
-(PASCAL VOC). A root holding both panoptic and instance annotations (COCO itself) is read as ``coco-panoptic``, whose
-rows carry instance and semantic targets too; ``forced_format`` forces one.
+(PASCAL VOC, Cityscapes). A root holding both panoptic and instance annotations (COCO itself) is read as
+``coco-panoptic``, whose rows carry instance and semantic targets too; ``forced_format`` forces one.
 """
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from modelscope_plugin.data.datasets import (
     IGNORE_LABEL,
+    IMAGE_EXTENSIONS,
     compressed_rle,
     read_coco_instances,
     read_coco_panoptic,
     read_label_folders,
+    read_label_pairs,
     read_panoptic_png,
 )
 from modelscope_plugin.errors import DatasetLayoutError
 
 logger = logging.getLogger(__name__)
-FORMATS = ("coco-panoptic", "coco-instances", "semantic-folders", "pascal-voc")
+FORMATS = ("coco-panoptic", "coco-instances", "semantic-folders", "pascal-voc", "cityscapes")
 # the task a format trains by default
 DEFAULT_TASK = {"coco-panoptic": "panoptic", "coco-instances": "instance", "semantic-folders": "semantic",
-                "pascal-voc": "semantic"}
+                "pascal-voc": "semantic", "cityscapes": "semantic"}
 # the kind of the rows a format's reader gives (``training.data.row_kind``)
 ROW_KIND_OF_FORMAT = {"coco-panoptic": "panoptic", "coco-instances": "instance", "semantic-folders": "semantic",
-                      "pascal-voc": "semantic"}
-# whether label value 0 is ignored (ADE20K's reduce-zero-label) unless the caller says
-REDUCE_ZERO_LABEL = {"semantic-folders": True, "pascal-voc": False}
+                      "pascal-voc": "semantic", "cityscapes": "semantic"}
+# label-map formats: whether label value 0 is ignored (ADE20K's reduce-zero-label) unless the caller says
+REDUCE_ZERO_LABEL = {"semantic-folders": True, "pascal-voc": False, "cityscapes": False}
 SEMANTIC_SPLITS = {"train": "training", "val": "validation"}
 ROBOFLOW_ANNOTATIONS = "_annotations.coco.json"
 ROBOFLOW_SPLITS = {"train": ("train",), "val": ("valid", "val")}
@@ -58,6 +64,10 @@ VOC_LABEL_FOLDERS = ("SegmentationClass", "SegmentationClassAug", "SegmentationC
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
                "tvmonitor")
+# Cityscapes' 19 train ids (cityscapesscripts' labels.py)
+CITYSCAPES_CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+                      "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
+                      "bicycle")
 
 
 
@@ -71,8 +81,8 @@ class LayoutSplit:
     """The COCO JSON (COCO formats)."""
     label_folder: Optional[Path] = None
     """Panoptic PNGs (coco-panoptic) or label PNGs (semantic-folders, pascal-voc)."""
-    stems: Optional[List[str]] = None
-    """pascal-voc: the file stems the split's list names, in its order."""
+    pairs: Optional[List[Tuple[str, Path, Path]]] = None
+    """pascal-voc, cityscapes: (image id, image, label PNG) of each image, in the split's order."""
 
 
 @dataclass
@@ -101,9 +111,12 @@ class DatasetLayout:
         if self.format == "coco-instances":
             return read_coco_instances(str(split.annotation_file), str(split.image_folder), on_error=on_error,
                                        filter_empty=filter_empty)[0]
+        if split.pairs is not None:
+            return read_label_pairs(split.pairs, len(self.categories), on_error=on_error,
+                                    reduce_zero_label=self.reduce_zero_label, ignore_value=self.ignore_value)[0]
         return read_label_folders(str(split.image_folder), str(split.label_folder), len(self.categories),
                                   on_error=on_error, reduce_zero_label=self.reduce_zero_label,
-                                  ignore_value=self.ignore_value, stems=split.stems)[0]
+                                  ignore_value=self.ignore_value)[0]
 
     def instance_evaluation_rows(self, split: LayoutSplit, on_error: str = "skip") -> List[Dict[str, Any]]:
         """Rows with ``annotations_json`` (COCO AP's ground truth) for ``split``: coco-instances rows; coco-panoptic:
@@ -199,7 +212,45 @@ def _voc_split(root: Path, prefix: str, name: Optional[str]) -> Optional[LayoutS
         raise DatasetLayoutError(f"{root}: {list_file.relative_to(root)} found but no label folder "
                                  f"{'/, '.join(VOC_LABEL_FOLDERS)}/")
     held = [sum((folder / f"{stem}.png").is_file() for stem in stems) for folder in label_folders]
-    return LayoutSplit(name, root / "JPEGImages", label_folder=label_folders[held.index(max(held))], stems=stems)
+    label_folder = label_folders[held.index(max(held))]
+    image_folder = root / "JPEGImages"
+    pairs = [(stem, next((image_folder / f"{stem}{extension}" for extension in IMAGE_EXTENSIONS
+                          if (image_folder / f"{stem}{extension}").is_file()), image_folder / f"{stem}.jpg"),
+              label_folder / f"{stem}.png") for stem in stems]
+    return LayoutSplit(name, image_folder, label_folder=label_folder, pairs=pairs)
+
+
+def _cityscapes_split(root: Path, prefix: str, name: Optional[str]) -> Optional[LayoutSplit]:
+    """``leftImg8bit/{name}/{city}/*_leftImg8bit.png`` with ``gtFine/{name}/{city}/*_gtFine_labelTrainIds.png`` (the
+    19 train classes, 255 ignored: what cityscapesscripts' ``csCreateTrainIdLabelImgs`` writes)."""
+    name = name or prefix
+    image_folder, label_folder = root / "leftImg8bit" / name, root / "gtFine" / name
+    if not (image_folder.is_dir() and label_folder.is_dir()):
+        return None
+    pairs = []
+    for image_path in sorted(image_folder.glob("*/*_leftImg8bit.png")):
+        base = image_path.name[:-len("_leftImg8bit.png")]
+        pairs.append((base, image_path, label_folder / image_path.parent.name / f"{base}_gtFine_labelTrainIds.png"))
+    if pairs and not any(label_path.is_file() for _, _, label_path in pairs):
+        raise DatasetLayoutError(f"{label_folder} holds no *_gtFine_labelTrainIds.png: write them with "
+                                 "cityscapesscripts (pip install cityscapesscripts; "
+                                 f"CITYSCAPES_DATASET={root} csCreateTrainIdLabelImgs)")
+    return LayoutSplit(name, image_folder, label_folder=label_folder, pairs=pairs)
+
+
+def _cityscapes_panoptic_split(root: Path, prefix: str, name: Optional[str]) -> Optional[LayoutSplit]:
+    """``gtFine/cityscapes_panoptic_{name}.json`` and its PNG folder beside it (cityscapesscripts'
+    ``csCreatePanopticImgs``), images under ``leftImg8bit/{name}/`` (found in their city folders)."""
+    name = name or prefix
+    annotation_file = root / "gtFine" / f"cityscapes_panoptic_{name}.json"
+    if not annotation_file.is_file():
+        return None
+    image_folder, label_folder = root / "leftImg8bit" / name, root / "gtFine" / f"cityscapes_panoptic_{name}"
+    for folder in (image_folder, label_folder):
+        if not folder.is_dir():
+            raise DatasetLayoutError(f"{root}: {annotation_file.relative_to(root)} found but no folder "
+                                     f"{folder.relative_to(root)}/")
+    return LayoutSplit(name, image_folder, annotation_file, label_folder=label_folder)
 
 
 def read_class_names(classes_file: str) -> List[str]:
@@ -216,12 +267,15 @@ def _find_splits(root: Path, candidate: str, train_split: Optional[str], val_spl
         find = lambda prefix, name: _semantic_split(root, prefix, name)  # noqa: E731
     elif candidate == "pascal-voc":
         find = lambda prefix, name: _voc_split(root, prefix, name)  # noqa: E731
+    elif candidate == "cityscapes":
+        find = lambda prefix, name: _cityscapes_split(root, prefix, name)  # noqa: E731
     else:
         kind = "panoptic" if candidate == "coco-panoptic" else "instances"
         find = lambda prefix, name: _coco_split(root, kind, prefix, name)  # noqa: E731
     train = find("train", train_split)
-    if train is None and candidate == "coco-instances":
-        find = lambda prefix, name: _roboflow_split(root, prefix, name)  # noqa: E731
+    if train is None and candidate in ("coco-instances", "coco-panoptic"):
+        other = _roboflow_split if candidate == "coco-instances" else _cityscapes_panoptic_split
+        find = lambda prefix, name: other(root, prefix, name)  # noqa: E731
         train = find("train", train_split)
     return train, (find("val", val_split) if train else None)
 
@@ -274,6 +328,8 @@ def detect_layout(root, forced_format: Optional[str] = None, train_split: Option
             elif candidate == "pascal-voc":
                 labelme_names = root / "class_names.txt"
                 names = read_class_names(str(labelme_names)) if labelme_names.is_file() else list(VOC_CLASSES)
+            elif candidate == "cityscapes":
+                names = list(CITYSCAPES_CLASSES)
             else:
                 raise DatasetLayoutError(f"{root}: semantic label folders need --classes FILE (one class name per "
                                          "line, line i = label value i)")
@@ -289,11 +345,13 @@ def detect_layout(root, forced_format: Optional[str] = None, train_split: Option
                     val.name if val else None)
         return layout
     looked_for = {
-        "coco-panoptic": f"annotations/panoptic_{train_split or 'train*'}.json + PNG folder + images",
+        "coco-panoptic": f"annotations/panoptic_{train_split or 'train*'}.json + PNG folder + images, or "
+                         f"gtFine/cityscapes_panoptic_{train_split or 'train'}.json (Cityscapes)",
         "coco-instances": f"annotations/instances_{train_split or 'train*'}.json + images, or "
                           f"{train_split or 'train'}/{ROBOFLOW_ANNOTATIONS} (Roboflow)",
         "semantic-folders": f"images/{train_split or 'training'}/ + annotations/{train_split or 'training'}/",
         "pascal-voc": f"ImageSets/Segmentation/{train_split or 'train'}.txt + JPEGImages/ + SegmentationClass/",
+        "cityscapes": f"leftImg8bit/{train_split or 'train'}/ + gtFine/{train_split or 'train'}/",
     }
     expected = "; ".join(f"{name}: {looked_for[name]}" for name in ([forced_format] if forced_format else FORMATS))
     raise DatasetLayoutError(f"no known dataset layout under {root} (looked for {expected})")

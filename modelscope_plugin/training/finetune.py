@@ -6,21 +6,21 @@ evaluation.
     torchrun --nproc_per_node=2 -m modelscope_plugin.training.finetune ... --launcher pytorch
 
 ``--data`` is a dataset folder in one of the layouts of ``modelscope_plugin.data.layouts`` (COCO panoptic, COCO
-instances (Roboflow's export too), ADE20K-style semantic folders with ``--classes FILE``, PASCAL VOC; ``--format``
-forces one, ``--train-split`` /
-``--val-split`` name the splits); the default ``--task`` follows the data (panoptic / instance / semantic; FastInst:
-instance). ``--generate N`` writes N synthetic training scenes with ``--seed`` and N // 5 validation scenes with
-``--seed + 1``, the held-out split, unless they exist (the synthetic layout is a COCO panoptic one). Instance
-training leaves out images without objects (detectron2's ``FILTER_EMPTY_ANNOTATIONS``) unless
-``--keep-empty-images``. ``--model`` starts from a model directory or hub id (the class head is re-initialised
-for the dataset's classes); without it a randomly initialised network of ``--architecture`` is the start
-(``fastinst-d1`` / ``fastinst-d3``: FastInst R50 with 1 / 3 decoder layers; ``fastinst-small``: FastInst-D3 on
-the small Mask2Former's backbone; instance task only). From random weights, ``--classification-pretrain-epochs N``
-first trains the backbone to classify the training things, then ``--pretrain-epochs N`` trains the backbone and
-pixel decoder as a per-pixel semantic segmenter (``training.pretrain``: the stand-in for the ImageNet backbone the
-recipes assume; written to ``{work_dir}/pretrained_model`` and reused on a resume). The
-finetuned model directory is ``{work_dir}/output`` (``pipeline(Tasks.image_segmentation, model=...)`` loads it)
-and the held-out metrics are written to ``{work_dir}/metrics.json``.
+instances (Roboflow's export too), ADE20K-style semantic folders with ``--classes FILE``, PASCAL VOC, Cityscapes;
+``--format`` forces one, ``--train-split`` / ``--val-split`` name the splits); the default ``--task`` follows the
+data (panoptic / instance / semantic; FastInst: instance). ``--generate N`` writes N synthetic training scenes with
+``--seed`` and N // 5 validation scenes with ``--seed + 1``, the held-out split, unless they exist (the synthetic
+layout is a COCO panoptic one). Instance training leaves out images without objects (detectron2's
+``FILTER_EMPTY_ANNOTATIONS``) unless ``--keep-empty-images``. ``--model`` starts from a model directory or hub id
+(the class head is re-initialised for the dataset's classes); without it a randomly initialised network of
+``--architecture`` is the start (``fastinst-d1`` / ``fastinst-d3``: FastInst R50 with 1 / 3 decoder layers;
+``fastinst-small``: FastInst-D3 on the small Mask2Former's backbone; instance task only). From random weights,
+``--classification-pretrain-epochs N`` first trains the backbone to classify the training things, then
+``--pretrain-epochs N`` trains the backbone and pixel decoder as a per-pixel semantic segmenter
+(``training.pretrain``: the stand-in for the ImageNet backbone the recipes assume; written to
+``{work_dir}/pretrained_model`` and reused on a resume). The finetuned model directory is ``{work_dir}/output``
+(``pipeline(Tasks.image_segmentation, model=...)`` loads it) and the held-out metrics are written to
+``{work_dir}/metrics.json``.
 """
 import argparse
 import json
@@ -149,13 +149,14 @@ def dataset_categories(panoptic_json: Path) -> List[Dict[str, Any]]:
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="dataset folder: COCO panoptic, COCO instances, semantic "
-                        "folders or PASCAL VOC (see modelscope_plugin.data.layouts)")
+                        "folders, PASCAL VOC or Cityscapes (see modelscope_plugin.data.layouts)")
     parser.add_argument("--format", choices=FORMATS, default=None, help="force a layout (default: detected; "
                         "panoptic before instances when a folder holds both)")
     parser.add_argument("--train-split", default=None, help="training split name (default: the *_train*.json "
-                        "annotation file, Roboflow's train/, 'training' for semantic folders, 'train' for VOC)")
+                        "annotation file, Roboflow's train/, 'training' for semantic folders, 'train' for VOC, "
+                        "Cityscapes)")
     parser.add_argument("--val-split", default=None, help="held-out split name (default: *_val*.json, Roboflow's "
-                        "valid/, 'validation', VOC's 'val')")
+                        "valid/, 'validation', VOC's and Cityscapes' 'val')")
     parser.add_argument("--classes", default=None, help="semantic folders, PASCAL VOC: class names, one per line, "
                         "line i = label value i (semantic folders: from 1, value 0 is ignored, ADE20K's "
                         "reduce-zero-label; VOC: from 0 = background; default VOC's 21 or class_names.txt)")
