@@ -408,3 +408,52 @@ def test_modelscope_seg_train_follows_the_data(synthetic, tmp_path, built_traine
     assert not (tmp_path / "refused").exists()
     assert cli_main(train_command(tmp_path / "nothing_here", tmp_path / "missing")) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ evaluate --data
+
+def test_modelscope_seg_evaluate_scores_the_held_out_split_of_a_dataset_folder(synthetic, tmp_path, tiny_model_dir,
+                                                                               capsys):
+    """`evaluate --data DIR` = `evaluation.evaluate` on the layout's held-out rows, its categories and, for COCO AP,
+    its instances JSON; the task follows the data."""
+    from modelscope.pipelines import pipeline
+
+    from modelscope_plugin.data.datasets import read_coco_instances, read_coco_panoptic, read_label_pairs
+    from modelscope_plugin.data.layouts import VOC_CLASSES
+    from modelscope_plugin.evaluation import evaluate
+
+    segmenter = pipeline("image-segmentation", model=str(tiny_model_dir), device="cpu")
+    voc, roboflow = tmp_path / "VOC2012", roboflow_layout(synthetic, tmp_path / "roboflow")
+    voc_layout(synthetic, voc)
+    val_pairs = [(stem, voc / "JPEGImages" / f"{stem}.jpg", voc / "SegmentationClass" / f"{stem}.png")
+                 for stem in ("2007_val_000002", "2007_val_000001")]
+    voc_categories = [{"id": index, "name": name, "isthing": False} for index, name in enumerate(VOC_CLASSES)]
+    roboflow_json = roboflow / "valid" / "_annotations.coco.json"
+    cases = {
+        # folder -> (task, the rows and evaluate() arguments written out by hand)
+        voc: ("semantic", read_label_pairs(val_pairs, 21, reduce_zero_label=False)[0],
+              dict(categories=voc_categories)),
+        roboflow: ("instance", read_coco_instances(str(roboflow_json), str(roboflow / "valid"))[0],
+                   dict(annotation_file=str(roboflow_json), categories=[
+                       {"id": index, "name": name, "isthing": True} for index, name in enumerate(CLASS_NAMES[:4], 1)])),
+        synthetic: ("panoptic", read_coco_panoptic(str(synthetic / "annotations" / "panoptic_val.json"),
+                                                   str(synthetic / "annotations" / "panoptic_val"),
+                                                   str(synthetic / "val"))[0],
+                    dict(categories=json.loads((synthetic / "annotations" / "panoptic_val.json").read_text())[
+                        "categories"])),
+    }
+    for folder, (task, rows, evaluate_arguments) in cases.items():
+        output = tmp_path / f"evaluate_{folder.name}"
+        assert cli_main(["evaluate", "--model", str(tiny_model_dir), "--data", str(folder), "--output", str(output),
+                         "--quiet"]) == 0, capsys.readouterr().err
+        written = json.loads((output / "metrics.json").read_text())
+        direct = json.loads(json.dumps(evaluate(segmenter, rows, task, progress=False, **evaluate_arguments)))
+        assert written["task"] == task and {key: value for key, value in written.items() if key != "task"} == direct
+    capsys.readouterr()
+    # the task must be one the data holds; --data replaces --images
+    assert cli_main(["evaluate", "--model", str(tiny_model_dir), "--data", str(voc), "--task", "instance",
+                     "--output", str(tmp_path / "refused"), "--quiet"]) == 1
+    assert "(pascal-voc) cannot score the instance task" in capsys.readouterr().err
+    assert cli_main(["evaluate", "--model", str(tiny_model_dir), "--data", str(voc), "--images", str(voc),
+                     "--output", str(tmp_path / "both"), "--quiet"]) == 1
+    assert "without --images" in capsys.readouterr().err

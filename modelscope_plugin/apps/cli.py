@@ -195,6 +195,12 @@ def evaluate(arguments) -> int:
     output = Path(arguments.output)
     if (output / "metrics.json").exists() and not arguments.overwrite:
         raise CommandError(f"{output / 'metrics.json'} already exists; pass --overwrite to replace it")
+    if arguments.data:
+        if arguments.images or arguments.annotations or arguments.labels:
+            raise CommandError("--data names the dataset folder: give it without --images / --annotations / --labels")
+        return evaluate_dataset_folder(arguments, output)
+    if not arguments.task or not arguments.images:
+        raise CommandError("evaluate needs --data DIR (a dataset folder), or --task and --images")
     if arguments.task == "panoptic":
         if not arguments.panoptic_folder:
             raise CommandError("--task panoptic needs --panoptic-folder (the COCO panoptic PNGs)")
@@ -217,6 +223,42 @@ def evaluate(arguments) -> int:
                                arguments.thing_ids, arguments.precision)
     results = run_evaluation(segmenter, rows, arguments.task, output_dir=str(output), categories=categories,
                              annotation_file=arguments.annotations if arguments.task == "instance" else None,
+                             progress=not arguments.quiet, limit=arguments.limit)
+    summary = {key: value for key, value in results.items() if key != "per_class"}
+    print(json.dumps(summary, indent=1, default=str))
+    return EXIT_OK
+
+
+def evaluate_dataset_folder(arguments, output: Path) -> int:
+    """``evaluate --data DIR``: the held-out split of a dataset folder in a layout ``modelscope-seg train`` reads;
+    the task follows the data unless ``--task``."""
+    from modelscope_plugin.data.layouts import ROW_KIND_OF_FORMAT, detect_layout
+    from modelscope_plugin.evaluation import evaluate as run_evaluation
+    from modelscope_plugin.training.data import TASKS_OF_ROW_KIND
+
+    reduce_zero_label = False if arguments.no_reduce_zero_label else None
+    layout = detect_layout(arguments.data, arguments.format, val_split=arguments.val_split,
+                           classes_file=arguments.classes, reduce_zero_label=reduce_zero_label,
+                           ignore_value=arguments.ignore_value)
+    split = layout.val
+    if split is None:
+        raise CommandError(f"{arguments.data}: {layout.format} data without a held-out split; name it with --val-split")
+    task = arguments.task or layout.default_task
+    supported, reason = TASKS_OF_ROW_KIND[ROW_KIND_OF_FORMAT[layout.format]]
+    if task not in supported:
+        raise CommandError(f"{arguments.data} ({layout.format}) cannot score the {task} task ({reason}); it can "
+                           f"score: {', '.join(supported)}")
+    rows = layout.instance_evaluation_rows(split) if task == "instance" else layout.rows(split)
+    if not rows:
+        raise CommandError(f"no readable rows in {arguments.data} split {split.name}")
+    # COCO AP's ground truth: the split's instances JSON, else the rows' own annotations
+    annotation_file = split.annotation_file if task == "instance" and layout.format == "coco-instances" else None
+    if task == "instance" and layout.format == "coco-panoptic" and layout.instances_val_file is not None:
+        annotation_file = layout.instances_val_file
+    segmenter = build_pipeline(arguments.model, rank_device(arguments.device), model_class_names(arguments.classes),
+                               arguments.thing_ids, arguments.precision)
+    results = run_evaluation(segmenter, rows, task, output_dir=str(output), categories=layout.categories,
+                             annotation_file=str(annotation_file) if annotation_file else None,
                              progress=not arguments.quiet, limit=arguments.limit)
     summary = {key: value for key, value in results.items() if key != "per_class"}
     print(json.dumps(summary, indent=1, default=str))
@@ -316,6 +358,8 @@ def serve(arguments) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from modelscope_plugin.data.layouts import FORMATS
+
     parser = argparse.ArgumentParser(prog="modelscope-seg", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -359,8 +403,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_parser.add_argument("--thing-ids", type=thing_ids_option, metavar="I,J,...", help=THING_IDS_HELP)
     evaluate_parser.add_argument("--device", default="cpu", help="cpu, gpu, cuda:0 ... (default cpu)")
     evaluate_parser.add_argument("--precision", choices=PRECISION_CHOICES, default=APP_PRECISION, help=PRECISION_HELP)
-    evaluate_parser.add_argument("--task", required=True, choices=TASK_CHOICES)
-    evaluate_parser.add_argument("--images", required=True, help="image folder")
+    evaluate_parser.add_argument("--data", metavar="DIR",
+                                 help="a dataset folder in any layout `modelscope-seg train` reads: its held-out "
+                                      "split is scored, the task follows the data (instead of --images ...)")
+    evaluate_parser.add_argument("--format", choices=FORMATS, help="--data: force a layout (default: detected)")
+    evaluate_parser.add_argument("--val-split", help="--data: the held-out split's name (default: as for train)")
+    evaluate_parser.add_argument("--task", choices=TASK_CHOICES, help="required without --data")
+    evaluate_parser.add_argument("--images", help="image folder (without --data)")
     evaluate_parser.add_argument("--annotations", help="COCO panoptic or instances JSON (panoptic, instance)")
     evaluate_parser.add_argument("--panoptic-folder", help="COCO panoptic PNG folder (panoptic)")
     evaluate_parser.add_argument("--labels", help="label PNG folder (semantic)")
