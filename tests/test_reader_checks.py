@@ -47,6 +47,38 @@ def test_image_sizes_are_checked_against_the_annotation_file(split):
     _, problems = read_coco_instances(str(split.instances_json), str(split.image_folder))
     # the decoded image (64 rows) disagrees with the declared 80
     assert [(p.image_id, "the annotation file says 64x80" in p.reason) for p in problems] == [(1, True)]
+    # an exporter that leaves the size out: the decoded image's
+    del data["images"][0]["height"], data["images"][1]["width"]
+    split.instances_json.write_text(json.dumps(data))
+    for check_images in (True, False):
+        rows, problems = read_coco_instances(str(split.instances_json), str(split.image_folder),
+                                             check_images=check_images)
+        assert problems == [] and [(row["height"], row["width"]) for row in rows] == [(64, 64)] * 3
+        assert all(json.loads(row["annotations_json"])[0]["segmentation"]["size"] == [64, 64] for row in rows[:2])
+
+
+def test_a_photo_with_an_exif_rotation_is_checked_in_the_frame_it_was_annotated_in(split, tmp_path):
+    """A portrait phone photo stored landscape (EXIF orientation 6): annotation tools, training and inference see it
+    rotated, so the JSON's width and height are the rotated ones (detectron2's check_image_size does the same)."""
+    from modelscope_plugin.inference.preprocess import load_image
+
+    data = json.loads(split.instances_json.read_text())
+    stored = Image.fromarray(np.zeros((40, 64, 3), np.uint8))  # 64 wide, 40 high as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    stored.save(split.image_folder / "portrait.jpg", exif=exif)
+    assert load_image(str(split.image_folder / "portrait.jpg")).shape[:2] == (64, 40)
+    data["images"].append({"id": 4, "file_name": "portrait.jpg", "height": 64, "width": 40})
+    data["annotations"].append({"id": 99, "image_id": 4, "category_id": 1, "iscrowd": 0, "area": 100,
+                                "bbox": [5, 5, 10, 10], "segmentation": [[5, 5, 15, 5, 15, 15, 5, 15]]})
+    split.instances_json.write_text(json.dumps(data))
+    rows, problems = read_coco_instances(str(split.instances_json), str(split.image_folder))
+    assert problems == [] and [row["image_id"] for row in rows] == [1, 2, 3, 4]
+    # the stored (unrotated) size is the wrong one
+    data["images"][-1].update(height=40, width=64)
+    split.instances_json.write_text(json.dumps(data))
+    _, problems = read_coco_instances(str(split.instances_json), str(split.image_folder))
+    assert [(p.image_id, "is 40x64, the annotation file says 64x40" in p.reason) for p in problems] == [(4, True)]
 
 
 def test_rle_of_another_size_and_degenerate_polygons_reject_their_image(split):

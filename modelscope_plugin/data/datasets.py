@@ -85,14 +85,23 @@ def _readable_image(path: str) -> Optional[str]:
     return _decoded_size(path)[0]
 
 
+EXIF_ORIENTATION = 0x0112
+EXIF_TRANSPOSED = (5, 6, 7, 8)
+"""EXIF orientations that swap width and height (a portrait photo stored landscape)."""
+
+
 def _decoded_size(path: str) -> Tuple[Optional[str], Optional[Tuple[int, int]]]:
-    """(None, (height, width)) if the file exists and decodes, else (the reason, None)."""
+    """(None, (height, width)) if the file exists and decodes, else (the reason, None). The size is the one after
+    the EXIF orientation, the frame training and inference see (``inference.preprocess.load_image``) and annotation
+    tools draw in, as detectron2's ``check_image_size`` does."""
     if not os.path.isfile(path):
         return f"missing file {path}", None
     try:
         with Image.open(path) as image:
             image.load()  # full decode: verify() misses truncated pixel data
             width, height = image.size
+            if image.getexif().get(EXIF_ORIENTATION, 1) in EXIF_TRANSPOSED:
+                width, height = height, width
     except Exception as error:  # PIL raises many types (OSError, SyntaxError, ValueError) for corrupt files
         return f"unreadable file {path}: {type(error).__name__}: {error}", None
     return None, (height, width)
@@ -242,15 +251,19 @@ def read_coco_instances(annotation_file: str, image_folder: str, on_error: str =
     rows, problems = [], []
     for image in data["images"]:
         image_id = int(image["id"])
-        height, width = int(image["height"]), int(image["width"])
         image_path = find_image(image["file_name"])
+        # some exporters leave out the image size: the decoded image's is taken then
+        declared = (int(image["height"]), int(image["width"])) if "height" in image and "width" in image else None
+        height, width = declared or (0, 0)
         annotations = annotations_of.get(image_id, [])
         unknown = sorted({int(a["category_id"]) for a in annotations} - known_categories)
         if unknown:
             reason = f"unknown category ids {unknown}"
-        elif check_images:
+        elif check_images or declared is None:
             reason, size = _decoded_size(image_path)
-            if reason is None and size != (height, width):
+            if reason is None and declared is None:
+                height, width = size
+            elif reason is None and size != declared:
                 reason = f"image {image_path} is {size[1]}x{size[0]}, the annotation file says {width}x{height}"
         else:
             reason = None if os.path.isfile(image_path) else f"missing file {image_path}"
