@@ -329,6 +329,35 @@ def test_cityscapes_without_train_ids_names_the_script_that_writes_them(syntheti
         detect_layout(root, "cityscapes")
 
 
+def ade20k_panoptic_layout(synthetic: Path, root: Path) -> Path:
+    """Mask2Former's ADE20K preparation: ade20k_panoptic_{train,val}.json and PNG folders at the root, images in
+    images/{training,validation}/; category ids from 0, as ADE20K's (here square, present in both splits, is 0)."""
+    for split, folder in (("train", "training"), ("val", "validation")):
+        shutil.copytree(synthetic / split, root / "images" / folder)
+        shutil.copytree(synthetic / "annotations" / f"panoptic_{split}", root / f"ade20k_panoptic_{split}")
+        panoptic = json.loads((synthetic / "annotations" / f"panoptic_{split}.json").read_text())
+        for category in panoptic["categories"]:
+            category["id"] = (category["id"] - 3) % 7
+        for annotation in panoptic["annotations"]:
+            for segment in annotation["segments_info"]:
+                segment["category_id"] = (segment["category_id"] - 3) % 7
+        (root / f"ade20k_panoptic_{split}.json").write_text(json.dumps(panoptic))
+    return root
+
+
+def test_ade20k_panoptic_preparation_with_category_id_0(synthetic, tmp_path):
+    root = ade20k_panoptic_layout(synthetic, tmp_path / "ADEChallengeData2016")
+    layout = detect_layout(root)
+    assert layout.format == "coco-panoptic" and (layout.train.name, layout.val.name) == ("train", "val")
+    assert layout.val.image_folder == root / "images" / "validation"
+    assert layout.val.label_folder == root / "ade20k_panoptic_val"
+    assert [(c["id"], c["name"]) for c in layout.categories] == [((index - 2) % 7, name)
+                                                                 for index, name in enumerate(CLASS_NAMES)]
+    rows = layout.rows(layout.val, on_error="raise")
+    assert [row["image_path"] for row in rows] == [str(root / "images" / "validation" / f"00000{index}.png")
+                                                   for index in (1, 2)]
+
+
 def test_a_colour_label_map_is_refused_by_the_reader(synthetic, tmp_path):
     from PIL import Image
 
@@ -387,6 +416,17 @@ def test_modelscope_seg_train_follows_the_data(synthetic, tmp_path, built_traine
     trainer = built_trainers[-1]
     assert trainer.task == "panoptic" and [c.name for c in trainer.categories] == CLASS_NAMES
     assert len(next(iter(trainer.get_train_dataloader())).targets) == 2
+
+    # ADE20K's category ids start at 0: category 0 (square, a thing here) is a class like any other
+    ade_panoptic = ade20k_panoptic_layout(synthetic, tmp_path / "ADEChallengeData2016")
+    assert cli_main(train_command(ade_panoptic, tmp_path / "ade_panoptic")) == 0
+    trainer = built_trainers[-1]
+    assert {c.id: c.name for c in trainer.categories}[0] == "square"
+    panoptic = json.loads((synthetic / "annotations" / "panoptic_train.json").read_text())
+    present = {CLASS_NAMES[s["category_id"] - 1] for a in panoptic["annotations"] for s in a["segments_info"]}
+    names = [trainer.categories[int(label)].name for target in next(iter(trainer.get_train_dataloader())).targets
+             for label in target.labels]
+    assert set(names) <= present and "square" in names
 
     voc = tmp_path / "VOC2012"
     written = voc_layout(synthetic, voc)

@@ -5,11 +5,15 @@ format              layout under the root (``{train}`` / ``{val}``: the split na
 ==================  ==========================================================================================
 ``coco-panoptic``   ``annotations/panoptic_{train}.json``; PNGs in ``annotations/panoptic_{train}/`` (beside the
                     JSON) or ``panoptic_{train}/``; images in ``{train}/``, ``images/{train}/`` or ``images/``.
-                    The synthetic generator's layout (``modelscope_plugin.data.synthetic``) is this one.
+                    The synthetic generator's layout (``modelscope_plugin.data.synthetic``) is this one. Also
+                    Mask2Former's ADE20K preparation: ``ade20k_panoptic_{train}.json`` and
+                    ``ade20k_panoptic_{train}/`` at the root, images in ``images/training/`` (``val``:
+                    ``images/validation/``).
 ``coco-instances``  ``annotations/instances_{train}.json``; images in ``{train}/``, ``images/{train}/`` or
                     ``images/`` (ModelScope's ``ImageInstanceSegmentationCocoDataset`` layout; CVAT's COCO
                     export). Or Roboflow's COCO export: ``{train}/_annotations.coco.json`` with the images
-                    beside it, splits ``train`` and ``valid``.
+                    beside it, splits ``train`` and ``valid``. Or ``ade20k_instance_{train}.json`` at the root
+                    (Mask2Former's ADE20K preparation), images as for its panoptic JSON.
 ``semantic-folders`` ``images/{train}/`` and ``annotations/{train}/`` label PNGs paired by file stem (ADE20K's
                     ``ADEChallengeData2016``); class names from a file, one per line.
 ``pascal-voc``      ``ImageSets/Segmentation/{train}.txt`` (one stem per line) naming images in ``JPEGImages/``
@@ -261,23 +265,45 @@ def read_class_names(classes_file: str) -> List[str]:
     return [name.strip() for name in names]
 
 
-def _find_splits(root: Path, candidate: str, train_split: Optional[str], val_split: Optional[str]):
-    """(train, val) splits of ``candidate`` under ``root``; train None where the format is not there."""
-    if candidate == "semantic-folders":
-        find = lambda prefix, name: _semantic_split(root, prefix, name)  # noqa: E731
-    elif candidate == "pascal-voc":
-        find = lambda prefix, name: _voc_split(root, prefix, name)  # noqa: E731
-    elif candidate == "cityscapes":
-        find = lambda prefix, name: _cityscapes_split(root, prefix, name)  # noqa: E731
-    else:
-        kind = "panoptic" if candidate == "coco-panoptic" else "instances"
-        find = lambda prefix, name: _coco_split(root, kind, prefix, name)  # noqa: E731
-    train = find("train", train_split)
-    if train is None and candidate in ("coco-instances", "coco-panoptic"):
-        other = _roboflow_split if candidate == "coco-instances" else _cityscapes_panoptic_split
-        find = lambda prefix, name: other(root, prefix, name)  # noqa: E731
-        train = find("train", train_split)
-    return train, (find("val", val_split) if train else None)
+def _ade20k_split(root: Path, kind: str, prefix: str, name: Optional[str]) -> Optional[LayoutSplit]:
+    """Mask2Former's ADE20K preparation in ``ADEChallengeData2016`` (``prepare_ade20k_pan_seg.py`` /
+    ``prepare_ade20k_ins_seg.py``): ``ade20k_{kind}_{name}.json`` at the root, the panoptic PNGs in
+    ``ade20k_panoptic_{name}/``, images in ``images/training/`` and ``images/validation/``."""
+    name = name or prefix
+    annotation_file = root / f"ade20k_{kind}_{name}.json"
+    if not annotation_file.is_file():
+        return None
+    image_folder = root / "images" / {"train": "training", "val": "validation"}.get(name, name)
+    label_folder = root / f"ade20k_panoptic_{name}" if kind == "panoptic" else None
+    for folder in (image_folder, label_folder):
+        if folder is not None and not folder.is_dir():
+            raise DatasetLayoutError(f"{root}: {annotation_file.name} found but no folder {folder.relative_to(root)}/")
+    return LayoutSplit(name, image_folder, annotation_file, label_folder=label_folder)
+
+
+# each format's split finders (root, "train" or "val", the split's name or None), tried in this order: the first that
+# finds a training split gives both splits
+SPLIT_FINDERS = {
+    "coco-panoptic": (lambda root, prefix, name: _coco_split(root, "panoptic", prefix, name),
+                      _cityscapes_panoptic_split,
+                      lambda root, prefix, name: _ade20k_split(root, "panoptic", prefix, name)),
+    "coco-instances": (lambda root, prefix, name: _coco_split(root, "instances", prefix, name),
+                       _roboflow_split,
+                       lambda root, prefix, name: _ade20k_split(root, "instance", prefix, name)),
+    "semantic-folders": (_semantic_split,),
+    "pascal-voc": (_voc_split,),
+    "cityscapes": (_cityscapes_split,),
+}
+
+
+def _find_splits(root: Path, candidate: str, train_split: Optional[str],
+                 val_split: Optional[str]) -> Tuple[Optional[LayoutSplit], Optional[LayoutSplit]]:
+    """(train, val) splits of ``candidate`` under ``root``; (None, None) where the format is not there."""
+    for find in SPLIT_FINDERS[candidate]:
+        train = find(root, "train", train_split)
+        if train is not None:
+            return train, find(root, "val", val_split)
+    return None, None
 
 
 def _coco_categories(layout: DatasetLayout) -> List[Dict[str, Any]]:
@@ -346,9 +372,11 @@ def detect_layout(root, forced_format: Optional[str] = None, train_split: Option
         return layout
     looked_for = {
         "coco-panoptic": f"annotations/panoptic_{train_split or 'train*'}.json + PNG folder + images, or "
-                         f"gtFine/cityscapes_panoptic_{train_split or 'train'}.json (Cityscapes)",
+                         f"gtFine/cityscapes_panoptic_{train_split or 'train'}.json (Cityscapes), or "
+                         f"ade20k_panoptic_{train_split or 'train'}.json (ADE20K)",
         "coco-instances": f"annotations/instances_{train_split or 'train*'}.json + images, or "
-                          f"{train_split or 'train'}/{ROBOFLOW_ANNOTATIONS} (Roboflow)",
+                          f"{train_split or 'train'}/{ROBOFLOW_ANNOTATIONS} (Roboflow), or "
+                          f"ade20k_instance_{train_split or 'train'}.json (ADE20K)",
         "semantic-folders": f"images/{train_split or 'training'}/ + annotations/{train_split or 'training'}/",
         "pascal-voc": f"ImageSets/Segmentation/{train_split or 'train'}.txt + JPEGImages/ + SegmentationClass/",
         "cityscapes": f"leftImg8bit/{train_split or 'train'}/ + gtFine/{train_split or 'train'}/",
