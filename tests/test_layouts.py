@@ -356,6 +356,9 @@ def test_ade20k_panoptic_preparation_with_category_id_0(synthetic, tmp_path):
     rows = layout.rows(layout.val, on_error="raise")
     assert [row["image_path"] for row in rows] == [str(root / "images" / "validation" / f"00000{index}.png")
                                                    for index in (1, 2)]
+    shutil.rmtree(root / "images" / "validation")
+    with pytest.raises(DatasetLayoutError, match="ade20k_panoptic_val.json found but no folder images/validation/"):
+        detect_layout(root)
 
 
 def test_a_colour_label_map_is_refused_by_the_reader(synthetic, tmp_path):

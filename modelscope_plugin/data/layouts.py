@@ -185,12 +185,24 @@ def _coco_split(root: Path, kind: str, prefix: str, name: Optional[str]) -> Opti
     return split
 
 
+def _json_split(root: Path, name: str, annotation_file: Path, image_folder: Path,
+                label_folder: Optional[Path] = None) -> Optional[LayoutSplit]:
+    """The split of ``annotation_file``, None where there is no such file; its folders must exist then."""
+    if not annotation_file.is_file():
+        return None
+    for folder in (image_folder, label_folder):
+        if folder is not None and not folder.is_dir():
+            raise DatasetLayoutError(f"{root}: {annotation_file.relative_to(root)} found but no folder "
+                                     f"{folder.relative_to(root)}/")
+    return LayoutSplit(name, image_folder, annotation_file, label_folder=label_folder)
+
+
 def _roboflow_split(root: Path, prefix: str, name: Optional[str]) -> Optional[LayoutSplit]:
     """Roboflow's COCO export: ``{name}/_annotations.coco.json`` with the split's images beside it."""
     for candidate in ([name] if name else ROBOFLOW_SPLITS[prefix]):
-        annotation_file = root / candidate / ROBOFLOW_ANNOTATIONS
-        if annotation_file.is_file():
-            return LayoutSplit(candidate, root / candidate, annotation_file)
+        split = _json_split(root, candidate, root / candidate / ROBOFLOW_ANNOTATIONS, root / candidate)
+        if split is not None:
+            return split
     return None
 
 
@@ -246,15 +258,8 @@ def _cityscapes_panoptic_split(root: Path, prefix: str, name: Optional[str]) -> 
     """``gtFine/cityscapes_panoptic_{name}.json`` and its PNG folder beside it (cityscapesscripts'
     ``csCreatePanopticImgs``), images under ``leftImg8bit/{name}/`` (found in their city folders)."""
     name = name or prefix
-    annotation_file = root / "gtFine" / f"cityscapes_panoptic_{name}.json"
-    if not annotation_file.is_file():
-        return None
-    image_folder, label_folder = root / "leftImg8bit" / name, root / "gtFine" / f"cityscapes_panoptic_{name}"
-    for folder in (image_folder, label_folder):
-        if not folder.is_dir():
-            raise DatasetLayoutError(f"{root}: {annotation_file.relative_to(root)} found but no folder "
-                                     f"{folder.relative_to(root)}/")
-    return LayoutSplit(name, image_folder, annotation_file, label_folder=label_folder)
+    return _json_split(root, name, root / "gtFine" / f"cityscapes_panoptic_{name}.json", root / "leftImg8bit" / name,
+                       root / "gtFine" / f"cityscapes_panoptic_{name}")
 
 
 def read_class_names(classes_file: str) -> List[str]:
@@ -270,15 +275,9 @@ def _ade20k_split(root: Path, kind: str, prefix: str, name: Optional[str]) -> Op
     ``prepare_ade20k_ins_seg.py``): ``ade20k_{kind}_{name}.json`` at the root, the panoptic PNGs in
     ``ade20k_panoptic_{name}/``, images in ``images/training/`` and ``images/validation/``."""
     name = name or prefix
-    annotation_file = root / f"ade20k_{kind}_{name}.json"
-    if not annotation_file.is_file():
-        return None
-    image_folder = root / "images" / {"train": "training", "val": "validation"}.get(name, name)
-    label_folder = root / f"ade20k_panoptic_{name}" if kind == "panoptic" else None
-    for folder in (image_folder, label_folder):
-        if folder is not None and not folder.is_dir():
-            raise DatasetLayoutError(f"{root}: {annotation_file.name} found but no folder {folder.relative_to(root)}/")
-    return LayoutSplit(name, image_folder, annotation_file, label_folder=label_folder)
+    return _json_split(root, name, root / f"ade20k_{kind}_{name}.json",
+                       root / "images" / {"train": "training", "val": "validation"}.get(name, name),
+                       root / f"ade20k_panoptic_{name}" if kind == "panoptic" else None)
 
 
 # each format's split finders (root, "train" or "val", the split's name or None), tried in this order: the first that
