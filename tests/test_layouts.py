@@ -453,6 +453,41 @@ def test_modelscope_seg_train_follows_the_data(synthetic, tmp_path, built_traine
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_data_without_a_held_out_split_holds_out_a_drawn_fraction(synthetic, tmp_path, built_trainers, capsys):
+    """A single CVAT export (annotations/instances_default.json + images/): --val-fraction holds out images drawn
+    with --seed, the same on every run, written to the work dir; the rest train."""
+    cvat = tmp_path / "cvat"
+    (cvat / "annotations").mkdir(parents=True)
+    shutil.copytree(synthetic / "train", cvat / "images")
+    merged = json.loads((synthetic / "annotations" / "instances_train.json").read_text())
+    val = json.loads((synthetic / "annotations" / "instances_val.json").read_text())
+    for image in val["images"]:
+        shutil.copy(synthetic / "val" / image["file_name"], cvat / "images" / f"val_{image['file_name']}")
+    merged["images"] += [dict(image, id=image["id"] + 100, file_name=f"val_{image['file_name']}")
+                         for image in val["images"]]
+    merged["annotations"] += [dict(annotation, id=annotation["id"] + 1000, image_id=annotation["image_id"] + 100)
+                              for annotation in val["annotations"]]
+    (cvat / "annotations" / "instances_default.json").write_text(json.dumps(merged))
+    every_image = {1, 2, 101, 102}
+
+    assert cli_main(train_command(cvat, tmp_path / "refused", "--train-split", "default")) == 1
+    assert "no held-out split; name it with --val-split, or hold out" in capsys.readouterr().err
+    held_out = []
+    for run in ("first", "second"):
+        work_dir = tmp_path / run
+        assert cli_main(train_command(cvat, work_dir, "--train-split", "default", "--val-fraction", "0.5")) == 0
+        written = json.loads((work_dir / "held_out_images.json").read_text())
+        trainer = built_trainers[-1]
+        evaluated = {row["image_id"] for row in trainer.eval_dataset}
+        trained = {int(trainer.train_dataset.rows[index]["image_id"]) for index in range(len(trainer.train_dataset))}
+        assert set(written["image_ids"]) == evaluated and len(evaluated) == 2
+        assert trained == every_image - evaluated
+        held_out.append(written["image_ids"])
+    assert held_out[0] == held_out[1]
+    # data with a held-out split keeps it
+    assert cli_main(train_command(synthetic, tmp_path / "both", "--val-fraction", "0.5")) == 1
+    assert "--val-fraction is for data without a held-out split; this one has 'val'" in capsys.readouterr().err
+
 # ------------------------------------------------------------------------------------ evaluate --data
 
 def test_modelscope_seg_evaluate_scores_the_held_out_split_of_a_dataset_folder(synthetic, tmp_path, tiny_model_dir,

@@ -194,17 +194,26 @@ def read_coco_panoptic(annotation_file: str, panoptic_folder: str, image_folder:
         if reason:
             problems.append(RowProblem(image_id, reason))
             continue
-        if filter_empty and all(s.get("iscrowd", 0) for s in annotation["segments_info"]):
-            continue
-        rows.append({
+        row = {
             "image_id": int(image_id), "file_name": image["file_name"], "image_path": image_path,
             "height": int(image["height"]), "width": int(image["width"]), "panoptic_path": panoptic_path,
             "segments_info": [{"id": int(s["id"]), "category_id": int(s["category_id"]),
                                "iscrowd": int(s.get("iscrowd", 0)), "area": int(s.get("area", 0)),
                                "bbox": [int(v) for v in s.get("bbox", [0, 0, 0, 0])]}
                               for s in annotation["segments_info"]],
-        })
+        }
+        if not filter_empty or has_objects(row):
+            rows.append(row)
     return _finish(rows, problems, on_error)
+
+
+def has_objects(row: Dict[str, Any]) -> bool:
+    """Whether a reader row holds a non-crowd segment (panoptic rows) or object (instance rows); label rows do."""
+    if row.get("segments_info") is not None:
+        return not all(segment.get("iscrowd", 0) for segment in row["segments_info"])
+    if row.get("annotations_json") is not None:
+        return not all(annotation.get("iscrowd", 0) for annotation in json.loads(row["annotations_json"]))
+    return True
 
 
 def compressed_rle(segmentation: Any, height: int, width: int) -> Dict[str, Any]:
@@ -281,10 +290,10 @@ def read_coco_instances(annotation_file: str, image_folder: str, on_error: str =
         if reason:
             problems.append(RowProblem(image_id, reason))
             continue
-        if filter_empty and all(a.get("iscrowd", 0) for a in converted):
-            continue
-        rows.append({"image_id": image_id, "file_name": image["file_name"], "image_path": image_path,
-                     "height": height, "width": width, "annotations_json": json.dumps(converted)})
+        row = {"image_id": image_id, "file_name": image["file_name"], "image_path": image_path,
+               "height": height, "width": width, "annotations_json": json.dumps(converted)}
+        if not filter_empty or has_objects(row):
+            rows.append(row)
     return _finish(rows, problems, on_error)
 
 

@@ -27,11 +27,13 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import numpy as np
 import torch
 
 from modelscope_plugin.config import Mask2FormerConfig, ResNetConfig, SwinConfig
-from modelscope_plugin.data.layouts import FORMATS, read_class_names
-from modelscope_plugin.errors import ModelDirError
+from modelscope_plugin.data.datasets import has_objects
+from modelscope_plugin.data.layouts import FORMATS, panoptic_row_as_instance_row, read_class_names
+from modelscope_plugin.errors import DatasetLayoutError, ModelDirError
 from modelscope_plugin.model_dirs.classes import THING_IDS_HELP, thing_ids_option
 
 ARCHITECTURES = {
@@ -140,6 +142,19 @@ def fastinst_augmentation(image_size: int) -> Dict[str, Any]:
             "crop_size_range": scaled((384, 600))}
 
 
+def hold_out(rows: List[Dict[str, Any]], fraction: float, seed: int):
+    """(training rows, held-out rows): ``fraction`` of the images (at least one, and at least one left to train),
+    drawn with ``seed``, so every rank and every resume holds out the same images; each list keeps the rows' order."""
+    if not 0 < fraction < 1:
+        raise DatasetLayoutError(f"--val-fraction must be between 0 and 1, not {fraction:g}")
+    count = min(max(1, round(fraction * len(rows))), len(rows) - 1)
+    if count < 1:
+        raise DatasetLayoutError(f"--val-fraction needs at least 2 training images; the split has {len(rows)}")
+    chosen = set(np.random.default_rng(seed).permutation(len(rows))[:count].tolist())
+    return ([row for index, row in enumerate(rows) if index not in chosen],
+            [row for index, row in enumerate(rows) if index in chosen])
+
+
 def dataset_categories(panoptic_json: Path) -> List[Dict[str, Any]]:
     with open(panoptic_json) as handle:
         return [{"id": c["id"], "name": c["name"], "isthing": bool(c["isthing"])}
@@ -157,6 +172,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                         "Cityscapes)")
     parser.add_argument("--val-split", default=None, help="held-out split name (default: *_val*.json, Roboflow's "
                         "valid/, 'validation', VOC's and Cityscapes' 'val')")
+    parser.add_argument("--val-fraction", type=float, default=None,
+                        help="data without a held-out split (a single CVAT or labelme export): hold out this fraction "
+                             "of the training images, drawn with --seed (their ids: WORK_DIR/held_out_images.json)")
     parser.add_argument("--classes", default=None, help="semantic folders, PASCAL VOC: class names, one per line, "
                         "line i = label value i (semantic folders: from 1, value 0 is ignored, ADE20K's "
                         "reduce-zero-label; VOC: from 0 = background; default VOC's 21 or class_names.txt)")
@@ -216,7 +234,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
     import modelscope_plugin  # noqa: F401  (registers the trainer and metrics)
     from modelscope_plugin.data.datasets import as_ms_dataset
-    from modelscope_plugin.data.layouts import ROW_KIND_OF_FORMAT, DatasetLayoutError, detect_layout
+    from modelscope_plugin.data.layouts import ROW_KIND_OF_FORMAT, detect_layout
     from modelscope_plugin.data.synthetic import SceneConfig, SyntheticSplit, write_dataset
     from modelscope_plugin.model_dirs.eomt import is_eomt_dir
     from modelscope_plugin.ranks import rank_and_world_size
@@ -234,9 +252,13 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         write_dataset(data, "val", max(arguments.generate // 5, 1), arguments.seed + 1, scenes)
     layout = detect_layout(data, arguments.format, arguments.train_split, arguments.val_split, arguments.classes,
                            reduce_zero_label=arguments.reduce_zero_label, ignore_value=arguments.ignore_value)
-    if layout.val is None:
+    if layout.val is None and arguments.val_fraction is None:
         raise DatasetLayoutError(f"{data}: {layout.format} training split {layout.train.name!r} found, but no "
-                                 "held-out split; name it with --val-split")
+                                 "held-out split; name it with --val-split, or hold out part of the training images "
+                                 "with --val-fraction 0.1")
+    if layout.val is not None and arguments.val_fraction is not None:
+        raise DatasetLayoutError(f"{data}: --val-fraction is for data without a held-out split; this one has "
+                                 f"{layout.val.name!r}")
     if arguments.task is None:
         arguments.task = "instance" if arguments.architecture in FASTINST_ARCHITECTURES else layout.default_task
     supported, reason = TASKS_OF_ROW_KIND[ROW_KIND_OF_FORMAT[layout.format]]
@@ -247,11 +269,25 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         raise DatasetLayoutError("--pretrain-epochs and --classification-pretrain-epochs need COCO panoptic data")
     categories = layout.categories
     filter_empty = arguments.task == "instance" and not arguments.keep_empty_images
-    train_rows = layout.rows(layout.train, filter_empty=filter_empty)
-    # COCO AP scores instance rows (their RLE annotations); PQ and mIoU read the panoptic or label PNGs
-    evaluation_rows = (layout.instance_evaluation_rows(layout.val) if arguments.task == "instance"
-                       else layout.rows(layout.val))
     work_dir = Path(arguments.work_dir)
+    # COCO AP scores instance rows (their RLE annotations); PQ and mIoU read the panoptic or label PNGs
+    if layout.val is not None:
+        train_rows = layout.rows(layout.train, filter_empty=filter_empty)
+        evaluation_rows = (layout.instance_evaluation_rows(layout.val) if arguments.task == "instance"
+                           else layout.rows(layout.val))
+        held_out_name = layout.val.name
+    else:
+        train_rows, held_out_rows = hold_out(layout.rows(layout.train), arguments.val_fraction, arguments.seed)
+        train_rows = [row for row in train_rows if has_objects(row)] if filter_empty else train_rows
+        evaluation_rows = held_out_rows
+        if arguments.task == "instance" and layout.format == "coco-panoptic":
+            evaluation_rows = [panoptic_row_as_instance_row(row, categories) for row in held_out_rows]
+        held_out_name = f"{arguments.val_fraction:g} of {layout.train.name}"
+        if rank == 0:
+            work_dir.mkdir(parents=True, exist_ok=True)
+            (work_dir / "held_out_images.json").write_text(json.dumps({
+                "split": layout.train.name, "fraction": arguments.val_fraction, "seed": arguments.seed,
+                "image_ids": [row["image_id"] for row in held_out_rows]}, indent=1))
     if arguments.architecture in FASTINST_ARCHITECTURES and not arguments.crop_size:
         augmentation = fastinst_augmentation(arguments.image_size)
     else:
@@ -266,7 +302,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         if arguments.pretrain_epochs or arguments.classification_pretrain_epochs:
             model = str(pretrained_model_dir(work_dir / "pretrained_model", model, train_rows,
                                              categories, augmentation, arguments,
-                                             evaluation_rows=layout.rows(layout.val)[:100]))
+                                             evaluation_rows=(layout.rows(layout.val) if layout.val is not None
+                                                              else held_out_rows)[:100]))
 
     backbone_lr_multiplier = arguments.backbone_lr_multiplier
     if backbone_lr_multiplier is None:
@@ -302,7 +339,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     trainer.train(checkpoint_path=checkpoint)
     results = trainer.evaluate()
     if rank == 0:
-        report = {"task": arguments.task, "data_format": layout.format, "held_out_split": layout.val.name,
+        report = {"task": arguments.task, "data_format": layout.format, "held_out_split": held_out_name,
                   "metrics": results,
                   "per_class": trainer.evaluation_results.get("per_class"), "model_dir": str(work_dir / "output")}
         (work_dir / "metrics.json").write_text(json.dumps(report, indent=2))
