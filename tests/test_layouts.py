@@ -484,6 +484,17 @@ def test_data_without_a_held_out_split_holds_out_a_drawn_fraction(synthetic, tmp
         assert trained == every_image - evaluated
         held_out.append(written["image_ids"])
     assert held_out[0] == held_out[1]
+    # labelme2coco's output: annotations.json at the root, file names under JPEGImages/
+    labelme = tmp_path / "labelme"
+    shutil.copytree(cvat / "images", labelme / "JPEGImages")
+    for image in merged["images"]:
+        image["file_name"] = f"JPEGImages/{image['file_name']}"
+    (labelme / "annotations.json").write_text(json.dumps(merged))
+    layout = detect_layout(labelme)
+    assert (layout.format, layout.train.name, layout.val) == ("coco-instances", "annotations", None)
+    assert cli_main(train_command(labelme, tmp_path / "labelme_work", "--val-fraction", "0.5")) == 0
+    assert json.loads((tmp_path / "labelme_work" / "held_out_images.json").read_text())["image_ids"] == held_out[0]
+    assert built_trainers[-1].eval_dataset[0]["image_path"].startswith(str(labelme / "JPEGImages"))
     # data with a held-out split keeps it
     assert cli_main(train_command(synthetic, tmp_path / "both", "--val-fraction", "0.5")) == 1
     assert "--val-fraction is for data without a held-out split; this one has 'val'" in capsys.readouterr().err

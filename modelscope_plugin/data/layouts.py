@@ -13,7 +13,8 @@ format              layout under the root (``{train}`` / ``{val}``: the split na
                     ``images/`` (ModelScope's ``ImageInstanceSegmentationCocoDataset`` layout; CVAT's COCO
                     export). Or Roboflow's COCO export: ``{train}/_annotations.coco.json`` with the images
                     beside it, splits ``train`` and ``valid``. Or ``ade20k_instance_{train}.json`` at the root
-                    (Mask2Former's ADE20K preparation), images as for its panoptic JSON.
+                    (Mask2Former's ADE20K preparation), images as for its panoptic JSON. Or labelme2coco's
+                    ``annotations.json`` at the root (no held-out split).
 ``semantic-folders`` ``images/{train}/`` and ``annotations/{train}/`` label PNGs paired by file stem (ADE20K's
                     ``ADEChallengeData2016``); class names from a file, one per line.
 ``pascal-voc``      ``ImageSets/Segmentation/{train}.txt`` (one stem per line) naming images in ``JPEGImages/``
@@ -206,6 +207,14 @@ def _roboflow_split(root: Path, prefix: str, name: Optional[str]) -> Optional[La
     return None
 
 
+def _labelme_split(root: Path, prefix: str, name: Optional[str]) -> Optional[LayoutSplit]:
+    """labelme's ``labelme2coco`` output: one ``annotations.json`` at the root whose ``file_name`` s are relative to
+    the root (``JPEGImages/x.jpg``); a training split only (hold out images with ``--val-fraction``)."""
+    if prefix != "train" or name not in (None, "annotations"):
+        return None
+    return _json_split(root, "annotations", root / "annotations.json", root)
+
+
 def _semantic_split(root: Path, prefix: str, name: Optional[str]) -> Optional[LayoutSplit]:
     name = name or SEMANTIC_SPLITS[prefix]
     image_folder, label_folder = root / "images" / name, root / "annotations" / name
@@ -288,7 +297,8 @@ SPLIT_FINDERS = {
                       lambda root, prefix, name: _ade20k_split(root, "panoptic", prefix, name)),
     "coco-instances": (lambda root, prefix, name: _coco_split(root, "instances", prefix, name),
                        _roboflow_split,
-                       lambda root, prefix, name: _ade20k_split(root, "instance", prefix, name)),
+                       lambda root, prefix, name: _ade20k_split(root, "instance", prefix, name),
+                       _labelme_split),
     "semantic-folders": (_semantic_split,),
     "pascal-voc": (_voc_split,),
     "cityscapes": (_cityscapes_split,),
@@ -375,7 +385,7 @@ def detect_layout(root, forced_format: Optional[str] = None, train_split: Option
                          f"ade20k_panoptic_{train_split or 'train'}.json (ADE20K)",
         "coco-instances": f"annotations/instances_{train_split or 'train*'}.json + images, or "
                           f"{train_split or 'train'}/{ROBOFLOW_ANNOTATIONS} (Roboflow), or "
-                          f"ade20k_instance_{train_split or 'train'}.json (ADE20K)",
+                          f"ade20k_instance_{train_split or 'train'}.json (ADE20K), or annotations.json (labelme)",
         "semantic-folders": f"images/{train_split or 'training'}/ + annotations/{train_split or 'training'}/",
         "pascal-voc": f"ImageSets/Segmentation/{train_split or 'train'}.txt + JPEGImages/ + SegmentationClass/",
         "cityscapes": f"leftImg8bit/{train_split or 'train'}/ + gtFine/{train_split or 'train'}/",
