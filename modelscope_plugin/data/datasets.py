@@ -176,7 +176,7 @@ def read_coco_panoptic(annotation_file: str, panoptic_folder: str, image_folder:
     rows, problems = [], []
     for annotation in data["annotations"]:
         image_id = integer_id.get(str(annotation["image_id"]), annotation["image_id"])
-        image = images.get(image_id) if isinstance(image_id, int) else None
+        image = images.get(image_id)
         if image is None:
             problems.append(RowProblem(image_id, "annotation for an image not listed in 'images'"))
             continue
@@ -202,17 +202,22 @@ def read_coco_panoptic(annotation_file: str, panoptic_folder: str, image_folder:
                                "bbox": [int(v) for v in s.get("bbox", [0, 0, 0, 0])]}
                               for s in annotation["segments_info"]],
         }
-        if not filter_empty or has_objects(row):
+        if not filter_empty or _any_not_crowd(row["segments_info"]):
             rows.append(row)
     return _finish(rows, problems, on_error)
+
+
+def _any_not_crowd(objects: Sequence[Dict[str, Any]]) -> bool:
+    """Whether any of the segments or annotations is not a crowd region (the readers' ``filter_empty`` rule)."""
+    return not all(item.get("iscrowd", 0) for item in objects)
 
 
 def has_objects(row: Dict[str, Any]) -> bool:
     """Whether a reader row holds a non-crowd segment (panoptic rows) or object (instance rows); label rows do."""
     if row.get("segments_info") is not None:
-        return not all(segment.get("iscrowd", 0) for segment in row["segments_info"])
+        return _any_not_crowd(row["segments_info"])
     if row.get("annotations_json") is not None:
-        return not all(annotation.get("iscrowd", 0) for annotation in json.loads(row["annotations_json"]))
+        return _any_not_crowd(json.loads(row["annotations_json"]))
     return True
 
 
@@ -290,10 +295,9 @@ def read_coco_instances(annotation_file: str, image_folder: str, on_error: str =
         if reason:
             problems.append(RowProblem(image_id, reason))
             continue
-        row = {"image_id": image_id, "file_name": image["file_name"], "image_path": image_path,
-               "height": height, "width": width, "annotations_json": json.dumps(converted)}
-        if not filter_empty or has_objects(row):
-            rows.append(row)
+        if not filter_empty or _any_not_crowd(converted):
+            rows.append({"image_id": image_id, "file_name": image["file_name"], "image_path": image_path,
+                         "height": height, "width": width, "annotations_json": json.dumps(converted)})
     return _finish(rows, problems, on_error)
 
 
