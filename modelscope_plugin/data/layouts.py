@@ -124,15 +124,20 @@ class DatasetLayout:
                                   ignore_value=self.ignore_value)[0]
 
     def instance_evaluation_rows(self, split: LayoutSplit, on_error: str = "skip") -> List[Dict[str, Any]]:
-        """Rows with ``annotations_json`` (COCO AP's ground truth) for ``split``: coco-instances rows; coco-panoptic:
-        the instances JSON of the split when the root has one, else the panoptic thing segments as RLE."""
+        """Rows with ``annotations_json`` (COCO AP's ground truth) for ``split``: coco-panoptic: the instances JSON
+        of the split when the root has one, else ``as_instance_rows`` of the split's rows."""
+        if self.format == "coco-panoptic" and split is self.val and self.instances_val_file is not None:
+            return read_coco_instances(str(self.instances_val_file), str(split.image_folder), on_error=on_error)[0]
+        return self.as_instance_rows(self.rows(split, on_error))
+
+    def as_instance_rows(self, rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        """This layout's rows as rows with ``annotations_json``: coco-instances rows themselves, coco-panoptic rows
+        with their thing segments as RLE."""
         if self.format == "coco-instances":
-            return self.rows(split, on_error)
+            return rows
         if self.format != "coco-panoptic":
             raise DatasetLayoutError(f"{self.root}: {self.format} data holds no instances to score with COCO AP")
-        if split is self.val and self.instances_val_file is not None:
-            return read_coco_instances(str(self.instances_val_file), str(split.image_folder), on_error=on_error)[0]
-        return [panoptic_row_as_instance_row(row, self.categories) for row in self.rows(split, on_error)]
+        return [panoptic_row_as_instance_row(row, self.categories) for row in rows]
 
 
 def panoptic_row_as_instance_row(row: Dict[str, Any], categories: List[Dict[str, Any]]) -> Dict[str, Any]:

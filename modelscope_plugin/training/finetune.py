@@ -32,7 +32,7 @@ import torch
 
 from modelscope_plugin.config import Mask2FormerConfig, ResNetConfig, SwinConfig
 from modelscope_plugin.data.datasets import has_objects
-from modelscope_plugin.data.layouts import FORMATS, panoptic_row_as_instance_row, read_class_names
+from modelscope_plugin.data.layouts import FORMATS, read_class_names
 from modelscope_plugin.errors import DatasetLayoutError, ModelDirError
 from modelscope_plugin.model_dirs.classes import THING_IDS_HELP, thing_ids_option
 
@@ -279,9 +279,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     else:
         train_rows, held_out_rows = hold_out(layout.rows(layout.train), arguments.val_fraction, arguments.seed)
         train_rows = [row for row in train_rows if has_objects(row)] if filter_empty else train_rows
-        evaluation_rows = held_out_rows
-        if arguments.task == "instance" and layout.format == "coco-panoptic":
-            evaluation_rows = [panoptic_row_as_instance_row(row, categories) for row in held_out_rows]
+        evaluation_rows = layout.as_instance_rows(held_out_rows) if arguments.task == "instance" else held_out_rows
         held_out_name = f"{arguments.val_fraction:g} of {layout.train.name}"
         if rank == 0:
             work_dir.mkdir(parents=True, exist_ok=True)
