@@ -28,6 +28,12 @@ def upcast_half(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
 
 
+def per_level(values: list, num_points: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Per-level numbers (or pairs) -> (levels, num_points) (or (levels, num_points, 2)), repeated over the points."""
+    table = torch.tensor(values, dtype=dtype, device=device)
+    return table[:, None].expand(table.shape[0], num_points, *table.shape[1:]).contiguous()
+
+
 def multi_scale_deformable_attention(
     value: torch.Tensor,
     spatial_shapes: List[Tuple[int, int]],
@@ -58,32 +64,43 @@ def multi_scale_deformable_attention(
     tokens_per_image = table.shape[1]
     # (batch * tokens * heads, head_dim): row (image, token, head)
     table = table.view(-1, head_dim)
+    index_dtype = torch.int32 if table.shape[0] < 2 ** 31 else torch.int64  # half the bytes of int64 indices
 
-    heights = torch.tensor([height for height, _ in spatial_shapes], dtype=dtype, device=device).view(num_levels, 1)
-    widths = torch.tensor([width for _, width in spatial_shapes], dtype=dtype, device=device).view(num_levels, 1)
-    bordered_widths = torch.tensor([width + border for _, width in spatial_shapes], device=device).view(num_levels, 1)
-    bordered_sizes = torch.tensor([(height + border) * (width + border) for height, width in spatial_shapes],
-                                  device=device)
-    level_starts = (bordered_sizes.cumsum(0) - bordered_sizes).view(num_levels, 1)
-    # pixel coordinates (align_corners=False: pixel centres at i + 0.5), clamped, then shifted into the bordered map;
-    # each (batch, queries, heads, levels, points)
-    column = (sampling_locations[..., 0] * widths - 0.5).clamp(min=-1.0).minimum(widths) + BORDER_BEFORE
-    row = (sampling_locations[..., 1] * heights - 0.5).clamp(min=-1.0).minimum(heights) + BORDER_BEFORE
-    column0, row0 = column.floor(), row.floor()
-    column_fraction, row_fraction = column - column0, row - row0
-    top_left = level_starts + row0.long() * bordered_widths + column0.long()
-    image_offsets = torch.arange(batch_size, device=device).view(batch_size, 1, 1, 1, 1) * tokens_per_image
-    head_offsets = torch.arange(num_heads, device=device).view(1, 1, num_heads, 1, 1)
-    top_left_rows = (top_left + image_offsets) * num_heads + head_offsets
-    # (levels, 4): row offsets of the corners top-left, top-right, bottom-left, bottom-right
-    corner_offsets = torch.cat([torch.zeros_like(bordered_widths), torch.ones_like(bordered_widths),
-                                bordered_widths, bordered_widths + 1], dim=1) * num_heads
-    # (batch, queries, heads, levels, points, 4)
-    corner_rows = top_left_rows[..., None] + corner_offsets.view(num_levels, 1, 4)
+    # Per-level constants span every trailing dimension they meet, (levels, points[, 2]): torch's elementwise
+    # kernels vectorise along the innermost dimension only, and a (levels, 1, 2) operand made these passes ~8x slower.
+    sizes = per_level([[width, height] for height, width in spatial_shapes], num_points, dtype, device)
+    bordered_widths = per_level([width + border for _, width in spatial_shapes], num_points, index_dtype, device)
+    bordered_sizes = [(height + border) * (width + border) for height, width in spatial_shapes]
+    level_starts = per_level([sum(bordered_sizes[:level]) for level in range(num_levels)], num_points, index_dtype,
+                             device)
+    # pixel x / y (align_corners=False: pixel centres at i + 0.5), clamped, then shifted into the bordered map;
+    # (batch, queries, heads, levels, points, 2)
+    position = (sampling_locations * sizes - 0.5).clamp(min=-1.0).minimum(sizes) + BORDER_BEFORE
+    corner = position.floor()
+    fraction = position - corner
+    corner = corner.to(index_dtype)
+    # (batch, queries, heads, levels, points): table row of each top-left corner
+    top_left_rows = corner[..., 1] * bordered_widths
+    top_left_rows.add_(corner[..., 0]).add_(level_starts)
+    top_left_rows.add_(torch.arange(batch_size, dtype=index_dtype, device=device).view(batch_size, 1, 1, 1, 1)
+                       * tokens_per_image)
+    top_left_rows.mul_(num_heads).add_(
+        torch.arange(num_heads, dtype=index_dtype, device=device).view(num_heads, 1, 1).expand(
+            num_heads, num_levels, num_points))
+    # (batch, queries, heads, levels, points, 4): rows of the corners top-left, top-right, bottom-left, bottom-right,
+    # each written as one plane (faster than broadcasting against a trailing dimension of 4)
+    corner_rows = torch.empty(top_left_rows.shape + (4,), dtype=index_dtype, device=device)
+    corner_rows[..., 0] = top_left_rows
+    torch.add(top_left_rows, num_heads, out=corner_rows[..., 1])
+    bottom_left_rows = top_left_rows.add_(bordered_widths * num_heads)
+    corner_rows[..., 2] = bottom_left_rows
+    torch.add(bottom_left_rows, num_heads, out=corner_rows[..., 3])
+    column_fraction, row_fraction = fraction[..., 0], fraction[..., 1]
     top_weights = attention_weights * (1 - row_fraction)
     bottom_weights = attention_weights * row_fraction
-    corner_weights = torch.stack((top_weights * (1 - column_fraction), top_weights * column_fraction,
-                                  bottom_weights * (1 - column_fraction), bottom_weights * column_fraction), dim=-1)
+    left_weights = 1 - column_fraction
+    corner_weights = torch.stack((top_weights * left_weights, top_weights * column_fraction,
+                                  bottom_weights * left_weights, bottom_weights * column_fraction), dim=-1)
     # one bag per (image, query, head) of levels * points * 4 weighted rows
     output = F.embedding_bag(
         corner_rows.view(batch_size * num_queries * num_heads, -1), table,
@@ -203,15 +220,14 @@ class MultiScaleDeformableAttention(nn.Module):
         attention_weights = attention_weights.softmax(-1).view(
             batch_size, num_queries, self.num_heads, self.num_levels, self.num_points
         )
-        # offsets are in pixels of each level: divide by (width, height)
-        offset_normalizer = torch.tensor(
-            [[width, height] for height, width in spatial_shapes], dtype=position_dtype, device=query.device
-        )
-        reference_points = reference_points.to(position_dtype)
-        sampling_locations = (
-            reference_points[:, :, None, :, None, :]
-            + sampling_offsets / offset_normalizer[None, None, None, :, None, :]
-        )
+        # offsets are in pixels of each level: divide by (width, height); both operands span the trailing
+        # (levels, points, 2) dimensions (see ``multi_scale_deformable_attention``)
+        offset_normalizer = per_level([[width, height] for height, width in spatial_shapes], self.num_points,
+                                      position_dtype, query.device)
+        # (batch, queries, 1, levels, points, 2)
+        reference_points = reference_points.to(position_dtype)[:, :, None, :, None, :].expand(
+            -1, -1, 1, -1, self.num_points, -1).contiguous()
+        sampling_locations = reference_points + sampling_offsets / offset_normalizer
         attend = (multi_scale_deformable_attention_grid_sample if torch.is_grad_enabled() and value.requires_grad
                   else multi_scale_deformable_attention)
         output = attend(value, spatial_shapes, sampling_locations, attention_weights)
