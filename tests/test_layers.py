@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from modelscope_plugin.modeling.backbones.resnet import ResNet
-from modelscope_plugin.modeling.backbones.swin import SwinTransformer, relative_position_index
+from modelscope_plugin.modeling.backbones.swin import (
+    SwinTransformer,
+    WindowAttention,
+    masked_windows,
+    relative_position_index,
+    shifted_window_attention_mask,
+    window_partition,
+)
 from modelscope_plugin.modeling.layers.ms_deform_attn import (
     MultiScaleDeformableAttention,
     multi_scale_deformable_attention,
@@ -114,6 +121,39 @@ def test_relative_position_index_is_swin_convention():
     assert index[2 * window + 1, 0] == (2 + 2) * 5 + (1 + 2)
     assert index.shape == (9, 9) and index.max() == (2 * window - 1) ** 2 - 1
 
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_shifted_window_attention_equals_the_full_mask_formula(autocast):
+    """Only the windows a shift mixes get the mask; every window must equal softmax(q k^T / sqrt(d) + bias + mask) v
+    with the full (num_windows, N, N) mask, for each image of a batch."""
+    torch.manual_seed(0)
+    window, heads, channels, height, width, batch = 3, 2, 8, 9, 12, 2
+    attention = WindowAttention(channels, heads, window).eval()
+    full_mask = shifted_window_attention_mask(height, width, window, window // 2, "cpu")  # (12 windows, 9, 9)
+    mask = masked_windows(full_mask)
+    assert mask.windows.tolist() == [3, 7, 8, 9, 10, 11]  # the last column and the last row of the 3 x 4 windows
+    windows = window_partition(torch.randn(batch, height, width, channels), window)  # (24, 9, 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        output = attention(windows, mask=mask)
+        dtype = torch.bfloat16 if autocast else torch.float32
+        qkv = torch.nn.functional.linear(windows.to(dtype), attention.qkv.weight.to(dtype), attention.qkv.bias.to(dtype))
+    query, key, value = qkv.double().view(len(windows), window * window, 3, heads, channels // heads).permute(
+        2, 0, 3, 1, 4)
+    bias = attention.relative_position_bias_table[attention.relative_position_index.reshape(-1)].double()
+    bias = bias.view(window * window, window * window, heads).permute(2, 0, 1)
+    logits = query @ key.transpose(-1, -2) / math.sqrt(channels // heads) + bias + full_mask.double().repeat(
+        batch, 1, 1)[:, None]
+    attended = (logits.softmax(-1) @ value).transpose(1, 2).reshape(len(windows), window * window, channels)
+    expected = attended @ attention.proj.weight.double().T + attention.proj.bias.double()
+    tolerance = 1e-2 if autocast else 1e-6
+    torch.testing.assert_close(output.double(), expected, rtol=0, atol=tolerance)
+    # the masked windows differ from attention with the bias alone: the mask is applied, to both images
+    unmasked_logits = logits - full_mask.double().repeat(batch, 1, 1)[:, None]
+    unmasked = ((unmasked_logits.softmax(-1) @ value).transpose(1, 2).reshape(len(windows), window * window, channels)
+                @ attention.proj.weight.double().T + attention.proj.bias.double())
+    masked_rows = torch.cat([mask.windows, mask.windows + len(full_mask)])
+    assert ((output.double() - unmasked).abs().amax(dim=(1, 2))[masked_rows] > 0.1).all()
 
 @pytest.mark.parametrize("depth", [18, 50])
 def test_resnet_equals_torchvisions_on_its_seed_weights_and_names(depth):

@@ -9,7 +9,7 @@ pads its input to a multiple of the window and every odd block shifts by half a 
 feature-map size. transformers' Mask2Former backbone does the same (only its standalone ``SwinModel`` drops
 the shift and shrinks the window on small maps), so one behaviour serves every supported source.
 """
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +60,21 @@ def shifted_window_attention_mask(height: int, width: int, window_size: int, shi
     return torch.zeros(different_region.shape, device=device).masked_fill(different_region, SHIFTED_WINDOW_MASK_VALUE)
 
 
+class ShiftedWindowMask(NamedTuple):
+    """A shifted block's attention mask, kept for the windows whose mask is not all zero (those on the last row or
+    column of windows, where the roll brings together regions that were not adjacent): attention in every other
+    window needs only the relative position bias."""
+    windows: torch.Tensor  # (k,) indices of the masked windows among an image's windows
+    mask: torch.Tensor  # (k, N, N) their additive masks
+    num_windows: int  # windows per image
+
+
+def masked_windows(mask: torch.Tensor) -> ShiftedWindowMask:
+    """``shifted_window_attention_mask``'s (num_windows, N, N) mask -> the windows it changes and their masks."""
+    windows = mask.flatten(1).ne(0).any(1).nonzero().squeeze(1)
+    return ShiftedWindowMask(windows, mask[windows], mask.shape[0])
+
+
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside a window, with a learned relative position bias."""
 
@@ -76,29 +91,30 @@ class WindowAttention(nn.Module):
         self.proj_drop = nn.Dropout(dropout)
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
-    def forward(self, windows: torch.Tensor, mask: torch.Tensor = None) -> torch.Tensor:
-        """windows: (batch * num_windows, N, C); mask: (num_windows, N, N) additive or None."""
+    def forward(self, windows: torch.Tensor, mask: Optional[ShiftedWindowMask] = None) -> torch.Tensor:
+        """windows: (batch * num_windows, N, C); mask: a shifted block's masked windows, or None."""
         num_windows_total, tokens, channels = windows.shape
         # (3, batch * num_windows, heads, N, head_dim)
         qkv = self.qkv(windows).reshape(
             num_windows_total, tokens, 3, self.num_heads, channels // self.num_heads).permute(2, 0, 3, 1, 4)
         query, key, value = qkv.unbind(0)
-        # (heads, N, N), in the attention's dtype (bf16 under autocast: the per-window sum below is built in bf16;
-        # the mask's 0 and -100 are exact there)
+        dropout = self.attention_dropout if self.training else 0.0
+        # (heads, N, N), in the attention's dtype (bf16 under autocast: the sums with the masks below are built in
+        # bf16; the masks' 0 and -100 are exact there)
         bias = self.relative_position_bias_table[self.relative_position_index.reshape(-1)].to(query.dtype)
         bias = bias.view(tokens, tokens, self.num_heads).permute(2, 0, 1)
-        if mask is not None:
-            num_windows = mask.shape[0]
-            # (batch, num_windows, heads, N, N) -> (batch * num_windows, heads, N, N)
-            bias = (bias[None, None] + mask.to(query.dtype)[None, :, None]).expand(
-                num_windows_total // num_windows, -1, -1, -1, -1)
-            bias = bias.reshape(num_windows_total, self.num_heads, tokens, tokens)
-        else:
-            bias = bias[None]
-        attended = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=bias,
-            dropout_p=self.attention_dropout if self.training else 0.0
-        )
+        attended = F.scaled_dot_product_attention(query, key, value, attn_mask=bias[None], dropout_p=dropout)
+        if mask is not None and len(mask.windows) > 0:
+            # the masked windows again, with bias + mask: (batch * k,) rows, image-major like the windows
+            batch_size = num_windows_total // mask.num_windows
+            rows = (torch.arange(batch_size, device=windows.device)[:, None] * mask.num_windows
+                    + mask.windows[None, :]).flatten()
+            masked_bias = (bias[None] + mask.mask.to(query.dtype)[:, None]).repeat(batch_size, 1, 1, 1)
+            masked = F.scaled_dot_product_attention(query[rows], key[rows], value[rows], attn_mask=masked_bias,
+                                                    dropout_p=dropout)
+            # in place unless autograd keeps the first attention's output for its backward
+            attended = (attended.index_put((rows,), masked) if attended.requires_grad
+                        else attended.index_put_((rows,), masked))
         attended = attended.transpose(1, 2).reshape(num_windows_total, tokens, channels)
         return self.proj_drop(self.proj(attended))
 
@@ -130,9 +146,9 @@ class SwinBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, tokens: torch.Tensor, height: int, width: int,
-                shifted_window_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """tokens: (batch, height * width, C); shifted_window_mask: the stage's (num_windows, N, N) additive mask,
-        used by shifted blocks."""
+                shifted_window_mask: Optional[ShiftedWindowMask] = None) -> torch.Tensor:
+        """tokens: (batch, height * width, C); shifted_window_mask: the stage's mask (``masked_windows``), used by
+        shifted blocks."""
         batch_size, _, channels = tokens.shape
         window_size, shift_size = self.window_size, self.shift_size
         shortcut = tokens
@@ -145,8 +161,8 @@ class SwinBlock(nn.Module):
         if shift_size > 0:
             features = torch.roll(features, shifts=(-shift_size, -shift_size), dims=(1, 2))
             if shifted_window_mask is None:
-                shifted_window_mask = shifted_window_attention_mask(padded_height, padded_width, window_size,
-                                                                    shift_size, tokens.device)
+                shifted_window_mask = masked_windows(shifted_window_attention_mask(
+                    padded_height, padded_width, window_size, shift_size, tokens.device))
         windows = self.attn(window_partition(features, window_size),
                             mask=shifted_window_mask if shift_size > 0 else None)
         features = window_reverse(windows, window_size, padded_height, padded_width)
@@ -194,9 +210,9 @@ class SwinStage(nn.Module):
         window_size = self.window_size
         shifted_window_mask = None
         if any(block.shift_size > 0 for block in self.blocks):
-            shifted_window_mask = shifted_window_attention_mask(
+            shifted_window_mask = masked_windows(shifted_window_attention_mask(
                 -(-height // window_size) * window_size, -(-width // window_size) * window_size, window_size,
-                window_size // 2, tokens.device)
+                window_size // 2, tokens.device))
         for block in self.blocks:
             tokens = block(tokens, height, width, shifted_window_mask)
         return tokens
