@@ -66,14 +66,18 @@ def matrix_flops(func, args, kwargs, output) -> Optional[int]:
     if packet in (aten._scaled_dot_product_flash_attention_for_cpu, aten._scaled_dot_product_attention_math,
                   aten._scaled_dot_product_fused_attention_overrideable):
         return attention_flops(args[0].shape, args[1].shape, args[2].shape)
+    if packet in FUSED_LINEAR_OPS:  # (input (..., in), weight (out, in), bias, ...): a linear layer
+        return 2 * args[0].numel() * args[1].shape[0]
     if packet in flop_registry:
         return int(flop_registry[packet](*args, **kwargs, out_val=output))
     return None
 
 
-MATRIX_OPS = set(flop_registry) | {aten._scaled_dot_product_flash_attention_for_cpu,
-                                   aten._scaled_dot_product_attention_math,
-                                   aten._scaled_dot_product_fused_attention_overrideable}
+# oneDNN's linear + activation (modelscope_plugin.modeling.layers.linear_gelu), where this torch build has it
+FUSED_LINEAR_OPS = {torch.ops.mkldnn._linear_pointwise} if hasattr(torch.ops.mkldnn, "_linear_pointwise") else set()
+MATRIX_OPS = set(flop_registry) | FUSED_LINEAR_OPS | {aten._scaled_dot_product_flash_attention_for_cpu,
+                                                      aten._scaled_dot_product_attention_math,
+                                                      aten._scaled_dot_product_fused_attention_overrideable}
 # ops that only reshape or alias: no bytes moved
 VIEW_OPS = {aten.view, aten._unsafe_view, aten.reshape, aten.expand, aten.permute, aten.transpose, aten.t,
             aten.unsqueeze, aten.squeeze, aten.select, aten.slice, aten.split, aten.split_with_sizes, aten.unbind,

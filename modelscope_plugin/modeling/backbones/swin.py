@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import StochasticDepth
 
+from modelscope_plugin.modeling.layers.linear_gelu import linear_gelu
+
 # Attention logit given to pairs of tokens from different regions of a shifted window (mmdet and the
 # original Swin use -100, not -inf, so that softmax stays finite on fully masked rows).
 SHIFTED_WINDOW_MASK_VALUE = -100.0
@@ -128,7 +130,7 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(tokens)))))
+        return self.drop(self.fc2(self.drop(linear_gelu(tokens, self.fc1, self.act))))
 
 
 class SwinBlock(nn.Module):

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modelscope_plugin.modeling.layers.linear_gelu import linear_gelu
+
 
 class PatchEmbeddings(nn.Module):
     """Pixels -> [class token, register tokens, patches + position embeddings]."""
@@ -118,7 +120,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(mlp_dim, hidden_dim)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.activation(self.fc1(tokens)))
+        return self.fc2(linear_gelu(tokens, self.fc1, self.activation))
 
 
 class SwigluMlp(nn.Module):
