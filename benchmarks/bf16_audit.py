@@ -73,7 +73,7 @@ def matrix_flops(func, args, kwargs, output) -> Optional[int]:
     return None
 
 
-# oneDNN's linear + activation (modelscope_plugin.modeling.layers.linear_gelu), where this torch build has it
+# oneDNN's linear + activation (modelscope_plugin.modeling.layers.cpu_bf16.linear_gelu), where this torch build has it
 FUSED_LINEAR_OPS = {torch.ops.mkldnn._linear_pointwise} if hasattr(torch.ops.mkldnn, "_linear_pointwise") else set()
 MATRIX_OPS = set(flop_registry) | FUSED_LINEAR_OPS | {aten._scaled_dot_product_flash_attention_for_cpu,
                                                       aten._scaled_dot_product_attention_math,

@@ -13,7 +13,7 @@ from modelscope_plugin.builders import build_fastinst
 from modelscope_plugin.config import FastInstConfig, PreprocessConfig, ResNetConfig
 from modelscope_plugin.inference.predictor import Predictor
 from modelscope_plugin.model_dirs.load import load_model_dir
-from modelscope_plugin.modeling.layers import linear_gelu as linear_gelu_module
+from modelscope_plugin.modeling.layers import cpu_bf16
 from modelscope_plugin.modeling.fastinst.transformer_decoder import instance_activation_scores
 
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -118,7 +118,7 @@ def test_audit_counts_flops_by_dtype_and_changes_no_result(emulate):
 
 
 
-@pytest.mark.skipif(linear_gelu_module._FUSED_LINEAR is None, reason="this torch build has no oneDNN linear + GELU")
+@pytest.mark.skipif(cpu_bf16._FUSED_LINEAR is None, reason="this torch build has no oneDNN linear + GELU")
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_linear_gelu_fuses_in_bf16_inference_rounding_once_and_runs_as_written_elsewhere(approximate):
     torch.manual_seed(0)
@@ -130,15 +130,15 @@ def test_linear_gelu_fuses_in_bf16_inference_rounding_once_and_runs_as_written_e
         approximate=approximate)
     audit = DtypeAudit()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), audit:
-        fused = linear_gelu_module.linear_gelu(tokens, linear, activation)
+        fused = cpu_bf16.linear_gelu(tokens, linear, activation)
     assert fused.dtype == torch.bfloat16 and fused.shape == (3, 10, 96)
     # within one bf16 rounding of the exact value (two roundings, linear then GELU, miss it on some entries)
     assert ((fused.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-6).all()
     assert audit.matrix_flops_by_dtype() == {"bf16": 2 * 30 * 48 * 96}  # one product, counted as a linear layer
     with torch.no_grad():  # float32: the modules as written, bit for bit
-        assert torch.equal(linear_gelu_module.linear_gelu(tokens, linear, activation), activation(linear(tokens)))
+        assert torch.equal(cpu_bf16.linear_gelu(tokens, linear, activation), activation(linear(tokens)))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # recording gradients: unfused, differentiable
-        trained = linear_gelu_module.linear_gelu(tokens, linear, activation)
+        trained = cpu_bf16.linear_gelu(tokens, linear, activation)
         assert torch.equal(trained, activation(linear(tokens)))
     trained.float().sum().backward()
     assert linear.weight.grad is not None

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import StochasticDepth
 
-from modelscope_plugin.modeling.layers.linear_gelu import linear_gelu
+from modelscope_plugin.modeling.layers.cpu_bf16 import linear_gelu
 
 # Attention logit given to pairs of tokens from different regions of a shifted window (mmdet and the
 # original Swin use -100, not -inf, so that softmax stays finite on fully masked rows).

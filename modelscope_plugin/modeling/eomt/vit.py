@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelscope_plugin.modeling.layers.linear_gelu import linear_gelu
+from modelscope_plugin.modeling.layers.cpu_bf16 import linear_gelu
 
 
 class PatchEmbeddings(nn.Module):

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modelscope_plugin.modeling.layers.cpu_bf16 import channels_last_in_bf16
 from modelscope_plugin.modeling.layers.ms_deform_attn import MultiScaleDeformableAttention, upcast_half
 from modelscope_plugin.modeling.layers.position_encoding import SinePositionEncoding
 
@@ -158,7 +159,11 @@ class MSDeformAttnPixelDecoder(nn.Module):
             for tokens, (height, width) in zip(encoded.split([h * w for h, w in spatial_shapes], dim=1), spatial_shapes)
         ]
         for index in reversed(range(len(self.fpn_features))):
-            lateral = getattr(self, f"adapter_{index + 1}")(upcast_half(features[self.fpn_features[index]]))
-            merged = lateral + F.interpolate(outputs[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False)
+            # channels-last under CPU bf16 inference: the adapter's and the layer's convolutions and group norms
+            # then run about twice as fast at this resolution; the sum, and all after it, stay channels-last
+            lateral = getattr(self, f"adapter_{index + 1}")(
+                upcast_half(channels_last_in_bf16(features[self.fpn_features[index]])))
+            merged = lateral + F.interpolate(channels_last_in_bf16(outputs[-1]), size=lateral.shape[-2:],
+                                             mode="bilinear", align_corners=False)
             outputs.append(getattr(self, f"layer_{index + 1}")(merged))
         return self.mask_features(outputs[-1]), outputs[: self.num_multi_scale_features]

@@ -1,0 +1,39 @@
+"""What runs differently in inference under CPU bfloat16 autocast, where oneDNN's bfloat16 kernels have faster forms.
+
+``linear_gelu``: a linear layer and GELU as one oneDNN matrix product. torch has no public fused linear +
+activation for CPU; ``torch.ops.mkldnn._linear_pointwise`` is the oneDNN product with an activation applied to its
+float32 sums before the result is rounded, which torch's own compiler (inductor) emits for this pattern. The GELU then
+costs no pass over a (tokens, 4 x width) bfloat16 tensor: on a 2-core AMX CPU a ViT-L / Swin-L MLP's first layer took
+25-40 % less time (benchmarks/README.md), and the result is at least as close to float32 (one rounding instead of two).
+
+``channels_last_in_bf16``: full-resolution feature maps laid out channels-last, where oneDNN's bfloat16 convolutions
+and torch's group norm run about twice as fast as on NCHW maps. Not in float32, where torch's channels-last group
+norm is less accurate (backbones/resnet.py).
+
+Anywhere else (float32, training, GPUs, a torch build without the op) the layers run as written.
+"""
+import torch
+from torch import nn
+
+_FUSED_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+
+
+def cpu_bf16_inference(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is on the CPU in inference (no autograd) under bfloat16 autocast."""
+    return (tensor.device.type == "cpu" and not torch.is_grad_enabled() and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+
+
+def linear_gelu(tokens: torch.Tensor, linear: nn.Linear, activation: nn.Module) -> torch.Tensor:
+    """``activation(linear(tokens))``: (..., in_features) -> (..., out_features); one fused oneDNN product in
+    ``cpu_bf16_inference`` where ``activation`` is an ``nn.GELU`` (exact or tanh), the two modules otherwise."""
+    if not (_FUSED_LINEAR is not None and isinstance(activation, nn.GELU) and cpu_bf16_inference(tokens)):
+        return activation(linear(tokens))
+    dtype = torch.bfloat16  # the operands autocast would give F.linear
+    bias = None if linear.bias is None else linear.bias.to(dtype)
+    return _FUSED_LINEAR(tokens.to(dtype), linear.weight.to(dtype), bias, "gelu", [], activation.approximate)
+
+
+def channels_last_in_bf16(features: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) ``features`` laid out channels-last in ``cpu_bf16_inference``; unchanged otherwise."""
+    return features.contiguous(memory_format=torch.channels_last) if cpu_bf16_inference(features) else features
