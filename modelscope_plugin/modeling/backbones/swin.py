@@ -71,9 +71,14 @@ class ShiftedWindowMask(NamedTuple):
     num_windows: int  # windows per image
 
 
-def masked_windows(mask: torch.Tensor) -> ShiftedWindowMask:
-    """``shifted_window_attention_mask``'s (num_windows, N, N) mask -> the windows it changes and their masks."""
-    windows = mask.flatten(1).ne(0).any(1).nonzero().squeeze(1)
+def masked_windows(mask: torch.Tensor, padded_width: int, window_size: int) -> ShiftedWindowMask:
+    """``shifted_window_attention_mask``'s (num_windows, N, N) mask -> the windows of the last row and column of
+    windows and their masks; every other window's mask is all zero. Found from the geometry, not from the mask's
+    values, so that the shapes do not depend on data (``torch.export``)."""
+    columns = padded_width // window_size
+    rows = mask.shape[0] // columns
+    windows = torch.tensor([row * columns + column for row in range(rows) for column in range(columns)
+                            if row == rows - 1 or column == columns - 1], device=mask.device)
     return ShiftedWindowMask(windows, mask[windows], mask.shape[0])
 
 
@@ -164,7 +169,7 @@ class SwinBlock(nn.Module):
             features = torch.roll(features, shifts=(-shift_size, -shift_size), dims=(1, 2))
             if shifted_window_mask is None:
                 shifted_window_mask = masked_windows(shifted_window_attention_mask(
-                    padded_height, padded_width, window_size, shift_size, tokens.device))
+                    padded_height, padded_width, window_size, shift_size, tokens.device), padded_width, window_size)
         windows = self.attn(window_partition(features, window_size),
                             mask=shifted_window_mask if shift_size > 0 else None)
         features = window_reverse(windows, window_size, padded_height, padded_width)
@@ -212,9 +217,10 @@ class SwinStage(nn.Module):
         window_size = self.window_size
         shifted_window_mask = None
         if any(block.shift_size > 0 for block in self.blocks):
+            padded_width = -(-width // window_size) * window_size
             shifted_window_mask = masked_windows(shifted_window_attention_mask(
-                -(-height // window_size) * window_size, -(-width // window_size) * window_size, window_size,
-                window_size // 2, tokens.device))
+                -(-height // window_size) * window_size, padded_width, window_size, window_size // 2, tokens.device),
+                padded_width, window_size)
         for block in self.blocks:
             tokens = block(tokens, height, width, shifted_window_mask)
         return tokens
