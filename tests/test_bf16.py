@@ -118,7 +118,7 @@ def test_audit_counts_flops_by_dtype_and_changes_no_result(emulate):
 
 
 
-@pytest.mark.skipif(cpu_bf16._FUSED_LINEAR is None, reason="this torch build has no oneDNN linear + GELU")
+@pytest.mark.skipif(cpu_bf16.FUSED_LINEAR is None, reason="this torch build has no oneDNN linear + GELU")
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_linear_gelu_fuses_in_bf16_inference_rounding_once_and_runs_as_written_elsewhere(approximate):
     torch.manual_seed(0)

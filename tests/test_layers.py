@@ -9,7 +9,7 @@ from modelscope_plugin.modeling.backbones.resnet import ResNet
 from modelscope_plugin.modeling.backbones.swin import (
     SwinTransformer,
     WindowAttention,
-    masked_windows,
+    masked_shifted_windows,
     relative_position_index,
     shifted_window_attention_mask,
     window_partition,
@@ -126,7 +126,7 @@ def test_relative_position_index_is_swin_convention():
 @pytest.mark.parametrize("height, width, window", [(7, 7, 7), (14, 21, 7), (12, 6, 3), (24, 48, 12), (8, 12, 4)])
 def test_masked_windows_are_exactly_those_whose_shifted_mask_is_not_zero(height, width, window):
     full_mask = shifted_window_attention_mask(height, width, window, window // 2, "cpu")
-    mask = masked_windows(full_mask, width, window)
+    mask = masked_shifted_windows(height, width, window, window // 2, "cpu")
     assert mask.windows.tolist() == full_mask.flatten(1).ne(0).any(1).nonzero().flatten().tolist()
     assert torch.equal(mask.mask, full_mask[mask.windows]) and mask.num_windows == len(full_mask)
 
@@ -138,7 +138,7 @@ def test_shifted_window_attention_equals_the_full_mask_formula(autocast):
     window, heads, channels, height, width, batch = 3, 2, 8, 9, 12, 2
     attention = WindowAttention(channels, heads, window).eval()
     full_mask = shifted_window_attention_mask(height, width, window, window // 2, "cpu")  # (12 windows, 9, 9)
-    mask = masked_windows(full_mask, width, window)
+    mask = masked_shifted_windows(height, width, window, window // 2, "cpu")
     assert mask.windows.tolist() == [3, 7, 8, 9, 10, 11]  # the last column and the last row of the 3 x 4 windows
     windows = window_partition(torch.randn(batch, height, width, channels), window)  # (24, 9, 8)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):

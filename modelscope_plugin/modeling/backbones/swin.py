@@ -48,8 +48,9 @@ def window_reverse(windows: torch.Tensor, window_size: int, height: int, width: 
     return windows.permute(0, 1, 3, 2, 4, 5).reshape(batch_size, height, width, channels)
 
 
-def shifted_window_attention_mask(height: int, width: int, window_size: int, shift_size: int, device) -> torch.Tensor:
-    """(num_windows, N, N) additive mask that keeps a shifted window from mixing regions that were not adjacent."""
+def window_region_ids(height: int, width: int, window_size: int, shift_size: int, device) -> torch.Tensor:
+    """(num_windows, N) region of each token of each window of a map rolled by ``shift_size``: the roll brings the
+    bottom / right strips next to the top / left ones, and tokens of different regions must not attend to each other."""
     region_ids = torch.zeros((1, height, width, 1), device=device)
     slices = (slice(0, -window_size), slice(-window_size, -shift_size), slice(-shift_size, None))
     region = 0
@@ -57,9 +58,20 @@ def shifted_window_attention_mask(height: int, width: int, window_size: int, shi
         for column_slice in slices:
             region_ids[:, row_slice, column_slice, :] = region
             region += 1
-    window_region_ids = window_partition(region_ids, window_size).squeeze(-1)  # (num_windows, N)
+    return window_partition(region_ids, window_size).squeeze(-1)
+
+
+def region_mask(window_region_ids: torch.Tensor) -> torch.Tensor:
+    """(windows, N) region ids -> (windows, N, N) additive mask: 0 within a region, ``SHIFTED_WINDOW_MASK_VALUE``
+    across."""
     different_region = window_region_ids[:, None, :] != window_region_ids[:, :, None]
-    return torch.zeros(different_region.shape, device=device).masked_fill(different_region, SHIFTED_WINDOW_MASK_VALUE)
+    return torch.zeros(different_region.shape, device=window_region_ids.device).masked_fill(
+        different_region, SHIFTED_WINDOW_MASK_VALUE)
+
+
+def shifted_window_attention_mask(height: int, width: int, window_size: int, shift_size: int, device) -> torch.Tensor:
+    """(num_windows, N, N) additive mask that keeps a shifted window from mixing regions that were not adjacent."""
+    return region_mask(window_region_ids(height, width, window_size, shift_size, device))
 
 
 class ShiftedWindowMask(NamedTuple):
@@ -71,15 +83,17 @@ class ShiftedWindowMask(NamedTuple):
     num_windows: int  # windows per image
 
 
-def masked_windows(mask: torch.Tensor, padded_width: int, window_size: int) -> ShiftedWindowMask:
-    """``shifted_window_attention_mask``'s (num_windows, N, N) mask -> the windows of the last row and column of
-    windows and their masks; every other window's mask is all zero. Found from the geometry, not from the mask's
-    values, so that the shapes do not depend on data (``torch.export``)."""
-    columns = padded_width // window_size
-    rows = mask.shape[0] // columns
+def masked_shifted_windows(height: int, width: int, window_size: int, shift_size: int,
+                           device) -> ShiftedWindowMask:
+    """The windows of the last row and column of windows of a (height, width) map (multiples of the window) and
+    their ``shifted_window_attention_mask``; every other window's mask is all zero. Found from the geometry, not from
+    the mask's values, so that the shapes do not depend on data (``torch.export``)."""
+    region_ids = window_region_ids(height, width, window_size, shift_size, device)
+    columns = width // window_size
+    rows = region_ids.shape[0] // columns
     windows = torch.tensor([row * columns + column for row in range(rows) for column in range(columns)
-                            if row == rows - 1 or column == columns - 1], device=mask.device)
-    return ShiftedWindowMask(windows, mask[windows], mask.shape[0])
+                            if row == rows - 1 or column == columns - 1], device=device)
+    return ShiftedWindowMask(windows, region_mask(region_ids[windows]), region_ids.shape[0])
 
 
 class WindowAttention(nn.Module):
@@ -111,7 +125,7 @@ class WindowAttention(nn.Module):
         bias = self.relative_position_bias_table[self.relative_position_index.reshape(-1)].to(query.dtype)
         bias = bias.view(tokens, tokens, self.num_heads).permute(2, 0, 1)
         attended = F.scaled_dot_product_attention(query, key, value, attn_mask=bias[None], dropout_p=dropout)
-        if mask is not None and len(mask.windows) > 0:
+        if mask is not None:
             # the masked windows again, with bias + mask: (batch * k,) rows, image-major like the windows
             batch_size = num_windows_total // mask.num_windows
             rows = (torch.arange(batch_size, device=windows.device)[:, None] * mask.num_windows
@@ -154,8 +168,8 @@ class SwinBlock(nn.Module):
 
     def forward(self, tokens: torch.Tensor, height: int, width: int,
                 shifted_window_mask: Optional[ShiftedWindowMask] = None) -> torch.Tensor:
-        """tokens: (batch, height * width, C); shifted_window_mask: the stage's mask (``masked_windows``), used by
-        shifted blocks."""
+        """tokens: (batch, height * width, C); shifted_window_mask: the stage's mask (``masked_shifted_windows``),
+        used by shifted blocks."""
         batch_size, _, channels = tokens.shape
         window_size, shift_size = self.window_size, self.shift_size
         shortcut = tokens
@@ -168,8 +182,8 @@ class SwinBlock(nn.Module):
         if shift_size > 0:
             features = torch.roll(features, shifts=(-shift_size, -shift_size), dims=(1, 2))
             if shifted_window_mask is None:
-                shifted_window_mask = masked_windows(shifted_window_attention_mask(
-                    padded_height, padded_width, window_size, shift_size, tokens.device), padded_width, window_size)
+                shifted_window_mask = masked_shifted_windows(padded_height, padded_width, window_size, shift_size,
+                                                             tokens.device)
         windows = self.attn(window_partition(features, window_size),
                             mask=shifted_window_mask if shift_size > 0 else None)
         features = window_reverse(windows, window_size, padded_height, padded_width)
@@ -217,10 +231,9 @@ class SwinStage(nn.Module):
         window_size = self.window_size
         shifted_window_mask = None
         if any(block.shift_size > 0 for block in self.blocks):
-            padded_width = -(-width // window_size) * window_size
-            shifted_window_mask = masked_windows(shifted_window_attention_mask(
-                -(-height // window_size) * window_size, padded_width, window_size, window_size // 2, tokens.device),
-                padded_width, window_size)
+            shifted_window_mask = masked_shifted_windows(
+                -(-height // window_size) * window_size, -(-width // window_size) * window_size, window_size,
+                window_size // 2, tokens.device)
         for block in self.blocks:
             tokens = block(tokens, height, width, shifted_window_mask)
         return tokens

@@ -15,7 +15,8 @@ Anywhere else (float32, training, GPUs, a torch build without the op) the layers
 import torch
 from torch import nn
 
-_FUSED_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+FUSED_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+"""oneDNN's linear + activation op (``linear_gelu``), or None where this torch build has none."""
 
 
 def cpu_bf16_inference(tensor: torch.Tensor) -> bool:
@@ -27,11 +28,11 @@ def cpu_bf16_inference(tensor: torch.Tensor) -> bool:
 def linear_gelu(tokens: torch.Tensor, linear: nn.Linear, activation: nn.Module) -> torch.Tensor:
     """``activation(linear(tokens))``: (..., in_features) -> (..., out_features); one fused oneDNN product in
     ``cpu_bf16_inference`` where ``activation`` is an ``nn.GELU`` (exact or tanh), the two modules otherwise."""
-    if not (_FUSED_LINEAR is not None and isinstance(activation, nn.GELU) and cpu_bf16_inference(tokens)):
+    if not (FUSED_LINEAR is not None and isinstance(activation, nn.GELU) and cpu_bf16_inference(tokens)):
         return activation(linear(tokens))
     dtype = torch.bfloat16  # the operands autocast would give F.linear
     bias = None if linear.bias is None else linear.bias.to(dtype)
-    return _FUSED_LINEAR(tokens.to(dtype), linear.weight.to(dtype), bias, "gelu", [], activation.approximate)
+    return FUSED_LINEAR(tokens.to(dtype), linear.weight.to(dtype), bias, "gelu", [], activation.approximate)
 
 
 def channels_last_in_bf16(features: torch.Tensor) -> torch.Tensor:
