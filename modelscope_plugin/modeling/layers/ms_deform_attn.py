@@ -11,7 +11,7 @@ uses the one-``grid_sample``-per-level formulation (``multi_scale_deformable_att
 function and gradients to float rounding). Parameter names follow Deformable DETR (``sampling_offsets``,
 ``attention_weights``, ``value_proj``, ``output_proj``), which mmcv, EasyCV and detectron2 all share.
 """
-from typing import List, Tuple
+from typing import List, NamedTuple, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,10 @@ from torch import nn
 # to [-1, size] in pixel units, which changes no result (beyond that every corner falls outside the map and
 # contributes zero), so all four corners of every clamped position land inside the bordered map.
 BORDER_BEFORE, BORDER_AFTER = 1, 2
+
+# Sampling points (batch x queries x heads x levels x points) the layer computes at once in inference: about 2 MiB of
+# corner rows and weights at a time.
+SAMPLES_PER_QUERY_GROUP = 2 ** 17
 
 
 def upcast_half(tensor: torch.Tensor) -> torch.Tensor:
@@ -34,26 +38,18 @@ def per_level(values: list, num_points: int, dtype: torch.dtype, device: torch.d
     return table[:, None].expand(table.shape[0], num_points, *table.shape[1:]).contiguous()
 
 
-def multi_scale_deformable_attention(
-    value: torch.Tensor,
-    spatial_shapes: List[Tuple[int, int]],
-    sampling_locations: torch.Tensor,
-    attention_weights: torch.Tensor,
-) -> torch.Tensor:
-    """Bilinearly samples every level at the given locations and sums with attention weights.
+class BorderedValues(NamedTuple):
+    """Every level's value map with a zero border, as the table ``sample_bordered_values`` gathers rows from."""
 
-    Args:
-        value: (batch, sum of H*W over levels, num_heads, head_dim)
-        spatial_shapes: (height, width) of each level, in the order of ``value``.
-        sampling_locations: (batch, num_queries, num_heads, num_levels, num_points, 2), x/y in [0, 1].
-        attention_weights: (batch, num_queries, num_heads, num_levels, num_points), softmaxed.
-    Returns:
-        (batch, num_queries, num_heads * head_dim)
-    """
+    table: torch.Tensor  # (batch * tokens_per_image * num_heads, head_dim): row (image, bordered token, head)
+    tokens_per_image: int  # bordered tokens of all levels
+    num_heads: int
+    spatial_shapes: List[Tuple[int, int]]  # (height, width) of each level, unbordered
+
+
+def bordered_values(value: torch.Tensor, spatial_shapes: List[Tuple[int, int]]) -> BorderedValues:
+    """value: (batch, sum of H*W over levels, num_heads, head_dim), levels in the order of ``spatial_shapes``."""
     batch_size, _, num_heads, head_dim = value.shape
-    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
-    device, dtype = value.device, sampling_locations.dtype
-    border = BORDER_BEFORE + BORDER_AFTER
     # per level (batch, H*W, heads, head_dim) -> (batch, (H + 3) * (W + 3), heads * head_dim) with a zero border
     bordered_levels = [
         F.pad(level_value.reshape(batch_size, height, width, num_heads * head_dim),
@@ -61,9 +57,20 @@ def multi_scale_deformable_attention(
         for level_value, (height, width) in zip(value.split([h * w for h, w in spatial_shapes], dim=1), spatial_shapes)
     ]
     table = torch.cat(bordered_levels, dim=1)
-    tokens_per_image = table.shape[1]
-    # (batch * tokens * heads, head_dim): row (image, token, head)
-    table = table.view(-1, head_dim)
+    return BorderedValues(table.view(-1, head_dim), table.shape[1], num_heads, list(spatial_shapes))
+
+
+def sample_bordered_values(
+    values: BorderedValues,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """``multi_scale_deformable_attention`` on values laid out by ``bordered_values``; arguments and result as there."""
+    table, tokens_per_image, num_heads, spatial_shapes = values
+    head_dim = table.shape[1]
+    batch_size, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
+    device, dtype = table.device, sampling_locations.dtype
+    border = BORDER_BEFORE + BORDER_AFTER
     index_dtype = torch.int32 if table.shape[0] < 2 ** 31 else torch.int64  # half the bytes of int64 indices
 
     # Per-level constants span every trailing dimension they meet, (levels, points[, 2]): torch's elementwise
@@ -108,6 +115,25 @@ def multi_scale_deformable_attention(
     )
     # (batch * queries * heads, head_dim) -> (batch, queries, heads * head_dim)
     return output.view(batch_size, num_queries, num_heads * head_dim)
+
+
+def multi_scale_deformable_attention(
+    value: torch.Tensor,
+    spatial_shapes: List[Tuple[int, int]],
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Bilinearly samples every level at the given locations and sums with attention weights.
+
+    Args:
+        value: (batch, sum of H*W over levels, num_heads, head_dim)
+        spatial_shapes: (height, width) of each level, in the order of ``value``.
+        sampling_locations: (batch, num_queries, num_heads, num_levels, num_points, 2), x/y in [0, 1].
+        attention_weights: (batch, num_queries, num_heads, num_levels, num_points), softmaxed.
+    Returns:
+        (batch, num_queries, num_heads * head_dim)
+    """
+    return sample_bordered_values(bordered_values(value, spatial_shapes), sampling_locations, attention_weights)
 
 
 def multi_scale_deformable_attention_grid_sample(
@@ -209,6 +235,30 @@ class MultiScaleDeformableAttention(nn.Module):
         value = self.value_proj(value_input)
         # (batch, sum H*W, heads, head_dim)
         value = value.view(batch_size, value.shape[1], self.num_heads, self.embed_dim // self.num_heads)
+        if torch.is_grad_enabled() and value.requires_grad:
+            sampling_locations, attention_weights = self._sampling(query, reference_points, spatial_shapes,
+                                                                   position_dtype)
+            output = multi_scale_deformable_attention_grid_sample(value, spatial_shapes, sampling_locations,
+                                                                  attention_weights)
+            return self.output_proj(output)
+        # The queries in groups: a group's positions, corners and weights stay in the CPU's cache, and fresh
+        # allocations stay small (large ones are page-faulted in again on every call).
+        values = bordered_values(value, spatial_shapes)
+        samples_per_query = batch_size * self.num_heads * self.num_levels * self.num_points
+        group_size = max(1, SAMPLES_PER_QUERY_GROUP // samples_per_query)
+        outputs = []
+        for group_start in range(0, num_queries, group_size):
+            group = slice(group_start, group_start + group_size)
+            sampling_locations, attention_weights = self._sampling(query[:, group], reference_points[:, group],
+                                                                   spatial_shapes, position_dtype)
+            outputs.append(sample_bordered_values(values, sampling_locations, attention_weights))
+        return self.output_proj(torch.cat(outputs, 1) if len(outputs) > 1 else outputs[0])
+
+    def _sampling(self, query: torch.Tensor, reference_points: torch.Tensor, spatial_shapes: List[Tuple[int, int]],
+                  position_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Sampling locations (batch, queries, heads, levels, points, 2) and softmaxed attention weights (batch,
+        queries, heads, levels, points), in ``position_dtype``."""
+        batch_size, num_queries, _ = query.shape
         # (batch, queries, heads, levels, points, 2)
         sampling_offsets = self.sampling_offsets(query).to(position_dtype).view(
             batch_size, num_queries, self.num_heads, self.num_levels, self.num_points, 2
@@ -221,14 +271,10 @@ class MultiScaleDeformableAttention(nn.Module):
             batch_size, num_queries, self.num_heads, self.num_levels, self.num_points
         )
         # offsets are in pixels of each level: divide by (width, height); both operands span the trailing
-        # (levels, points, 2) dimensions (see ``multi_scale_deformable_attention``)
+        # (levels, points, 2) dimensions (see ``sample_bordered_values``)
         offset_normalizer = per_level([[width, height] for height, width in spatial_shapes], self.num_points,
                                       position_dtype, query.device)
         # (batch, queries, 1, levels, points, 2)
         reference_points = reference_points.to(position_dtype)[:, :, None, :, None, :].expand(
             -1, -1, 1, -1, self.num_points, -1).contiguous()
-        sampling_locations = reference_points + sampling_offsets / offset_normalizer
-        attend = (multi_scale_deformable_attention_grid_sample if torch.is_grad_enabled() and value.requires_grad
-                  else multi_scale_deformable_attention)
-        output = attend(value, spatial_shapes, sampling_locations, attention_weights)
-        return self.output_proj(output)
+        return reference_points + sampling_offsets / offset_normalizer, attention_weights
