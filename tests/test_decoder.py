@@ -60,17 +60,44 @@ def test_masked_attention_with_one_mask_for_all_heads_equals_multihead_attention
 
 
 def test_feed_forward_over_groups_of_rows_equals_one_pass(monkeypatch):
-    import modelscope_plugin.modeling.mask2former.transformer_decoder as decoder_module
+    import modelscope_plugin.modeling.layers.row_groups as row_groups
 
     torch.manual_seed(0)
     layer = FeedForwardLayer(16, 48).eval()
     rows = torch.randn(37, 2, 16)
     with torch.no_grad():
         whole = layer(rows)
-        monkeypatch.setattr(decoder_module, "FEEDFORWARD_CHUNK_ELEMENTS", 5 * 2 * 48)  # 5 rows per group, 8 groups
+        monkeypatch.setattr(row_groups, "GROUP_ELEMENTS", 10 * 48)  # 74 rows: 10 per group, 8 groups
+        monkeypatch.setattr(row_groups, "MIN_ROWS_PER_CHANNEL", 0)
         calls = []
         layer.linear1.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[0]))
         grouped = layer(rows)
-    assert calls == [5] * 7 + [2]
+    assert calls == [10] * 7 + [4]
     reference = layer.norm(rows + layer.linear2(torch.relu(layer.linear1(rows))))
+    assert grouped.shape == rows.shape
     assert (grouped - reference).abs().max() < 1e-6 and (whole - reference).abs().max() < 1e-6
+
+
+def test_map_row_groups_writes_in_place_and_leaves_autograd_alone(monkeypatch):
+    import modelscope_plugin.modeling.layers.row_groups as row_groups
+
+    monkeypatch.setattr(row_groups, "GROUP_ELEMENTS", 4 * 6)  # 4 rows of 6 hidden values per group
+    monkeypatch.setattr(row_groups, "MIN_ROWS_PER_CHANNEL", 0)
+    inputs = torch.randn(3, 5, 2)  # 15 rows: groups of 4, 4, 4, 3
+    weight = torch.randn(2, 6)
+
+    def rowwise(rows):  # each row's output depends on that row alone
+        hidden = torch.tanh(rows @ weight)
+        return rows * hidden.sum(-1, keepdim=True) + hidden[..., :2]
+
+    expected = rowwise(inputs)
+    calls = []
+    counted = lambda rows: calls.append(rows.numel() // 2) or rowwise(rows)  # noqa: E731
+    with torch.no_grad():
+        in_place = inputs.clone()
+        result = row_groups.map_row_groups(counted, in_place, 6, out=in_place)
+    assert calls == [4, 4, 4, 3] and result is in_place
+    torch.testing.assert_close(result, expected, rtol=0, atol=1e-6)
+    calls.clear()
+    recorded = row_groups.map_row_groups(counted, inputs.clone().requires_grad_(), 6)
+    assert calls == [15] and recorded.requires_grad

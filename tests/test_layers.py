@@ -7,12 +7,14 @@ import torch
 
 from modelscope_plugin.modeling.backbones.resnet import ResNet
 from modelscope_plugin.modeling.backbones.swin import (
+    SwinBlock,
     SwinTransformer,
     WindowAttention,
     masked_shifted_windows,
     relative_position_index,
     shifted_window_attention_mask,
     window_partition,
+    window_rows,
 )
 from modelscope_plugin.modeling.layers.ms_deform_attn import (
     MultiScaleDeformableAttention,
@@ -85,7 +87,7 @@ def test_deformable_attention_layer_uses_grid_sample_only_when_recording_gradien
     import modelscope_plugin.modeling.layers.ms_deform_attn as module
 
     calls = []
-    for name in ("multi_scale_deformable_attention", "multi_scale_deformable_attention_grid_sample"):
+    for name in ("sample_bordered_values", "multi_scale_deformable_attention_grid_sample"):
         function = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *arguments, _f=function, _n=name: calls.append(_n) or _f(*arguments))
     layer = MultiScaleDeformableAttention(embed_dim=16, num_levels=2, num_heads=2, num_points=2)
@@ -96,9 +98,32 @@ def test_deformable_attention_layer_uses_grid_sample_only_when_recording_gradien
         inference = layer(query, reference, query, shapes)
     with torch.enable_grad():
         training = layer(query, reference, query, shapes)
-    assert calls == ["multi_scale_deformable_attention_grid_sample", "multi_scale_deformable_attention",
+    assert calls == ["multi_scale_deformable_attention_grid_sample", "sample_bordered_values",
                      "multi_scale_deformable_attention_grid_sample"]
     torch.testing.assert_close(inference, training.detach(), rtol=0, atol=1e-5)
+
+
+def test_deformable_attention_layer_over_groups_of_queries_equals_one_group(monkeypatch):
+    import modelscope_plugin.modeling.layers.ms_deform_attn as module
+
+    torch.manual_seed(0)
+    layer = MultiScaleDeformableAttention(embed_dim=16, num_levels=2, num_heads=2, num_points=2).eval()
+    torch.nn.init.normal_(layer.sampling_offsets.weight, std=0.5)  # offsets and weights that depend on the query
+    torch.nn.init.normal_(layer.attention_weights.weight, std=0.5)
+    shapes = [(4, 5), (2, 3)]
+    query, reference = torch.randn(2, 26, 16), torch.rand(2, 26, 2, 2)
+    value = torch.randn(2, 26, 16)
+    with torch.no_grad():
+        whole = layer(query, reference, value, shapes)
+        monkeypatch.setattr(module, "SAMPLES_PER_QUERY_GROUP", 2 * 2 * 2 * 2 * 7)  # 7 queries of both images
+        calls = []
+        layer.sampling_offsets.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[1]))
+        grouped = layer(query, reference, value, shapes)
+    assert calls == [7, 7, 7, 5]
+    torch.testing.assert_close(grouped, whole, rtol=0, atol=1e-6)
+    with torch.enable_grad():
+        reference_output = layer(query, reference, value.requires_grad_(), shapes)  # grid_sample, all queries at once
+    torch.testing.assert_close(grouped, reference_output.detach(), rtol=0, atol=1e-5)
 
 
 def test_sine_position_encoding_matches_formula():
@@ -131,9 +156,16 @@ def test_masked_windows_are_exactly_those_whose_shifted_mask_is_not_zero(height,
     assert torch.equal(mask.mask, full_mask[mask.windows]) and mask.num_windows == len(full_mask)
 
 @pytest.mark.parametrize("autocast", [False, True])
-def test_shifted_window_attention_equals_the_full_mask_formula(autocast):
+@pytest.mark.parametrize("grouped", [False, True])
+def test_shifted_window_attention_equals_the_full_mask_formula(autocast, grouped, monkeypatch):
     """Only the windows a shift mixes get the mask; every window must equal softmax(q k^T / sqrt(d) + bias + mask) v
-    with the full (num_windows, N, N) mask, for each image of a batch."""
+    with the full (num_windows, N, N) mask, for each image of a batch; also over groups of 5 windows, which split
+    both images' masked windows between groups."""
+    import modelscope_plugin.modeling.layers.row_groups as row_groups
+
+    if grouped:
+        monkeypatch.setattr(row_groups, "GROUP_ELEMENTS", 5 * 9 * 24)  # 5 windows of 9 tokens x 24 qkv channels
+        monkeypatch.setattr(row_groups, "MIN_ROWS_PER_CHANNEL", 0)
     torch.manual_seed(0)
     window, heads, channels, height, width, batch = 3, 2, 8, 9, 12, 2
     attention = WindowAttention(channels, heads, window).eval()
@@ -141,8 +173,11 @@ def test_shifted_window_attention_equals_the_full_mask_formula(autocast):
     mask = masked_shifted_windows(height, width, window, window // 2, "cpu")
     assert mask.windows.tolist() == [3, 7, 8, 9, 10, 11]  # the last column and the last row of the 3 x 4 windows
     windows = window_partition(torch.randn(batch, height, width, channels), window)  # (24, 9, 8)
+    calls = []
+    attention.qkv.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[0]))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         output = attention(windows, mask=mask)
+        assert calls == ([5] * 4 + [4] if grouped else [24])
         dtype = torch.bfloat16 if autocast else torch.float32
         qkv = torch.nn.functional.linear(windows.to(dtype), attention.qkv.weight.to(dtype), attention.qkv.bias.to(dtype))
     query, key, value = qkv.double().view(len(windows), window * window, 3, heads, channels // heads).permute(
@@ -161,6 +196,42 @@ def test_shifted_window_attention_equals_the_full_mask_formula(autocast):
                 @ attention.proj.weight.double().T + attention.proj.bias.double())
     masked_rows = torch.cat([mask.windows, mask.windows + len(full_mask)])
     assert ((output.double() - unmasked).abs().amax(dim=(1, 2))[masked_rows] > 0.1).all()
+
+@pytest.mark.parametrize("height, width, window, shift", [(9, 12, 3, 1), (10, 13, 3, 1), (7, 7, 7, 0), (8, 5, 4, 2)])
+def test_window_rows_are_pad_roll_partition_and_their_inverse(height, width, window, shift):
+    batch, channels = 2, 3
+    features = torch.randn(batch, height, width, channels)
+    padded = torch.nn.functional.pad(features, (0, 0, 0, (-width) % window, 0, (-height) % window))
+    expected = window_partition(torch.roll(padded, shifts=(-shift, -shift), dims=(1, 2)), window)
+    rows = window_rows(batch, height, width, window, shift, "cpu")
+    windows = padded.reshape(-1, channels).index_select(0, rows.partition).view(expected.shape)
+    assert torch.equal(windows, expected)
+    back = windows.view(-1, channels).index_select(0, rows.reverse).view(batch, height, width, channels)
+    assert torch.equal(back, features)
+
+
+def test_swin_block_over_groups_equals_one_pass(monkeypatch):
+    """Inference runs the norm, the windows' attention and the MLP over groups (into the block's own new tensor);
+    the result must be the one pass's, with the shift, the padding and a batch of two."""
+    import modelscope_plugin.modeling.layers.row_groups as row_groups
+
+    torch.manual_seed(0)
+    block = SwinBlock(dim=8, num_heads=2, window_size=3, shifted=True).eval()
+    tokens = torch.randn(2, 10 * 13, 8)  # padded to 12 x 15: 20 windows per image
+    with torch.no_grad():
+        whole = block(tokens, 10, 13)
+        # 36 rows of qkv (4 windows of 9 tokens x 24 channels), 27 rows of the MLP (32 hidden channels)
+        monkeypatch.setattr(row_groups, "GROUP_ELEMENTS", 36 * 24)
+        monkeypatch.setattr(row_groups, "MIN_ROWS_PER_CHANNEL", 0)
+        calls = {"fc1": [], "qkv": []}
+        block.mlp.fc1.register_forward_hook(lambda module, inputs, output: calls["fc1"].append(inputs[0].shape[0]))
+        block.attn.qkv.register_forward_hook(lambda module, inputs, output: calls["qkv"].append(inputs[0].shape[0]))
+        copy = tokens.clone()
+        grouped = block(tokens, 10, 13)
+    assert calls == {"fc1": [27] * 9 + [17], "qkv": [4] * 10}
+    assert torch.equal(tokens, copy)  # the input is not written
+    torch.testing.assert_close(grouped, whole, rtol=0, atol=1e-6)
+
 
 @pytest.mark.parametrize("depth", [18, 50])
 def test_resnet_equals_torchvisions_on_its_seed_weights_and_names(depth):

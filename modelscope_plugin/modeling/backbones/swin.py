@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import StochasticDepth
 
-from modelscope_plugin.modeling.layers.cpu_bf16 import linear_gelu
+from modelscope_plugin.modeling.layers.cpu_bf16 import autocast_dtype, autocast_input, linear_gelu
+from modelscope_plugin.modeling.layers.row_groups import in_inference, map_row_groups, rows_per_group
 
 # Attention logit given to pairs of tokens from different regions of a shifted window (mmdet and the
 # original Swin use -100, not -inf, so that softmax stays finite on fully masked rows).
@@ -40,12 +41,26 @@ def window_partition(features: torch.Tensor, window_size: int) -> torch.Tensor:
     return features.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size * window_size, channels)
 
 
-def window_reverse(windows: torch.Tensor, window_size: int, height: int, width: int) -> torch.Tensor:
-    """Inverse of ``window_partition``: -> (batch, height, width, C)."""
-    channels = windows.shape[-1]
-    batch_size = windows.shape[0] // ((height // window_size) * (width // window_size))
-    windows = windows.view(batch_size, height // window_size, width // window_size, window_size, window_size, channels)
-    return windows.permute(0, 1, 3, 2, 4, 5).reshape(batch_size, height, width, channels)
+class WindowRows(NamedTuple):
+    """A block's window partition as rows of flattened tensors, so that the pad's crop, the shift (roll), the partition
+    and their inverses are one ``index_select`` each way (a roll and a permuted copy each way otherwise)."""
+    # (batch * num_windows * N,) row of the padded (batch * H' * W', C) map of each window token
+    partition: torch.Tensor
+    reverse: torch.Tensor  # (batch * height * width,) window-token row of each token of the unpadded map
+
+
+def window_rows(batch_size: int, height: int, width: int, window_size: int, shift_size: int, device) -> WindowRows:
+    """``WindowRows`` of a (height, width) map padded to multiples of the window and rolled by ``-shift_size``."""
+    padded_height, padded_width = -(-height // window_size) * window_size, -(-width // window_size) * window_size
+    map_rows = torch.arange(batch_size * padded_height * padded_width, device=device).view(
+        batch_size, padded_height, padded_width, 1)
+    if shift_size > 0:
+        map_rows = torch.roll(map_rows, shifts=(-shift_size, -shift_size), dims=(1, 2))
+    partition = window_partition(map_rows, window_size).flatten()
+    reverse = torch.empty_like(partition)
+    reverse[partition] = torch.arange(partition.shape[0], device=device)
+    reverse = reverse.view(batch_size, padded_height, padded_width)[:, :height, :width].flatten()
+    return WindowRows(partition, reverse)
 
 
 def window_region_ids(height: int, width: int, window_size: int, shift_size: int, device) -> torch.Tensor:
@@ -113,30 +128,58 @@ class WindowAttention(nn.Module):
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
     def forward(self, windows: torch.Tensor, mask: Optional[ShiftedWindowMask] = None) -> torch.Tensor:
-        """windows: (batch * num_windows, N, C); mask: a shifted block's masked windows, or None."""
+        """windows: (batch * num_windows, N, C); mask: a shifted block's masked windows, or None. In inference over
+        groups of windows (``rows_per_group`` of the qkv projection): its output is 74 MB in Swin-L's first stage at
+        800x1333."""
         num_windows_total, tokens, channels = windows.shape
-        # (3, batch * num_windows, heads, N, head_dim)
-        qkv = self.qkv(windows).reshape(
-            num_windows_total, tokens, 3, self.num_heads, channels // self.num_heads).permute(2, 0, 3, 1, 4)
-        query, key, value = qkv.unbind(0)
-        dropout = self.attention_dropout if self.training else 0.0
         # (heads, N, N), in the attention's dtype (bf16 under autocast: the sums with the masks below are built in
         # bf16; the masks' 0 and -100 are exact there)
-        bias = self.relative_position_bias_table[self.relative_position_index.reshape(-1)].to(query.dtype)
+        bias = self.relative_position_bias_table[self.relative_position_index.reshape(-1)].to(autocast_dtype(windows))
         bias = bias.view(tokens, tokens, self.num_heads).permute(2, 0, 1)
-        attended = F.scaled_dot_product_attention(query, key, value, attn_mask=bias[None], dropout_p=dropout)
-        if mask is not None:
-            # the masked windows again, with bias + mask: (batch * k,) rows, image-major like the windows
+        if mask is None:
+            masked_rows = masks = None
+        else:
+            # rows of the masked windows, image-major like the windows: (batch * k,), and their (batch * k, N, N) masks
             batch_size = num_windows_total // mask.num_windows
-            rows = (torch.arange(batch_size, device=windows.device)[:, None] * mask.num_windows
-                    + mask.windows[None, :]).flatten()
-            masked_bias = (bias[None] + mask.mask.to(query.dtype)[:, None]).repeat(batch_size, 1, 1, 1)
-            masked = F.scaled_dot_product_attention(query[rows], key[rows], value[rows], attn_mask=masked_bias,
-                                                    dropout_p=dropout)
+            masked_rows = (torch.arange(batch_size, device=windows.device)[:, None] * mask.num_windows
+                           + mask.windows[None, :]).flatten()
+            masks = mask.mask.repeat(batch_size, 1, 1)
+        group_size = max(1, rows_per_group(3 * channels, channels) // tokens)
+        if not in_inference(windows) or num_windows_total <= group_size:
+            return self.attend(windows, bias, masked_rows, masks)
+        attended = None
+        for start in range(0, num_windows_total, group_size):
+            end = min(start + group_size, num_windows_total)
+            group_masked_rows = group_masks = None
+            if masked_rows is not None:
+                in_group = (masked_rows >= start) & (masked_rows < end)
+                group_masked_rows, group_masks = masked_rows[in_group] - start, masks[in_group]
+            group = self.attend(windows[start:end], bias, group_masked_rows, group_masks)
+            if attended is None:
+                attended = group.new_empty((num_windows_total,) + group.shape[1:])
+            attended[start:end] = group
+        return attended
+
+    def attend(self, windows: torch.Tensor, bias: torch.Tensor, masked_rows: Optional[torch.Tensor],
+               masks: Optional[torch.Tensor]) -> torch.Tensor:
+        """windows: (W, N, C); bias: (heads, N, N); masked_rows: (m,) rows of ``windows`` whose attention also takes
+        ``masks`` (m, N, N), or None. Returns (W, N, C)."""
+        num_windows, tokens, channels = windows.shape
+        # (3, W, heads, N, head_dim)
+        qkv = self.qkv(windows).reshape(
+            num_windows, tokens, 3, self.num_heads, channels // self.num_heads).permute(2, 0, 3, 1, 4)
+        query, key, value = qkv.unbind(0)
+        dropout = self.attention_dropout if self.training else 0.0
+        attended = F.scaled_dot_product_attention(query, key, value, attn_mask=bias[None], dropout_p=dropout)
+        if masked_rows is not None and masked_rows.numel() > 0:
+            # the masked windows again, with bias + mask
+            masked_bias = bias[None] + masks.to(bias.dtype)[:, None]
+            masked = F.scaled_dot_product_attention(query[masked_rows], key[masked_rows], value[masked_rows],
+                                                    attn_mask=masked_bias, dropout_p=dropout)
             # in place unless autograd keeps the first attention's output for its backward
-            attended = (attended.index_put((rows,), masked) if attended.requires_grad
-                        else attended.index_put_((rows,), masked))
-        attended = attended.transpose(1, 2).reshape(num_windows_total, tokens, channels)
+            attended = (attended.index_put((masked_rows,), masked) if attended.requires_grad
+                        else attended.index_put_((masked_rows,), masked))
+        attended = attended.transpose(1, 2).reshape(num_windows, tokens, channels)
         return self.proj_drop(self.proj(attended))
 
 
@@ -167,31 +210,38 @@ class SwinBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, tokens: torch.Tensor, height: int, width: int,
-                shifted_window_mask: Optional[ShiftedWindowMask] = None) -> torch.Tensor:
-        """tokens: (batch, height * width, C); shifted_window_mask: the stage's mask (``masked_shifted_windows``),
-        used by shifted blocks."""
+                shifted_window_mask: Optional[ShiftedWindowMask] = None,
+                rows: Optional[WindowRows] = None) -> torch.Tensor:
+        """tokens: (batch, height * width, C); shifted_window_mask (``masked_shifted_windows``, used by shifted
+        blocks) and rows (``window_rows`` for this block's shift): the stage's, built here when not given."""
         batch_size, _, channels = tokens.shape
         window_size, shift_size = self.window_size, self.shift_size
-        shortcut = tokens
-        features = self.norm1(tokens).view(batch_size, height, width, channels)
-        # pad bottom/right to a multiple of the window
-        pad_bottom = (window_size - height % window_size) % window_size
-        pad_right = (window_size - width % window_size) % window_size
-        features = F.pad(features, (0, 0, 0, pad_right, 0, pad_bottom))
-        padded_height, padded_width = features.shape[1], features.shape[2]
-        if shift_size > 0:
-            features = torch.roll(features, shifts=(-shift_size, -shift_size), dims=(1, 2))
-            if shifted_window_mask is None:
-                shifted_window_mask = masked_shifted_windows(padded_height, padded_width, window_size, shift_size,
-                                                             tokens.device)
-        windows = self.attn(window_partition(features, window_size),
-                            mask=shifted_window_mask if shift_size > 0 else None)
-        features = window_reverse(windows, window_size, padded_height, padded_width)
-        if shift_size > 0:
-            features = torch.roll(features, shifts=(shift_size, shift_size), dims=(1, 2))
-        features = features[:, :height, :width, :].reshape(batch_size, height * width, channels)
-        tokens = shortcut + self.drop_path(features)
-        return tokens + self.drop_path(self.mlp(self.norm2(tokens)))
+        padded_height, padded_width = -(-height // window_size) * window_size, -(-width // window_size) * window_size
+        if shift_size > 0 and shifted_window_mask is None:
+            shifted_window_mask = masked_shifted_windows(padded_height, padded_width, window_size, shift_size,
+                                                         tokens.device)
+        if rows is None:
+            rows = window_rows(batch_size, height, width, window_size, shift_size, tokens.device)
+        # in the qkv projection's input dtype (half the bytes to move under bf16 autocast), over groups of tokens in
+        # inference
+        features = map_row_groups(lambda rows: autocast_input(self.norm1(rows)), tokens, channels)
+        if (padded_height, padded_width) != (height, width):
+            # zeros at the bottom and right, to a multiple of the window
+            features = F.pad(features.view(batch_size, height, width, channels),
+                             (0, 0, 0, padded_width - width, 0, padded_height - height))
+        # (batch * num_windows, N, C), rolled by -shift_size
+        windows = features.reshape(-1, channels).index_select(0, rows.partition).view(
+            -1, window_size * window_size, channels)
+        windows = self.attn(windows, mask=shifted_window_mask if shift_size > 0 else None)
+        # back in place (rolled by +shift_size), cropped: (batch, height * width, C)
+        features = windows.view(-1, channels).index_select(0, rows.reverse).view(batch_size, height * width, channels)
+        tokens = tokens + self.drop_path(features)
+        if self.training:
+            return tokens + self.drop_path(self.mlp(self.norm2(tokens)))
+        # in inference over groups of tokens, into ``tokens`` (a new tensor): the MLP's hidden layer is 99 MB in
+        # Swin-L's first stage at 800x1333
+        return map_row_groups(lambda rows: rows + self.mlp(self.norm2(rows)), tokens, self.mlp.fc1.out_features,
+                              out=tokens)
 
 
 class PatchMerging(nn.Module):
@@ -227,15 +277,19 @@ class SwinStage(nn.Module):
         self.window_size = window_size
 
     def forward(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """Runs the blocks on (batch, height * width, C) tokens; the shifted-window mask is built once per stage."""
+        """Runs the blocks on (batch, height * width, C) tokens; the shifted-window mask and the window rows are built
+        once per stage."""
         window_size = self.window_size
         shifted_window_mask = None
-        if any(block.shift_size > 0 for block in self.blocks):
+        shift_sizes = {block.shift_size for block in self.blocks}
+        if any(shift_sizes):
             shifted_window_mask = masked_shifted_windows(
                 -(-height // window_size) * window_size, -(-width // window_size) * window_size, window_size,
                 window_size // 2, tokens.device)
+        rows = {shift_size: window_rows(tokens.shape[0], height, width, window_size, shift_size, tokens.device)
+                for shift_size in shift_sizes}
         for block in self.blocks:
-            tokens = block(tokens, height, width, shifted_window_mask)
+            tokens = block(tokens, height, width, shifted_window_mask, rows[block.shift_size])
         return tokens
 
 

@@ -35,6 +35,21 @@ def linear_gelu(tokens: torch.Tensor, linear: nn.Linear, activation: nn.Module) 
     return FUSED_LINEAR(tokens.to(dtype), linear.weight.to(dtype), bias, "gelu", [], activation.approximate)
 
 
+def autocast_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype autocast gives ``tensor`` as a matrix product's input: its own where autocast is off for its device
+    or leaves it alone (float64, integers)."""
+    device_type = tensor.device.type
+    if not torch.is_autocast_enabled(device_type) or tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return tensor.dtype
+    return torch.get_autocast_dtype(device_type)
+
+
+def autocast_input(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in ``autocast_dtype`` (the same rounding as autocast's): copies that follow (window partitions)
+    then move half the bytes under bf16 autocast."""
+    return tensor.to(autocast_dtype(tensor))
+
+
 def channels_last_in_bf16(features: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) ``features`` laid out channels-last in ``cpu_bf16_inference``; unchanged otherwise."""
     return features.contiguous(memory_format=torch.channels_last) if cpu_bf16_inference(features) else features

@@ -12,9 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modelscope_plugin.modeling.layers.position_encoding import SinePositionEncoding
-
-# hidden-layer floats per group of rows that a feed-forward block transforms at once in inference (8 MiB)
-FEEDFORWARD_CHUNK_ELEMENTS = 1 << 21
+from modelscope_plugin.modeling.layers.row_groups import map_row_groups
 
 
 def masked_multi_head_attention(attention: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor,
@@ -78,26 +76,14 @@ class FeedForwardLayer(nn.Module):
         self.linear2 = nn.Linear(feedforward_dim, embed_dim)
         self.norm = nn.LayerNorm(embed_dim)
 
-    def forward(self, queries):
-        """queries: (L, B, C), post-norm residual block."""
-        return self.norm(queries + self.dropout(self.transform(queries)))
-
-    def transform(self, queries: torch.Tensor) -> torch.Tensor:
-        """linear2(relu(linear1(queries))). Without gradients it runs over groups of rows, each giving the same
-        result, so that the (L, B, feedforward_dim) hidden layer (47 MB in FastInst's pixel path at 640x1152) never
-        exists at once: a fresh allocation that large is returned to the OS and page-faulted again on every call."""
+    def forward(self, queries: torch.Tensor) -> torch.Tensor:
+        """queries: (L, B, C), post-norm residual block; in inference over groups of rows (``map_row_groups``: the
+        (L, B, feedforward_dim) hidden layer is 47 MB in FastInst's pixel path at 640x1152)."""
         def block(rows: torch.Tensor) -> torch.Tensor:
-            return self.linear2(self.dropout(F.relu(self.linear1(rows), inplace=True)))
+            transformed = self.linear2(self.dropout(F.relu(self.linear1(rows), inplace=True)))
+            return self.norm(rows + self.dropout(transformed))
 
-        rows_per_chunk = max(1, FEEDFORWARD_CHUNK_ELEMENTS
-                             // max(1, queries[0].numel() // queries.shape[-1] * self.linear1.out_features))
-        if ((torch.is_grad_enabled() and queries.requires_grad) or torch.jit.is_tracing()
-                or queries.shape[0] <= rows_per_chunk):
-            return block(queries)
-        transformed = torch.empty_like(queries)
-        for start in range(0, queries.shape[0], rows_per_chunk):
-            transformed[start:start + rows_per_chunk] = block(queries[start:start + rows_per_chunk])
-        return transformed
+        return map_row_groups(block, queries, self.linear1.out_features)
 
 
 class MLP(nn.Module):
