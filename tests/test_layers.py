@@ -152,7 +152,7 @@ def test_relative_position_index_is_swin_convention():
 def test_masked_windows_are_exactly_those_whose_shifted_mask_is_not_zero(height, width, window):
     full_mask = shifted_window_attention_mask(height, width, window, window // 2, "cpu")
     mask = masked_shifted_windows(height, width, window, window // 2, "cpu")
-    assert mask.windows.tolist() == full_mask.flatten(1).ne(0).any(1).nonzero().flatten().tolist()
+    assert mask.windows == full_mask.flatten(1).ne(0).any(1).nonzero().flatten().tolist()
     assert torch.equal(mask.mask, full_mask[mask.windows]) and mask.num_windows == len(full_mask)
 
 @pytest.mark.parametrize("autocast", [False, True])
@@ -171,13 +171,18 @@ def test_shifted_window_attention_equals_the_full_mask_formula(autocast, grouped
     attention = WindowAttention(channels, heads, window).eval()
     full_mask = shifted_window_attention_mask(height, width, window, window // 2, "cpu")  # (12 windows, 9, 9)
     mask = masked_shifted_windows(height, width, window, window // 2, "cpu")
-    assert mask.windows.tolist() == [3, 7, 8, 9, 10, 11]  # the last column and the last row of the 3 x 4 windows
+    assert mask.windows == [3, 7, 8, 9, 10, 11]  # the last column and the last row of the 3 x 4 windows
     windows = window_partition(torch.randn(batch, height, width, channels), window)  # (24, 9, 8)
+    # the attention takes the masked windows of both images last
+    masked_rows = [image * len(full_mask) + window_index for image in range(batch) for window_index in mask.windows]
+    order = [row for row in range(len(windows)) if row not in masked_rows] + masked_rows
     calls = []
     attention.qkv.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[0]))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        output = attention(windows, mask=mask)
-        assert calls == ([5] * 4 + [4] if grouped else [24])
+        ordered_output = attention(windows[order], mask.mask.repeat(batch, 1, 1))
+        assert calls == ([5, 5, 2] * 2 if grouped else [12, 12])
+        output = torch.empty_like(ordered_output)
+        output[order] = ordered_output
         dtype = torch.bfloat16 if autocast else torch.float32
         qkv = torch.nn.functional.linear(windows.to(dtype), attention.qkv.weight.to(dtype), attention.qkv.bias.to(dtype))
     query, key, value = qkv.double().view(len(windows), window * window, 3, heads, channels // heads).permute(
@@ -194,16 +199,20 @@ def test_shifted_window_attention_equals_the_full_mask_formula(autocast, grouped
     unmasked_logits = logits - full_mask.double().repeat(batch, 1, 1)[:, None]
     unmasked = ((unmasked_logits.softmax(-1) @ value).transpose(1, 2).reshape(len(windows), window * window, channels)
                 @ attention.proj.weight.double().T + attention.proj.bias.double())
-    masked_rows = torch.cat([mask.windows, mask.windows + len(full_mask)])
     assert ((output.double() - unmasked).abs().amax(dim=(1, 2))[masked_rows] > 0.1).all()
 
-@pytest.mark.parametrize("height, width, window, shift", [(9, 12, 3, 1), (10, 13, 3, 1), (7, 7, 7, 0), (8, 5, 4, 2)])
-def test_window_rows_are_pad_roll_partition_and_their_inverse(height, width, window, shift):
+@pytest.mark.parametrize("height, width, window, shift, masked", [
+    (9, 12, 3, 1, [3, 7, 8, 9, 10, 11]), (10, 13, 3, 1, [4, 9]), (7, 7, 7, 0, []), (8, 5, 4, 2, [1, 2, 3])])
+def test_window_rows_are_pad_roll_partition_and_their_inverse(height, width, window, shift, masked):
     batch, channels = 2, 3
     features = torch.randn(batch, height, width, channels)
     padded = torch.nn.functional.pad(features, (0, 0, 0, (-width) % window, 0, (-height) % window))
     expected = window_partition(torch.roll(padded, shifts=(-shift, -shift), dims=(1, 2)), window)
-    rows = window_rows(batch, height, width, window, shift, "cpu")
+    # the unmasked windows of both images, then the masked windows of both images
+    num_windows = len(expected) // batch
+    masked_rows = [image * num_windows + index for image in range(batch) for index in masked]
+    expected = expected[[row for row in range(len(expected)) if row not in masked_rows] + masked_rows]
+    rows = window_rows(batch, height, width, window, shift, "cpu", masked)
     windows = padded.reshape(-1, channels).index_select(0, rows.partition).view(expected.shape)
     assert torch.equal(windows, expected)
     back = windows.view(-1, channels).index_select(0, rows.reverse).view(batch, height, width, channels)

@@ -9,14 +9,14 @@ pads its input to a multiple of the window and every odd block shifts by half a 
 feature-map size. transformers' Mask2Former backbone does the same (only its standalone ``SwinModel`` drops
 the shift and shrinks the window on small maps), so one behaviour serves every supported source.
 """
-from typing import Dict, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import StochasticDepth
 
-from modelscope_plugin.modeling.layers.cpu_bf16 import autocast_dtype, autocast_input, linear_gelu
+from modelscope_plugin.modeling.layers.cpu_bf16 import autocast_dtype, autocast_input, cpu_bf16_inference, linear_gelu
 from modelscope_plugin.modeling.layers.row_groups import in_inference, map_row_groups, rows_per_group
 
 # Attention logit given to pairs of tokens from different regions of a shifted window (mmdet and the
@@ -44,19 +44,30 @@ def window_partition(features: torch.Tensor, window_size: int) -> torch.Tensor:
 class WindowRows(NamedTuple):
     """A block's window partition as rows of flattened tensors, so that the pad's crop, the shift (roll), the partition
     and their inverses are one ``index_select`` each way (a roll and a permuted copy each way otherwise)."""
-    # (batch * num_windows * N,) row of the padded (batch * H' * W', C) map of each window token
+    # (batch * num_windows * N,) row of the padded (batch * H' * W', C) map of each window token; the windows of every
+    # image that need no mask first, then those that do (``masked_windows``), image-major in each part
     partition: torch.Tensor
     reverse: torch.Tensor  # (batch * height * width,) window-token row of each token of the unpadded map
 
 
-def window_rows(batch_size: int, height: int, width: int, window_size: int, shift_size: int, device) -> WindowRows:
-    """``WindowRows`` of a (height, width) map padded to multiples of the window and rolled by ``-shift_size``."""
+def window_rows(batch_size: int, height: int, width: int, window_size: int, shift_size: int, device,
+                masked_windows: Sequence[int] = ()) -> WindowRows:
+    """``WindowRows`` of a (height, width) map padded to multiples of the window and rolled by ``-shift_size``;
+    ``masked_windows``: indices among an image's windows of those placed last (``ShiftedWindowMask.windows``)."""
     padded_height, padded_width = -(-height // window_size) * window_size, -(-width // window_size) * window_size
     map_rows = torch.arange(batch_size * padded_height * padded_width, device=device).view(
         batch_size, padded_height, padded_width, 1)
     if shift_size > 0:
         map_rows = torch.roll(map_rows, shifts=(-shift_size, -shift_size), dims=(1, 2))
-    partition = window_partition(map_rows, window_size).flatten()
+    windows = window_partition(map_rows, window_size)  # (batch * num_windows, N, 1)
+    if masked_windows:
+        num_windows = windows.shape[0] // batch_size
+        masked = set(masked_windows)
+        order = ([image * num_windows + window for image in range(batch_size) for window in range(num_windows)
+                  if window not in masked]
+                 + [image * num_windows + window for image in range(batch_size) for window in masked_windows])
+        windows = windows[torch.tensor(order, device=device)]
+    partition = windows.flatten()
     reverse = torch.empty_like(partition)
     reverse[partition] = torch.arange(partition.shape[0], device=device)
     reverse = reverse.view(batch_size, padded_height, padded_width)[:, :height, :width].flatten()
@@ -93,7 +104,7 @@ class ShiftedWindowMask(NamedTuple):
     """A shifted block's attention mask, kept for the windows whose mask is not all zero (those on the last row or
     column of windows, where the roll brings together regions that were not adjacent): attention in every other
     window needs only the relative position bias."""
-    windows: torch.Tensor  # (k,) indices of the masked windows among an image's windows
+    windows: List[int]  # indices of the masked windows among an image's windows, ascending
     mask: torch.Tensor  # (k, N, N) their additive masks
     num_windows: int  # windows per image
 
@@ -106,9 +117,10 @@ def masked_shifted_windows(height: int, width: int, window_size: int, shift_size
     region_ids = window_region_ids(height, width, window_size, shift_size, device)
     columns = width // window_size
     rows = region_ids.shape[0] // columns
-    windows = torch.tensor([row * columns + column for row in range(rows) for column in range(columns)
-                            if row == rows - 1 or column == columns - 1], device=device)
-    return ShiftedWindowMask(windows, region_mask(region_ids[windows]), region_ids.shape[0])
+    windows = [row * columns + column for row in range(rows) for column in range(columns)
+               if row == rows - 1 or column == columns - 1]
+    return ShiftedWindowMask(windows, region_mask(region_ids[torch.tensor(windows, device=device)]),
+                             region_ids.shape[0])
 
 
 class WindowAttention(nn.Module):
@@ -127,58 +139,38 @@ class WindowAttention(nn.Module):
         self.proj_drop = nn.Dropout(dropout)
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
-    def forward(self, windows: torch.Tensor, mask: Optional[ShiftedWindowMask] = None) -> torch.Tensor:
-        """windows: (batch * num_windows, N, C); mask: a shifted block's masked windows, or None. In inference over
-        groups of windows (``rows_per_group`` of the qkv projection): its output is 74 MB in Swin-L's first stage at
-        800x1333."""
-        num_windows_total, tokens, channels = windows.shape
+    def forward(self, windows: torch.Tensor, masks: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """windows: (num_windows, N, C); masks: (m, N, N) additive masks of the last m windows (a shifted block's
+        windows that mix regions, which ``window_rows`` puts last), or None. Every window attends with the relative
+        position bias, the last m with their mask added too. In inference over groups of windows (``rows_per_group``
+        of the qkv projection, whose output is 74 MB in Swin-L's first stage at 800x1333)."""
+        num_windows, tokens, channels = windows.shape
         # (heads, N, N), in the attention's dtype (bf16 under autocast: the sums with the masks below are built in
         # bf16; the masks' 0 and -100 are exact there)
         bias = self.relative_position_bias_table[self.relative_position_index.reshape(-1)].to(autocast_dtype(windows))
         bias = bias.view(tokens, tokens, self.num_heads).permute(2, 0, 1)
-        if mask is None:
-            masked_rows = masks = None
-        else:
-            # rows of the masked windows, image-major like the windows: (batch * k,), and their (batch * k, N, N) masks
-            batch_size = num_windows_total // mask.num_windows
-            masked_rows = (torch.arange(batch_size, device=windows.device)[:, None] * mask.num_windows
-                           + mask.windows[None, :]).flatten()
-            masks = mask.mask.repeat(batch_size, 1, 1)
-        group_size = max(1, rows_per_group(3 * channels, channels) // tokens)
-        if not in_inference(windows) or num_windows_total <= group_size:
-            return self.attend(windows, bias, masked_rows, masks)
-        attended = None
-        for start in range(0, num_windows_total, group_size):
-            end = min(start + group_size, num_windows_total)
-            group_masked_rows = group_masks = None
-            if masked_rows is not None:
-                in_group = (masked_rows >= start) & (masked_rows < end)
-                group_masked_rows, group_masks = masked_rows[in_group] - start, masks[in_group]
-            group = self.attend(windows[start:end], bias, group_masked_rows, group_masks)
-            if attended is None:
-                attended = group.new_empty((num_windows_total,) + group.shape[1:])
-            attended[start:end] = group
-        return attended
+        num_masked = 0 if masks is None else masks.shape[0]
+        # the windows without and with a mask, and their (1 or m, heads, N, N) attention masks
+        parts = [(windows[:num_windows - num_masked], bias[None])]
+        if num_masked > 0:
+            parts.append((windows[num_windows - num_masked:], bias[None] + masks.to(bias.dtype)[:, None]))
+        group_size = (max(1, rows_per_group(3 * channels, channels) // tokens) if in_inference(windows)
+                      else num_windows)
+        attended = [self.attend(part[start:start + group_size],
+                                attention_mask if attention_mask.shape[0] == 1
+                                else attention_mask[start:start + group_size])
+                    for part, attention_mask in parts for start in range(0, part.shape[0], group_size)]
+        return torch.cat(attended) if len(attended) > 1 else attended[0]
 
-    def attend(self, windows: torch.Tensor, bias: torch.Tensor, masked_rows: Optional[torch.Tensor],
-               masks: Optional[torch.Tensor]) -> torch.Tensor:
-        """windows: (W, N, C); bias: (heads, N, N); masked_rows: (m,) rows of ``windows`` whose attention also takes
-        ``masks`` (m, N, N), or None. Returns (W, N, C)."""
+    def attend(self, windows: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """windows: (W, N, C); attention_mask: (1 or W, heads, N, N) added to the logits. Returns (W, N, C)."""
         num_windows, tokens, channels = windows.shape
         # (3, W, heads, N, head_dim)
         qkv = self.qkv(windows).reshape(
             num_windows, tokens, 3, self.num_heads, channels // self.num_heads).permute(2, 0, 3, 1, 4)
         query, key, value = qkv.unbind(0)
         dropout = self.attention_dropout if self.training else 0.0
-        attended = F.scaled_dot_product_attention(query, key, value, attn_mask=bias[None], dropout_p=dropout)
-        if masked_rows is not None and masked_rows.numel() > 0:
-            # the masked windows again, with bias + mask
-            masked_bias = bias[None] + masks.to(bias.dtype)[:, None]
-            masked = F.scaled_dot_product_attention(query[masked_rows], key[masked_rows], value[masked_rows],
-                                                    attn_mask=masked_bias, dropout_p=dropout)
-            # in place unless autograd keeps the first attention's output for its backward
-            attended = (attended.index_put((masked_rows,), masked) if attended.requires_grad
-                        else attended.index_put_((masked_rows,), masked))
+        attended = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout)
         attended = attended.transpose(1, 2).reshape(num_windows, tokens, channels)
         return self.proj_drop(self.proj(attended))
 
@@ -211,36 +203,38 @@ class SwinBlock(nn.Module):
 
     def forward(self, tokens: torch.Tensor, height: int, width: int,
                 shifted_window_mask: Optional[ShiftedWindowMask] = None,
-                rows: Optional[WindowRows] = None) -> torch.Tensor:
+                layout: Optional[WindowRows] = None) -> torch.Tensor:
         """tokens: (batch, height * width, C); shifted_window_mask (``masked_shifted_windows``, used by shifted
-        blocks) and rows (``window_rows`` for this block's shift): the stage's, built here when not given."""
+        blocks) and layout (``window_rows`` for this block's shift): the stage's, built here when not given."""
         batch_size, _, channels = tokens.shape
         window_size, shift_size = self.window_size, self.shift_size
         padded_height, padded_width = -(-height // window_size) * window_size, -(-width // window_size) * window_size
         if shift_size > 0 and shifted_window_mask is None:
             shifted_window_mask = masked_shifted_windows(padded_height, padded_width, window_size, shift_size,
                                                          tokens.device)
-        if rows is None:
-            rows = window_rows(batch_size, height, width, window_size, shift_size, tokens.device)
+        if layout is None:
+            layout = window_rows(batch_size, height, width, window_size, shift_size, tokens.device,
+                                 shifted_window_mask.windows if shift_size > 0 else ())
         # in the qkv projection's input dtype (half the bytes to move under bf16 autocast), over groups of tokens in
         # inference
-        features = map_row_groups(lambda rows: autocast_input(self.norm1(rows)), tokens, channels)
+        features = map_row_groups(lambda token_rows: autocast_input(self.norm1(token_rows)), tokens, channels)
         if (padded_height, padded_width) != (height, width):
             # zeros at the bottom and right, to a multiple of the window
             features = F.pad(features.view(batch_size, height, width, channels),
                              (0, 0, 0, padded_width - width, 0, padded_height - height))
-        # (batch * num_windows, N, C), rolled by -shift_size
-        windows = features.reshape(-1, channels).index_select(0, rows.partition).view(
+        # (batch * num_windows, N, C), rolled by -shift_size, the masked windows last
+        windows = features.reshape(-1, channels).index_select(0, layout.partition).view(
             -1, window_size * window_size, channels)
-        windows = self.attn(windows, mask=shifted_window_mask if shift_size > 0 else None)
+        windows = self.attn(windows, shifted_window_mask.mask.repeat(batch_size, 1, 1) if shift_size > 0 else None)
         # back in place (rolled by +shift_size), cropped: (batch, height * width, C)
-        features = windows.view(-1, channels).index_select(0, rows.reverse).view(batch_size, height * width, channels)
+        features = windows.view(-1, channels).index_select(0, layout.reverse).view(batch_size, height * width, channels)
         tokens = tokens + self.drop_path(features)
         if self.training:
             return tokens + self.drop_path(self.mlp(self.norm2(tokens)))
         # in inference over groups of tokens, into ``tokens`` (a new tensor): the MLP's hidden layer is 99 MB in
         # Swin-L's first stage at 800x1333
-        return map_row_groups(lambda rows: rows + self.mlp(self.norm2(rows)), tokens, self.mlp.fc1.out_features,
+        return map_row_groups(lambda token_rows: token_rows + self.mlp(self.norm2(token_rows)), tokens,
+                              self.mlp.fc1.out_features,
                               out=tokens)
 
 
@@ -286,10 +280,11 @@ class SwinStage(nn.Module):
             shifted_window_mask = masked_shifted_windows(
                 -(-height // window_size) * window_size, -(-width // window_size) * window_size, window_size,
                 window_size // 2, tokens.device)
-        rows = {shift_size: window_rows(tokens.shape[0], height, width, window_size, shift_size, tokens.device)
-                for shift_size in shift_sizes}
+        layouts = {shift_size: window_rows(tokens.shape[0], height, width, window_size, shift_size, tokens.device,
+                                           shifted_window_mask.windows if shift_size > 0 else ())
+                   for shift_size in shift_sizes}
         for block in self.blocks:
-            tokens = block(tokens, height, width, shifted_window_mask, rows[block.shift_size])
+            tokens = block(tokens, height, width, shifted_window_mask, layouts[block.shift_size])
         return tokens
 
 
@@ -349,9 +344,10 @@ class SwinTransformer(nn.Module):
         for stage_index, stage in enumerate(self.layers):
             tokens = stage(tokens, height, width)
             stage_output = getattr(self, f"norm{stage_index}")(tokens)
-            # (B, H*W, C) -> (B, C, H, W)
-            outputs[f"res{stage_index + 2}"] = stage_output.view(
-                tokens.shape[0], height, width, -1).permute(0, 3, 1, 2).contiguous()
+            # (B, H*W, C) -> (B, C, H, W): in CPU bf16 inference laid out channels-last as computed (no copy; the
+            # pixel decoder's convolutions and group norms run several times faster so), NCHW otherwise
+            stage_map = stage_output.view(tokens.shape[0], height, width, -1).permute(0, 3, 1, 2)
+            outputs[f"res{stage_index + 2}"] = stage_map if cpu_bf16_inference(stage_map) else stage_map.contiguous()
             if stage.downsample is not None:
                 tokens, height, width = stage.downsample(tokens, height, width)
         return outputs
