@@ -27,9 +27,14 @@ BORDER_BEFORE, BORDER_AFTER = 1, 2
 SAMPLES_PER_QUERY_GROUP = 2 ** 17
 
 
-def upcast_half(tensor: torch.Tensor) -> torch.Tensor:
+def upcast_dtype(dtype: torch.dtype) -> torch.dtype:
     """float16 / bfloat16 -> float32; other dtypes unchanged."""
-    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def upcast_half(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in ``upcast_dtype`` (itself where that is its dtype)."""
+    return tensor.to(upcast_dtype(tensor.dtype))
 
 
 def per_level(values: list, num_points: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

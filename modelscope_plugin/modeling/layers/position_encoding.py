@@ -1,5 +1,6 @@
 """Sine position encoding of DETR, as used by Mask2Former's pixel and transformer decoders."""
 import math
+from typing import Optional
 
 import torch
 from torch import nn
@@ -20,8 +21,9 @@ class SinePositionEncoding(nn.Module):
         self.epsilon = epsilon
         self.scale = 2 * math.pi
 
-    def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
-        """Returns a (batch, 2 * num_position_features, height, width) encoding for ``feature_map``."""
+    def forward(self, feature_map: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """Returns a (batch, 2 * num_position_features, height, width) encoding for ``feature_map``, in ``dtype``
+        (default: the map's)."""
         batch_size, _, height, width = feature_map.shape
         ones = torch.ones(batch_size, height, width, dtype=torch.float32, device=feature_map.device)
         y_position = ones.cumsum(1)
@@ -37,4 +39,4 @@ class SinePositionEncoding(nn.Module):
         y_phase = y_position[:, :, :, None] / frequencies
         x_encoding = torch.stack((x_phase[..., 0::2].sin(), x_phase[..., 1::2].cos()), dim=4).flatten(3)
         y_encoding = torch.stack((y_phase[..., 0::2].sin(), y_phase[..., 1::2].cos()), dim=4).flatten(3)
-        return torch.cat((y_encoding, x_encoding), dim=3).permute(0, 3, 1, 2).to(feature_map.dtype)
+        return torch.cat((y_encoding, x_encoding), dim=3).permute(0, 3, 1, 2).to(dtype or feature_map.dtype)

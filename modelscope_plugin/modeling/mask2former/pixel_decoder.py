@@ -9,8 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelscope_plugin.modeling.layers.cpu_bf16 import channels_last_in_bf16
-from modelscope_plugin.modeling.layers.ms_deform_attn import MultiScaleDeformableAttention, upcast_half
+from modelscope_plugin.modeling.layers.cpu_bf16 import channels_last_in_bf16, cpu_bf16_inference
+from modelscope_plugin.modeling.layers.ms_deform_attn import (
+    MultiScaleDeformableAttention,
+    upcast_dtype,
+    upcast_half,
+)
 from modelscope_plugin.modeling.layers.position_encoding import SinePositionEncoding
 from modelscope_plugin.modeling.layers.row_groups import map_row_groups
 
@@ -26,6 +30,12 @@ class ConvNormActivation(nn.Conv2d):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         features = self.norm(super().forward(features))
         return F.relu(features, inplace=True) if self.relu else features
+
+
+def half_for_autocast(feature: torch.Tensor) -> torch.Tensor:
+    """A backbone map for a projection: float32 where it is half precision, except in CPU bf16 inference, where
+    autocast casts the projection's input to bf16 again (the same values without the round trip)."""
+    return feature if cpu_bf16_inference(feature) else upcast_half(feature)
 
 
 class DeformableEncoderLayer(nn.Module):
@@ -153,9 +163,9 @@ class MSDeformAttnPixelDecoder(nn.Module):
     def forward(self, features: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         sources, positions = [], []
         for level, name in enumerate(self.transformer_in_features[::-1]):
-            feature = upcast_half(features[name])
-            sources.append(self.input_proj[level](feature))
-            positions.append(self.position_encoding(feature))
+            feature = features[name]
+            sources.append(self.input_proj[level](half_for_autocast(feature)))
+            positions.append(self.position_encoding(feature, dtype=upcast_dtype(feature.dtype)))
         spatial_shapes = [tuple(source.shape[-2:]) for source in sources]
         encoded = self.transformer(sources, positions)
         batch_size = encoded.shape[0]
@@ -168,7 +178,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
             # channels-last under CPU bf16 inference: the adapter's and the layer's convolutions and group norms
             # then run about twice as fast at this resolution; the sum, and all after it, stay channels-last
             lateral = getattr(self, f"adapter_{index + 1}")(
-                upcast_half(channels_last_in_bf16(features[self.fpn_features[index]])))
+                half_for_autocast(channels_last_in_bf16(features[self.fpn_features[index]])))
             merged = lateral + F.interpolate(channels_last_in_bf16(outputs[-1]), size=lateral.shape[-2:],
                                              mode="bilinear", align_corners=False)
             outputs.append(getattr(self, f"layer_{index + 1}")(merged))
