@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modelscope_plugin.modeling.layers.row_groups import in_inference
+
 # Zero border around each level's value map: one row/column before and two after. Sampling positions are clamped
 # to [-1, size] in pixel units, which changes no result (beyond that every corner falls outside the map and
 # contributes zero), so all four corners of every clamped position land inside the bordered map.
@@ -247,10 +249,11 @@ class MultiScaleDeformableAttention(nn.Module):
                                                                   attention_weights)
             return self.output_proj(output)
         # The queries in groups: a group's positions, corners and weights stay in the CPU's cache, and fresh
-        # allocations stay small (large ones are page-faulted in again on every call).
+        # allocations stay small (large ones are page-faulted in again on every call). One group when traced or
+        # exported, where the loop would be unrolled into the graph.
         values = bordered_values(value, spatial_shapes)
         samples_per_query = batch_size * self.num_heads * self.num_levels * self.num_points
-        group_size = max(1, SAMPLES_PER_QUERY_GROUP // samples_per_query)
+        group_size = max(1, SAMPLES_PER_QUERY_GROUP // samples_per_query) if in_inference(value) else num_queries
         outputs = []
         for group_start in range(0, num_queries, group_size):
             group = slice(group_start, group_start + group_size)
