@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import resnet
 
-from modelscope_plugin.modeling.layers.cpu_bf16 import cpu_bf16_inference
+from modelscope_plugin.modeling.layers.cpu_bf16 import contiguous_map
 
 RESNET_BLOCKS = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3]}
 
@@ -137,12 +137,11 @@ class ResNet(nn.Module):
 
     def forward(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         """images: (B, 3, H, W) -> {"res2": (B, C2, H/4, W/4), ..., "res5": (B, C5, H/32, W/32)} (``out_channels``;
-        R50: 256 ... 2048), contiguous; in CPU bf16 inference channels-last as computed (no copy; the pixel decoders'
-        convolutions and group norms run several times faster so)."""
+        R50: 256 ... 2048), contiguous (``contiguous_map``: channels-last in CPU bf16 inference, NCHW otherwise)."""
         images = images.contiguous(memory_format=torch.channels_last)
         features = self.maxpool(self.relu(convolution_and_norm(self.conv1, self.bn1, images)))
         outputs = {}
         for name, layer in zip(("res2", "res3", "res4", "res5"), (self.layer1, self.layer2, self.layer3, self.layer4)):
             features = layer(features)
-            outputs[name] = features if cpu_bf16_inference(features) else features.contiguous()
+            outputs[name] = contiguous_map(features)
         return outputs

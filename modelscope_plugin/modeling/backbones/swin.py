@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import StochasticDepth
 
-from modelscope_plugin.modeling.layers.cpu_bf16 import autocast_dtype, autocast_input, cpu_bf16_inference, linear_gelu
+from modelscope_plugin.modeling.layers.cpu_bf16 import autocast_dtype, autocast_input, contiguous_map, linear_gelu
 from modelscope_plugin.modeling.layers.row_groups import in_inference, map_row_groups, rows_per_group
 
 # Attention logit given to pairs of tokens from different regions of a shifted window (mmdet and the
@@ -41,6 +41,11 @@ def window_partition(features: torch.Tensor, window_size: int) -> torch.Tensor:
     return features.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size * window_size, channels)
 
 
+def padded_to_window(size: int, window_size: int) -> int:
+    """``size`` rounded up to a multiple of the window (each stage pads its map so)."""
+    return -(-size // window_size) * window_size
+
+
 class WindowRows(NamedTuple):
     """A block's window partition as rows of flattened tensors, so that the pad's crop, the shift (roll), the partition
     and their inverses are one ``index_select`` each way (a roll and a permuted copy each way otherwise)."""
@@ -54,7 +59,7 @@ def window_rows(batch_size: int, height: int, width: int, window_size: int, shif
                 masked_windows: Sequence[int] = ()) -> WindowRows:
     """``WindowRows`` of a (height, width) map padded to multiples of the window and rolled by ``-shift_size``;
     ``masked_windows``: indices among an image's windows of those placed last (``ShiftedWindowMask.windows``)."""
-    padded_height, padded_width = -(-height // window_size) * window_size, -(-width // window_size) * window_size
+    padded_height, padded_width = padded_to_window(height, window_size), padded_to_window(width, window_size)
     map_rows = torch.arange(batch_size * padded_height * padded_width, device=device).view(
         batch_size, padded_height, padded_width, 1)
     if shift_size > 0:
@@ -121,6 +126,19 @@ def masked_shifted_windows(height: int, width: int, window_size: int, shift_size
                if row == rows - 1 or column == columns - 1]
     return ShiftedWindowMask(windows, region_mask(region_ids[torch.tensor(windows, device=device)]),
                              region_ids.shape[0])
+
+
+def stage_windows(batch_size: int, height: int, width: int, window_size: int, shift_sizes: Sequence[int],
+                  device) -> Tuple[Optional[ShiftedWindowMask], Dict[int, WindowRows]]:
+    """What the blocks of a stage on a (height, width) map share: the shifted-window mask (None without shifted
+    blocks) and the ``window_rows`` of each shift in ``shift_sizes``."""
+    shift_size = max(shift_sizes)
+    shifted_window_mask = None if shift_size == 0 else masked_shifted_windows(
+        padded_to_window(height, window_size), padded_to_window(width, window_size), window_size, shift_size, device)
+    layouts = {shift: window_rows(batch_size, height, width, window_size, shift, device,
+                                  shifted_window_mask.windows if shift > 0 else ())
+               for shift in set(shift_sizes)}
+    return shifted_window_mask, layouts
 
 
 class WindowAttention(nn.Module):
@@ -208,13 +226,11 @@ class SwinBlock(nn.Module):
         blocks) and layout (``window_rows`` for this block's shift): the stage's, built here when not given."""
         batch_size, _, channels = tokens.shape
         window_size, shift_size = self.window_size, self.shift_size
-        padded_height, padded_width = -(-height // window_size) * window_size, -(-width // window_size) * window_size
-        if shift_size > 0 and shifted_window_mask is None:
-            shifted_window_mask = masked_shifted_windows(padded_height, padded_width, window_size, shift_size,
+        if layout is None or (shift_size > 0 and shifted_window_mask is None):
+            shifted_window_mask, layouts = stage_windows(batch_size, height, width, window_size, [shift_size],
                                                          tokens.device)
-        if layout is None:
-            layout = window_rows(batch_size, height, width, window_size, shift_size, tokens.device,
-                                 shifted_window_mask.windows if shift_size > 0 else ())
+            layout = layouts[shift_size]
+        padded_height, padded_width = padded_to_window(height, window_size), padded_to_window(width, window_size)
         # in the qkv projection's input dtype (half the bytes to move under bf16 autocast), over groups of tokens in
         # inference
         features = map_row_groups(lambda token_rows: autocast_input(self.norm1(token_rows)), tokens, channels)
@@ -273,16 +289,8 @@ class SwinStage(nn.Module):
     def forward(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """Runs the blocks on (batch, height * width, C) tokens; the shifted-window mask and the window rows are built
         once per stage."""
-        window_size = self.window_size
-        shifted_window_mask = None
-        shift_sizes = {block.shift_size for block in self.blocks}
-        if any(shift_sizes):
-            shifted_window_mask = masked_shifted_windows(
-                -(-height // window_size) * window_size, -(-width // window_size) * window_size, window_size,
-                window_size // 2, tokens.device)
-        layouts = {shift_size: window_rows(tokens.shape[0], height, width, window_size, shift_size, tokens.device,
-                                           shifted_window_mask.windows if shift_size > 0 else ())
-                   for shift_size in shift_sizes}
+        shifted_window_mask, layouts = stage_windows(tokens.shape[0], height, width, self.window_size,
+                                                     [block.shift_size for block in self.blocks], tokens.device)
         for block in self.blocks:
             tokens = block(tokens, height, width, shifted_window_mask, layouts[block.shift_size])
         return tokens
@@ -344,10 +352,9 @@ class SwinTransformer(nn.Module):
         for stage_index, stage in enumerate(self.layers):
             tokens = stage(tokens, height, width)
             stage_output = getattr(self, f"norm{stage_index}")(tokens)
-            # (B, H*W, C) -> (B, C, H, W): in CPU bf16 inference laid out channels-last as computed (no copy; the
-            # pixel decoder's convolutions and group norms run several times faster so), NCHW otherwise
-            stage_map = stage_output.view(tokens.shape[0], height, width, -1).permute(0, 3, 1, 2)
-            outputs[f"res{stage_index + 2}"] = stage_map if cpu_bf16_inference(stage_map) else stage_map.contiguous()
+            # (B, H*W, C) -> (B, C, H, W); the permuted view is channels-last, which CPU bf16 inference keeps
+            outputs[f"res{stage_index + 2}"] = contiguous_map(
+                stage_output.view(tokens.shape[0], height, width, -1).permute(0, 3, 1, 2))
             if stage.downsample is not None:
                 tokens, height, width = stage.downsample(tokens, height, width)
         return outputs

@@ -8,7 +8,8 @@ costs no pass over a (tokens, 4 x width) bfloat16 tensor: on a 2-core AMX CPU a 
 
 ``channels_last_in_bf16``: full-resolution feature maps laid out channels-last, where oneDNN's bfloat16 convolutions
 and torch's group norm run about twice as fast as on NCHW maps. Not in float32, where torch's channels-last group
-norm is less accurate (backbones/resnet.py).
+norm is less accurate (backbones/resnet.py). ``contiguous_map``: the backbones' output maps likewise, as they compute
+them (no NCHW copy).
 
 Anywhere else (float32, training, GPUs, a torch build without the op) the layers run as written.
 """
@@ -48,6 +49,14 @@ def autocast_input(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` in ``autocast_dtype`` (the same rounding as autocast's): copies that follow (window partitions)
     then move half the bytes under bf16 autocast."""
     return tensor.to(autocast_dtype(tensor))
+
+
+def contiguous_map(features: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) backbone ``features``, contiguous: channels-last in ``cpu_bf16_inference`` (where the backbones
+    compute them so, hence no copy, and where the pixel decoders' convolutions and group norms run several times
+    faster), NCHW otherwise."""
+    memory_format = torch.channels_last if cpu_bf16_inference(features) else torch.contiguous_format
+    return features.contiguous(memory_format=memory_format)
 
 
 def channels_last_in_bf16(features: torch.Tensor) -> torch.Tensor:
